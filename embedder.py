@@ -1,0 +1,73 @@
+"""
+Emb_seq: the sequence embedder. It turns a whole sequence (a fact, a sentence) into one unit
+vector; all sequences of a corpus, embedded, are the nonparametric sequence space (the datastore).
+
+    e = normalize(W_proj * mean_{i: not pad} Enc(x)_i)
+
+Enc is a small bidirectional transformer (model.py's Block without the causal mask) with its own
+token embedding and its own sizes. Mean pooling over real tokens only, so padding never changes an
+embedding. (The paper's code takes the encoder's last-token state instead; mean pooling suits a
+bidirectional encoder, where no single position has read the whole sequence by construction.)
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from model import Block, init_weights
+
+
+@dataclass
+class EmbedderConfig:
+    vocab_size: int
+    seq_len: int      # longest sequence it reads; longer ones are cut to their first seq_len tokens
+    n_layer: int
+    n_head: int
+    n_embd: int
+    seq_dim: int      # width of the output embedding (= Gen's query width)
+    dropout: float = 0.0
+
+
+class SeqEmbedder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = c = config
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        self.wpe = nn.Embedding(c.seq_len, c.n_embd)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList([Block(c.n_embd, c.n_head, c.dropout, causal=False)
+                                     for _ in range(c.n_layer)])
+        self.ln_f = nn.LayerNorm(c.n_embd, bias=False)
+        self.proj = nn.Linear(c.n_embd, c.seq_dim, bias=False)
+        init_weights(self, c.n_layer)
+
+    def forward(self, tokens, mask):
+        """tokens (N, L) right-padded, mask (N, L) True on real tokens -> unit vectors (N, seq_dim)."""
+        L = tokens.shape[1]
+        x = self.drop(self.wte(tokens) + self.wpe(torch.arange(L, device=tokens.device)))
+        for block in self.blocks:
+            x = block(x, key_mask=mask)
+        x = self.ln_f(x)
+        m = mask.unsqueeze(-1).to(x.dtype)
+        pooled = (x * m).sum(1) / m.sum(1)
+        return F.normalize(self.proj(pooled), dim=-1)
+
+    @torch.inference_mode()
+    def embed(self, data, ids=None, batch_size=256, progress=None):
+        """Embeddings (len(ids), seq_dim), float32, of datastore sequences `ids` (default: all).
+        Sorted by length first, so each batch pads little; a progress bar for long jobs."""
+        ids = np.arange(data.n_sequences) if ids is None else np.asarray(ids)
+        device = next(self.parameters()).device
+        order = np.argsort(data.offsets[ids + 1] - data.offsets[ids], kind="stable")
+        out = torch.empty(len(ids), self.config.seq_dim)
+        starts = range(0, len(ids), batch_size)
+        show = len(ids) > 20_000 if progress is None else progress
+        for s in tqdm(starts, desc="embedding sequences", disable=not show, leave=False):
+            rows = order[s:s + batch_size]
+            tokens, mask = data.pad_sequences(ids[rows], self.config.seq_len)
+            out[torch.from_numpy(rows)] = self(tokens.to(device), mask.to(device)).float().cpu()
+        return out
