@@ -22,13 +22,15 @@ def flag(default, help):
 
 
 def parse_config(cls, description, argv=None):
-    """Parse argv into an instance of the dataclass `cls`; a bool field is an on/off switch."""
+    """Parse argv into an instance of the dataclass `cls`; a bool field x gives --x and --no_x."""
     parser = _Parser(description=description,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
         if f.type in (bool, "bool"):
-            parser.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction,
-                                default=f.default, help=f.metadata["help"])
+            parser.add_argument(f"--{f.name}", action="store_true", default=f.default,
+                                help=f.metadata["help"])
+            parser.add_argument(f"--no_{f.name}", dest=f.name, action="store_false",
+                                help=f"turn --{f.name} off")
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
             parser.add_argument(f"--{f.name}", type=kind, default=f.default,
@@ -38,7 +40,7 @@ def parse_config(cls, description, argv=None):
 
 
 def main_guard(main):
-    """Run main(); a UserError (or Ctrl-C) ends the program with one line and exit code 2."""
+    """Run main(); a UserError ends the program with one line and exit code 2."""
     try:
         main()
     except UserError as e:

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -63,7 +64,7 @@ class Tokenizer:
         return self.enc.encode_ordinary(text)
 
     def decode(self, ids):
-        return self.enc.decode_bytes([i for i in ids]).decode("utf-8", errors="replace")
+        return self.enc.decode_bytes([int(i) for i in ids]).decode("utf-8", errors="replace")
 
 
 def _gpt2_ranks(path):
@@ -247,7 +248,10 @@ def prepare(corpus, tok, cache_dir):
              tokens=np.array([t for s in seq_tokens for t in s], dtype=dtype), hard_negatives=hard_array)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    os.replace(tmp, path)  # atomic: a half-written cache is never found under the key
+    try:
+        os.replace(tmp, path)  # atomic: a half-written cache is never found under the key
+    except OSError:  # another process prepared the same data first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 

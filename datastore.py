@@ -11,7 +11,9 @@ Evaluation asks where each marker's true target lands in that ranking: recall@k 
 k) and MRR (mean of 1 / rank), against the whole datastore, not just a batch.
 """
 
+import hashlib
 import math
+import os
 
 import numpy as np
 import torch
@@ -34,10 +36,16 @@ def search(queries, keys, k=10, chunk=65536):
 
 def target_ranks(queries, keys, targets, chunk=65536):
     """Rank (1 = best) of each query's target among all keys: 1 + the number scoring higher."""
+    rows = torch.arange(len(queries))
     target_scores = (queries * keys[targets]).sum(dim=1, keepdim=True)
     higher = torch.zeros(len(queries), dtype=torch.long)
     for s in range(0, len(keys), chunk):
-        higher += (queries @ keys[s:s + chunk].T > target_scores).sum(dim=1)
+        scores = queries @ keys[s:s + chunk].T
+        inside = (targets >= s) & (targets < s + len(scores[0]))
+        # the target never outranks itself (its score here may differ from target_scores by
+        # float rounding, since a matmul sums in another order)
+        scores[rows[inside], targets[inside] - s] = -math.inf
+        higher += (scores > target_scores).sum(dim=1)
     return higher + 1
 
 
@@ -69,3 +77,58 @@ def marker_queries(gen, contexts, device, batch_size=256):
         h = gen.hidden(x.to(device))
         out.append(gen.query(h[torch.arange(len(chunk)), lengths - 1]).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, gen.config.seq_dim)
+
+
+class Datastore:
+    """The nonparametric sequence space: every sequence of a corpus embedded by Emb_seq, in one
+    contiguous (N, d) tensor, with the token ids of each entry (what retrieval inserts)."""
+
+    def __init__(self, keys, offsets, tokens, fingerprint):
+        self.keys, self.offsets, self.tokens, self.fingerprint = keys, offsets, tokens, fingerprint
+
+    def __len__(self):
+        return len(self.keys)
+
+    def sequence(self, i):
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    def search(self, queries, k=1):
+        return search(queries, self.keys, k)
+
+    @staticmethod
+    def fingerprint_of(embedder, data):
+        """A hash of Emb_seq's weights and the data: a datastore built from either, changed, is stale."""
+        h = hashlib.sha256(data.fingerprint.encode())
+        for name, t in sorted(embedder.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    @classmethod
+    def build(cls, embedder, data, progress=True):
+        keys = embedder.embed(data, progress=progress)
+        return cls(keys, data.offsets, data.seq_ids, cls.fingerprint_of(embedder, data))
+
+    def save(self, path):
+        tmp = path + ".tmp"
+        torch.save({"keys": self.keys, "offsets": torch.from_numpy(self.offsets),
+                    "tokens": torch.from_numpy(self.tokens.astype(np.int64)),
+                    "fingerprint": self.fingerprint}, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load_or_build(cls, path, embedder, data):
+        """The datastore saved at path if it was built by this Emb_seq from this data; else
+        build it again (and say so) and save it. A stale datastore is never used."""
+        fingerprint = cls.fingerprint_of(embedder, data)
+        if os.path.exists(path):
+            saved = torch.load(path, weights_only=True)
+            if saved["fingerprint"] == fingerprint:
+                return cls(saved["keys"], saved["offsets"].numpy(), saved["tokens"].numpy(),
+                           fingerprint)
+            print(f"{path} is stale (another Emb_seq or other data): rebuilding it")
+        else:
+            print(f"building the datastore: {data.n_sequences:,} sequences")
+        store = cls.build(embedder, data)
+        store.save(path)
+        return store

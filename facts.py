@@ -18,6 +18,8 @@ source of the hard negatives.
 
 import random
 
+import numpy as np
+
 from data import Segment
 
 WORLD_SEED = 1234  # the world is fixed; training seeds vary the model, never the data
@@ -65,34 +67,32 @@ def _pool(rng, size, syllables):
     return words
 
 
-def _bigrams(s):
-    return {s[i:i + 2] for i in range(len(s) - 1)}
-
-
-def _similar_people(names, k):
-    """For each name, the k other names that look most like it (shared parts, shared bigrams)."""
-    parts = [n.split() for n in names]
-    grams = [_bigrams(n.lower()) for n in names]
-    similar = []
-    for i in range(len(names)):
-        scores = []
-        for j in range(len(names)):
-            if j == i:
-                continue
-            shared = (parts[i][0] == parts[j][0]) + (parts[i][1] == parts[j][1])
-            jaccard = len(grams[i] & grams[j]) / len(grams[i] | grams[j])
-            scores.append((shared + jaccard, j))
-        similar.append([j for _, j in sorted(scores, reverse=True)[:k]])
-    return similar
+def _similar_people(names):
+    """For each name, all other names ordered from most to least alike: shared first name or
+    surname first, then shared letter pairs (Jaccard similarity of the bigram sets)."""
+    grams = [{n.lower()[i:i + 2] for i in range(len(n) - 1)} for n in names]
+    vocab = {g: k for k, g in enumerate(sorted(set().union(*grams)))}
+    onehot = np.zeros((len(names), len(vocab)))
+    for i, g in enumerate(grams):
+        onehot[i, [vocab[x] for x in g]] = 1
+    shared = onehot @ onehot.T
+    sizes = onehot.sum(1)
+    jaccard = shared / (sizes[:, None] + sizes[None, :] - shared)
+    firsts, lasts = (np.array([n.split()[k] for n in names]) for k in (0, 1))
+    score = (firsts[:, None] == firsts[None, :]) + (lasts[:, None] == lasts[None, :]) + jaccard
+    np.fill_diagonal(score, -np.inf)
+    return [list(row[:-1]) for row in np.argsort(-score, axis=1, kind="stable")]
 
 
 def build_facts(people, heldout):
     """Returns (train_docs, val_docs, hard_negatives): questions about train / held-out people, and
-    for each fact the facts most easily confused with it (same attribute of a similar-looking
-    person, then the same person's other attributes)."""
+    for each fact the facts most easily confused with it: the same attribute of the people whose
+    names look most like this one's."""
     rng = random.Random(WORLD_SEED)
-    firsts = _pool(rng, max(20, people // 6), (1, 2))
-    lasts = _pool(rng, max(40, people // 2), (2, 3))
+    # few first names and surnames, each shared by many people: a held-out person is a new
+    # combination of parts seen in training, and every name has look-alikes that share a part
+    firsts = _pool(rng, max(8, round(1.2 * people ** 0.5)), (1, 2))
+    lasts = _pool(rng, max(8, round(1.6 * people ** 0.5)), (2, 3))
     towns = _pool(rng, N_TOWNS, (2,))
     names = []
     while len(names) < people:  # unique full names; first names and surnames are shared
@@ -117,15 +117,13 @@ def build_facts(people, heldout):
     train_docs = [document(i, a) for i in train_people for a in ATTRIBUTES]
     val_docs = [document(i, a) for i in val_people for a in ATTRIBUTES]
 
-    similar = _similar_people(names, k=4)
+    # Hard negatives: the same attribute of the look-alike people, then of the look-alikes who
+    # share this person's value. The second kind matter: Gen knows a train person's values by
+    # heart, and a query that leans on the value (not the name) fails for held-out people.
+    similar = _similar_people(names)
     hard_negatives = {}
     for i in range(people):
         for a in ATTRIBUTES:
-            hard_negatives[fact(i, a)] = ([fact(j, a) for j in similar[i]]
-                                          + [fact(i, b) for b in ATTRIBUTES if b != a])
+            same_value = [j for j in similar[i] if facts[j][a] == facts[i][a]][:3]
+            hard_negatives[fact(i, a)] = [fact(j, a) for j in similar[i][:3] + same_value]
     return train_docs, val_docs, hard_negatives
-
-
-def answer_values():
-    """How many values each attribute takes: an answer's chance level is one over this."""
-    return {a: (N_TOWNS if v is None else len(v)) for a, (_, _, v) in ATTRIBUTES.items()}

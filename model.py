@@ -28,15 +28,38 @@ class SelfAttention(nn.Module):
         self.c_proj = nn.Linear(n_embd, n_embd, bias=False)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x, key_mask=None):
+    def forward(self, x, key_mask=None, cache=None):
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in self.c_attn(x).split(C, dim=2))
-        # key_mask (B, T), True on real tokens: padding is never attended to (Emb_seq's batches)
-        mask = None if key_mask is None else key_mask[:, None, None, :]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal,
+        mask, causal = None, self.causal
+        if key_mask is not None:  # (B, T), True on real tokens: padding is never attended to
+            mask = key_mask[:, None, None, :]
+        if cache is not None:
+            k, v = cache.extend(k, v)
+            past = k.shape[2] - T
+            if past:  # new token i sits at position past + i: it sees keys 0 .. past + i
+                rows = torch.arange(T, device=x.device)[:, None]
+                mask, causal = torch.arange(past + T, device=x.device) <= past + rows, False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
+
+
+class KVCache:
+    """The keys and values of one attention layer for the tokens seen so far, so that generation
+    runs each new token through the model once instead of re-reading the whole context."""
+
+    def __init__(self):
+        self.k = self.v = None
+
+    def extend(self, k, v):
+        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
+        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
+        return self.k, self.v
+
+    def __len__(self):
+        return 0 if self.k is None else self.k.shape[2]
 
 
 class MLP(nn.Module):
@@ -58,8 +81,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(n_embd, bias=False)
         self.mlp = MLP(n_embd, dropout)
 
-    def forward(self, x, key_mask=None):
-        x = x + self.attn(self.ln_1(x), key_mask)
+    def forward(self, x, key_mask=None, cache=None):
+        x = x + self.attn(self.ln_1(x), key_mask, cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -98,14 +121,19 @@ class Gen(nn.Module):
         init_weights(self, c.n_layer)
         self.lm_head.weight = self.wte.weight  # tied: one table for reading and writing tokens
 
-    def hidden(self, idx):
-        """Final hidden states h (B, T, n_embd) of a batch of token ids (B, T)."""
+    def hidden(self, idx, caches=None):
+        """Final hidden states h (B, T, n_embd) of token ids (B, T). With caches (one KVCache per
+        layer, from new_caches), idx continues the tokens already in them."""
+        past = len(caches[0]) if caches else 0
         T = idx.shape[1]
-        assert T <= self.config.block_size, f"{T} tokens, block_size is {self.config.block_size}"
-        x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
-        for block in self.blocks:
-            x = block(x)
+        assert past + T <= self.config.block_size, f"{past + T} tokens > block_size"
+        x = self.drop(self.wte(idx) + self.wpe(torch.arange(past, past + T, device=idx.device)))
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache=caches[i] if caches else None)
         return self.ln_f(x)
+
+    def new_caches(self):
+        return [KVCache() for _ in self.blocks]
 
     def query(self, h):
         """q = normalize(W_seq h): a unit vector, so q . e is the cosine with a sequence embedding."""

@@ -53,27 +53,27 @@ class Config:
     # Emb_seq
     emb_layer: int = flag(2, "Emb_seq: transformer layers")
     emb_head: int = flag(4, "Emb_seq: attention heads")
-    emb_embd: int = flag(128, "Emb_seq: width")
+    emb_embd: int = flag(64, "Emb_seq: width")
     seq_len: int = flag(64, "Emb_seq: longest sequence it reads (longer ones are cut)")
     seq_dim: int = flag(128, "width of queries and sequence embeddings")
     # objective
     lambda_tok: float = flag(1.0, "weight of L_NTP (0: NSP-only training)")
     lambda_seq: float = flag(0.5, "weight of L_NSP (0: NTP-only training)")
-    nsp_start: int = flag(300, "iterations of NTP alone before L_NSP joins")
+    nsp_start: int = flag(0, "iterations of NTP alone before L_NSP joins")
     temperature: float = flag(0.05, "InfoNCE temperature tau")
     hard_negatives: int = flag(2, "hard negatives per marker (confusable sequences) in L_NSP")
     # optimisation
-    batch_size: int = flag(32, "windows per batch")
-    max_iters: int = flag(1500, "training iterations")
-    learning_rate: float = flag(2e-3, "peak learning rate")
-    min_lr: float = flag(2e-4, "learning rate at the end of the cosine decay")
+    batch_size: int = flag(24, "windows per batch")
+    max_iters: int = flag(700, "training iterations")
+    learning_rate: float = flag(1e-3, "peak learning rate")
+    min_lr: float = flag(1e-4, "learning rate at the end of the cosine decay")
     warmup_iters: int = flag(100, "linear warmup iterations")
     weight_decay: float = flag(0.1, "AdamW weight decay (matrices only)")
     beta2: float = flag(0.99, "AdamW beta2")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
     # evaluation and i/o
-    eval_interval: int = flag(250, "iterations between evaluations and checkpoints")
-    eval_iters: int = flag(20, "batches per split for the loss estimates")
+    eval_interval: int = flag(350, "iterations between evaluations and checkpoints")
+    eval_iters: int = flag(10, "batches per split for the loss estimates")
     out_dir: str = flag("out", "where ckpt.pt and log.jsonl go")
     seed: int = flag(1337, "random seed (weights, batches)")
     device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
@@ -97,6 +97,9 @@ def check_config(cfg):
         if getattr(cfg, width) % getattr(cfg, heads):
             raise UserError(f"--{width} {getattr(cfg, width)} is not divisible by "
                             f"--{heads} {getattr(cfg, heads)}")
+    for name in ("max_iters", "nsp_start", "hard_negatives", "warmup_iters"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if not cfg.temperature > 0:
         raise UserError(f"--temperature must be positive, got {cfg.temperature}")
     if cfg.split not in ("sentence", "line", "none"):
@@ -153,32 +156,43 @@ def learning_rate(it, cfg):
 
 
 @torch.no_grad()
+def loss_estimates(gen, embedder, data, cfg, device, ctx, split):
+    """Mean L_NTP and L_NSP over eval_iters fixed batches of a split (the same batches each time,
+    so the curves are smooth); L_NSP is None where the split has no marker."""
+    rng = np.random.default_rng(cfg.seed + 1)
+    ntp, nsp = [], []
+    for _ in range(cfg.eval_iters):
+        batch = data.get_batch(split, cfg.batch_size, rng, cfg.hard_negatives, cfg.seq_len)
+        with ctx:
+            _, stats = co_supervision_loss(gen, embedder, batch.to(device), cfg.lambda_tok,
+                                           cfg.lambda_seq, cfg.temperature, with_nsp=True)
+        ntp.append(stats["ntp"].item())
+        nsp += [stats["nsp"].item()] if "nsp" in stats else []
+    return float(np.mean(ntp)), (float(np.mean(nsp)) if nsp else None)
+
+
+@torch.no_grad()
+def retrieval_quality(gen, keys, data, split, device, ctx, limit=None):
+    """recall@1, recall@10 and MRR of a split's markers (the first `limit`) against the whole
+    datastore `keys`: every sequence of the corpus, embedded."""
+    contexts, targets = data.marker_contexts(split, limit)
+    if not len(targets):
+        return {"recall@1": None, "recall@10": None, "mrr": None}
+    with ctx:
+        queries = marker_queries(gen, contexts, device)
+    return retrieval_metrics(target_ranks(queries, keys, torch.from_numpy(targets)))
+
+
 def evaluate(gen, embedder, data, cfg, device, ctx):
-    """Loss estimates on fixed batches of each split, and retrieval of every val marker against
-    the whole datastore (all sequences, embedded by the current Emb_seq)."""
+    """The training loop's evaluation: losses on both splits, val retrieval."""
     gen.eval(), embedder.eval()
     out = {}
     for split in ("train", "val"):
-        rng = np.random.default_rng(cfg.seed + 1)  # the same batches every time: smooth curves
-        ntp, nsp = [], []
-        for _ in range(cfg.eval_iters):
-            batch = data.get_batch(split, cfg.batch_size, rng, cfg.hard_negatives, cfg.seq_len)
-            with ctx:
-                _, stats = co_supervision_loss(gen, embedder, batch.to(device), cfg.lambda_tok,
-                                               cfg.lambda_seq, cfg.temperature, with_nsp=True)
-            ntp.append(stats["ntp"].item())
-            nsp += [stats["nsp"].item()] if "nsp" in stats else []
-        out[f"{split}_ntp"] = float(np.mean(ntp))
-        if split == "val":
-            out["val_nsp"] = float(np.mean(nsp)) if nsp else None
-    contexts, targets = data.marker_contexts("val")
-    if len(targets):
-        with ctx:
-            keys = embedder.embed(data)
-            queries = marker_queries(gen, contexts, device)
-        out.update(retrieval_metrics(target_ranks(queries, keys, torch.from_numpy(targets))))
-    else:
-        out.update({"recall@1": None, "recall@10": None, "mrr": None})
+        out[f"{split}_ntp"], out[f"{split}_nsp"] = loss_estimates(gen, embedder, data, cfg,
+                                                                  device, ctx, split)
+    with ctx:
+        keys = embedder.embed(data)
+    out.update(retrieval_quality(gen, keys, data, "val", device, ctx))
     gen.train(), embedder.train()
     return out
 
@@ -190,8 +204,8 @@ def save_checkpoint(path, **state):
     os.replace(tmp, path)
 
 
-def main():
-    cfg, _ = parse_config(Config, __doc__)
+def main(argv=None):
+    cfg, _ = parse_config(Config, __doc__, argv)
     check_config(cfg)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -270,6 +284,28 @@ def resume(path, gen, embedder, optimizer, rng, data, tok):
     rng.bit_generator.state = ckpt["rng"]["numpy"]
     torch.set_rng_state(ckpt["rng"]["torch"])
     return ckpt["iter"]
+
+
+def load_run(out_dir, device="auto"):
+    """A finished run, for sampling and evaluation: (config, Gen, Emb_seq, Data, Tokenizer), the
+    models in eval mode on the device."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: train first (python train.py --out_dir {out_dir})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        cfg = Config(**ckpt["config"])
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+    device = pick_device(device)
+    data, tok = load_data(cfg)
+    if ckpt["data_fingerprint"] != data.fingerprint or ckpt["tokenizer"]["fingerprint"] != tok.fingerprint:
+        raise UserError(f"{path} was trained on data or a tokenizer that differ from what "
+                        f"{cfg.dataset} gives now")
+    gen, embedder = build_models(cfg, tok.vocab_size)
+    gen.load_state_dict(ckpt["gen"])
+    embedder.load_state_dict(ckpt["embedder"])
+    return cfg, gen.to(device).eval(), embedder.to(device).eval(), data, tok
 
 
 def summary(cfg, m, chance, ckpt_path):

@@ -1,0 +1,117 @@
+"""
+Evaluate a trained run: language modelling, retrieval against the whole datastore, and (for
+documents that end in an answer, such as `facts`) answers written with retrieval in the loop.
+
+    python eval.py --out_dir out
+    python eval.py --out_dir out_ntp --query_from out_nsp    # separate supervision (the paper's baseline)
+
+Prints one JSON object and writes it to OUT_DIR/eval.json. For the val split (held-out people for
+`facts`) and a sample of train:
+  ntp, ppl                 L_NTP on fixed batches, and exp of it
+  recall@1, recall@10, mrr every marker's query ranked against the whole datastore
+  answer_em_retrieval      greedy generation from the question, retrieval in the loop: the answer
+                           (the document's last line) equals the gold one
+  answer_em_no_retrieval   the same, Gen writing the sequence itself
+  marker_rate              share of questions where Gen emitted the marker
+  retrieval_acc            share where the first retrieved entry is the gold sequence
+  answer_em_gold           the answer given the gold sequence after the marker (copying alone)
+"""
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from cli import UserError, flag, main_guard, parse_config
+from datastore import Datastore
+from generate import generate
+from train import autocast, load_run, loss_estimates, retrieval_quality
+
+
+@dataclass
+class EvalConfig:
+    out_dir: str = flag("out", "the run to evaluate")
+    query_from: str = flag("", "another run whose Gen makes the queries and whose Emb_seq "
+                               "embeds the datastore (separate supervision)")
+    questions: int = flag(480, "documents per split for the answer metrics (0: none)")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
+
+
+def _answer(tok, ids):
+    """A document's answer: its last non-empty line."""
+    lines = [line for line in tok.decode(ids).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""
+
+
+def questions(data, split, limit):
+    """The first `limit` documents of a split with one marker: (prompt tokens up to the marker,
+    gold sequence id, gold document tokens from the marker to the end)."""
+    s = getattr(data, split)
+    ends = np.append(s.doc_starts[1:], len(s.ids))
+    out = []
+    for start, end in zip(s.doc_starts, ends):
+        inside = (s.marker_pos >= start) & (s.marker_pos < end)
+        if inside.sum() == 1 and len(out) < limit:
+            i = int(np.argmax(inside))
+            pos = s.marker_pos[i]
+            out.append((np.asarray(s.ids[start:pos]), int(s.marker_target[i]),
+                        np.asarray(s.ids[pos:end - 1])))
+    return out
+
+
+def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None):
+    qs = questions(data, split, limit)
+    if not qs:
+        return {}
+    hits = {"answer_em_retrieval": 0, "answer_em_no_retrieval": 0, "marker_rate": 0,
+            "retrieval_acc": 0, "answer_em_gold": 0}
+    for prompt, target, gold in tqdm(qs, desc=f"answering {split} questions", leave=False):
+        prompt, want = list(prompt), _answer(tok, gold)
+        budget = len(gold) + 32
+        ids, retrievals = generate(gen, prompt, budget, tok.marker, tok.eod, datastore,
+                                   query_gen=query_gen)
+        hits["answer_em_retrieval"] += _answer(tok, ids[len(prompt):]) == want
+        hits["marker_rate"] += tok.marker in ids[len(prompt):]
+        hits["retrieval_acc"] += bool(retrievals) and retrievals[0].id == target
+        ids, _ = generate(gen, prompt, budget, tok.marker, tok.eod)
+        hits["answer_em_no_retrieval"] += _answer(tok, ids[len(prompt):]) == want
+        given = prompt + [tok.marker] + [int(t) for t in data.sequence(target)]
+        ids, _ = generate(gen, given, budget, tok.marker, tok.eod)
+        hits["answer_em_gold"] += _answer(tok, ids[len(prompt):]) == want
+    return {k: v / len(qs) for k, v in hits.items()}
+
+
+@torch.inference_mode()
+def main(argv=None):
+    args, _ = parse_config(EvalConfig, __doc__, argv)
+    if args.questions < 0:
+        raise UserError(f"--questions must be >= 0, got {args.questions}")
+    cfg, gen, embedder, data, tok = load_run(args.out_dir, args.device)
+    device = next(gen.parameters()).device.type
+    ctx = autocast(device, cfg.dtype)
+    query_gen, retriever, where = None, embedder, args.out_dir
+    if args.query_from:
+        _, query_gen, retriever, other_data, _ = load_run(args.query_from, args.device)
+        if other_data.fingerprint != data.fingerprint:
+            raise UserError(f"{args.query_from} was trained on other data than {args.out_dir}")
+        where = args.query_from
+    datastore = Datastore.load_or_build(os.path.join(where, "datastore.pt"), retriever, data)
+    result = {"out_dir": args.out_dir, "query_from": args.query_from or None,
+              "datastore": len(datastore)}
+    for split, limit in (("val", None), ("train", 480)):  # all of val, a sample of train
+        ntp, _ = loss_estimates(gen, embedder, data, cfg, device, ctx, split)
+        m = {"ntp": ntp, "ppl": float(np.exp(ntp))}
+        m.update(retrieval_quality(query_gen or gen, datastore.keys, data, split, device, ctx, limit))
+        if args.questions and cfg.split != "none":
+            m.update(answer_metrics(gen, datastore, data, tok, split, args.questions, query_gen))
+        result[split] = m
+    print(json.dumps(result, indent=1))
+    with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,92 @@
+"""
+Sample from a trained run, with retrieval in the loop: when Gen writes the marker, its query
+fetches the best sequence from the datastore, which is inserted verbatim (generate.py).
+
+    python sample.py --out_dir out                       # a held-out question of the corpus
+    python sample.py --out_dir out --prompt "Q: Where does Vok Droulki live?\n"
+
+Each inserted sequence is shown as [#id score: text], with the runners-up under
+--show_retrieval K.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from cli import UserError, flag, main_guard, parse_config
+from datastore import Datastore
+from generate import generate
+from train import load_run
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = flag("out", "the trained run")
+    prompt: str = flag("", "text to continue (\\n for a newline); default: the first held-out "
+                           "document up to its first marker")
+    prompt_file: str = flag("", "read the prompt from this file instead")
+    num_samples: int = flag(1, "how many samples")
+    max_new_tokens: int = flag(200, "tokens to add, inserted sequences included")
+    temperature: float = flag(0.0, "sampling temperature (0: greedy)")
+    top_k: int = flag(0, "sample from the k most likely tokens only (0: all)")
+    seed: int = flag(1337, "random seed")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
+    retrieve: bool = flag(True, "retrieval in the loop (default: on if the run trained L_NSP)")
+    show_retrieval: int = flag(0, "also list the next K datastore entries at each retrieval")
+
+
+def default_prompt(data):
+    s = data.val
+    if len(s.marker_pos):
+        start = s.doc_starts[s.doc_starts <= s.marker_pos[0]][-1]
+        return [int(t) for t in s.ids[start:s.marker_pos[0]]]
+    return [int(t) for t in s.ids[:min(64, len(s.ids))]]
+
+
+def render(tok, ids, retrievals, n_prompt, datastore, show):
+    """The sample as text, each inserted sequence marked with its datastore id and score."""
+    out, pos = [], n_prompt
+    for r in retrievals:
+        seq = [int(t) for t in datastore.sequence(r.id)]
+        out.append(tok.decode(ids[pos:r.position]).replace("<|ret|>", ""))
+        out.append(f"[#{r.id} {r.score:.3f}: {tok.decode(ids[r.position:r.position + len(seq)])}]")
+        for i, score in r.alternatives[:show]:
+            out.append(f"\n    (#{i} {score:.3f}: {tok.decode(datastore.sequence(i))})")
+        pos = r.position + len(seq)
+    out.append(tok.decode(ids[pos:]))
+    return "".join(out)
+
+
+def main(argv=None):
+    args, _ = parse_config(SampleConfig, __doc__, argv)
+    if args.max_new_tokens <= 0 or args.num_samples <= 0:
+        raise UserError("--max_new_tokens and --num_samples must be positive")
+    if args.temperature < 0 or args.top_k < 0 or args.show_retrieval < 0:
+        raise UserError("--temperature, --top_k and --show_retrieval must be >= 0")
+    cfg, gen, embedder, data, tok = load_run(args.out_dir, args.device)
+    if args.prompt_file:
+        if not os.path.isfile(args.prompt_file):
+            raise UserError(f"prompt file not found: {args.prompt_file}")
+        with open(args.prompt_file, encoding="utf-8") as f:
+            text = f.read()
+    else:
+        text = args.prompt.replace("\\n", "\n")
+    prompt = tok.encode(text) if text else default_prompt(data)
+    if len(prompt) > cfg.block_size:
+        print(f"note: the prompt has {len(prompt)} tokens; Gen sees its last {cfg.block_size}")
+    retrieve = args.retrieve and cfg.lambda_seq > 0
+    datastore = (Datastore.load_or_build(os.path.join(args.out_dir, "datastore.pt"), embedder, data)
+                 if retrieve else None)
+    generator = torch.Generator(device=next(gen.parameters()).device).manual_seed(args.seed)
+    for _ in range(args.num_samples):
+        ids, retrievals = generate(gen, prompt, args.max_new_tokens, tok.marker, tok.eod,
+                                   datastore, args.temperature, args.top_k or None,
+                                   args.show_retrieval, generator=generator)
+        print(tok.decode(prompt) + render(tok, ids, retrievals, len(prompt), datastore,
+                                          args.show_retrieval))
+        print("-" * 40)
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,37 @@
+import json
+import os
+
+import pytest
+
+import train
+
+# A world and models small enough that a training run takes seconds on 2 CPU cores.
+TINY = ["--facts_people", "60", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
+        "--emb_layer", "1", "--emb_head", "2", "--emb_embd", "32", "--seq_dim", "32",
+        "--block_size", "96", "--batch_size", "8", "--eval_iters", "2", "--warmup_iters", "5"]
+
+
+@pytest.fixture
+def run_train(tmp_path):
+    """Run train.main in-process on the tiny config; returns (out_dir, list of log records)."""
+    def run(*args, name="run"):
+        out = tmp_path / name
+        train.main(TINY + ["--out_dir", str(out), "--cache_dir", str(tmp_path / "cache"), *args])
+        with open(out / "log.jsonl") as f:
+            return out, [json.loads(line) for line in f]
+    return run
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    """The tiny facts corpus, prepared, with its tokenizer."""
+    from data import load_data
+    cfg = train.Config(facts_people=60, block_size=96, cache_dir=str(tmp_path / "cache"))
+    return load_data(cfg)
+
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return path

@@ -1,0 +1,79 @@
+import numpy as np
+import torch
+
+from datastore import Datastore, search
+from embedder import EmbedderConfig, SeqEmbedder
+from generate import generate
+from model import Gen, GenConfig
+
+MARKER, EOD = 9, 8
+
+
+def _gen(block_size=32):
+    torch.manual_seed(0)
+    gen = Gen(GenConfig(vocab_size=10, block_size=block_size, n_layer=2, n_head=2, n_embd=16,
+                        seq_dim=8)).eval()
+    with torch.no_grad():  # make the marker likely, so that retrieval steps happen
+        gen.wte.weight[MARKER] *= 8
+    return gen
+
+
+def _store(n=20, seed=0):
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(0, 8, rng.integers(2, 6)) for _ in range(n)]
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])])
+    keys = torch.randn(n, 8, generator=torch.Generator().manual_seed(seed))
+    keys = torch.nn.functional.normalize(keys, dim=-1)
+    return Datastore(keys, offsets, np.concatenate(seqs), "test")
+
+
+def test_cached_and_uncached_generation_agree_with_retrievals():
+    gen, store = _gen(), _store()
+    for prompt in ([1, 2, 3], [4] * 30):  # the second outgrows block_size: the window moves
+        a, ra = generate(gen, prompt, 60, MARKER, datastore=store, use_cache=True)
+        b, rb = generate(gen, prompt, 60, MARKER, datastore=store, use_cache=False)
+        assert a == b and [r.id for r in ra] == [r.id for r in rb]
+        assert len(ra) > 0  # retrieval steps were part of it
+        for r in ra:  # each marker is followed by its entry (the last may be cut by the limit)
+            inserted = a[r.position:r.position + len(store.sequence(r.id))]
+            assert inserted == list(store.sequence(r.id))[:len(inserted)]
+            assert a[r.position - 1] == MARKER
+
+
+def test_insert_then_cached_decoding_equals_full_recompute():
+    gen = _gen()
+    prefix, inserted, more = [1, 2, MARKER], [3, 4, 5, 6], [7, 1]
+    caches = gen.new_caches()
+    with torch.no_grad():
+        gen.hidden(torch.tensor([prefix]), caches)
+        gen.hidden(torch.tensor([inserted]), caches)          # the retrieved sequence, in one go
+        h_cached = gen.hidden(torch.tensor([more]), caches)   # then decoding goes on
+        h_full = gen.hidden(torch.tensor([prefix + inserted + more]))[:, -len(more):]
+    assert torch.allclose(h_cached, h_full, atol=1e-5)
+    assert torch.allclose(gen.lm_head(h_cached), gen.lm_head(h_full), atol=1e-5)
+
+
+def test_chunked_top_k_equals_a_full_sort():
+    torch.manual_seed(0)
+    q, keys = torch.randn(7, 16), torch.randn(1000, 16)
+    scores, ids = search(q, keys, k=10, chunk=64)
+    full = (q @ keys.T).sort(dim=1, descending=True)
+    assert torch.equal(ids, full.indices[:, :10])
+    assert torch.allclose(scores, full.values[:, :10])
+
+
+def test_datastore_round_trip_and_staleness(tmp_path, tiny_data):
+    data, tok = tiny_data
+    torch.manual_seed(0)
+    emb = SeqEmbedder(EmbedderConfig(tok.vocab_size, 64, 1, 2, 16, 8)).eval()
+    path = str(tmp_path / "datastore.pt")
+    built = Datastore.load_or_build(path, emb, data)
+    loaded = Datastore.load_or_build(path, emb, data)
+    assert torch.equal(built.keys, loaded.keys) and loaded.fingerprint == built.fingerprint
+    assert np.array_equal(loaded.sequence(5), data.sequence(5))
+    with torch.no_grad():
+        emb.proj.weight[0, 0] += 1e-3  # any change to Emb_seq makes the saved datastore stale
+    assert Datastore.fingerprint_of(emb, data) != built.fingerprint
+    rebuilt = Datastore.load_or_build(path, emb, data)
+    assert rebuilt.fingerprint != built.fingerprint
+    assert not torch.equal(rebuilt.keys, built.keys)

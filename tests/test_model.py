@@ -1,0 +1,44 @@
+import torch
+
+from embedder import EmbedderConfig, SeqEmbedder
+from model import Gen, GenConfig
+
+
+def test_a_token_never_changes_logits_before_it():
+    torch.manual_seed(0)
+    gen = Gen(GenConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, seq_dim=8))
+    x = torch.randint(0, 50, (2, 16))
+    t = 9
+    y = x.clone()
+    y[:, t] = (y[:, t] + 1) % 50
+    a, _ = gen(x)
+    b, _ = gen(y)
+    assert torch.allclose(a[:, :t], b[:, :t], atol=1e-6)
+    assert not torch.allclose(a[:, t:], b[:, t:], atol=1e-3)  # and it does change what follows
+
+
+def test_mean_pooling_ignores_padding():
+    torch.manual_seed(0)
+    emb = SeqEmbedder(EmbedderConfig(vocab_size=50, seq_len=24, n_layer=2, n_head=2, n_embd=16,
+                                     seq_dim=8)).eval()
+    seq = torch.randint(0, 50, (7,))
+    embeddings = []
+    for width, pad in ((7, 0), (12, 3), (24, 49)):
+        tokens = torch.full((1, width), pad)
+        tokens[0, :7] = seq
+        mask = torch.arange(width)[None] < 7
+        embeddings.append(emb(tokens, mask))
+    for e in embeddings[1:]:
+        assert torch.allclose(embeddings[0], e, atol=1e-6)
+    assert torch.allclose(embeddings[0].norm(dim=-1), torch.ones(1))
+
+
+def test_queries_are_unit_vectors_at_the_markers():
+    torch.manual_seed(0)
+    gen = Gen(GenConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, seq_dim=8))
+    x = torch.randint(0, 50, (2, 16))
+    rows, cols = torch.tensor([0, 1, 1]), torch.tensor([3, 0, 15])
+    _, q = gen(x, (rows, cols))
+    assert q.shape == (3, 8)
+    assert torch.allclose(q.norm(dim=-1), torch.ones(3), atol=1e-6)
+    assert torch.allclose(q, gen.query(gen.hidden(x))[rows, cols])

@@ -1,0 +1,76 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from cli import UserError
+
+
+def test_short_run_drives_both_losses_down(run_train):
+    _, log = run_train("--max_iters", "80", "--eval_interval", "80", "--nsp_start", "0",
+                       "--lambda_seq", "1")
+    first, last = log[0], log[-1]
+    assert last["train_ntp"] < first["train_ntp"] - 1.0
+    assert last["train_nsp"] < first["train_nsp"] - 0.5
+    assert set(last) >= {"iter", "train_ntp", "val_ntp", "val_nsp", "recall@1", "recall@10", "mrr",
+                         "lr", "ms_per_iter", "tokens_per_s"}
+
+
+def test_same_seed_same_losses(run_train):
+    args = ("--max_iters", "20", "--eval_interval", "10", "--nsp_start", "5")
+    _, a = run_train(*args, name="a")
+    _, b = run_train(*args, name="b")
+    _, c = run_train(*args, "--seed", "7", name="c")
+    keys = ("train_ntp", "val_ntp", "val_nsp", "recall@1", "mrr")
+    assert [[r[k] for k in keys] for r in a] == [[r[k] for k in keys] for r in b]
+    assert [r["train_ntp"] for r in a] != [r["train_ntp"] for r in c]
+
+
+def test_lambda_seq_zero_leaves_the_embedder_untouched(run_train):
+    out, _ = run_train("--max_iters", "30", "--eval_interval", "30", "--nsp_start", "0",
+                       "--lambda_seq", "0")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    torch.manual_seed(ckpt["config"]["seed"])  # the same init as the run: Gen first, then Emb_seq
+    gen, emb = train.build_models(train.Config(**ckpt["config"]), ckpt["gen_config"]["vocab_size"])
+    for name, p in emb.state_dict().items():
+        assert torch.equal(p, ckpt["embedder"][name]), name
+    assert not torch.equal(gen.state_dict()["wte.weight"], ckpt["gen"]["wte.weight"])
+
+
+def test_checkpoint_round_trip_and_resume(run_train, tmp_path):
+    out, log = run_train("--max_iters", "20", "--eval_interval", "10")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["iter"] == 20 and ckpt["metrics"] == log[-1]
+    gen, emb = train.build_models(train.Config(**ckpt["config"]), ckpt["gen_config"]["vocab_size"])
+    gen.load_state_dict(ckpt["gen"])
+    emb.load_state_dict(ckpt["embedder"])
+    _, log2 = run_train("--max_iters", "30", "--eval_interval", "10", "--resume")
+    assert [r["iter"] for r in log2] == [0, 10, 20, 20, 30]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lambda_seq", "-1"], "lambda_seq"),
+    (["--lambda_seq", "nan"], "lambda_seq"),
+    (["--lambda_seq", "0", "--lambda_tok", "0"], "both 0"),
+    (["--dataset", "wikipedia"], "unknown dataset"),
+    (["--tokenizer", "sentencepiece"], "unknown tokenizer"),
+    (["--n_embd", "100", "--n_head", "3"], "divisible"),
+    (["--block_size", "0"], "block_size"),
+    (["--device", "tpu"], "unknown device"),
+    (["--max_iterz", "5"], "unrecognized"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path):
+    p = subprocess.run([sys.executable, "train.py", "--out_dir", str(tmp_path / "o"), *args],
+                       capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.count("\n") == 1 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        train.main(["--dataset", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path / "o")])
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(UserError, match="no text"):
+        train.main(["--dataset", str(tmp_path / "empty.txt"), "--out_dir", str(tmp_path / "o")])
