@@ -14,6 +14,7 @@ k) and MRR (mean of 1 / rank), against the whole datastore, not just a batch.
 import hashlib
 import math
 import os
+import sys
 
 import numpy as np
 import torch
@@ -58,6 +59,8 @@ def retrieval_metrics(ranks):
 
 def chance_metrics(n):
     """What a random ranking of n entries scores: recall@k = k/n, MRR = (1/n) sum_r 1/r."""
+    if n == 0:
+        return {"recall@1": None, "recall@10": None, "mrr": None}
     return {"recall@1": 1 / n, "recall@10": min(10, n) / n,
             "mrr": float(np.sum(1.0 / np.arange(1, n + 1)) / n)}
 
@@ -126,9 +129,10 @@ class Datastore:
             if saved["fingerprint"] == fingerprint:
                 return cls(saved["keys"], saved["offsets"].numpy(), saved["tokens"].numpy(),
                            fingerprint)
-            print(f"{path} is stale (another Emb_seq or other data): rebuilding it")
+            print(f"{path} is stale (another Emb_seq or other data): rebuilding it",
+                  file=sys.stderr)
         else:
-            print(f"building the datastore: {data.n_sequences:,} sequences")
+            print(f"building the datastore: {data.n_sequences:,} sequences", file=sys.stderr)
         store = cls.build(embedder, data)
         store.save(path)
         return store

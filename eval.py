@@ -41,8 +41,9 @@ class EvalConfig:
 
 
 def _answer(tok, ids):
-    """A document's answer: its last non-empty line."""
-    lines = [line for line in tok.decode(ids).splitlines() if line.strip()]
+    """A document's answer: its last non-empty line (special tokens left out)."""
+    text = tok.decode([t for t in ids if t not in (tok.marker, tok.eod)])
+    lines = [line for line in text.splitlines() if line.strip()]
     return lines[-1].strip() if lines else ""
 
 

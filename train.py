@@ -45,7 +45,7 @@ class Config:
     gpt2_file: str = flag("", "path to a gpt2.tiktoken file (or set COSUP_GPT2_FILE)")
     cache_dir: str = flag("data_cache", "where prepared corpora are cached")
     # Gen
-    n_layer: int = flag(4, "Gen: transformer layers")
+    n_layer: int = flag(2, "Gen: transformer layers")
     n_head: int = flag(4, "Gen: attention heads")
     n_embd: int = flag(128, "Gen: width")
     block_size: int = flag(128, "Gen: context length in tokens (and training window)")
@@ -64,15 +64,15 @@ class Config:
     hard_negatives: int = flag(2, "hard negatives per marker (confusable sequences) in L_NSP")
     # optimisation
     batch_size: int = flag(24, "windows per batch")
-    max_iters: int = flag(700, "training iterations")
-    learning_rate: float = flag(1e-3, "peak learning rate")
-    min_lr: float = flag(1e-4, "learning rate at the end of the cosine decay")
+    max_iters: int = flag(1200, "training iterations")
+    learning_rate: float = flag(2e-3, "peak learning rate")
+    min_lr: float = flag(2e-4, "learning rate at the end of the cosine decay")
     warmup_iters: int = flag(100, "linear warmup iterations")
     weight_decay: float = flag(0.1, "AdamW weight decay (matrices only)")
     beta2: float = flag(0.99, "AdamW beta2")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
     # evaluation and i/o
-    eval_interval: int = flag(350, "iterations between evaluations and checkpoints")
+    eval_interval: int = flag(400, "iterations between evaluations and checkpoints")
     eval_iters: int = flag(10, "batches per split for the loss estimates")
     out_dir: str = flag("out", "where ckpt.pt and log.jsonl go")
     seed: int = flag(1337, "random seed (weights, batches)")
@@ -215,25 +215,27 @@ def main(argv=None):
     gen.to(device), embedder.to(device)
     optimizer = make_optimizer(cfg, list(gen.parameters()) + list(embedder.parameters()), device)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    start = 0
+    start, metrics = 0, {}
     if cfg.resume:
-        start = resume(ckpt_path, gen, embedder, optimizer, rng, data, tok)
+        start, metrics = resume(ckpt_path, gen, embedder, optimizer, rng, data, tok)
     os.makedirs(cfg.out_dir, exist_ok=True)
     ctx = autocast(device, cfg.dtype)
     # compiled copies for the training step; the plain modules are what is saved and evaluated
-    step_gen, step_embedder = (torch.compile(gen), torch.compile(embedder)) if cfg.compile else (gen, embedder)
+    step_gen, step_embedder = ((torch.compile(gen), torch.compile(embedder)) if cfg.compile
+                               else (gen, embedder))
     params = list(gen.parameters()) + list(embedder.parameters())
     chance = chance_metrics(data.n_sequences)
     print(f"{cfg.dataset}: {len(data.train.ids):,} train / {len(data.val.ids):,} val tokens, "
           f"{len(data.train.marker_pos):,} / {len(data.val.marker_pos):,} markers, "
           f"datastore of {data.n_sequences:,} sequences; device {device}")
     log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
-    metrics, steps, step_time = {}, 0, 0.0
+    steps, step_time = 0, 0.0
     bar = tqdm(range(start, cfg.max_iters + 1), initial=start, total=cfg.max_iters + 1,
                desc="training", dynamic_ncols=True)
     for it in bar:
         lr = learning_rate(it, cfg)
-        if it % cfg.eval_interval == 0 or it == cfg.max_iters:
+        # evaluate and save every eval_interval and at the end (a resumed run has done `start`)
+        if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and (it > start or not cfg.resume):
             metrics = {"iter": it, **evaluate(gen, embedder, data, cfg, device, ctx), "lr": lr,
                        "ms_per_iter": 1000 * step_time / steps if steps else None,
                        "tokens_per_s": steps * cfg.batch_size * cfg.block_size / step_time if steps else None}
@@ -283,7 +285,7 @@ def resume(path, gen, embedder, optimizer, rng, data, tok):
     optimizer.load_state_dict(ckpt["optimizer"])
     rng.bit_generator.state = ckpt["rng"]["numpy"]
     torch.set_rng_state(ckpt["rng"]["torch"])
-    return ckpt["iter"]
+    return ckpt["iter"], ckpt["metrics"]
 
 
 def load_run(out_dir, device="auto"):
@@ -316,7 +318,7 @@ def summary(cfg, m, chance, ckpt_path):
     print(f"  NSP loss (val)  {f(m['val_nsp'])}")
     print("  val retrieval against the whole datastore (chance in brackets):")
     for k in ("recall@1", "recall@10", "mrr"):
-        print(f"    {k:<10} {f(m[k])}   ({chance[k]:.4f})")
+        print(f"    {k:<10} {f(m[k])}   ({f(chance[k])})")
     print(f"  checkpoint {ckpt_path}, log {os.path.join(cfg.out_dir, 'log.jsonl')}")
 
 

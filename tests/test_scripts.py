@@ -1,0 +1,49 @@
+"""sample.py and eval.py end to end on a tiny trained run."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import eval as evaluate_script
+import sample
+
+
+@pytest.fixture
+def trained(run_train):
+    out, _ = run_train("--max_iters", "30", "--eval_interval", "30", "--nsp_start", "0")
+    return out
+
+
+def test_sample_marks_each_retrieval(trained, capsys):
+    sample.main(["--out_dir", str(trained), "--max_new_tokens", "80", "--show_retrieval", "2"])
+    text = capsys.readouterr().out
+    assert text.startswith("Q: ")       # the default prompt: a held-out question
+    assert (trained / "datastore.pt").exists()
+    if "[#" in text:                    # a retrieval, when Gen wrote the marker
+        assert "(#" in text             # with its runners-up
+
+
+def test_eval_reports_every_metric(trained, capsys):
+    evaluate_script.main(["--out_dir", str(trained), "--questions", "5"])
+    result = json.loads((trained / "eval.json").read_text())
+    for split in ("val", "train"):
+        assert set(result[split]) >= {"ntp", "ppl", "recall@1", "recall@10", "mrr",
+                                      "answer_em_retrieval", "answer_em_no_retrieval",
+                                      "marker_rate", "retrieval_acc", "answer_em_gold"}
+    assert json.loads(capsys.readouterr().out) == result
+
+
+def test_eval_with_queries_from_another_run(trained, run_train):
+    other, _ = run_train("--max_iters", "10", "--eval_interval", "10", "--lambda_tok", "0",
+                         name="nsp_only")
+    evaluate_script.main(["--out_dir", str(trained), "--query_from", str(other), "--questions", "3"])
+    result = json.loads((trained / "eval.json").read_text())
+    assert result["query_from"] == str(other) and (other / "datastore.pt").exists()
+
+
+def test_missing_checkpoint_is_one_line(tmp_path):
+    for script in ("sample.py", "eval.py"):
+        p = subprocess.run([sys.executable, script, "--out_dir", str(tmp_path / "none")],
+                           capture_output=True, text=True)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and "no checkpoint" in p.stderr
