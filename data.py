@@ -355,6 +355,8 @@ def load_data(cfg):
     """Build (or find in the cache) the prepared corpus of a config; returns (Data, Tokenizer)."""
     tok = Tokenizer(cfg.tokenizer, cfg.gpt2_file)
     corpus = load_corpus(cfg.dataset, cfg.split, cfg.val_fraction, cfg.facts_people, cfg.facts_heldout)
-    if not any(s.text.strip() for d in corpus.train for s in d):
-        raise UserError(f"{cfg.dataset} has no usable text")
+    for name, docs in (("train", corpus.train), ("val", corpus.val)):
+        if not any(s.text.strip() for d in docs for s in d):
+            raise UserError(f"{cfg.dataset}: its {name} split has no text; the corpus is too "
+                            "small to split into train and val")
     return Data(prepare(corpus, tok, cfg.cache_dir), cfg.block_size), tok

@@ -74,3 +74,11 @@ def test_missing_and_empty_files(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(UserError, match="no text"):
         train.main(["--dataset", str(tmp_path / "empty.txt"), "--out_dir", str(tmp_path / "o")])
+    (tmp_path / "tiny.txt").write_text("Hello world.")  # too small for a val split
+    with pytest.raises(UserError, match="too small"):
+        train.main(["--dataset", str(tmp_path / "tiny.txt"), "--out_dir", str(tmp_path / "o"),
+                    "--cache_dir", str(tmp_path / "cache")])
+    (tmp_path / "short.txt").write_text("Hello world. " * 30)  # smaller than one block
+    with pytest.raises(UserError, match="fewer than one block"):
+        train.main(["--dataset", str(tmp_path / "short.txt"), "--out_dir", str(tmp_path / "o"),
+                    "--cache_dir", str(tmp_path / "cache")])
