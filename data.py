@@ -49,7 +49,8 @@ class Tokenizer:
         if name == "bytes":
             ranks, pattern = {bytes([i]): i for i in range(256)}, r"\S{1,32}|\s{1,32}"
         elif name == "gpt2":
-            ranks, pattern = _gpt2_ranks(gpt2_file or os.environ.get(GPT2_FILE_ENV, "")), GPT2_PATTERN
+            ranks = _gpt2_ranks(gpt2_file or os.environ.get(GPT2_FILE_ENV, ""))
+            pattern = GPT2_PATTERN
         else:
             raise UserError(f"unknown tokenizer {name!r}: choose 'bytes' or 'gpt2'")
         n = len(ranks)
@@ -223,15 +224,16 @@ def prepare(corpus, tok, cache_dir):
         return path
     # A val sequence that is also in the train text would be a leak: in val it stays plain text.
     train_seqs = {s.text for d in corpus.train for s in d if s.sequence}
-    val = [[Segment(s.text, s.sequence and s.text not in train_seqs) for s in d] for d in corpus.val]
+    val = [[Segment(s.text, s.sequence and s.text not in train_seqs) for s in d]
+           for d in corpus.val]
     texts = list(dict.fromkeys(s.text for d in corpus.train + val for s in d if s.sequence))
     seq_id = {t: i for i, t in enumerate(texts)}
     seq_tokens = [tok.encode(t) for t in texts]
     dtype = np.uint16 if tok.vocab_size < 2**16 else np.uint32
     tmp = path + f".tmp{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
-    meta = {"key": key, "tokenizer": tok.name, "vocab_size": tok.vocab_size, "aligned": corpus.aligned,
-            "dtype": np.dtype(dtype).name, "n_sequences": len(texts)}
+    meta = {"key": key, "tokenizer": tok.name, "vocab_size": tok.vocab_size,
+            "aligned": corpus.aligned, "dtype": np.dtype(dtype).name, "n_sequences": len(texts)}
     for name, docs in (("train", corpus.train), ("val", val)):
         ids, starts, pos, target = _tokenize(docs, tok, seq_id, seq_tokens)
         np.array(ids, dtype=dtype).tofile(os.path.join(tmp, f"{name}.bin"))
@@ -245,7 +247,8 @@ def prepare(corpus, tok, cache_dir):
         hard_array[i, :len(h)] = h
     lengths = np.array([len(s) for s in seq_tokens], dtype=np.int64)
     np.savez(os.path.join(tmp, "sequences.npz"), offsets=np.concatenate([[0], np.cumsum(lengths)]),
-             tokens=np.array([t for s in seq_tokens for t in s], dtype=dtype), hard_negatives=hard_array)
+             tokens=np.array([t for s in seq_tokens for t in s], dtype=dtype),
+             hard_negatives=hard_array)
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     try:
@@ -295,8 +298,9 @@ class Data:
         self.block_size = block_size
         for name, split in (("train", self.train), ("val", self.val)):
             if len(split.ids) < block_size + 1:
-                raise UserError(f"the {name} split has {len(split.ids)} tokens, fewer than one block "
-                                f"({block_size + 1}): use a larger corpus or a smaller --block_size")
+                raise UserError(f"the {name} split has {len(split.ids)} tokens, fewer than one "
+                                f"block ({block_size + 1}): use a larger corpus or a smaller "
+                                "--block_size")
         # allowed window starts: document starts (for short self-contained documents) or anywhere
         self.starts = {name: s.doc_starts[s.doc_starts < len(s.ids) - block_size]
                        if self.meta["aligned"] else None
@@ -354,7 +358,8 @@ class Data:
 def load_data(cfg):
     """Build (or find in the cache) the prepared corpus of a config; returns (Data, Tokenizer)."""
     tok = Tokenizer(cfg.tokenizer, cfg.gpt2_file)
-    corpus = load_corpus(cfg.dataset, cfg.split, cfg.val_fraction, cfg.facts_people, cfg.facts_heldout)
+    corpus = load_corpus(cfg.dataset, cfg.split, cfg.val_fraction, cfg.facts_people,
+                         cfg.facts_heldout)
     for name, docs in (("train", corpus.train), ("val", corpus.val)):
         if not any(s.text.strip() for d in docs for s in d):
             raise UserError(f"{cfg.dataset}: its {name} split has no text; the corpus is too "

@@ -54,7 +54,7 @@ def render(tok, ids, retrievals, n_prompt, datastore, show):
         for i, score in r.alternatives[:show]:
             out.append(f"\n    (#{i} {score:.3f}: {tok.decode(datastore.sequence(i))})")
         pos = r.position + len(seq)
-    out.append(tok.decode(ids[pos:]))
+    out.append(tok.decode([t for t in ids[pos:] if t != tok.eod]))  # the end needs no mark
     return "".join(out)
 
 

@@ -41,7 +41,7 @@ class Config:
     val_fraction: float = flag(0.1, "share of a .txt/.jsonl/pydoc corpus held out as val (its end)")
     facts_people: int = flag(400, "facts: people in the world (6 facts each)")
     facts_heldout: float = flag(0.2, "facts: share of people whose questions are held out (val)")
-    tokenizer: str = flag("bytes", "bytes (offline) or gpt2 (needs tiktoken's cache or --gpt2_file)")
+    tokenizer: str = flag("bytes", "bytes (offline) or gpt2 (tiktoken's cache or --gpt2_file)")
     gpt2_file: str = flag("", "path to a gpt2.tiktoken file (or set COSUP_GPT2_FILE)")
     cache_dir: str = flag("data_cache", "where prepared corpora are cached")
     # Gen
@@ -77,7 +77,7 @@ class Config:
     out_dir: str = flag("out", "where ckpt.pt and log.jsonl go")
     seed: int = flag(1337, "random seed (weights, batches)")
     device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
-    dtype: str = flag("auto", "auto (bfloat16 on a GPU that has it, else float32), float32, bfloat16")
+    dtype: str = flag("auto", "auto (bfloat16 on a GPU with it, else float32), float32, bfloat16")
     compile: bool = flag(False, "torch.compile the models")
     resume: bool = flag(False, "continue from out_dir/ckpt.pt")
 
@@ -117,7 +117,9 @@ def pick_device(name):
     kind = name.split(":")[0]
     if kind not in ("cpu", "cuda", "mps"):
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    if kind == "cuda" and not torch.cuda.is_available() or kind == "mps" and not torch.backends.mps.is_available():
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
+    if not available[kind]:
         raise UserError(f"device {name!r} is not available on this machine")
     return name
 
@@ -236,9 +238,10 @@ def main(argv=None):
         lr = learning_rate(it, cfg)
         # evaluate and save every eval_interval and at the end (a resumed run has done `start`)
         if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and (it > start or not cfg.resume):
+            tokens = steps * cfg.batch_size * cfg.block_size
             metrics = {"iter": it, **evaluate(gen, embedder, data, cfg, device, ctx), "lr": lr,
                        "ms_per_iter": 1000 * step_time / steps if steps else None,
-                       "tokens_per_s": steps * cfg.batch_size * cfg.block_size / step_time if steps else None}
+                       "tokens_per_s": tokens / step_time if steps else None}
             log.write(json.dumps(metrics) + "\n")
             log.flush()
             bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -274,12 +277,20 @@ def main(argv=None):
     summary(cfg, metrics, chance, ckpt_path)
 
 
+def check_same_data(ckpt, path, data, tok):
+    """A checkpoint is only used with the data and tokenizer it was trained on."""
+    if (ckpt["data_fingerprint"] != data.fingerprint
+            or ckpt["tokenizer"]["fingerprint"] != tok.fingerprint):
+        trained = ckpt["config"]
+        raise UserError(f"{path} was trained on other data or another tokenizer (--dataset "
+                        f"{trained['dataset']} --tokenizer {trained['tokenizer']}) than this run's")
+
+
 def resume(path, gen, embedder, optimizer, rng, data, tok):
     if not os.path.isfile(path):
         raise UserError(f"--resume: no checkpoint at {path}")
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if ckpt["tokenizer"]["fingerprint"] != tok.fingerprint or ckpt["data_fingerprint"] != data.fingerprint:
-        raise UserError(f"--resume: {path} was trained on other data or another tokenizer")
+    check_same_data(ckpt, path, data, tok)
     gen.load_state_dict(ckpt["gen"])
     embedder.load_state_dict(ckpt["embedder"])
     optimizer.load_state_dict(ckpt["optimizer"])
@@ -293,7 +304,7 @@ def load_run(out_dir, device="auto"):
     models in eval mode on the device."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train first (python train.py --out_dir {out_dir})")
+        raise UserError(f"no checkpoint at {path}: train one first (train.py --out_dir {out_dir})")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         cfg = Config(**ckpt["config"])
@@ -301,9 +312,7 @@ def load_run(out_dir, device="auto"):
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
     device = pick_device(device)
     data, tok = load_data(cfg)
-    if ckpt["data_fingerprint"] != data.fingerprint or ckpt["tokenizer"]["fingerprint"] != tok.fingerprint:
-        raise UserError(f"{path} was trained on data or a tokenizer that differ from what "
-                        f"{cfg.dataset} gives now")
+    check_same_data(ckpt, path, data, tok)
     gen, embedder = build_models(cfg, tok.vocab_size)
     gen.load_state_dict(ckpt["gen"])
     embedder.load_state_dict(ckpt["embedder"])

@@ -82,3 +82,9 @@ def test_missing_and_empty_files(tmp_path):
     with pytest.raises(UserError, match="fewer than one block"):
         train.main(["--dataset", str(tmp_path / "short.txt"), "--out_dir", str(tmp_path / "o"),
                     "--cache_dir", str(tmp_path / "cache")])
+
+
+def test_resume_refuses_a_checkpoint_of_other_data(run_train):
+    out, _ = run_train("--max_iters", "5", "--eval_interval", "5")
+    with pytest.raises(UserError, match="other data"):
+        run_train("--max_iters", "10", "--resume", "--facts_people", "70")
