@@ -52,14 +52,15 @@ def questions(data, split, limit):
     gold sequence id, gold document tokens from the marker to the end)."""
     s = getattr(data, split)
     ends = np.append(s.doc_starts[1:], len(s.ids))
+    first = np.searchsorted(s.marker_pos, s.doc_starts)       # each document's markers are
+    count = np.searchsorted(s.marker_pos, ends) - first        # marker_pos[first:first + count]
     out = []
-    for start, end in zip(s.doc_starts, ends):
-        inside = (s.marker_pos >= start) & (s.marker_pos < end)
-        if inside.sum() == 1 and len(out) < limit:
-            i = int(np.argmax(inside))
-            pos = s.marker_pos[i]
-            out.append((np.asarray(s.ids[start:pos]), int(s.marker_target[i]),
-                        np.asarray(s.ids[pos:end - 1])))
+    for start, end, i in zip(s.doc_starts[count == 1], ends[count == 1], first[count == 1]):
+        if len(out) == limit:
+            break
+        pos = s.marker_pos[i]
+        out.append((np.asarray(s.ids[start:pos]), int(s.marker_target[i]),
+                    np.asarray(s.ids[pos:end - 1])))
     return out
 
 
