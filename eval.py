@@ -64,25 +64,33 @@ def questions(data, split, limit):
     return out
 
 
-def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None):
+def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
+                   modes=("retrieval", "no_retrieval", "gold")):
+    """The answer metrics of the first `limit` questions of a split, for each of `modes`:
+    retrieval in the loop, Gen alone, Gen given the gold sequence."""
     qs = questions(data, split, limit)
     if not qs:
         return {}
-    hits = {"answer_em_retrieval": 0, "answer_em_no_retrieval": 0, "marker_rate": 0,
-            "retrieval_acc": 0, "answer_em_gold": 0}
+    hits = {}
     for prompt, target, gold in tqdm(qs, desc=f"answering {split} questions", leave=False):
         prompt, want = list(prompt), _answer(tok, gold)
         budget = len(gold) + 32
-        ids, retrievals = generate(gen, prompt, budget, tok.marker, tok.eod, datastore,
-                                   query_gen=query_gen)
-        hits["answer_em_retrieval"] += _answer(tok, ids[len(prompt):]) == want
-        hits["marker_rate"] += tok.marker in ids[len(prompt):]
-        hits["retrieval_acc"] += bool(retrievals) and retrievals[0].id == target
-        ids, _ = generate(gen, prompt, budget, tok.marker, tok.eod)
-        hits["answer_em_no_retrieval"] += _answer(tok, ids[len(prompt):]) == want
-        given = prompt + [tok.marker] + [int(t) for t in data.sequence(target)]
-        ids, _ = generate(gen, given, budget, tok.marker, tok.eod)
-        hits["answer_em_gold"] += _answer(tok, ids[len(prompt):]) == want
+
+        def score(name, given, store=None):
+            ids, retrievals = generate(gen, given, budget, tok.marker, tok.eod, store,
+                                       query_gen=query_gen)
+            hits[name] = hits.get(name, 0) + (_answer(tok, ids[len(prompt):]) == want)
+            return ids, retrievals
+
+        if "retrieval" in modes:
+            ids, retrievals = score("answer_em_retrieval", prompt, datastore)
+            hits["marker_rate"] = hits.get("marker_rate", 0) + (tok.marker in ids[len(prompt):])
+            hits["retrieval_acc"] = (hits.get("retrieval_acc", 0)
+                                     + (bool(retrievals) and retrievals[0].id == target))
+        if "no_retrieval" in modes:
+            score("answer_em_no_retrieval", prompt)
+        if "gold" in modes:
+            score("answer_em_gold", prompt + [tok.marker] + [int(t) for t in data.sequence(target)])
     return {k: v / len(qs) for k, v in hits.items()}
 
 

@@ -38,7 +38,9 @@ class SelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.extend(k, v)
             past = k.shape[2] - T
-            if past:  # new token i sits at position past + i: it sees keys 0 .. past + i
+            if past and T == 1:  # one new token sees every key: no mask at all
+                causal = False
+            elif past:  # new token i sits at position past + i: it sees keys 0 .. past + i
                 rows = torch.arange(T, device=x.device)[:, None]
                 mask, causal = torch.arange(past + T, device=x.device) <= past + rows, False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
@@ -48,18 +50,25 @@ class SelfAttention(nn.Module):
 
 class KVCache:
     """The keys and values of one attention layer for the tokens seen so far, so that generation
-    runs each new token through the model once instead of re-reading the whole context."""
+    runs each new token through the model once instead of re-reading the whole context. The
+    buffers are allocated once, for block_size tokens, and filled in place: one token's step then
+    costs no allocation and no copy of the past."""
 
-    def __init__(self):
+    def __init__(self, block_size):
+        self.block_size, self.n = block_size, 0
         self.k = self.v = None
 
     def extend(self, k, v):
-        self.k = k if self.k is None else torch.cat([self.k, k], dim=2)
-        self.v = v if self.v is None else torch.cat([self.v, v], dim=2)
-        return self.k, self.v
+        B, H, T, D = k.shape
+        if self.k is None:
+            self.k = k.new_empty(B, H, self.block_size, D)
+            self.v = v.new_empty(B, H, self.block_size, D)
+        self.k[:, :, self.n:self.n + T], self.v[:, :, self.n:self.n + T] = k, v
+        self.n += T
+        return self.k[:, :, :self.n], self.v[:, :, :self.n]
 
     def __len__(self):
-        return 0 if self.k is None else self.k.shape[2]
+        return self.n
 
 
 class MLP(nn.Module):
@@ -133,7 +142,7 @@ class Gen(nn.Module):
         return self.ln_f(x)
 
     def new_caches(self):
-        return [KVCache() for _ in self.blocks]
+        return [KVCache(self.config.block_size) for _ in self.blocks]
 
     def query(self, h):
         """q = normalize(W_seq h): a unit vector, so q . e is the cosine with a sequence embedding."""

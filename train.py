@@ -80,6 +80,8 @@ class Config:
     dtype: str = flag("auto", "auto (bfloat16 on a GPU with it, else float32), float32, bfloat16")
     compile: bool = flag(False, "torch.compile the models")
     resume: bool = flag(False, "continue from out_dir/ckpt.pt")
+    init_from: str = flag("", "start from the weights of another run's out_dir (same data and "
+                              "model sizes), with a fresh optimizer and schedule")
 
 
 def check_config(cfg):
@@ -218,8 +220,13 @@ def main(argv=None):
     optimizer = make_optimizer(cfg, list(gen.parameters()) + list(embedder.parameters()), device)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     start, metrics = 0, {}
+    if cfg.resume and cfg.init_from:
+        raise UserError("--resume and --init_from exclude each other: resume continues out_dir's "
+                        "run, init_from starts a new one from another run's weights")
     if cfg.resume:
         start, metrics = resume(ckpt_path, gen, embedder, optimizer, rng, data, tok)
+    if cfg.init_from:
+        init_from(cfg.init_from, gen, embedder, data, tok)
     os.makedirs(cfg.out_dir, exist_ok=True)
     ctx = autocast(device, cfg.dtype)
     # compiled copies for the training step; the plain modules are what is saved and evaluated
@@ -297,6 +304,21 @@ def resume(path, gen, embedder, optimizer, rng, data, tok):
     rng.bit_generator.state = ckpt["rng"]["numpy"]
     torch.set_rng_state(ckpt["rng"]["torch"])
     return ckpt["iter"], ckpt["metrics"]
+
+
+def init_from(out_dir, gen, embedder, data, tok):
+    """Gen's and Emb_seq's weights from another run (e.g. an NTP-only one: a pretrained token
+    space that co-supervision then starts from, as the paper starts from Llama-2)."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise UserError(f"--init_from: no checkpoint at {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    check_same_data(ckpt, path, data, tok)
+    try:
+        gen.load_state_dict(ckpt["gen"])
+        embedder.load_state_dict(ckpt["embedder"])
+    except RuntimeError:
+        raise UserError(f"--init_from: {path} has other model sizes than this run's") from None
 
 
 def load_run(out_dir, device="auto"):

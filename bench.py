@@ -1,0 +1,233 @@
+"""
+How fast cosup is: the training step, the cost of co-supervision, sampling with the KV cache, the
+datastore, and memory. Medians of repeats, and ratios measured within one run (alternating the
+two sides), because timings on a small shared machine drift.
+
+    python bench.py                    # prints one JSON object (a few minutes on 2 CPU cores)
+    python bench.py --out bench.json   # and writes it
+
+On a GPU it also times a larger model in bfloat16 with torch.compile and reports its MFU.
+"""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import train
+from cli import UserError, flag, main_guard, parse_config
+from data import load_data
+from datastore import Datastore, search
+from generate import generate
+from losses import co_supervision_loss
+from model import Gen, GenConfig
+
+
+@dataclass
+class BenchConfig:
+    out: str = flag("", "also write the JSON object to this file")
+    repeats: int = flag(30, "timed repeats of each training step (the median is reported)")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps (training-step figures)")
+    seed: int = flag(1337, "random seed")
+
+
+def median_ms(times):
+    return 1000 * float(np.median(times))
+
+
+def stepper(cfg, data, device, lambda_seq):
+    """One training step of train.py's loop (batch, loss, backward, clip, AdamW) as a function;
+    every call takes the next batch."""
+    gen, embedder = train.build_models(cfg, data.meta["vocab_size"])
+    gen.to(device), embedder.to(device)
+    params = list(gen.parameters()) + list(embedder.parameters())
+    optimizer = train.make_optimizer(cfg, params, device)
+    rng, ctx = np.random.default_rng(cfg.seed), train.autocast(device, cfg.dtype)
+    fwd_gen, fwd_embedder = (torch.compile(gen), torch.compile(embedder)) if cfg.compile else (
+        gen, embedder)
+
+    def step(lam=lambda_seq):
+        batch = data.get_batch("train", cfg.batch_size, rng, cfg.hard_negatives, cfg.seq_len)
+        with ctx:
+            loss, _ = co_supervision_loss(fwd_gen, fwd_embedder, batch.to(device), cfg.lambda_tok,
+                                          lam, cfg.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return step, gen, embedder
+
+
+def timed(fn, repeats, warmup=5):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def ntp_step(args, device):
+    """1. NTP-only training at nanoGPT's CPU recipe: 4 layers, 4 heads, width 128, block 64,
+    batch 12, bytes (its shakespeare_char settings, README "Plain language modelling")."""
+    cfg = train.Config(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
+                       lambda_seq=0.0, dataset="pydoc", split="none", seed=args.seed)
+    data, _ = load_data(cfg)
+    step, _, _ = stepper(cfg, data, device, 0.0)
+    ms = median_ms(timed(step, args.repeats))
+    return {"config": "4x128, block 64, batch 12, bytes, pydoc text", "ms_per_iter": ms,
+            "tokens_per_s": 12 * 64 / ms * 1000}
+
+
+def overhead(args, device):
+    """2. Step time with lambda_seq 0.5 over lambda_seq 0, at the default demo's settings; the
+    two alternate on the same models so that drift hits both alike."""
+    cfg = train.Config(seed=args.seed)
+    data, _ = load_data(cfg)
+    step, gen, embedder = stepper(cfg, data, device, cfg.lambda_seq)
+    times = {0.0: [], cfg.lambda_seq: []}
+    for _ in range(5):
+        step()
+    for _ in range(args.repeats):
+        for lam in times:
+            t0 = time.perf_counter()
+            step(lam)
+            times[lam].append(time.perf_counter() - t0)
+    ntp, co = median_ms(times[0.0]), median_ms(times[cfg.lambda_seq])
+    # the work Emb_seq adds, in FLOPs, over Gen's: what the ratio cannot go below at equal speed
+    rng = np.random.default_rng(args.seed)
+    batches = [data.get_batch("train", cfg.batch_size, rng, cfg.hard_negatives, cfg.seq_len)
+               for _ in range(50)]
+    emb_shape = np.mean([b.seq_tokens.shape for b in batches], axis=0)
+    gen_tokens = cfg.batch_size * cfg.block_size
+    gen_flops = train_flops(gen, cfg.n_layer, cfg.block_size, cfg.n_embd) * gen_tokens
+    emb_flops = (train_flops(embedder, cfg.emb_layer, emb_shape[1], cfg.emb_embd)
+                 * emb_shape[0] * emb_shape[1])
+    return {"ms_per_iter_lambda_seq_0": ntp, "ms_per_iter_lambda_seq_0.5": co, "ratio": co / ntp,
+            "gen_tokens_per_step": gen_tokens,
+            "emb_sequences_per_step": float(emb_shape[0]), "emb_padded_length": float(emb_shape[1]),
+            "flops_ratio": 1 + emb_flops / gen_flops}
+
+
+def train_flops(model, n_layer, T, width):
+    """Training FLOPs per token, nanoGPT's estimate: 6 per weight (forward and backward) plus
+    the attention scores, 12 n_layer T width; position embeddings are free."""
+    n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
+    return 6 * n + 12 * n_layer * T * width
+
+
+def sampling(args):
+    """3. Tokens/s with the KV cache over full recompute, 512 new tokens at block 256, sampled
+    (temperature 1, fixed seed, so both paths write the same tokens) with retrieval in the loop.
+    The default demo's Gen sizes, untrained: speed does not depend on the weights."""
+    cfg = train.Config(block_size=256, seed=args.seed)
+    data, tok = load_data(cfg)
+    torch.manual_seed(args.seed)
+    gen, embedder = train.build_models(cfg, tok.vocab_size)
+    gen.eval(), embedder.eval()
+    store = Datastore.build(embedder, data, progress=False)
+    prompt = [int(t) for t in data.val.ids[:64]]
+    runs = {True: [], False: []}
+    for _ in range(3):
+        for use_cache in runs:
+            t0 = time.perf_counter()
+            ids, retrievals = generate(gen, prompt, 512, tok.marker, None, store, temperature=1.0,
+                                       use_cache=use_cache,
+                                       generator=torch.Generator().manual_seed(args.seed))
+            runs[use_cache].append(time.perf_counter() - t0)
+            assert len(ids) - len(prompt) == 512
+    cached, full = 512 / np.median(runs[True]), 512 / np.median(runs[False])
+    return {"tokens_per_s_kv_cache": cached, "tokens_per_s_recompute": full,
+            "speedup": cached / full, "retrievals": len(retrievals)}
+
+
+def datastore(args):
+    """4. Building the datastore (Emb_seq over every facts sequence, default sizes), and exact
+    top-10 search over 10k, 100k and 1M random unit vectors of the default width: one query at a
+    time (generation) and 64 at a time (evaluation)."""
+    cfg = train.Config(seed=args.seed)
+    data, tok = load_data(cfg)
+    _, embedder = train.build_models(cfg, tok.vocab_size)
+    embedder.eval()
+    build = timed(lambda: embedder.embed(data, progress=False), 3, warmup=1)
+    lengths = np.diff(data.offsets)
+    out = {"build_sequences_per_s": data.n_sequences / float(np.median(build)),
+           "build_mean_sequence_tokens": float(lengths.mean())}
+    g = torch.Generator().manual_seed(args.seed)
+    for n in (10_000, 100_000, 1_000_000):
+        keys = F.normalize(torch.randn(n, cfg.seq_dim, generator=g), dim=1)
+        queries = F.normalize(torch.randn(64, cfg.seq_dim, generator=g), dim=1)
+        single = timed(lambda: search(queries[:1], keys, k=10), 10, warmup=2)
+        batched = timed(lambda: search(queries, keys, k=10), 3, warmup=1)
+        out[f"search_{n}"] = {"ms_per_query_single": median_ms(single),
+                              "ms_per_query_batched_64": median_ms(batched) / 64}
+    return out
+
+
+def peak_memory():
+    """5. Peak resident memory of the default demo (train.py with its defaults, shortened to 100
+    iterations and one evaluation: its memory does not grow with iterations)."""
+    with tempfile.TemporaryDirectory() as out:
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                     "train.py"), "--max_iters", "100", "--eval_interval", "100",
+                        "--out_dir", out], check=True, capture_output=True)
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+
+
+# bf16 dense peak FLOP/s of the GPUs we know, for MFU
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+def gpu_step(args, device):
+    """6. On a GPU: a larger Gen (6 layers, width 384, block 256) with L_NTP + 0.5 L_NSP, bf16 and
+    torch.compile. MFU counts Gen's 6N + 12 L T d FLOPs per token (as nanoGPT does), not
+    Emb_seq's, so it is a lower bound."""
+    cfg = train.Config(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=32,
+                       dtype="bfloat16", compile=True, seed=args.seed)
+    data, _ = load_data(cfg)
+    step, gen, _ = stepper(cfg, data, device, cfg.lambda_seq)
+    ms = median_ms(timed(step, args.repeats, warmup=10))
+    tokens_per_s = cfg.batch_size * cfg.block_size / ms * 1000
+    flops_per_token = train_flops(gen, cfg.n_layer, cfg.block_size, cfg.n_embd)
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return {"device": name, "ms_per_iter": ms, "tokens_per_s": tokens_per_s,
+            "mfu": flops_per_token * tokens_per_s / peak if peak else None}
+
+
+def main(argv=None):
+    args, _ = parse_config(BenchConfig, __doc__, argv)
+    if args.repeats < 1:
+        raise UserError(f"--repeats must be positive, got {args.repeats}")
+    device = train.pick_device(args.device)
+    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device}
+    parts = [("peak_memory", peak_memory), ("ntp_step", lambda: ntp_step(args, device)),
+             ("co_supervision_overhead", lambda: overhead(args, device)),
+             ("sampling", lambda: sampling(args)), ("datastore", lambda: datastore(args))]
+    if device.startswith("cuda"):
+        parts.append(("gpu_step", lambda: gpu_step(args, device)))
+    for name, fn in parts:  # memory first: ru_maxrss of children counts every child so far
+        t0 = time.perf_counter()
+        result[name] = fn()
+        print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main_guard(main)

@@ -1,0 +1,182 @@
+"""
+The paper's claim in miniature: does a model trained with both losses beat models trained with
+each alone, and does a pretrained token space help the sequence space? An ablation grid at equal
+training steps, several seeds each, on `facts` (with answers) and `pydoc` (real prose).
+
+    python experiments.py              # the full grid (README, Results: about an hour on 2 cores)
+    python experiments.py --quick      # 1 seed, fewer steps: a few minutes, to see it work
+
+The variants (`VARIANTS`), each trained by train.py with the same steps and seed:
+  ntp          L_NTP only (lambda_seq 0): answers written by Gen alone, and with its untrained queries
+  nsp          L_NSP only (lambda_tok 0)
+  sep          separate supervision, the paper's baseline: ntp's Gen writes, nsp's Gen makes the
+               queries and nsp's Emb_seq the datastore (eval.py --query_from); no training of its own
+  co<lambda>   co-supervision, L_NTP + lambda_seq L_NSP, at each of --lambdas
+  pre          co-supervision (lambda_seq 0.5) started from ntp's weights: a pretrained token space,
+               as the paper starts from Llama-2 (it has had ntp's steps before its own)
+
+results/ gets runs.jsonl (one JSON line per run; a run already there is not redone), table.md (mean
++- std over seeds, and a paired test of co-supervision against the best single-supervision
+baseline) and PNG plots. Checkpoints go to --work_dir.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import report
+from cli import UserError, flag, main_guard, parse_config
+
+
+@dataclass
+class ExperimentConfig:
+    quick: bool = flag(False, "1 seed and fewer steps: a smoke run of the whole grid")
+    datasets: str = flag("facts,pydoc", "comma-separated datasets to run the grid on")
+    seeds: int = flag(3, "seeds per variant (--quick: 1)")
+    iters: int = flag(450, "training steps of every run on facts (--quick: 150)")
+    pydoc_iters: int = flag(300, "training steps of every run on pydoc (--quick: 100)")
+    lambdas: str = flag("0.1,0.5,1,2", "lambda_seq values of the co-supervised runs")
+    pydoc_lambdas: str = flag("0.5", "lambda_seq values on pydoc (each run there costs as much as "
+                                     "on facts, with no answer metric)")
+    questions: int = flag(200, "held-out questions per run for answer exact match (--quick: 60)")
+    results: str = flag("results", "where runs.jsonl, table.md and the plots go (--quick: "
+                                   "its quick/ subfolder)")
+    work_dir: str = flag("out_experiments", "where the runs' checkpoints and logs go")
+    train_args: str = flag("", "extra train.py flags for every run (e.g. a tiny model, for tests)")
+
+
+def variants(lambdas):
+    """name -> (train.py flags, or None for an evaluation-only variant)."""
+    out = {"ntp": ["--lambda_seq", "0"], "nsp": ["--lambda_tok", "0", "--lambda_seq", "1"],
+           "sep": None}
+    out.update({f"co{lam:g}": ["--lambda_seq", f"{lam:g}"] for lam in lambdas})
+    out["pre"] = ["--lambda_seq", "0.5"]  # + --init_from the ntp run of the same seed
+    return out
+
+
+def run_dir(cfg, dataset, variant, seed, iters):
+    return os.path.join(cfg.work_dir, f"{dataset}-{variant}-s{seed}-{iters}")
+
+
+def train(cfg, dataset, variant, seed, flags, iters):
+    """One train.py run in a subprocess (its own threads and memory; its output to train.out)."""
+    out = run_dir(cfg, dataset, variant, seed, iters)
+    shutil.rmtree(out, ignore_errors=True)  # a run cut short earlier starts again
+    os.makedirs(out)
+    argv = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+            "--dataset", dataset, "--seed", str(seed), "--max_iters", str(iters),
+            "--eval_interval", str(max(1, iters // 6)), "--out_dir", out, *flags,
+            *cfg.train_args.split()]
+    if variant == "pre":
+        argv += ["--init_from", ensure_trained(cfg, dataset, "ntp", seed, iters)]
+    with open(os.path.join(out, "train.out"), "w") as log:
+        if subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT).returncode:
+            raise UserError(f"training {dataset}/{variant}/seed {seed} failed: see "
+                            f"{os.path.join(out, 'train.out')}")
+    return out
+
+
+def ensure_trained(cfg, dataset, variant, seed, iters):
+    """The checkpoint directory of a run, training it again if results/ has it but not
+    work_dir (a fresh clone): `pre` and `sep` need ntp's and nsp's weights."""
+    out = run_dir(cfg, dataset, variant, seed, iters)
+    if not os.path.isfile(os.path.join(out, "ckpt.pt")):
+        train(cfg, dataset, variant, seed, variants([])[variant], iters)
+    return out
+
+
+@torch.inference_mode()
+def answers(cfg, out, query_from=None, modes=("retrieval",)):
+    """Held-out answer metrics of a trained run (eval.py's), with retrieval in the loop."""
+    from datastore import Datastore
+    from eval import answer_metrics
+    from train import load_run
+    _, gen, embedder, data, tok = load_run(out, "cpu")
+    query_gen = None
+    if query_from:
+        _, query_gen, embedder, _, _ = load_run(query_from, "cpu")
+    store = Datastore.build(embedder, data, progress=False)
+    return answer_metrics(gen, store, data, tok, "val", cfg.questions, query_gen, modes)
+
+
+def read_log(out):
+    with open(os.path.join(out, "log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    curve = [{k: r[k] for k in ("iter", "val_ntp", "recall@1")} for r in log]
+    final = {k: log[-1][k] for k in ("val_ntp", "val_nsp", "recall@1", "recall@10", "mrr")}
+    return final, curve
+
+
+def run(cfg, dataset, variant, seed, iters, lambdas):
+    """Train (or, for sep, combine) and measure one cell of the grid; its record."""
+    flags = variants(lambdas)[variant]
+    record = {"dataset": dataset, "variant": variant, "seed": seed, "iters": iters,
+              "lambda_seq": None if flags is None else float(flags[flags.index("--lambda_seq") + 1])}
+    t0 = time.time()
+    if variant == "sep":  # no training: ntp's Gen writes, nsp's Gen and Emb_seq retrieve
+        ntp = ensure_trained(cfg, dataset, "ntp", seed, iters)
+        nsp = ensure_trained(cfg, dataset, "nsp", seed, iters)
+        (ntp_final, _), (nsp_final, _) = read_log(ntp), read_log(nsp)
+        record.update(val_ntp=ntp_final["val_ntp"],
+                      **{k: nsp_final[k] for k in ("val_nsp", "recall@1", "recall@10", "mrr")})
+        if dataset == "facts":
+            record.update(answers(cfg, ntp, query_from=nsp))
+    else:
+        out = train(cfg, dataset, variant, seed, flags, iters)
+        final, curve = read_log(out)
+        record.update(final, curve=curve)
+        if dataset == "facts":
+            modes = ("retrieval", "no_retrieval") if variant == "ntp" else ("retrieval",)
+            record.update(answers(cfg, out, modes=modes))
+    record["wall_s"] = round(time.time() - t0, 1)
+    return record
+
+
+def main(argv=None):
+    cfg, _ = parse_config(ExperimentConfig, __doc__, argv)
+    if cfg.quick:  # its own folder: a smoke run never overwrites the full grid's results
+        cfg.seeds, cfg.iters, cfg.pydoc_iters, cfg.questions = 1, 150, 100, 60
+        cfg.results = os.path.join(cfg.results, "quick")
+    try:
+        lambdas = [float(x) for x in cfg.lambdas.split(",")]
+        pydoc_lambdas = [float(x) for x in cfg.pydoc_lambdas.split(",")]
+    except ValueError:
+        raise UserError("--lambdas and --pydoc_lambdas are comma-separated numbers") from None
+    if any(not lam > 0 for lam in lambdas + pydoc_lambdas):
+        raise UserError("co-supervision needs lambda_seq > 0 (lambda_seq 0 is the ntp variant)")
+    datasets = [d for d in cfg.datasets.split(",") if d]
+    if not datasets or set(datasets) - {"facts", "pydoc"}:
+        raise UserError(f"--datasets takes facts and/or pydoc, got {cfg.datasets!r}")
+    if cfg.seeds < 1 or cfg.iters < 1 or cfg.pydoc_iters < 1 or cfg.questions < 1:
+        raise UserError("--seeds, --iters, --pydoc_iters and --questions must be positive")
+    os.makedirs(cfg.results, exist_ok=True)
+    path = os.path.join(cfg.results, "runs.jsonl")
+    done = report.load(path)
+    grid = []
+    for dataset in datasets:
+        iters, lams = (cfg.iters, lambdas) if dataset == "facts" else (cfg.pydoc_iters,
+                                                                       pydoc_lambdas)
+        for seed in range(1337, 1337 + cfg.seeds):
+            grid += [(dataset, v, seed, iters, lams) for v in variants(lams)]
+    todo = [g for g in grid if report.key(*g[:4]) not in done]
+    print(f"{len(grid)} runs in the grid, {len(grid) - len(todo)} already in {path}")
+    for dataset, variant, seed, iters, lams in tqdm(todo, desc="grid", dynamic_ncols=True):
+        record = run(cfg, dataset, variant, seed, iters, lams)
+        with open(path, "a") as f:  # one complete line per run: an interrupted grid resumes
+            f.write(json.dumps(record) + "\n")
+    wanted = {report.key(*g[:4]) for g in grid}
+    records = [r for k, r in report.load(path).items() if k in wanted]
+    report.write(records, cfg.results)
+    print(f"results in {cfg.results}/: table.md and the plots")
+
+
+if __name__ == "__main__":
+    main_guard(main)
