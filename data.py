@@ -268,6 +268,7 @@ class Batch(NamedTuple):
     seq_tokens: torch.Tensor  # (N, L) the batch's candidate sequences, each once, right-padded
     seq_mask: torch.Tensor    # (N, L) True on real tokens
     positive: torch.Tensor    # (M,) for each marker, the row of its target in seq_tokens
+    seq_ids: torch.Tensor     # (N,) the datastore id of each row of seq_tokens
 
     def to(self, device):
         return Batch(*(tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device)
@@ -341,7 +342,8 @@ class Data:
         candidates = np.unique(np.concatenate([targets, negatives]))
         seq_tokens, seq_mask = self.pad_sequences(candidates, seq_len)
         return Batch(x, y, (torch.from_numpy(rows), torch.from_numpy(cols)), seq_tokens, seq_mask,
-                     torch.from_numpy(np.searchsorted(candidates, targets)))
+                     torch.from_numpy(np.searchsorted(candidates, targets)),
+                     torch.from_numpy(candidates))
 
     def marker_contexts(self, split_name, limit=None):
         """For each marker of a split (the first `limit`), the tokens Gen sees when it writes the
