@@ -1,6 +1,10 @@
-"""Two processes (gloo, CPU) take the same step as one process on their two batches together."""
+"""Two processes (gloo, CPU) take the same step as one process on their two batches together,
+and train.py runs under torchrun."""
+import json
 import os
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -11,6 +15,7 @@ import train
 from data import Batch, load_data
 from embedder import EmbedderConfig, SeqEmbedder
 from losses import co_supervision_loss
+from conftest import TINY
 from model import Gen, GenConfig
 
 SEQ_LEN, LAMBDA_TOK, LAMBDA_SEQ, TAU = 16, 1.0, 0.5, 0.1
@@ -102,3 +107,16 @@ def test_two_processes_equal_one_process_on_the_combined_batch(tiny_data, tmp_pa
             for param, grad in want["grads"].items():
                 assert torch.allclose(g["grads"][param], grad, rtol=0, atol=1e-5), (name, param)
 
+
+def test_torchrun_two_processes_train_log_and_save_once(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", "train.py", *TINY, "--max_iters", "4",
+                        "--eval_interval", "2", "--device", "cpu", "--out_dir", str(out),
+                        "--cache_dir", str(tmp_path / "cache")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("2 processes") == 1 and p.stdout.count("done: 4 iterations") == 1
+    assert [json.loads(line)["iter"] for line in open(out / "log.jsonl")] == [0, 2, 4]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["iter"] == 4 and len(ckpt["rng"]) == 2  # each process's batches go on from here
+    assert ckpt["rng"][0]["numpy"] != ckpt["rng"][1]["numpy"]
