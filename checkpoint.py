@@ -96,6 +96,8 @@ def resume(path, cfg, gen, embedder, optimizer, rng, data, tok, device):
     embedder.load_state_dict(ckpt["embedder"])
     optimizer.load_state_dict(ckpt["optimizer"])
     rank, states = distributed.rank(), ckpt["rng"]
+    if isinstance(states, dict):  # written before torchrun support: one process's, as a dict
+        states = [states]
     if len(states) != distributed.world_size() and rank == 0:
         print(f"note: {path} was written by {len(states)} processes, this run has "
               f"{distributed.world_size()}: the order of batches does not go on exactly")

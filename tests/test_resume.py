@@ -162,3 +162,12 @@ def test_an_out_dir_with_a_checkpoint_needs_resume_or_overwrite(run_train):
         run_train("--max_iters", "4", "--resume", "--overwrite")
     _, log = run_train("--max_iters", "2", "--eval_interval", "2", "--overwrite")
     assert [r["iter"] for r in log] == [0, 2]  # a new log, not the old one continued
+
+
+def test_a_checkpoint_from_before_torchrun_support_resumes(run_train):
+    out, _ = run_train("--max_iters", "4", "--eval_interval", "2")
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    ckpt["rng"] = ckpt["rng"][0]  # the old format: one process's RNG states, not a list
+    torch.save(ckpt, out / "ckpt.pt")
+    _, log = run_train("--max_iters", "6", "--eval_interval", "2", "--resume")
+    assert [r["iter"] for r in log] == [0, 2, 4, 6]
