@@ -27,8 +27,6 @@ from cli import UserError, flag, main_guard, parse_config
 from data import load_data
 from datastore import Datastore, search
 from generate import generate
-from losses import co_supervision_loss
-from model import Gen, GenConfig
 
 
 @dataclass
@@ -44,8 +42,7 @@ def median_ms(times):
 
 
 def stepper(cfg, data, device, lambda_seq):
-    """One training step of train.py's loop (batch, loss, backward, clip, AdamW) as a function;
-    every call takes the next batch."""
+    """train.py's training step on the next batch, as a function of lambda_seq."""
     gen, embedder = train.build_models(cfg, data.meta["vocab_size"])
     gen.to(device), embedder.to(device)
     params = list(gen.parameters()) + list(embedder.parameters())
@@ -56,13 +53,8 @@ def stepper(cfg, data, device, lambda_seq):
 
     def step(lam=lambda_seq):
         batch = data.get_batch("train", cfg.batch_size, rng, cfg.hard_negatives, cfg.seq_len)
-        with ctx:
-            loss, _ = co_supervision_loss(fwd_gen, fwd_embedder, batch.to(device), cfg.lambda_tok,
-                                          lam, cfg.temperature)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
+        train.train_step(fwd_gen, fwd_embedder, optimizer, params, batch.to(device), cfg, lam,
+                         cfg.learning_rate, ctx)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
     return step, gen, embedder

@@ -1,15 +1,25 @@
 """
 Command-line plumbing shared by the scripts: a config dataclass becomes argparse flags (help text
-from each field's metadata), and a user's mistake becomes one line on stderr and exit code 2.
+from each field's metadata), a user's mistake becomes one line on stderr and exit code 2, and
+Ctrl-C can ask a long job to stop at a safe point.
 """
 
 import argparse
 import dataclasses
+import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
+from types import SimpleNamespace
 
 
 class UserError(Exception):
     """A problem with the user's input or flags: reported as one line, never as a traceback."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, once the program has saved its work: main_guard prints the message, exit code 130."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,10 +49,44 @@ def parse_config(cls, description, argv=None):
     return cls(**vars(args)), parser
 
 
+@contextmanager
+def interruptible(notice):
+    """Inside, a first Ctrl-C (SIGINT) only sets flag.set, says `notice` on stderr and restores the
+    previous handler: the job stops at its next safe point, and a second Ctrl-C stops it at once.
+    (Signals can only be caught in the main thread; elsewhere the flag is never set.)"""
+    flag = SimpleNamespace(set=False)
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag.set = True
+        signal.signal(signal.SIGINT, previous)
+        if is_main_process():
+            print(f"\n{notice}", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def is_main_process():
+    """Rank 0 of a torchrun job, or a single process: the one that speaks."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def main_guard(main):
-    """Run main(); a UserError ends the program with one line and exit code 2."""
+    """Run main(); a UserError ends the program with one line and exit code 2, Ctrl-C with one
+    line and exit code 130. With several processes only rank 0 says it."""
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if is_main_process():
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        if is_main_process():
+            print(str(e) or "interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -96,15 +96,22 @@ class Corpus:
     aligned: bool            # windows start at document starts (short, self-contained documents)
 
 
-def _read_text(path):
+def read_text(path):
+    """A UTF-8 text file's text, or a one-line error that says what is wrong with the file."""
     if not os.path.isfile(path):
         raise UserError(f"file not found: {path}")
-    with open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (byte {e.start}): convert it first") from None
+    if "\0" in text:  # valid UTF-8, but no text file holds NUL (UTF-16, say, or a binary)
+        raise UserError(f"{path} looks binary (a NUL byte at byte {raw.index(0)}): give a UTF-8 "
+                        "text file")
     if not text.strip():
         raise UserError(f"{path} has no text")
     return text
@@ -132,13 +139,19 @@ def _text_documents(text, split):
     return [doc] if doc else []
 
 
-def _split_text(text, split, val_fraction):
+def _split_text(path, text, split, val_fraction):
     """Train = the first part of the text, val = the last `val_fraction`, cut at a boundary."""
     cut = int(len(text) * (1 - val_fraction))
     if split != "none":  # move the cut to the next sequence boundary so no sequence is cut in two
         pattern = SENTENCE_END if split == "sentence" else re.compile(r"\n+")
         m = pattern.search(text, cut)
-        cut = m.end() if m else len(text)
+        if not m or not text[m.end():].strip():
+            boundary, other = (("sentence end (. ! or ? then a space)", "line")
+                               if split == "sentence" else ("line break", "sentence"))
+            raise UserError(f"{path}: no {boundary} in the last {val_fraction:.0%} of the text to "
+                            "start the val split at: the file is too small or has no such breaks "
+                            f"(try --split {other} or --split none)")
+        cut = m.end()
     return _text_documents(text[:cut], split), _text_documents(text[cut:], split)
 
 
@@ -156,7 +169,7 @@ def _neighbours(docs, k=2):
 def _read_jsonl(path):
     """One document per line: {"segments": [{"text": "..."} or {"sequence": "..."}, ...]}."""
     docs = []
-    for n, line in enumerate(_read_text(path).splitlines(), 1):
+    for n, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -189,7 +202,7 @@ def load_corpus(dataset, split="sentence", val_fraction=0.1, facts_people=400, f
         n_val = max(1, round(len(docs) * val_fraction))
         return Corpus(docs[:-n_val], docs[-n_val:], _neighbours(docs), aligned=True)
     if dataset.endswith(".txt"):
-        train, val = _split_text(_read_text(dataset), split, val_fraction)
+        train, val = _split_text(dataset, read_text(dataset), split, val_fraction)
         return Corpus(train, val, _neighbours(train + val), aligned=False)
     raise UserError(f"unknown dataset {dataset!r}: use facts, pydoc, or a path to a .txt or .jsonl")
 
@@ -268,6 +281,7 @@ class Batch(NamedTuple):
     seq_tokens: torch.Tensor  # (N, L) the batch's candidate sequences, each once, right-padded
     seq_mask: torch.Tensor    # (N, L) True on real tokens
     positive: torch.Tensor    # (M,) for each marker, the row of its target in seq_tokens
+    seq_ids: torch.Tensor     # (N,) the datastore id of each row of seq_tokens
 
     def to(self, device):
         return Batch(*(tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device)
@@ -341,7 +355,8 @@ class Data:
         candidates = np.unique(np.concatenate([targets, negatives]))
         seq_tokens, seq_mask = self.pad_sequences(candidates, seq_len)
         return Batch(x, y, (torch.from_numpy(rows), torch.from_numpy(cols)), seq_tokens, seq_mask,
-                     torch.from_numpy(np.searchsorted(candidates, targets)))
+                     torch.from_numpy(np.searchsorted(candidates, targets)),
+                     torch.from_numpy(candidates))
 
     def marker_contexts(self, split_name, limit=None):
         """For each marker of a split (the first `limit`), the tokens Gen sees when it writes the

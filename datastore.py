@@ -125,11 +125,15 @@ class Datastore:
         build it again (and say so) and save it. A stale datastore is never used."""
         fingerprint = cls.fingerprint_of(embedder, data)
         if os.path.exists(path):
-            saved = torch.load(path, weights_only=True)
-            if saved["fingerprint"] == fingerprint:
+            try:
+                saved = torch.load(path, weights_only=True)
+                stale = saved["fingerprint"] != fingerprint
+            except Exception:  # cut short, or not a datastore: as good as stale
+                stale = True
+            if not stale:
                 return cls(saved["keys"], saved["offsets"].numpy(), saved["tokens"].numpy(),
                            fingerprint)
-            print(f"{path} is stale (another Emb_seq or other data): rebuilding it",
+            print(f"{path} is stale or unreadable (another Emb_seq or other data): rebuilding it",
                   file=sys.stderr)
         else:
             print(f"building the datastore: {data.n_sequences:,} sequences", file=sys.stderr)

@@ -28,7 +28,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from tqdm import tqdm
 

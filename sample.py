@@ -10,11 +10,13 @@ Each inserted sequence is shown as [#id score: text], with the runners-up under
 """
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from cli import UserError, flag, main_guard, parse_config
+from data import read_text
 from datastore import Datastore
 from generate import generate
 from train import load_run
@@ -23,8 +25,8 @@ from train import load_run
 @dataclass
 class SampleConfig:
     out_dir: str = flag("out", "the trained run")
-    prompt: str = flag("", "text to continue (\\n for a newline); default: the first held-out "
-                           "document up to its first marker")
+    prompt: str = flag(None, "text to continue (\\n for a newline); default: the first held-out "
+                             "document up to its first marker")
     prompt_file: str = flag("", "read the prompt from this file instead")
     num_samples: int = flag(1, "how many samples")
     max_new_tokens: int = flag(200, "tokens to add, inserted sequences included")
@@ -64,17 +66,16 @@ def main(argv=None):
         raise UserError("--max_new_tokens and --num_samples must be positive")
     if args.temperature < 0 or args.top_k < 0 or args.show_retrieval < 0:
         raise UserError("--temperature, --top_k and --show_retrieval must be >= 0")
+    if args.prompt == "":
+        raise UserError("--prompt is empty: give some text, or leave --prompt out to continue a "
+                        "held-out document")
     cfg, gen, embedder, data, tok = load_run(args.out_dir, args.device)
-    if args.prompt_file:
-        if not os.path.isfile(args.prompt_file):
-            raise UserError(f"prompt file not found: {args.prompt_file}")
-        with open(args.prompt_file, encoding="utf-8") as f:
-            text = f.read()
-    else:
-        text = args.prompt.replace("\\n", "\n")
+    text = (read_text(args.prompt_file) if args.prompt_file
+            else args.prompt.replace("\\n", "\n") if args.prompt else None)
     prompt = tok.encode(text) if text else default_prompt(data)
     if len(prompt) > cfg.block_size:
-        print(f"note: the prompt has {len(prompt)} tokens; Gen sees its last {cfg.block_size}")
+        print(f"note: the prompt has {len(prompt)} tokens; Gen sees its last {cfg.block_size}",
+              file=sys.stderr)
     retrieve = args.retrieve and cfg.lambda_seq > 0
     datastore = (Datastore.load_or_build(os.path.join(args.out_dir, "datastore.pt"), embedder, data)
                  if retrieve else None)

@@ -9,13 +9,16 @@ Train Gen and Emb_seq jointly with semiparametric token-sequence co-supervision:
 
 The first `nsp_start` iterations train L_NTP alone, then L_NSP joins (see README for why).
 Every eval_interval: losses, retrieval of val markers against the whole datastore, a line in
-out_dir/log.jsonl and a checkpoint out_dir/ckpt.pt.
+out_dir/log.jsonl and a checkpoint out_dir/ckpt.pt. Ctrl-C saves a checkpoint and stops; --resume
+continues exactly where it stopped. Several processes: torchrun (distributed.py, README).
 """
 
 import dataclasses
 import json
 import math
 import os
+import shlex
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,7 +27,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import UserError, flag, main_guard, parse_config
+import distributed
+from checkpoint import (check_same_data, init_from, keep_log_until, read_checkpoint, resume,
+                        rng_state, save_checkpoint)
+from cli import Interrupted, UserError, flag, interruptible, main_guard, parse_config
 from data import load_data
 from datastore import chance_metrics, marker_queries, retrieval_metrics, target_ranks
 from embedder import EmbedderConfig, SeqEmbedder
@@ -63,7 +69,8 @@ class Config:
     temperature: float = flag(0.05, "InfoNCE temperature tau")
     hard_negatives: int = flag(2, "hard negatives per marker (confusable sequences) in L_NSP")
     # optimisation
-    batch_size: int = flag(24, "windows per batch")
+    batch_size: int = flag(24, "windows per batch, per process (torchrun: each process draws its "
+                               "own, so N processes train on N * batch_size windows per step)")
     max_iters: int = flag(1200, "training iterations")
     learning_rate: float = flag(2e-3, "peak learning rate")
     min_lr: float = flag(2e-4, "learning rate at the end of the cosine decay")
@@ -80,6 +87,8 @@ class Config:
     dtype: str = flag("auto", "auto (bfloat16 on a GPU with it, else float32), float32, bfloat16")
     compile: bool = flag(False, "torch.compile the models")
     resume: bool = flag(False, "continue from out_dir/ckpt.pt")
+    overwrite: bool = flag(False, "start afresh in an out_dir that holds another run's checkpoint "
+                                  "(it and the log are replaced)")
     init_from: str = flag("", "start from the weights of another run's out_dir (same data and "
                               "model sizes), with a fresh optimizer and schedule")
 
@@ -110,6 +119,20 @@ def check_config(cfg):
         raise UserError("--val_fraction and --facts_heldout must be between 0 and 1")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):
         raise UserError(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume and --overwrite contradict each other: choose one")
+    if cfg.resume and cfg.init_from:
+        raise UserError("--resume and --init_from exclude each other: resume continues out_dir's "
+                        "run, init_from starts a new one from another run's weights")
+
+
+def check_out_dir(cfg, ckpt_path):
+    """Never replace another run's checkpoint by accident."""
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise UserError(f"--out_dir {cfg.out_dir} is a file, not a directory")
+    if os.path.exists(ckpt_path) and not (cfg.resume or cfg.overwrite):
+        raise UserError(f"{ckpt_path} already exists: pass --resume to continue it or --overwrite "
+                        "to start over")
 
 
 def pick_device(name):
@@ -201,137 +224,144 @@ def evaluate(gen, embedder, data, cfg, device, ctx):
     return out
 
 
-def save_checkpoint(path, **state):
-    """Write to a temporary file, then rename: a crash mid-save leaves the last checkpoint whole."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+def train_step(gen, embedder, optimizer, params, batch, cfg, lambda_seq, lr, ctx, gather=False):
+    """One optimisation step of L = lambda_tok L_NTP + lambda_seq L_NSP on a batch (AdamW, the
+    gradient norm clipped to grad_clip). Returns the loss and its parts."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with ctx:
+        loss, stats = co_supervision_loss(gen, embedder, batch, cfg.lambda_tok, lambda_seq,
+                                          cfg.temperature, gather=gather)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    return loss, stats
+
+
+def resume_command(argv, world):
+    """The command line that continues this run."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--overwrite"]
+    args = shlex.join(["train.py", *args] + ([] if "--resume" in args else ["--resume"]))
+    return ("python " if world == 1 else "torchrun (as before) ") + args
 
 
 def main(argv=None):
     cfg, _ = parse_config(Config, __doc__, argv)
     check_config(cfg)
-    device = pick_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    check_out_dir(cfg, ckpt_path)
+    rank, world, device = distributed.setup(pick_device(cfg.device))
+    main_process = rank == 0  # evaluates, logs, saves
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    rng = np.random.default_rng(cfg.seed + rank)  # each process its own batches
     data, tok = load_data(cfg)
     gen, embedder = build_models(cfg, tok.vocab_size)
     gen.to(device), embedder.to(device)
     optimizer = make_optimizer(cfg, list(gen.parameters()) + list(embedder.parameters()), device)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     start, metrics = 0, {}
-    if cfg.resume and cfg.init_from:
-        raise UserError("--resume and --init_from exclude each other: resume continues out_dir's "
-                        "run, init_from starts a new one from another run's weights")
     if cfg.resume:
-        start, metrics = resume(ckpt_path, gen, embedder, optimizer, rng, data, tok)
+        start, metrics = resume(ckpt_path, cfg, gen, embedder, optimizer, rng, data, tok, device)
     if cfg.init_from:
-        init_from(cfg.init_from, gen, embedder, data, tok)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+        init_from(os.path.join(cfg.init_from, "ckpt.pt"), cfg, gen, embedder, data, tok)
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if main_process:
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create --out_dir {cfg.out_dir}: {e.strerror}") from None
+        if cfg.resume:
+            keep_log_until(log_path, start)
     ctx = autocast(device, cfg.dtype)
-    # compiled copies for the training step; the plain modules are what is saved and evaluated
+    # compiled copies for the training step, wrapped in DDP with several processes; the plain
+    # modules (the same parameters) are what is saved and evaluated
     step_gen, step_embedder = ((torch.compile(gen), torch.compile(embedder)) if cfg.compile
                                else (gen, embedder))
+    step_gen = distributed.wrap(step_gen, device, find_unused=True)  # seq_head: only with L_NSP
+    step_embedder = distributed.wrap(step_embedder, device)
     params = list(gen.parameters()) + list(embedder.parameters())
     chance = chance_metrics(data.n_sequences)
-    print(f"{cfg.dataset}: {len(data.train.ids):,} train / {len(data.val.ids):,} val tokens, "
-          f"{len(data.train.marker_pos):,} / {len(data.val.marker_pos):,} markers, "
-          f"datastore of {data.n_sequences:,} sequences; device {device}")
-    log = open(os.path.join(cfg.out_dir, "log.jsonl"), "a")
-    steps, step_time = 0, 0.0
-    bar = tqdm(range(start, cfg.max_iters + 1), initial=start, total=cfg.max_iters + 1,
-               desc="training", dynamic_ncols=True)
-    for it in bar:
-        lr = learning_rate(it, cfg)
-        # evaluate and save every eval_interval and at the end (a resumed run has done `start`)
-        if (it % cfg.eval_interval == 0 or it == cfg.max_iters) and (it > start or not cfg.resume):
-            tokens = steps * cfg.batch_size * cfg.block_size
-            metrics = {"iter": it, **evaluate(gen, embedder, data, cfg, device, ctx), "lr": lr,
-                       "ms_per_iter": 1000 * step_time / steps if steps else None,
-                       "tokens_per_s": tokens / step_time if steps else None}
-            log.write(json.dumps(metrics) + "\n")
-            log.flush()
-            bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                               for k, v in metrics.items()))
+    if main_process:
+        print(f"{cfg.dataset}: {len(data.train.ids):,} train / {len(data.val.ids):,} val tokens, "
+              f"{len(data.train.marker_pos):,} / {len(data.val.marker_pos):,} markers, "
+              f"datastore of {data.n_sequences:,} sequences; device {device}"
+              + (f", {world} processes" if world > 1 else ""))
+    log = open(log_path, "a" if cfg.resume else "w") if main_process else None
+
+    def save(it):
+        """ckpt.pt at iteration it. Every process calls it: rank 0 keeps every process's RNG."""
+        rngs = distributed.all_gather_objects(rng_state(rng, device))
+        if main_process:
             save_checkpoint(ckpt_path, gen=gen.state_dict(), embedder=embedder.state_dict(),
                             optimizer=optimizer.state_dict(), config=dataclasses.asdict(cfg),
                             gen_config=dataclasses.asdict(gen.config),
                             embedder_config=dataclasses.asdict(embedder.config),
                             tokenizer={"name": tok.name, "fingerprint": tok.fingerprint},
-                            data_fingerprint=data.fingerprint, iter=it, metrics=metrics,
-                            rng={"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()})
-            steps, step_time = 0, 0.0
-        if it == cfg.max_iters:
-            break
-        t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        lambda_seq = cfg.lambda_seq if it >= cfg.nsp_start else 0.0
-        batch = data.get_batch("train", cfg.batch_size, rng, cfg.hard_negatives, cfg.seq_len)
-        with ctx:
-            loss, stats = co_supervision_loss(step_gen, step_embedder, batch.to(device),
-                                              cfg.lambda_tok, lambda_seq, cfg.temperature)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        step_time += time.perf_counter() - t0
-        steps += 1
-        if it % 10 == 0:
-            bar.set_postfix({k: f"{v.item():.3f}" for k, v in stats.items()})
-    log.close()
-    summary(cfg, metrics, chance, ckpt_path)
+                            data_fingerprint=data.fingerprint, iter=it, metrics=metrics, rng=rngs)
 
+    def diverged(what, it):
+        return UserError(f"{what} at iteration {it}: training stopped; {ckpt_path} holds the "
+                         f"last good iteration, {saved}; try a lower --learning_rate")
 
-def check_same_data(ckpt, path, data, tok):
-    """A checkpoint is only used with the data and tokenizer it was trained on."""
-    if (ckpt["data_fingerprint"] != data.fingerprint
-            or ckpt["tokenizer"]["fingerprint"] != tok.fingerprint):
-        trained = ckpt["config"]
-        raise UserError(f"{path} was trained on other data or another tokenizer (--dataset "
-                        f"{trained['dataset']} --tokenizer {trained['tokenizer']}) than this run's")
-
-
-def resume(path, gen, embedder, optimizer, rng, data, tok):
-    if not os.path.isfile(path):
-        raise UserError(f"--resume: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    check_same_data(ckpt, path, data, tok)
-    gen.load_state_dict(ckpt["gen"])
-    embedder.load_state_dict(ckpt["embedder"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    rng.bit_generator.state = ckpt["rng"]["numpy"]
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    return ckpt["iter"], ckpt["metrics"]
-
-
-def init_from(out_dir, gen, embedder, data, tok):
-    """Gen's and Emb_seq's weights from another run (e.g. an NTP-only one: a pretrained token
-    space that co-supervision then starts from, as the paper starts from Llama-2)."""
-    path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise UserError(f"--init_from: no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    check_same_data(ckpt, path, data, tok)
-    try:
-        gen.load_state_dict(ckpt["gen"])
-        embedder.load_state_dict(ckpt["embedder"])
-    except RuntimeError:
-        raise UserError(f"--init_from: {path} has other model sizes than this run's") from None
+    steps, step_time, saved, stop = 0, 0.0, start if cfg.resume else None, False
+    bar = tqdm(range(start, cfg.max_iters + 1), initial=start, total=cfg.max_iters + 1,
+               desc="training", dynamic_ncols=True, disable=not main_process)
+    with interruptible("interrupted: saving a checkpoint after this step (Ctrl-C again: quit "
+                       "without saving)") as interrupt:
+        for it in bar:
+            lr = learning_rate(it, cfg)
+            # evaluate and save every eval_interval and at the end (a resumed run has done `start`)
+            due = (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != saved
+            # a non-finite gradient can spoil the weights while the loss still looks fine
+            if (due or stop) and not all(bool(torch.isfinite(p).all()) for p in params):
+                raise diverged("the weights are not finite", it)
+            if due:
+                if main_process:
+                    tokens = steps * cfg.batch_size * world * cfg.block_size
+                    metrics = {"iter": it, **evaluate(gen, embedder, data, cfg, device, ctx),
+                               "lr": lr, "ms_per_iter": 1000 * step_time / steps if steps else None,
+                               "tokens_per_s": tokens / step_time if steps else None}
+                    log.write(json.dumps(metrics) + "\n")
+                    log.flush()
+                    bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in metrics.items()))
+                save(it)
+                saved, steps, step_time = it, 0, 0.0
+            if it == cfg.max_iters:
+                break
+            if stop:  # Ctrl-C in some process: all stop here, after the same step
+                if saved != it:
+                    save(it)
+                raise Interrupted(f"interrupted: {ckpt_path} holds iteration {it}; continue with: "
+                                  f"{resume_command(argv, world)}")
+            t0 = time.perf_counter()
+            lambda_seq = cfg.lambda_seq if it >= cfg.nsp_start else 0.0
+            batch = data.get_batch("train", cfg.batch_size, rng, cfg.hard_negatives, cfg.seq_len)
+            loss, stats = train_step(step_gen, step_embedder, optimizer, params, batch.to(device),
+                                     cfg, lambda_seq, lr, ctx, gather=world > 1)
+            step_time += time.perf_counter() - t0
+            steps += 1
+            stop, not_finite = distributed.any_rank(interrupt.set, not torch.isfinite(loss),
+                                                  device=device)
+            if not_finite:
+                raise diverged("the loss is not finite", it)
+            if it % 10 == 0:
+                bar.set_postfix({k: f"{v.item():.3f}" for k, v in stats.items()})
+    if main_process:
+        log.close()
+        summary(cfg, metrics, chance, ckpt_path)
 
 
 def load_run(out_dir, device="auto"):
     """A finished run, for sampling and evaluation: (config, Gen, Emb_seq, Data, Tokenizer), the
     models in eval mode on the device."""
     path = os.path.join(out_dir, "ckpt.pt")
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint at {path}: train one first (train.py --out_dir {out_dir})")
+    ckpt = read_checkpoint(path, f"train one first (train.py --out_dir {out_dir})")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
         cfg = Config(**ckpt["config"])
-    except Exception as e:
-        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__})") from None
+    except TypeError:
+        raise UserError(f"{path} was written by another version of train.py") from None
     device = pick_device(device)
     data, tok = load_data(cfg)
     check_same_data(ckpt, path, data, tok)

@@ -13,7 +13,8 @@ TINY = ["--facts_people", "60", "--n_layer", "2", "--n_head", "2", "--n_embd", "
 
 @pytest.fixture
 def run_train(tmp_path):
-    """Run train.main in-process on the tiny config; returns (out_dir, list of log records)."""
+    """Run train.main in-process on the tiny config; returns (out_dir, list of log records).
+    Each `name` is its own out_dir: a second run into one needs --resume or --overwrite."""
     def run(*args, name="run"):
         out = tmp_path / name
         train.main(TINY + ["--out_dir", str(out), "--cache_dir", str(tmp_path / "cache"), *args])

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import train
-from cli import UserError
 
 
 def test_short_run_drives_both_losses_down(run_train):
@@ -66,25 +65,3 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr.count("\n") == 1 and message in p.stderr and "Traceback" not in p.stderr
-
-
-def test_missing_and_empty_files(tmp_path):
-    with pytest.raises(UserError, match="not found"):
-        train.main(["--dataset", str(tmp_path / "missing.txt"), "--out_dir", str(tmp_path / "o")])
-    (tmp_path / "empty.txt").write_text("")
-    with pytest.raises(UserError, match="no text"):
-        train.main(["--dataset", str(tmp_path / "empty.txt"), "--out_dir", str(tmp_path / "o")])
-    (tmp_path / "tiny.txt").write_text("Hello world.")  # too small for a val split
-    with pytest.raises(UserError, match="too small"):
-        train.main(["--dataset", str(tmp_path / "tiny.txt"), "--out_dir", str(tmp_path / "o"),
-                    "--cache_dir", str(tmp_path / "cache")])
-    (tmp_path / "short.txt").write_text("Hello world. " * 30)  # smaller than one block
-    with pytest.raises(UserError, match="fewer than one block"):
-        train.main(["--dataset", str(tmp_path / "short.txt"), "--out_dir", str(tmp_path / "o"),
-                    "--cache_dir", str(tmp_path / "cache")])
-
-
-def test_resume_refuses_a_checkpoint_of_other_data(run_train):
-    out, _ = run_train("--max_iters", "5", "--eval_interval", "5")
-    with pytest.raises(UserError, match="other data"):
-        run_train("--max_iters", "10", "--resume", "--facts_people", "70")

@@ -1,0 +1,124 @@
+"""
+The checkpoint, out_dir/ckpt.pt: Gen, Emb_seq, the optimizer, the config, the tokenizer and data
+fingerprints, the iteration, the last evaluation and every process's random streams. It is
+written whole or not at all, and --resume continues from it exactly: a run stopped at iteration k
+and resumed reaches the same losses as one that never stopped (tests/test_resume.py).
+"""
+
+import json
+import os
+
+import torch
+
+import distributed
+from cli import UserError
+
+
+def save_checkpoint(path, **state):
+    """Write to a temporary file, flush it to disk, then rename: a crash (or a power cut) mid-save
+    leaves the last checkpoint whole."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state(rng, device):
+    """Where this process's random streams are: its batches (numpy) and dropout (torch)."""
+    state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def keep_log_until(path, last):
+    """A resumed run's log: the records up to its checkpoint's iteration. A run killed after it
+    logged an evaluation but before it saved that checkpoint (or in the middle of a line) would
+    otherwise log that iteration twice."""
+    if not os.path.exists(path):
+        return
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # a line cut short by a crash
+                continue
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records if r["iter"] <= last)
+    os.replace(path + ".tmp", path)
+
+
+def check_same_data(ckpt, path, data, tok):
+    """A checkpoint is only used with the data and tokenizer it was trained on."""
+    if (ckpt["data_fingerprint"] != data.fingerprint
+            or ckpt["tokenizer"]["fingerprint"] != tok.fingerprint):
+        trained = ckpt["config"]
+        raise UserError(f"{path} was trained on other data or another tokenizer (--dataset "
+                        f"{trained['dataset']} --tokenizer {trained['tokenizer']}) than this run's")
+
+
+MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "emb_layer", "emb_head", "emb_embd",
+               "seq_len", "seq_dim")
+CHECKPOINT_KEYS = ("gen", "embedder", "optimizer", "config", "gen_config", "embedder_config",
+                   "tokenizer", "data_fingerprint", "iter", "metrics", "rng")
+
+
+def read_checkpoint(path, missing):
+    """The checkpoint at path, whole, or a one-line error: none there (`missing` says what to do),
+    or a file that is not a complete checkpoint of this program."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}: {missing}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        for key in CHECKPOINT_KEYS:
+            ckpt[key]
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): it is cut "
+                        "short or not from train.py; train again (--overwrite)") from None
+    return ckpt
+
+
+def check_shape(ckpt, path, cfg, what):
+    trained = ckpt["config"]
+    other = [f"--{k} {trained[k]}" for k in MODEL_SHAPE if trained[k] != getattr(cfg, k)]
+    if other:
+        raise UserError(f"{path} holds models of another shape: {what} with {' '.join(other)}")
+
+
+def init_from(path, cfg, gen, embedder, data, tok):
+    """Only Gen's and Emb_seq's weights, for a new run (train.py --init_from): e.g. an NTP-only
+    run's, a pretrained token space that co-supervision starts from, as the paper's starts from
+    Llama-2."""
+    ckpt = read_checkpoint(path, "--init_from takes the out_dir of a trained run")
+    check_same_data(ckpt, path, data, tok)
+    check_shape(ckpt, path, cfg, "--init_from it")
+    gen.load_state_dict(ckpt["gen"])
+    embedder.load_state_dict(ckpt["embedder"])
+
+
+def resume(path, cfg, gen, embedder, optimizer, rng, data, tok, device):
+    """Load the checkpoint into the models, the optimizer and this process's random streams, so
+    that training goes on exactly as if it had never stopped. Rank 0 reads it and hands it to the
+    other processes. Returns (its iteration, the metrics of its last evaluation)."""
+    ckpt = distributed.broadcast_object(
+        read_checkpoint(path, "nothing to --resume") if distributed.rank() == 0 else None)
+    check_same_data(ckpt, path, data, tok)
+    check_shape(ckpt, path, cfg, "resume")
+    gen.load_state_dict(ckpt["gen"])
+    embedder.load_state_dict(ckpt["embedder"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    rank, states = distributed.rank(), ckpt["rng"]
+    if isinstance(states, dict):  # written before torchrun support: one process's, as a dict
+        states = [states]
+    if len(states) != distributed.world_size() and rank == 0:
+        print(f"note: {path} was written by {len(states)} processes, this run has "
+              f"{distributed.world_size()}: the order of batches does not go on exactly")
+    if rank < len(states):
+        rng.bit_generator.state = states[rank]["numpy"]
+        torch.set_rng_state(states[rank]["torch"])
+        if "cuda" in states[rank] and device.startswith("cuda"):
+            torch.cuda.set_rng_state(states[rank]["cuda"], device)
+    return ckpt["iter"], ckpt["metrics"]

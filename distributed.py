@@ -1,0 +1,143 @@
+"""
+Training with several processes (torchrun): one process per GPU, or several on a CPU.
+
+    torchrun --standalone --nproc_per_node 2 train.py ...
+
+Each process draws its own batches (its numpy rng is seeded with seed + rank) of `batch_size`
+windows, so W processes train on W * batch_size windows per step. Gen and Emb_seq are wrapped in
+DistributedDataParallel, which averages their gradients over the processes. Evaluation, the log,
+the progress bar and the checkpoint are rank 0's alone.
+
+L_NSP takes its negatives from every process (gather_candidates), so a step of W processes is the
+same step as one process would take on the W batches together (tests/test_distributed.py checks
+loss and gradients). With one process nothing here communicates, and training is exactly the
+single-process code.
+"""
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from cli import UserError
+
+
+def setup(device):
+    """Join the process group if torchrun started us (WORLD_SIZE > 1). Returns (rank, world_size,
+    device): each process on a GPU takes GPU number LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    kind = device.split(":")[0]
+    if kind == "mps":
+        raise UserError("several processes need --device cpu or cuda, not mps")
+    if kind == "cuda":
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def teardown():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def wrap(model, device, find_unused=False):
+    """DDP for several processes, the model itself for one. find_unused: some steps may leave
+    some of its parameters without gradient (Gen's seq_head, in a step without L_NSP)."""
+    if world_size() == 1:
+        return model
+    device_ids = [device] if device.startswith("cuda") else None
+    return DistributedDataParallel(model, device_ids, find_unused_parameters=find_unused)
+
+
+def any_rank(*flags, device="cpu"):
+    """Each flag, True if it is True in any process: so that all processes stop at the same step."""
+    if world_size() == 1:
+        return flags
+    t = torch.tensor(flags, dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(f) for f in t.tolist())
+
+
+def total(n, device="cpu"):
+    """The sum of the integer n over all processes."""
+    if world_size() == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return int(t)
+
+
+def all_gather_objects(obj):
+    """[obj of rank 0, obj of rank 1, ...] (any picklable object)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's obj, in every process."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _all_gather_rows(t):
+    """Every process's t, whose first dimension may differ between processes, in rank order and
+    without gradient. all_gather needs one shape everywhere: gather the sizes, pad, gather, cut."""
+    size = torch.tensor([len(t)], device=t.device)
+    sizes = [torch.empty_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    longest = int(max(sizes))
+    padded = t.new_zeros((longest, *t.shape[1:]))
+    padded[:len(t)] = t
+    out = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(out, padded)
+    return [o[:int(n)] for o, n in zip(out, sizes)]
+
+
+def gather_candidates(queries, keys, positive, seq_ids):
+    """The queries and candidates of all processes, for an L_NSP over the W batches together:
+
+        L_NSP = -(1/M) sum_{i in all M markers} log softmax_{j in C}(q_i . e_j / tau)[p(i)],
+        C = the union of every process's candidates, each sequence once
+
+    queries (M_r, d) and keys (N_r, d) are this process's, seq_ids (N_r,) the datastore id of each
+    key and positive (M_r,) each query's target row in keys. Returns (queries, keys, positive) of
+    all processes. Only this process's own queries and keys carry gradient (the others' come
+    through all_gather, which has none): every process computes the same L_NSP, and the gradient of
+    process r is dL_NSP/d(its own queries and keys). Summed over the processes, that is the whole
+    gradient of L_NSP, so the caller weights L_NSP by W to undo DDP's averaging (losses.py).
+
+    A sequence that is a candidate in several processes is kept once (its first copy), as one
+    process keeps each candidate once: two markers with the same target never see it as a negative.
+    The copies are the same embedding of the same weights, so the gradient through the first copy
+    alone is the whole gradient. With one process this returns its arguments unchanged."""
+    if world_size() == 1:
+        return queries, keys, positive
+    rank = dist.get_rank()
+    all_queries, all_keys = _all_gather_rows(queries.detach()), _all_gather_rows(keys.detach())
+    all_queries[rank], all_keys[rank] = queries, keys     # this process's own, with gradient
+    all_ids = torch.cat(_all_gather_rows(seq_ids))
+    targets = torch.cat(_all_gather_rows(seq_ids[positive]))  # each query's target, as an id
+    ids, inverse = torch.unique(all_ids, return_inverse=True)
+    # the first row of each distinct id: the smallest row index among those with that id
+    rows = torch.arange(len(all_ids), device=all_ids.device)
+    first = torch.full_like(ids, len(all_ids)).scatter_reduce_(0, inverse, rows, "amin")
+    return (torch.cat(all_queries), torch.cat(all_keys)[first],
+            torch.searchsorted(ids, targets))

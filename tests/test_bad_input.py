@@ -1,0 +1,157 @@
+"""Bad input to train.py, sample.py and eval.py: one line that names the problem and what to do,
+exit code 2, no traceback, and nothing on disk changed."""
+import base64
+import shutil
+
+import pytest
+import torch
+
+import eval as eval_script
+import sample
+import train
+from cli import main_guard
+from conftest import TINY
+
+SCRIPTS = {"train": train, "sample": sample, "eval": eval_script}
+
+
+@pytest.fixture(scope="module")
+def place(tmp_path_factory):
+    """A directory with a tiny trained run (run/), broken checkpoints and bad files."""
+    d = tmp_path_factory.mktemp("bad")
+    train.main(TINY + ["--max_iters", "2", "--eval_interval", "2", "--out_dir", str(d / "run"),
+                       "--cache_dir", str(d / "cache")])
+    ckpt = (d / "run" / "ckpt.pt").read_bytes()
+    for name, content in (("truncated", ckpt[:len(ckpt) // 2]), ("corrupt", b"\x00junk" * 999)):
+        (d / name).mkdir()
+        (d / name / "ckpt.pt").write_bytes(content)
+    (d / "foreign").mkdir()
+    torch.save({"weights": torch.zeros(3)}, d / "foreign" / "ckpt.pt")
+    files = {"empty.txt": b"", "blank.txt": b"  \n\t\n", "latin1.txt": b"Caf\xe9 au lait. " * 99,
+             "nul.txt": b"Some text. \x00 More text. " * 99, "nobreak.txt": b"no full stop " * 999,
+             "tiny.txt": b"Hello world.", "short.txt": b"Hello world. " * 30, "notjson.jsonl": b'{"segments": [}\n' * 9,
+             "nofields.jsonl": b'{"text": "a document"}\n' * 9, "prompt.txt": b"\xff\xfe",
+             # one line of 50 MB, no line break and no sentence end in it
+             "long_line.txt": b"word " * 10_000_000}
+    for name, content in files.items():
+        (d / name).write_bytes(content)
+    (d / "a_file").write_text("not a directory")
+    ranks = {bytes([i]): i for i in range(256)}  # a valid .tiktoken file that is not the bytes one
+    ranks[b"th"] = 256
+    (d / "gpt2.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n"
+                                             for t, r in ranks.items()))
+    return d
+
+
+def _disk(d):
+    """Every file under d but the data cache, with its size and time of last change."""
+    return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(d.rglob("*"))
+            if p.is_file() and "cache" not in p.parts}
+
+
+def _fails(script, argv, capsys):
+    """Run a script as its command line would; returns its stderr, after checking the shape."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main_guard(lambda: SCRIPTS[script].main(argv))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    return err
+
+
+TRAIN = TINY + ["--out_dir", "{d}/new", "--cache_dir", "{d}/cache"]
+RUN = TINY + ["--out_dir", "{d}/run", "--cache_dir", "{d}/cache", "--max_iters", "4"]
+
+CASES = [
+    # files
+    ("train", TRAIN + ["--dataset", "{d}/missing.txt"], "file not found: {d}/missing.txt"),
+    ("train", TRAIN + ["--dataset", "{d}/empty.txt"], "empty.txt has no text"),
+    ("train", TRAIN + ["--dataset", "{d}/blank.txt"], "blank.txt has no text"),
+    ("train", TRAIN + ["--dataset", "{d}/latin1.txt"], "latin1.txt is not UTF-8 text (byte 3)"),
+    ("train", TRAIN + ["--dataset", "{d}/nul.txt"], "nul.txt looks binary (a NUL byte at byte 11)"),
+    ("train", TRAIN + ["--dataset", "{d}/nobreak.txt"], "nobreak.txt: no sentence end"),
+    ("train", TRAIN + ["--dataset", "{d}/long_line.txt"], "long_line.txt: no sentence end"),
+    ("train", TRAIN + ["--dataset", "{d}/long_line.txt", "--split", "line"],
+     "long_line.txt: no line break"),
+    ("train", TRAIN + ["--dataset", "{d}/tiny.txt"], "the file is too small"),
+    ("train", TRAIN + ["--dataset", "{d}/short.txt"], "fewer than one block"),
+    ("train", TRAIN + ["--dataset", "{d}/notjson.jsonl"], "notjson.jsonl:1: expected a JSON "
+                                                          "object"),
+    ("train", TRAIN + ["--dataset", "{d}/nofields.jsonl"], "nofields.jsonl:1: expected a JSON "
+                                                           "object with a list 'segments'"),
+    # flags
+    *[("train", TRAIN + [f"--{name}", value], f"--{name} must be a finite number >= 0")
+      for name in ("lambda_seq", "lambda_tok") for value in ("-1", "nan", "inf")],
+    ("train", TRAIN + ["--lambda_seq", "0", "--lambda_tok", "0"], "both 0: nothing to train"),
+    *[("train", TRAIN + [f"--{name}", value], f"--{name} must be positive, got {value}")
+      for name in ("block_size", "batch_size") for value in ("0", "-3")],
+    ("train", TRAIN + ["--n_embd", "100", "--n_head", "3"], "--n_embd 100 is not divisible by "
+                                                            "--n_head 3"),
+    ("train", TRAIN + ["--emb_embd", "30", "--emb_head", "4"], "not divisible"),
+    ("train", TRAIN + ["--dataset", "wikipedia"], "unknown dataset 'wikipedia'"),
+    ("train", TRAIN + ["--tokenizer", "sentencepiece"], "unknown tokenizer 'sentencepiece'"),
+    ("train", TRAIN + ["--device", "tpu"], "unknown device 'tpu'"),
+    ("train", TRAIN + ["--tokenizer", "gpt2"], "pass --gpt2_file"),  # offline, no cache
+    ("train", TRAIN + ["--tokenizer", "gpt2", "--gpt2_file", "{d}/no.tiktoken"], "not found"),
+    # checkpoints and out_dir
+    ("train", TRAIN + ["--resume"], "no checkpoint at {d}/new/ckpt.pt: nothing to --resume"),
+    *[("train", TINY + ["--out_dir", f"{{d}}/{name}", "--cache_dir", "{d}/cache", "--resume"],
+       "is not a readable checkpoint") for name in ("truncated", "corrupt", "foreign")],
+    ("train", RUN + ["--resume", "--facts_people", "70"], "trained on other data"),
+    ("train", RUN + ["--resume", "--tokenizer", "gpt2", "--gpt2_file", "{d}/gpt2.tiktoken"],
+     "another tokenizer"),
+    ("train", RUN + ["--resume", "--n_embd", "64"], "another shape: resume with --n_embd 32"),
+    ("train", RUN, "{d}/run/ckpt.pt already exists: pass --resume to continue it or --overwrite"),
+    ("train", RUN + ["--resume", "--overwrite"], "contradict"),
+    ("train", TINY + ["--out_dir", "{d}/a_file"], "--out_dir {d}/a_file is a file"),
+    *[(script, ["--out_dir", f"{{d}}/{name}"], message) for script in ("sample", "eval")
+      for name, message in (("nothing", "no checkpoint at {d}/nothing/ckpt.pt: train one first"),
+                            ("truncated", "is not a readable checkpoint"),
+                            ("corrupt", "is not a readable checkpoint"),
+                            ("foreign", "is not a readable checkpoint"))],
+    ("eval", ["--out_dir", "{d}/run", "--query_from", "{d}/nothing"], "no checkpoint at"),
+    ("sample", ["--out_dir", "{d}/run", "--device", "tpu"], "unknown device 'tpu'"),
+    # prompts
+    ("sample", ["--out_dir", "{d}/run", "--prompt", ""], "--prompt is empty"),
+    ("sample", ["--out_dir", "{d}/run", "--prompt_file", "{d}/empty.txt"], "has no text"),
+    ("sample", ["--out_dir", "{d}/run", "--prompt_file", "{d}/prompt.txt"], "not UTF-8 text"),
+    ("sample", ["--out_dir", "{d}/run", "--prompt_file", "{d}/missing.txt"], "file not found"),
+]
+
+
+@pytest.mark.parametrize("script, argv, message", CASES,
+                         ids=[f"{s}:{' '.join(a[len(TINY):] if a[:len(TINY)] == TINY else a)}"
+                              for s, a, _ in CASES])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(script, argv, message, place, capsys,
+                                                          monkeypatch, tmp_path):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path))  # empty, and offline here
+    monkeypatch.delenv("COSUP_GPT2_FILE", raising=False)
+    before = _disk(place)
+    err = _fails(script, [a.format(d=place) for a in argv], capsys)
+    assert message.format(d=place) in err
+    assert _disk(place) == before
+
+
+def test_long_prompt_is_cropped_with_a_note(place, capsys):
+    sample.main(["--out_dir", str(place / "run"), "--prompt", "Q: " + "x" * 300,
+                 "--max_new_tokens", "3", "--no_retrieve"])
+    assert "note: the prompt has 303 tokens; Gen sees its last 96" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("datastore", ["stale", "corrupt"])
+def test_stale_or_corrupt_datastore_is_rebuilt_with_a_note(place, tmp_path, capsys, datastore):
+    run = tmp_path / "run"
+    shutil.copytree(place / "run", run)
+    if datastore == "stale":  # built by another Emb_seq: the run's own, before training
+        sample.main(["--out_dir", str(run), "--max_new_tokens", "1"])
+        ckpt = torch.load(run / "ckpt.pt", weights_only=False)
+        ckpt["embedder"] = {k: v + 1e-3 for k, v in ckpt["embedder"].items()}
+        torch.save(ckpt, run / "ckpt.pt")
+    else:
+        (run / "datastore.pt").write_bytes(b"not a datastore")
+    capsys.readouterr()
+    eval_script.main(["--out_dir", str(run), "--questions", "0"])
+    assert f"{run / 'datastore.pt'} is stale or unreadable" in capsys.readouterr().err
+    eval_script.main(["--out_dir", str(run), "--questions", "0"])  # and then it is used
+    assert "datastore" not in capsys.readouterr().err

@@ -1,0 +1,122 @@
+"""Two processes (gloo, CPU) take the same step as one process on their two batches together,
+and train.py runs under torchrun."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import torch
+import torch.multiprocessing as mp
+
+import distributed
+import train
+from data import Batch, load_data
+from embedder import EmbedderConfig, SeqEmbedder
+from losses import co_supervision_loss
+from conftest import TINY
+from model import Gen, GenConfig
+
+SEQ_LEN, LAMBDA_TOK, LAMBDA_SEQ, TAU = 16, 1.0, 0.5, 0.1
+
+
+def _models(vocab_size):
+    torch.manual_seed(0)
+    return (Gen(GenConfig(vocab_size, 96, 1, 2, 16, 8)),
+            SeqEmbedder(EmbedderConfig(vocab_size, SEQ_LEN, 1, 2, 16, 8)))
+
+
+def _without_markers(batch):
+    empty = torch.zeros(0, dtype=torch.long)
+    return batch._replace(marker_index=(empty, empty), positive=empty, seq_ids=empty,
+                          seq_tokens=torch.zeros(0, 1, dtype=torch.long),
+                          seq_mask=torch.zeros(0, 1, dtype=torch.bool))
+
+
+def _cases(data):
+    """Each case: the batches of rank 0 and rank 1."""
+    def batch(seed, size):
+        return data.get_batch("train", size, np.random.default_rng(seed), 2, SEQ_LEN)
+    return {"own rngs": [batch(1, 3), batch(21, 3)],
+            "rank 1 has no marker": [batch(3, 3), _without_markers(batch(4, 3))],
+            "every candidate in both": [batch(5, 3), batch(5, 3)]}
+
+
+def _combine(data, batches):
+    """The batches as one: windows stacked, candidates united, each sequence once."""
+    ids = torch.unique(torch.cat([b.seq_ids for b in batches]))
+    tokens, mask = data.pad_sequences(ids.numpy(), SEQ_LEN)
+    offsets = np.cumsum([0] + [len(b.x) for b in batches])
+    rows = torch.cat([b.marker_index[0] + int(o) for b, o in zip(batches, offsets)])
+    cols = torch.cat([b.marker_index[1] for b in batches])
+    positive = torch.cat([torch.searchsorted(ids, b.seq_ids[b.positive]) for b in batches])
+    return Batch(torch.cat([b.x for b in batches]), torch.cat([b.y for b in batches]),
+                 (rows, cols), tokens, mask, positive, ids)
+
+
+def _step(gen, emb, batch, gather):
+    """One forward and backward; the loss parts and every gradient."""
+    gen.zero_grad(set_to_none=True), emb.zero_grad(set_to_none=True)
+    loss, stats = co_supervision_loss(gen, emb, batch, LAMBDA_TOK, LAMBDA_SEQ, TAU, gather=gather)
+    loss.backward()
+    named = list(gen.module.named_parameters() if gather else gen.named_parameters())
+    named += list(emb.module.named_parameters() if gather else emb.named_parameters())
+    return {"ntp": stats["ntp"].item(), "nsp": stats["nsp"].item(),
+            "grads": {n: p.grad.clone() for n, p in named}}
+
+
+def _worker(rank, port, cache_dir, out_dir):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    _, _, device = distributed.setup("cpu")
+    try:
+        data, tok = load_data(train.Config(facts_people=60, block_size=96, cache_dir=cache_dir))
+        gen, emb = _models(tok.vocab_size)
+        gen, emb = distributed.wrap(gen, device, find_unused=True), distributed.wrap(emb, device)
+        results = {name: _step(gen, emb, batches[rank], gather=True)
+                   for name, batches in _cases(data).items()}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        distributed.teardown()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process_on_the_combined_batch(tiny_data, tmp_path):
+    data, tok = tiny_data
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path / "cache"), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    cases = _cases(data)
+    # the ranks' candidate sets differ in size, so the gather pads; some candidates are shared
+    own = cases["own rngs"]
+    assert len(own[0].seq_ids) != len(own[1].seq_ids)
+    for name, batches in cases.items():
+        gen, emb = _models(tok.vocab_size)
+        want = _step(gen, emb, _combine(data, batches), gather=False)
+        got = [r[name] for r in ranks]
+        # L_NSP over all markers against all candidates; L_NTP: the mean of the two means
+        assert abs(got[0]["nsp"] - want["nsp"]) < 1e-5 and got[0]["nsp"] == got[1]["nsp"], name
+        assert abs((got[0]["ntp"] + got[1]["ntp"]) / 2 - want["ntp"]) < 1e-5, name
+        for g in got:
+            for param, grad in want["grads"].items():
+                assert torch.allclose(g["grads"][param], grad, rtol=0, atol=1e-5), (name, param)
+
+
+def test_torchrun_two_processes_train_log_and_save_once(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", "train.py", *TINY, "--max_iters", "4",
+                        "--eval_interval", "2", "--device", "cpu", "--out_dir", str(out),
+                        "--cache_dir", str(tmp_path / "cache")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.count("2 processes") == 1 and p.stdout.count("done: 4 iterations") == 1
+    assert [json.loads(line)["iter"] for line in open(out / "log.jsonl")] == [0, 2, 4]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["iter"] == 4 and len(ckpt["rng"]) == 2  # each process's batches go on from here
+    assert ckpt["rng"][0]["numpy"] != ckpt["rng"][1]["numpy"]
