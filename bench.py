@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,19 +86,25 @@ def ntp_step(args, device):
 
 def overhead(args, device):
     """2. Step time with lambda_seq 0.5 over lambda_seq 0, at the default demo's settings; the
-    two alternate on the same models so that drift hits both alike."""
+    two alternate on the same models so that drift hits both alike. On a CPU also with one
+    thread: Emb_seq's small operations gain less from a second thread than Gen's."""
     cfg = train.Config(seed=args.seed)
     data, _ = load_data(cfg)
     step, gen, embedder = stepper(cfg, data, device, cfg.lambda_seq)
-    times = {0.0: [], cfg.lambda_seq: []}
-    for _ in range(5):
-        step()
-    for _ in range(args.repeats):
-        for lam in times:
-            t0 = time.perf_counter()
-            step(lam)
-            times[lam].append(time.perf_counter() - t0)
-    ntp, co = median_ms(times[0.0]), median_ms(times[cfg.lambda_seq])
+    out = {}
+    for threads in [torch.get_num_threads()] + ([1] if device == "cpu" else []):
+        with num_threads(threads):
+            times = {0.0: [], cfg.lambda_seq: []}
+            for _ in range(5):
+                step()
+            for _ in range(args.repeats):
+                for lam in times:
+                    t0 = time.perf_counter()
+                    step(lam)
+                    times[lam].append(time.perf_counter() - t0)
+        ntp, co = median_ms(times[0.0]), median_ms(times[cfg.lambda_seq])
+        out[f"{threads}_threads"] = {"ms_per_iter_lambda_seq_0": ntp,
+                                     "ms_per_iter_lambda_seq_0.5": co, "ratio": co / ntp}
     # the work Emb_seq adds, in FLOPs, over Gen's: what the ratio cannot go below at equal speed
     rng = np.random.default_rng(args.seed)
     batches = [data.get_batch("train", cfg.batch_size, rng, cfg.hard_negatives, cfg.seq_len)
@@ -107,10 +114,19 @@ def overhead(args, device):
     gen_flops = train_flops(gen, cfg.n_layer, cfg.block_size, cfg.n_embd) * gen_tokens
     emb_flops = (train_flops(embedder, cfg.emb_layer, emb_shape[1], cfg.emb_embd)
                  * emb_shape[0] * emb_shape[1])
-    return {"ms_per_iter_lambda_seq_0": ntp, "ms_per_iter_lambda_seq_0.5": co, "ratio": co / ntp,
-            "gen_tokens_per_step": gen_tokens,
+    return {**out, "gen_tokens_per_step": gen_tokens,
             "emb_sequences_per_step": float(emb_shape[0]), "emb_padded_length": float(emb_shape[1]),
             "flops_ratio": 1 + emb_flops / gen_flops}
+
+
+@contextmanager
+def num_threads(n):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def train_flops(model, n_layer, T, width):
@@ -123,26 +139,33 @@ def train_flops(model, n_layer, T, width):
 def sampling(args):
     """3. Tokens/s with the KV cache over full recompute, 512 new tokens at block 256, sampled
     (temperature 1, fixed seed, so both paths write the same tokens) with retrieval in the loop.
-    The default demo's Gen sizes, untrained: speed does not depend on the weights."""
-    cfg = train.Config(block_size=256, seed=args.seed)
-    data, tok = load_data(cfg)
-    torch.manual_seed(args.seed)
-    gen, embedder = train.build_models(cfg, tok.vocab_size)
-    gen.eval(), embedder.eval()
-    store = Datastore.build(embedder, data, progress=False)
-    prompt = [int(t) for t in data.val.ids[:64]]
-    runs = {True: [], False: []}
-    for _ in range(3):
-        for use_cache in runs:
-            t0 = time.perf_counter()
-            ids, retrievals = generate(gen, prompt, 512, tok.marker, None, store, temperature=1.0,
-                                       use_cache=use_cache,
-                                       generator=torch.Generator().manual_seed(args.seed))
-            runs[use_cache].append(time.perf_counter() - t0)
-            assert len(ids) - len(prompt) == 512
-    cached, full = 512 / np.median(runs[True]), 512 / np.median(runs[False])
-    return {"tokens_per_s_kv_cache": cached, "tokens_per_s_recompute": full,
-            "speedup": cached / full, "retrievals": len(retrievals)}
+    Untrained models (speed does not depend on the weights), at the default demo's Gen sizes and
+    at a larger Gen (6 layers, width 384): the cache saves compute, so it gains more the larger
+    the model, while a step of a tiny model costs mostly the launching of its operations."""
+    out = {}
+    for name, (n_layer, n_head, n_embd, repeats) in {"default_2x128": (2, 4, 128, 3),
+                                                      "6x384": (6, 6, 384, 2)}.items():
+        cfg = train.Config(block_size=256, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                           seed=args.seed)
+        data, tok = load_data(cfg)
+        torch.manual_seed(args.seed)
+        gen, embedder = train.build_models(cfg, tok.vocab_size)
+        gen.eval(), embedder.eval()
+        store = Datastore.build(embedder, data, progress=False)
+        prompt = [int(t) for t in data.val.ids[:64]]
+        runs = {True: [], False: []}
+        for _ in range(repeats):
+            for use_cache in runs:
+                t0 = time.perf_counter()
+                ids, retrievals = generate(gen, prompt, 512, tok.marker, None, store,
+                                           temperature=1.0, use_cache=use_cache,
+                                           generator=torch.Generator().manual_seed(args.seed))
+                runs[use_cache].append(time.perf_counter() - t0)
+                assert len(ids) - len(prompt) == 512
+        cached, full = 512 / np.median(runs[True]), 512 / np.median(runs[False])
+        out[name] = {"tokens_per_s_kv_cache": cached, "tokens_per_s_recompute": full,
+                     "speedup": cached / full, "retrievals": len(retrievals)}
+    return out
 
 
 def datastore(args):
@@ -171,9 +194,9 @@ def datastore(args):
 def peak_memory():
     """5. Peak resident memory of the default demo (train.py with its defaults, shortened to 100
     iterations and one evaluation: its memory does not grow with iterations)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
     with tempfile.TemporaryDirectory() as out:
-        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                     "train.py"), "--max_iters", "100", "--eval_interval", "100",
+        subprocess.run([sys.executable, script, "--max_iters", "100", "--eval_interval", "100",
                         "--out_dir", out], check=True, capture_output=True)
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
 
@@ -203,6 +226,8 @@ def main(argv=None):
     args, _ = parse_config(BenchConfig, __doc__, argv)
     if args.repeats < 1:
         raise UserError(f"--repeats must be positive, got {args.repeats}")
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise UserError(f"--out {args.out}: no directory {os.path.dirname(args.out)} to write in")
     device = train.pick_device(args.device)
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device}
     parts = [("peak_memory", peak_memory), ("ntp_step", lambda: ntp_step(args, device)),

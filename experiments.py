@@ -6,11 +6,12 @@ training steps, several seeds each, on `facts` (with answers) and `pydoc` (real 
     python experiments.py              # the full grid (README, Results: about an hour on 2 cores)
     python experiments.py --quick      # 1 seed, fewer steps: a few minutes, to see it work
 
-The variants (`VARIANTS`), each trained by train.py with the same steps and seed:
-  ntp          L_NTP only (lambda_seq 0): answers written by Gen alone, and with its untrained queries
+The variants (`variants()`), each trained by train.py with the same steps and seed:
+  ntp          L_NTP only (lambda_seq 0): answers by Gen alone, and with its untrained queries
   nsp          L_NSP only (lambda_tok 0)
   sep          separate supervision, the paper's baseline: ntp's Gen writes, nsp's Gen makes the
-               queries and nsp's Emb_seq the datastore (eval.py --query_from); no training of its own
+               queries and nsp's Emb_seq the datastore (eval.py --query_from); no training
+               of its own
   co<lambda>   co-supervision, L_NTP + lambda_seq L_NSP, at each of --lambdas
   pre          co-supervision (lambda_seq 0.5) started from ntp's weights: a pretrained token space,
                as the paper starts from Llama-2 (it has had ntp's steps before its own)
@@ -25,14 +26,19 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 import report
-from cli import UserError, flag, main_guard, parse_config
+from cli import Interrupted, UserError, flag, main_guard, parse_config
+from datastore import Datastore
+from eval import answer_metrics
+from train import Config, check_config, load_run
 
 
 @dataclass
@@ -40,7 +46,7 @@ class ExperimentConfig:
     quick: bool = flag(False, "1 seed and fewer steps: a smoke run of the whole grid")
     datasets: str = flag("facts,pydoc", "comma-separated datasets to run the grid on")
     seeds: int = flag(3, "seeds per variant (--quick: 1)")
-    iters: int = flag(450, "training steps of every run on facts (--quick: 150)")
+    iters: int = flag(500, "training steps of every run on facts (--quick: 150)")
     pydoc_iters: int = flag(300, "training steps of every run on pydoc (--quick: 100)")
     lambdas: str = flag("0.1,0.5,1,2", "lambda_seq values of the co-supervised runs")
     pydoc_lambdas: str = flag("0.5", "lambda_seq values on pydoc (each run there costs as much as "
@@ -49,6 +55,7 @@ class ExperimentConfig:
     results: str = flag("results", "where runs.jsonl, table.md and the plots go (--quick: "
                                    "its quick/ subfolder)")
     work_dir: str = flag("out_experiments", "where the runs' checkpoints and logs go")
+    jobs: int = flag(0, "runs at a time, the cores shared among them (0: one per core)")
     train_args: str = flag("", "extra train.py flags for every run (e.g. a tiny model, for tests)")
 
 
@@ -72,7 +79,7 @@ def train(cfg, dataset, variant, seed, flags, iters):
     os.makedirs(out)
     argv = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
             "--dataset", dataset, "--seed", str(seed), "--max_iters", str(iters),
-            "--eval_interval", str(max(1, iters // 6)), "--out_dir", out, *flags,
+            "--eval_interval", str(max(1, iters // 5)), "--out_dir", out, *flags,
             *cfg.train_args.split()]
     if variant == "pre":
         argv += ["--init_from", ensure_trained(cfg, dataset, "ntp", seed, iters)]
@@ -87,17 +94,18 @@ def ensure_trained(cfg, dataset, variant, seed, iters):
     """The checkpoint directory of a run, training it again if results/ has it but not
     work_dir (a fresh clone): `pre` and `sep` need ntp's and nsp's weights."""
     out = run_dir(cfg, dataset, variant, seed, iters)
-    if not os.path.isfile(os.path.join(out, "ckpt.pt")):
-        train(cfg, dataset, variant, seed, variants([])[variant], iters)
+    with _retraining:  # pre and sep of one seed may both need it at once: train it once
+        if not os.path.isfile(os.path.join(out, "ckpt.pt")):
+            train(cfg, dataset, variant, seed, variants([])[variant], iters)
     return out
+
+
+_retraining = threading.Lock()
 
 
 @torch.inference_mode()
 def answers(cfg, out, query_from=None, modes=("retrieval",)):
     """Held-out answer metrics of a trained run (eval.py's), with retrieval in the loop."""
-    from datastore import Datastore
-    from eval import answer_metrics
-    from train import load_run
     _, gen, embedder, data, tok = load_run(out, "cpu")
     query_gen = None
     if query_from:
@@ -117,8 +125,9 @@ def read_log(out):
 def run(cfg, dataset, variant, seed, iters, lambdas):
     """Train (or, for sep, combine) and measure one cell of the grid; its record."""
     flags = variants(lambdas)[variant]
+    lambda_seq = None if flags is None else float(flags[flags.index("--lambda_seq") + 1])
     record = {"dataset": dataset, "variant": variant, "seed": seed, "iters": iters,
-              "lambda_seq": None if flags is None else float(flags[flags.index("--lambda_seq") + 1])}
+              "lambda_seq": lambda_seq}
     t0 = time.time()
     if variant == "sep":  # no training: ntp's Gen writes, nsp's Gen and Emb_seq retrieve
         ntp = ensure_trained(cfg, dataset, "ntp", seed, iters)
@@ -139,6 +148,59 @@ def run(cfg, dataset, variant, seed, iters, lambdas):
     return record
 
 
+def run_all(cfg, todo, path):
+    """Run the grid's cells, --jobs at a time, each finished one appended to runs.jsonl."""
+    jobs = cfg.jobs or os.cpu_count()
+    # each job gets its share of the cores: on 2 cores two 1-thread trainings do about 1.6x the
+    # work of one 2-thread training (a small model's operations use a second thread poorly)
+    threads, saved = max(1, os.cpu_count() // jobs), (torch.get_num_threads(),
+                                                      os.environ.get("OMP_NUM_THREADS"))
+    os.environ["OMP_NUM_THREADS"] = str(threads)   # for the train.py subprocesses
+    torch.set_num_threads(threads)                 # for the answers computed here
+    bar, lock = tqdm(total=len(todo), desc="grid", dynamic_ncols=True), threading.Lock()
+
+    def finish(cell):
+        record = run(cfg, *cell)
+        with lock, open(path, "a") as f:  # one line per finished run: an interrupted grid resumes
+            f.write(json.dumps(record) + "\n")
+        bar.update()
+
+    pool = ThreadPoolExecutor(jobs)
+    try:
+        # pre and sep start from ntp's and nsp's checkpoints: they wait for the first wave
+        for wave in ([g for g in todo if g[1] not in ("pre", "sep")],
+                     [g for g in todo if g[1] in ("pre", "sep")]):
+            for future in [pool.submit(finish, cell) for cell in wave]:
+                future.result()
+    except KeyboardInterrupt:  # the runs in flight got Ctrl-C too: they save and stop
+        raise Interrupted(f"interrupted: the finished runs are in {path}; the same command goes "
+                          "on from there") from None
+    finally:
+        pool.shutdown(cancel_futures=True)
+        bar.close()
+        torch.set_num_threads(saved[0])
+        if saved[1] is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved[1]
+
+
+GRID_FLAGS = {"dataset", "seed", "max_iters", "eval_interval", "out_dir", "lambda_seq",
+              "lambda_tok", "init_from", "resume", "overwrite"}
+
+
+def check_train_args(train_args):
+    """--train_args must be valid train.py flags, and not ones the grid sets for each run."""
+    args = train_args.split()
+    clash = sorted(GRID_FLAGS & {a[2:].split("=")[0] for a in args if a.startswith("--")})
+    if clash:
+        raise UserError(f"--train_args: the grid sets --{clash[0]} itself for each run")
+    try:
+        check_config(parse_config(Config, "", args)[0])
+    except UserError as e:
+        raise UserError(f"--train_args: {e}") from None
+
+
 def main(argv=None):
     cfg, _ = parse_config(ExperimentConfig, __doc__, argv)
     if cfg.quick:  # its own folder: a smoke run never overwrites the full grid's results
@@ -156,6 +218,12 @@ def main(argv=None):
         raise UserError(f"--datasets takes facts and/or pydoc, got {cfg.datasets!r}")
     if cfg.seeds < 1 or cfg.iters < 1 or cfg.pydoc_iters < 1 or cfg.questions < 1:
         raise UserError("--seeds, --iters, --pydoc_iters and --questions must be positive")
+    if cfg.jobs < 0:
+        raise UserError(f"--jobs must be >= 0, got {cfg.jobs}")
+    check_train_args(cfg.train_args)
+    for folder in (cfg.results, cfg.work_dir):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise UserError(f"{folder} is a file, not a directory")
     os.makedirs(cfg.results, exist_ok=True)
     path = os.path.join(cfg.results, "runs.jsonl")
     done = report.load(path)
@@ -167,10 +235,7 @@ def main(argv=None):
             grid += [(dataset, v, seed, iters, lams) for v in variants(lams)]
     todo = [g for g in grid if report.key(*g[:4]) not in done]
     print(f"{len(grid)} runs in the grid, {len(grid) - len(todo)} already in {path}")
-    for dataset, variant, seed, iters, lams in tqdm(todo, desc="grid", dynamic_ncols=True):
-        record = run(cfg, dataset, variant, seed, iters, lams)
-        with open(path, "a") as f:  # one complete line per run: an interrupted grid resumes
-            f.write(json.dumps(record) + "\n")
+    run_all(cfg, todo, path)
     wanted = {report.key(*g[:4]) for g in grid}
     records = [r for k, r in report.load(path).items() if k in wanted]
     report.write(records, cfg.results)

@@ -9,6 +9,7 @@ the committed records alone: python report.py --results results
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,8 +32,13 @@ def load(path):
     """The records of runs.jsonl by key; a later line for the same run wins."""
     if not os.path.exists(path):
         return {}
+    records = []
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        for n, line in enumerate(f, 1):
+            try:
+                records.append(json.loads(line))
+            except ValueError:  # a line cut short by a crash: that run is simply done again
+                print(f"note: {path} line {n} is not a whole record; skipping it", file=sys.stderr)
     return {key(r["dataset"], r["variant"], r["seed"], r["iters"]): r for r in records}
 
 

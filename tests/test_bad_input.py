@@ -6,13 +6,17 @@ import shutil
 import pytest
 import torch
 
+import bench
 import eval as eval_script
+import experiments
+import report
 import sample
 import train
 from cli import main_guard
 from conftest import TINY
 
-SCRIPTS = {"train": train, "sample": sample, "eval": eval_script}
+SCRIPTS = {"train": train, "sample": sample, "eval": eval_script, "experiments": experiments,
+           "report": report, "bench": bench}
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +121,19 @@ CASES = [
     ("sample", ["--out_dir", "{d}/run", "--prompt_file", "{d}/empty.txt"], "has no text"),
     ("sample", ["--out_dir", "{d}/run", "--prompt_file", "{d}/prompt.txt"], "not UTF-8 text"),
     ("sample", ["--out_dir", "{d}/run", "--prompt_file", "{d}/missing.txt"], "file not found"),
+    # the experiment grid, its report, the benchmark
+    ("experiments", ["--datasets", "foo"], "--datasets takes facts and/or pydoc"),
+    *[("experiments", ["--lambdas", v], "lambda_seq > 0") for v in ("-1", "0", "nan")],
+    ("experiments", ["--lambdas", "1,x"], "comma-separated numbers"),
+    ("experiments", ["--seeds", "0"], "must be positive"),
+    ("experiments", ["--train_args", "--n_embd 30"], "--n_embd 30 is not divisible"),
+    ("experiments", ["--train_args", "--seed 3"], "the grid sets --seed itself"),
+    ("experiments", ["--train_args", "--bogus 1"], "unrecognized arguments"),
+    ("experiments", ["--results", "{d}/a_file"], "{d}/a_file is a file"),
+    ("report", ["--results", "{d}/nothing"], "no runs in {d}/nothing/runs.jsonl"),
+    ("bench", ["--repeats", "0"], "--repeats must be positive"),
+    ("bench", ["--device", "tpu"], "unknown device 'tpu'"),
+    ("bench", ["--out", "{d}/nowhere/bench.json"], "no directory"),
 ]
 
 

@@ -50,7 +50,7 @@ def test_grid_runs_reports_and_resumes(tmp_path, capsys):
     assert records["sep"]["val_ntp"] == records["ntp"]["val_ntp"]       # ntp's Gen writes
     assert records["sep"]["recall@1"] == records["nsp"]["recall@1"]     # nsp's Gen retrieves
     assert "answer_em_no_retrieval" in records["ntp"]
-    assert [c["iter"] for c in records["co0.5"]["curve"]] == list(range(7))  # every iters // 6
+    assert [c["iter"] for c in records["co0.5"]["curve"]] == list(range(7))  # every iters // 5
     table = (tmp_path / "results" / "table.md").read_text()
     assert "| co0.5 |" in table and "one seed: no test" in table
     for name in ("lambda_facts.png", "curves_facts.png"):
