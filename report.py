@@ -97,7 +97,8 @@ def table(records):
 
 
 def paired(runs, dataset, fields):
-    """co0.5 against the best single-supervision system of each metric, seed by seed."""
+    """co0.5 against the best single-supervision system of each metric, seed by seed; then pre
+    against sep, the two variants with twice the steps of training in total."""
     if not any(r["variant"] == TESTED for r in runs):
         return []
     out = [f"Paired test, {TESTED} minus the best single-supervision system (best by mean over "
@@ -105,26 +106,34 @@ def paired(runs, dataset, fields):
     for field, title, higher in fields:
         if field == "answer_em_no_retrieval":
             continue
-        mine = values(runs, dataset, TESTED, field)
         systems = {v: values(runs, dataset, v, field) for v in ("ntp", "nsp", "sep")}
         if field == "answer_em_retrieval":  # Gen alone is ntp's best way to answer, too
             systems["ntp, Gen alone"] = values(runs, dataset, "ntp", "answer_em_no_retrieval")
-        systems = {k: v for k, v in systems.items()
-                   if v and None not in v and len(v) == len(mine)}
-        if not systems or None in mine:
-            continue
-        best = (max if higher else min)(systems, key=lambda k: np.mean(systems[k]))
-        diffs = np.subtract(mine, systems[best])
-        if len(diffs) < 2:
-            out.append(f"- {title}: {TESTED} {fmt(mine)} vs {best} {fmt(systems[best])} "
-                       "(one seed: no test)")
-            continue
-        mean, t, p = t_test(diffs)
-        wins = int(np.sum(diffs > 0 if higher else diffs < 0))
-        out.append(f"- {title}: {TESTED} {fmt(mine)} vs {best} {fmt(systems[best])}: difference "
-                   f"{mean:+.3f}, t = {t:.2f}, p = {p:.3f}; {TESTED} better in {wins} of "
-                   f"{len(diffs)} seeds")
+        out += compare(values(runs, dataset, TESTED, field), TESTED, systems, title, higher)
+    if any(r["variant"] == "pre" for r in runs) and any(r["variant"] == "sep" for r in runs):
+        out += ["", "Added after the grid had run (not fixed beforehand): pre minus sep. Both had "
+                "twice the steps of training of the others (pre: ntp's steps, then its own; sep: "
+                "ntp's and nsp's):", ""]
+        for field, title, higher in fields:
+            if field != "answer_em_no_retrieval":
+                out += compare(values(runs, dataset, "pre", field), "pre",
+                               {"sep": values(runs, dataset, "sep", field)}, title, higher)
     return out
+
+
+def compare(mine, name, systems, title, higher):
+    """One line: `mine` (per seed) against the best by mean of `systems`, with a paired t-test."""
+    systems = {k: v for k, v in systems.items() if v and None not in v and len(v) == len(mine)}
+    if not systems or None in mine:
+        return []
+    best = (max if higher else min)(systems, key=lambda k: np.mean(systems[k]))
+    diffs = np.subtract(mine, systems[best])
+    if len(diffs) < 2:
+        return [f"- {title}: {name} {fmt(mine)} vs {best} {fmt(systems[best])} (one seed: no test)"]
+    mean, t, p = t_test(diffs)
+    wins = int(np.sum(diffs > 0 if higher else diffs < 0))
+    return [f"- {title}: {name} {fmt(mine)} vs {best} {fmt(systems[best])}: difference "
+            f"{mean:+.3f}, t = {t:.2f}, p = {p:.3f}; {name} better in {wins} of {len(diffs)} seeds"]
 
 
 def plots(records, out_dir):

@@ -36,6 +36,13 @@ def test_paired_test_picks_the_best_baseline_per_metric():
     assert "vs nsp" in recall and "better in 3 of 3" in recall
     assert "vs ntp, Gen alone" in answer     # 0.22 on average beats ntp's 0.1 with retrieval
     assert "difference +0.080" in answer
+    assert not any("pre minus sep" in line for line in lines)
+    runs += [record(v, s, **{"recall@1": r}) for s in (1, 2, 3) for v, r in (("pre", 0.9),
+                                                                              ("sep", 0.5 + s / 100))]
+    lines = report.paired(runs, "facts", [m for m in report.METRICS if m[0] == "recall@1"])
+    after = lines[lines.index(next(line for line in lines if "pre minus sep" in line)):]
+    assert any("pre 0.900 +- 0.000 vs sep" in line and "difference +0.380" in line
+               for line in after)
 
 
 def test_grid_runs_reports_and_resumes(tmp_path, capsys):
