@@ -3,8 +3,8 @@ The paper's claim in miniature: does a model trained with both losses beat model
 each alone, and does a pretrained token space help the sequence space? An ablation grid at equal
 training steps, several seeds each, on `facts` (with answers) and `pydoc` (real prose).
 
-    python experiments.py              # the full grid (README, Results: about an hour on 2 cores)
-    python experiments.py --quick      # 1 seed, fewer steps: a few minutes, to see it work
+    python experiments.py              # the full grid (README, Experiments: 53 min on 2 cores)
+    python experiments.py --quick      # 1 seed, fewer steps: about 8 minutes, to see it work
 
 The variants (`variants()`), each trained by train.py with the same steps and seed:
   ntp          L_NTP only (lambda_seq 0): answers by Gen alone, and with its untrained queries
