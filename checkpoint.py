@@ -33,19 +33,26 @@ def rng_state(rng, device):
     return state
 
 
+def read_jsonl(path):
+    """The records of a JSON-lines file (a log, results/runs.jsonl), and the numbers of the lines
+    that are not whole records: a line cut short by a crash is skipped, not fatal."""
+    records, broken = [], []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                broken.append(n)
+    return records, broken
+
+
 def keep_log_until(path, last):
     """A resumed run's log: the records up to its checkpoint's iteration. A run killed after it
     logged an evaluation but before it saved that checkpoint (or in the middle of a line) would
     otherwise log that iteration twice."""
     if not os.path.exists(path):
         return
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except ValueError:  # a line cut short by a crash
-                continue
+    records, _ = read_jsonl(path)
     with open(path + ".tmp", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records if r["iter"] <= last)
     os.replace(path + ".tmp", path)

@@ -35,6 +35,7 @@ import torch
 from tqdm import tqdm
 
 import report
+from checkpoint import read_jsonl
 from cli import Interrupted, UserError, flag, main_guard, parse_config
 from datastore import Datastore
 from eval import answer_metrics
@@ -115,8 +116,7 @@ def answers(cfg, out, query_from=None, modes=("retrieval",)):
 
 
 def read_log(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        log = [json.loads(line) for line in f]
+    log, _ = read_jsonl(os.path.join(out, "log.jsonl"))
     curve = [{k: r[k] for k in ("iter", "val_ntp", "recall@1")} for r in log]
     final = {k: log[-1][k] for k in ("val_ntp", "val_nsp", "recall@1", "recall@10", "mrr")}
     return final, curve

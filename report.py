@@ -6,7 +6,6 @@ Every number in table.md is computed here from runs.jsonl, so the table can be r
 the committed records alone: python report.py --results results
 """
 
-import json
 import math
 import os
 import sys
@@ -14,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from checkpoint import read_jsonl
 from cli import UserError, flag, main_guard, parse_config
 
 # (record field, column title, higher is better)
@@ -32,13 +32,9 @@ def load(path):
     """The records of runs.jsonl by key; a later line for the same run wins."""
     if not os.path.exists(path):
         return {}
-    records = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            try:
-                records.append(json.loads(line))
-            except ValueError:  # a line cut short by a crash: that run is simply done again
-                print(f"note: {path} line {n} is not a whole record; skipping it", file=sys.stderr)
+    records, broken = read_jsonl(path)
+    for n in broken:  # a line cut short by a crash: that run is simply done again
+        print(f"note: {path} line {n} is not a whole record; skipping it", file=sys.stderr)
     return {key(r["dataset"], r["variant"], r["seed"], r["iters"]): r for r in records}
 
 
