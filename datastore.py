@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 
-def search(queries, keys, k=10, chunk=65536):
-    """Exact top-k by inner product of queries (Q, d) over keys (N, d), in chunks of keys so
-    memory stays bounded. Returns scores (Q, k) and ids (Q, k), best first."""
+def search(queries, embeddings, k=10, chunk=65536):
+    """Exact top-k by inner product of queries (Q, d) over embeddings (N, d), in chunks of
+    embeddings so memory stays bounded. Returns scores (Q, k) and ids (Q, k), best first."""
     best_scores = torch.full((len(queries), 0), -math.inf)
     best_ids = torch.zeros((len(queries), 0), dtype=torch.long)
-    for s in range(0, len(keys), chunk):
-        scores = queries @ keys[s:s + chunk].T
+    for s in range(0, len(embeddings), chunk):
+        scores = queries @ embeddings[s:s + chunk].T                      # (Q, chunk)
         top = scores.topk(min(k, scores.shape[1]), dim=1)
         best_scores = torch.cat([best_scores, top.values], dim=1)
         best_ids = torch.cat([best_ids, top.indices + s], dim=1)
@@ -35,13 +35,14 @@ def search(queries, keys, k=10, chunk=65536):
     return best_scores, best_ids
 
 
-def target_ranks(queries, keys, targets, chunk=65536):
-    """Rank (1 = best) of each query's target among all keys: 1 + the number scoring higher."""
+def target_ranks(queries, embeddings, targets, chunk=65536):
+    """Rank (1 = best) of each query's target among all embeddings: 1 + the number scoring
+    higher. queries (Q, d), embeddings (N, d), targets (Q,) ids; returns (Q,)."""
     rows = torch.arange(len(queries))
-    target_scores = (queries * keys[targets]).sum(dim=1, keepdim=True)
+    target_scores = (queries * embeddings[targets]).sum(dim=1, keepdim=True)  # (Q, 1)
     higher = torch.zeros(len(queries), dtype=torch.long)
-    for s in range(0, len(keys), chunk):
-        scores = queries @ keys[s:s + chunk].T
+    for s in range(0, len(embeddings), chunk):
+        scores = queries @ embeddings[s:s + chunk].T                      # (Q, chunk)
         inside = (targets >= s) & (targets < s + len(scores[0]))
         # the target never outranks itself (its score here may differ from target_scores by
         # float rounding, since a matmul sums in another order)
@@ -51,6 +52,7 @@ def target_ranks(queries, keys, targets, chunk=65536):
 
 
 def retrieval_metrics(ranks):
+    """recall@1, recall@10 (the share of targets ranked in the top 1 / 10) and MRR (mean 1/rank)."""
     ranks = ranks.double()
     return {"recall@1": (ranks <= 1).double().mean().item(),
             "recall@10": (ranks <= 10).double().mean().item(),
@@ -77,26 +79,40 @@ def marker_queries(gen, contexts, device, batch_size=256):
         x = torch.zeros(len(chunk), int(lengths.max()), dtype=torch.long)
         for i, c in enumerate(chunk):
             x[i, :len(c)] = torch.from_numpy(c)
-        h = gen.hidden(x.to(device))
-        out.append(gen.query(h[torch.arange(len(chunk)), lengths - 1]).float().cpu())
+        h = gen.hidden(x.to(device))                                      # (b, T, n_embd)
+        out.append(gen.query(h[torch.arange(len(chunk)), lengths - 1]).float().cpu())  # (b, d)
     return torch.cat(out) if out else torch.zeros(0, gen.config.seq_dim)
+
+
+@torch.no_grad()
+def retrieval_quality(gen, embeddings, data, split, device, ctx, limit=None):
+    """recall@1, recall@10 and MRR of a split's markers (the first `limit`) against the whole
+    datastore `embeddings`: every sequence of the corpus, embedded."""
+    contexts, targets = data.marker_contexts(split, limit)
+    if not len(targets):
+        return {"recall@1": None, "recall@10": None, "mrr": None}
+    with ctx:
+        queries = marker_queries(gen, contexts, device)
+    return retrieval_metrics(target_ranks(queries, embeddings, torch.from_numpy(targets)))
 
 
 class Datastore:
     """The nonparametric sequence space: every sequence of a corpus embedded by Emb_seq, in one
-    contiguous (N, d) tensor, with the token ids of each entry (what retrieval inserts)."""
+    contiguous (N, d) tensor, with the token ids of each entry (what retrieval inserts):
+    entry i is seq_tokens[offsets[i]:offsets[i + 1]], as in data.Data."""
 
-    def __init__(self, keys, offsets, tokens, fingerprint):
-        self.keys, self.offsets, self.tokens, self.fingerprint = keys, offsets, tokens, fingerprint
+    def __init__(self, embeddings, offsets, seq_tokens, fingerprint):
+        self.embeddings, self.offsets, self.seq_tokens = embeddings, offsets, seq_tokens
+        self.fingerprint = fingerprint
 
     def __len__(self):
-        return len(self.keys)
+        return len(self.embeddings)
 
     def sequence(self, i):
-        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+        return self.seq_tokens[self.offsets[i]:self.offsets[i + 1]]
 
     def search(self, queries, k=1):
-        return search(queries, self.keys, k)
+        return search(queries, self.embeddings, k)
 
     @staticmethod
     def fingerprint_of(embedder, data):
@@ -109,13 +125,13 @@ class Datastore:
 
     @classmethod
     def build(cls, embedder, data, progress=True):
-        keys = embedder.embed(data, progress=progress)
-        return cls(keys, data.offsets, data.seq_ids, cls.fingerprint_of(embedder, data))
+        embeddings = embedder.embed(data, progress=progress)
+        return cls(embeddings, data.offsets, data.seq_tokens, cls.fingerprint_of(embedder, data))
 
     def save(self, path):
         tmp = path + ".tmp"
-        torch.save({"keys": self.keys, "offsets": torch.from_numpy(self.offsets),
-                    "tokens": torch.from_numpy(self.tokens.astype(np.int64)),
+        torch.save({"embeddings": self.embeddings, "offsets": torch.from_numpy(self.offsets),
+                    "seq_tokens": torch.from_numpy(self.seq_tokens.astype(np.int64)),
                     "fingerprint": self.fingerprint}, tmp)
         os.replace(tmp, path)
 
@@ -127,12 +143,12 @@ class Datastore:
         if os.path.exists(path):
             try:
                 saved = torch.load(path, weights_only=True)
-                stale = saved["fingerprint"] != fingerprint
+                stale = saved["fingerprint"] != fingerprint or "embeddings" not in saved
             except Exception:  # cut short, or not a datastore: as good as stale
                 stale = True
             if not stale:
-                return cls(saved["keys"], saved["offsets"].numpy(), saved["tokens"].numpy(),
-                           fingerprint)
+                return cls(saved["embeddings"], saved["offsets"].numpy(),
+                           saved["seq_tokens"].numpy(), fingerprint)
             print(f"{path} is stale or unreadable (another Emb_seq or other data): rebuilding it",
                   file=sys.stderr)
         else:

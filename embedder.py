@@ -4,7 +4,7 @@ vector; all sequences of a corpus, embedded, are the nonparametric sequence spac
 
     e = normalize(W_proj * mean_{i: not pad} Enc(x)_i)
 
-Enc is a small bidirectional transformer (model.py's Block without the causal mask) with its own
+Enc is a small bidirectional transformer (model.py's Transformer, not causal) with its own
 token embedding and its own sizes. Mean pooling over real tokens only, so padding never changes an
 embedding. (The paper's code takes the encoder's last-token state instead; mean pooling suits a
 bidirectional encoder, where no single position has read the whole sequence by construction.)
@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from model import Block, init_weights
+from model import Transformer, init_weights
 
 
 @dataclass
@@ -36,25 +36,17 @@ class SeqEmbedder(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = c = config
-        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
-        self.wpe = nn.Embedding(c.seq_len, c.n_embd)
-        self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList([Block(c.n_embd, c.n_head, c.dropout, causal=False)
-                                     for _ in range(c.n_layer)])
-        self.ln_f = nn.LayerNorm(c.n_embd, bias=False)
+        self.transformer = Transformer(c.vocab_size, c.seq_len, c.n_layer, c.n_head, c.n_embd,
+                                       c.dropout, causal=False)
         self.proj = nn.Linear(c.n_embd, c.seq_dim, bias=False)
         init_weights(self, c.n_layer)
 
     def forward(self, tokens, mask):
         """tokens (N, L) right-padded, mask (N, L) True on real tokens -> unit vectors (N, seq_dim)."""
-        L = tokens.shape[1]
-        x = self.drop(self.wte(tokens) + self.wpe(torch.arange(L, device=tokens.device)))
-        for block in self.blocks:
-            x = block(x, key_mask=mask)
-        x = self.ln_f(x)
-        m = mask.unsqueeze(-1).to(x.dtype)
-        pooled = (x * m).sum(1) / m.sum(1)
-        return F.normalize(self.proj(pooled), dim=-1)
+        x = self.transformer(tokens, key_mask=mask)                       # (N, L, C)
+        m = mask.unsqueeze(-1).to(x.dtype)                                # (N, L, 1)
+        pooled = (x * m).sum(1) / m.sum(1)                                # (N, C): mean of real tokens
+        return F.normalize(self.proj(pooled), dim=-1)                     # (N, seq_dim)
 
     @torch.inference_mode()
     def embed(self, data, ids=None, batch_size=256, progress=None):

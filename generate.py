@@ -24,6 +24,36 @@ class Retrieval:
     alternatives: list = field(default_factory=list)   # (id, score) of the next best entries
 
 
+class KVCache:
+    """The keys and values of one attention layer for the tokens seen so far, so that generation
+    runs each new token through the model once instead of re-reading the whole context. The
+    buffers are allocated once, for block_size tokens, and filled in place: one token's step then
+    costs no allocation and no copy of the past."""
+
+    def __init__(self, block_size):
+        self.block_size, self.n = block_size, 0
+        self.k = self.v = None
+
+    def extend(self, k, v):
+        """Append the new tokens' k and v (B, H, T, D); all keys and values so far
+        (B, H, n, D) each."""
+        B, H, T, D = k.shape
+        if self.k is None:
+            self.k = k.new_empty(B, H, self.block_size, D)
+            self.v = v.new_empty(B, H, self.block_size, D)
+        self.k[:, :, self.n:self.n + T], self.v[:, :, self.n:self.n + T] = k, v
+        self.n += T
+        return self.k[:, :, :self.n], self.v[:, :, :self.n]
+
+    def __len__(self):
+        return self.n
+
+
+def new_caches(gen):
+    """One empty KVCache per layer of Gen."""
+    return [KVCache(gen.config.block_size) for _ in range(gen.config.n_layer)]
+
+
 def _next_token(logits, temperature, top_k, generator):
     if temperature == 0:  # greedy
         return int(logits.argmax())
@@ -60,7 +90,7 @@ def generate(gen, prompt, max_new_tokens, marker, stop=None, datastore=None, tem
         if not use_cache:
             caches, fed = None, start
         if caches is None:
-            caches, fed = gen.new_caches(), start
+            caches, fed = new_caches(gen), start
         x = torch.tensor([ids[fed:]], dtype=torch.long, device=device)
         fed = len(ids)
         return gen.hidden(x, caches)[0, -1]

@@ -8,7 +8,8 @@ Gen has two heads on the same final hidden state h_t:
         q_t = normalize(W_seq h_t)                                                   (for L_NSP)
 The query is compared with Emb_seq's sequence embeddings (embedder.py); losses.py has both losses.
 
-The attention block is shared with Emb_seq, which runs it without the causal mask.
+Emb_seq is built from the same parts (Transformer, below) with its own weights, and runs them
+without the causal mask.
 """
 
 import math
@@ -29,14 +30,21 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x, key_mask=None, cache=None):
+        """Multi-head self-attention of x (B, T, C). One forward serves three cases:
+        - Gen in training (causal, no key_mask, no cache): token t attends to tokens 0..t;
+        - Emb_seq (not causal, key_mask): every real token attends to every real token, never to
+          padding;
+        - Gen generating (cache, a KVCache from generate.py): the new tokens continue those whose
+          keys and values the cache holds, and attend to all of those and causally among
+          themselves."""
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in self.c_attn(x).split(C, dim=2))
+                   for t in self.c_attn(x).split(C, dim=2))              # (B, H, T, C/H) each
         mask, causal = None, self.causal
         if key_mask is not None:  # (B, T), True on real tokens: padding is never attended to
-            mask = key_mask[:, None, None, :]
+            mask = key_mask[:, None, None, :]                           # (B, 1, 1, T)
         if cache is not None:
-            k, v = cache.extend(k, v)
+            k, v = cache.extend(k, v)                                   # (B, H, past + T, C/H)
             past = k.shape[2] - T
             if past and T == 1:  # one new token sees every key: no mask at all
                 causal = False
@@ -45,30 +53,8 @@ class SelfAttention(nn.Module):
                 mask, causal = torch.arange(past + T, device=x.device) <= past + rows, False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
-
-
-class KVCache:
-    """The keys and values of one attention layer for the tokens seen so far, so that generation
-    runs each new token through the model once instead of re-reading the whole context. The
-    buffers are allocated once, for block_size tokens, and filled in place: one token's step then
-    costs no allocation and no copy of the past."""
-
-    def __init__(self, block_size):
-        self.block_size, self.n = block_size, 0
-        self.k = self.v = None
-
-    def extend(self, k, v):
-        B, H, T, D = k.shape
-        if self.k is None:
-            self.k = k.new_empty(B, H, self.block_size, D)
-            self.v = v.new_empty(B, H, self.block_size, D)
-        self.k[:, :, self.n:self.n + T], self.v[:, :, self.n:self.n + T] = k, v
-        self.n += T
-        return self.k[:, :, :self.n], self.v[:, :, :self.n]
-
-    def __len__(self):
-        return self.n
+        y = y.transpose(1, 2).reshape(B, T, C)                          # heads side by side
+        return self.resid_dropout(self.c_proj(y))
 
 
 class MLP(nn.Module):
@@ -115,34 +101,48 @@ class GenConfig:
     dropout: float = 0.0
 
 
+class Transformer(nn.Module):
+    """The trunk that Gen and Emb_seq share in design (each has its own weights): token and
+    position embeddings, n_layer Blocks, a final LayerNorm. Causal in Gen, bidirectional in Emb_seq.
+    """
+
+    def __init__(self, vocab_size, max_len, n_layer, n_head, n_embd, dropout, causal):
+        super().__init__()
+        self.wte = nn.Embedding(vocab_size, n_embd)
+        self.wpe = nn.Embedding(max_len, n_embd)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList([Block(n_embd, n_head, dropout, causal)
+                                     for _ in range(n_layer)])
+        self.ln_f = nn.LayerNorm(n_embd, bias=False)
+
+    def forward(self, idx, past=0, key_mask=None, caches=None):
+        """Hidden states (B, T, n_embd) of token ids idx (B, T) at positions past .. past + T - 1."""
+        T = idx.shape[1]
+        pos = torch.arange(past, past + T, device=idx.device)            # (T,)
+        x = self.drop(self.wte(idx) + self.wpe(pos))                     # (B, T, n_embd)
+        for i, block in enumerate(self.blocks):
+            x = block(x, key_mask, caches[i] if caches else None)        # (B, T, n_embd)
+        return self.ln_f(x)
+
+
 class Gen(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = c = config
-        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
-        self.wpe = nn.Embedding(c.block_size, c.n_embd)
-        self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList([Block(c.n_embd, c.n_head, c.dropout, causal=True)
-                                     for _ in range(c.n_layer)])
-        self.ln_f = nn.LayerNorm(c.n_embd, bias=False)
+        self.transformer = Transformer(c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd,
+                                       c.dropout, causal=True)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.seq_head = nn.Linear(c.n_embd, c.seq_dim, bias=False)
         init_weights(self, c.n_layer)
-        self.lm_head.weight = self.wte.weight  # tied: one table for reading and writing tokens
+        # tied: one table for reading and writing tokens
+        self.lm_head.weight = self.transformer.wte.weight
 
     def hidden(self, idx, caches=None):
         """Final hidden states h (B, T, n_embd) of token ids (B, T). With caches (one KVCache per
-        layer, from new_caches), idx continues the tokens already in them."""
+        layer, generate.py), idx continues the tokens already in them."""
         past = len(caches[0]) if caches else 0
-        T = idx.shape[1]
-        assert past + T <= self.config.block_size, f"{past + T} tokens > block_size"
-        x = self.drop(self.wte(idx) + self.wpe(torch.arange(past, past + T, device=idx.device)))
-        for i, block in enumerate(self.blocks):
-            x = block(x, cache=caches[i] if caches else None)
-        return self.ln_f(x)
-
-    def new_caches(self):
-        return [KVCache(self.config.block_size) for _ in self.blocks]
+        assert past + idx.shape[1] <= self.config.block_size, "more tokens than block_size"
+        return self.transformer(idx, past, caches=caches)
 
     def query(self, h):
         """q = normalize(W_seq h): a unit vector, so q . e is the cosine with a sequence embedding."""
@@ -150,6 +150,6 @@ class Gen(nn.Module):
 
     def forward(self, idx, marker_index=None):
         """Logits for every position, and queries at marker_index = (rows, cols) if given."""
-        h = self.hidden(idx)
-        queries = None if marker_index is None else self.query(h[marker_index])
-        return self.lm_head(h), queries
+        h = self.hidden(idx)                                              # (B, T, n_embd)
+        queries = None if marker_index is None else self.query(h[marker_index])  # (M, seq_dim)
+        return self.lm_head(h), queries                                   # logits (B, T, vocab)

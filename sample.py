@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from cli import UserError, flag, main_guard, parse_config
-from data import read_text
 from datastore import Datastore
 from generate import generate
-from train import load_run
+from machinery.checkpoint import load_run
+from machinery.cli import UserError, flag, main_guard, parse_config
+from machinery.corpora import read_text
 
 
 @dataclass

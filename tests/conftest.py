@@ -4,6 +4,7 @@ import os
 import pytest
 
 import train
+from machinery.config import Config
 
 # A world and models small enough that a training run takes seconds on 2 CPU cores.
 TINY = ["--facts_people", "60", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
@@ -27,7 +28,7 @@ def run_train(tmp_path):
 def tiny_data(tmp_path):
     """The tiny facts corpus, prepared, with its tokenizer."""
     from data import load_data
-    cfg = train.Config(facts_people=60, block_size=96, cache_dir=str(tmp_path / "cache"))
+    cfg = Config(facts_people=60, block_size=96, cache_dir=str(tmp_path / "cache"))
     return load_data(cfg)
 
 

@@ -1,4 +1,4 @@
-"""Bad input to train.py, sample.py and eval.py: one line that names the problem and what to do,
+"""Bad input to train.py, sample.py and evaluate.py: one line that names the problem and what to do,
 exit code 2, no traceback, and nothing on disk changed."""
 import base64
 import shutil
@@ -6,13 +6,13 @@ import shutil
 import pytest
 import torch
 
-import bench
-import eval as eval_script
-import experiments
-import report
+from experiments import bench
+import evaluate as eval_script
+from experiments import grid as experiments
+from experiments import report
 import sample
 import train
-from cli import main_guard
+from machinery.cli import main_guard
 from conftest import TINY
 
 SCRIPTS = {"train": train, "sample": sample, "eval": eval_script, "experiments": experiments,

@@ -3,8 +3,11 @@ import base64
 import numpy as np
 import pytest
 
-from cli import UserError
-from data import Data, Segment, Tokenizer, load_corpus, prepare
+from machinery.cli import UserError
+from data import Data
+from machinery.corpora import Segment, load_corpus
+from machinery.prepare import prepare
+from machinery.tokenizer import Tokenizer
 from conftest import write
 
 TEXT = ("The cat sat on the mat. It was warm! Was it? Then the dog came in.\n\n"

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
-import distributed
+from machinery import distributed
 import train
+from machinery.config import Config
 from data import Batch, load_data
 from embedder import EmbedderConfig, SeqEmbedder
-from losses import co_supervision_loss
 from conftest import TINY
 from model import Gen, GenConfig
 
@@ -29,9 +29,9 @@ def _models(vocab_size):
 
 def _without_markers(batch):
     empty = torch.zeros(0, dtype=torch.long)
-    return batch._replace(marker_index=(empty, empty), positive=empty, seq_ids=empty,
-                          seq_tokens=torch.zeros(0, 1, dtype=torch.long),
-                          seq_mask=torch.zeros(0, 1, dtype=torch.bool))
+    return batch._replace(marker_index=(empty, empty), positive=empty, candidate_ids=empty,
+                          candidates=torch.zeros(0, 1, dtype=torch.long),
+                          candidate_mask=torch.zeros(0, 1, dtype=torch.bool))
 
 
 def _cases(data):
@@ -45,12 +45,12 @@ def _cases(data):
 
 def _combine(data, batches):
     """The batches as one: windows stacked, candidates united, each sequence once."""
-    ids = torch.unique(torch.cat([b.seq_ids for b in batches]))
+    ids = torch.unique(torch.cat([b.candidate_ids for b in batches]))
     tokens, mask = data.pad_sequences(ids.numpy(), SEQ_LEN)
     offsets = np.cumsum([0] + [len(b.x) for b in batches])
     rows = torch.cat([b.marker_index[0] + int(o) for b, o in zip(batches, offsets)])
     cols = torch.cat([b.marker_index[1] for b in batches])
-    positive = torch.cat([torch.searchsorted(ids, b.seq_ids[b.positive]) for b in batches])
+    positive = torch.cat([torch.searchsorted(ids, b.candidate_ids[b.positive]) for b in batches])
     return Batch(torch.cat([b.x for b in batches]), torch.cat([b.y for b in batches]),
                  (rows, cols), tokens, mask, positive, ids)
 
@@ -58,7 +58,7 @@ def _combine(data, batches):
 def _step(gen, emb, batch, gather):
     """One forward and backward; the loss parts and every gradient."""
     gen.zero_grad(set_to_none=True), emb.zero_grad(set_to_none=True)
-    loss, stats = co_supervision_loss(gen, emb, batch, LAMBDA_TOK, LAMBDA_SEQ, TAU, gather=gather)
+    loss, stats = train.step_loss(gen, emb, batch, LAMBDA_TOK, LAMBDA_SEQ, TAU, 2 if gather else 1)
     loss.backward()
     named = list(gen.module.named_parameters() if gather else gen.named_parameters())
     named += list(emb.module.named_parameters() if gather else emb.named_parameters())
@@ -72,7 +72,7 @@ def _worker(rank, port, cache_dir, out_dir):
     torch.set_num_threads(1)
     _, _, device = distributed.setup("cpu")
     try:
-        data, tok = load_data(train.Config(facts_people=60, block_size=96, cache_dir=cache_dir))
+        data, tok = load_data(Config(facts_people=60, block_size=96, cache_dir=cache_dir))
         gen, emb = _models(tok.vocab_size)
         gen, emb = distributed.wrap(gen, device, find_unused=True), distributed.wrap(emb, device)
         results = {name: _step(gen, emb, batches[rank], gather=True)
@@ -95,7 +95,7 @@ def test_two_processes_equal_one_process_on_the_combined_batch(tiny_data, tmp_pa
     cases = _cases(data)
     # the ranks' candidate sets differ in size, so the gather pads; some candidates are shared
     own = cases["own rngs"]
-    assert len(own[0].seq_ids) != len(own[1].seq_ids)
+    assert len(own[0].candidate_ids) != len(own[1].candidate_ids)
     for name, batches in cases.items():
         gen, emb = _models(tok.vocab_size)
         want = _step(gen, emb, _combine(data, batches), gather=False)

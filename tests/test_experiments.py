@@ -1,13 +1,13 @@
-"""experiments.py's grid on a tiny config, report.py's statistics, and train.py --init_from."""
+"""experiments/grid.py's grid on a tiny config, report.py's statistics, and train.py --init_from."""
 import json
 
 import pytest
 import torch
 
-import experiments
-import report
-from cli import UserError
-from tests.conftest import TINY
+from experiments import grid as experiments
+from experiments import report
+from machinery.cli import UserError
+from conftest import TINY
 
 
 def test_t_test_matches_hand_computation():

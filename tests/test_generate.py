@@ -3,7 +3,7 @@ import torch
 
 from datastore import Datastore, search
 from embedder import EmbedderConfig, SeqEmbedder
-from generate import generate
+from generate import generate, new_caches
 from model import Gen, GenConfig
 
 MARKER, EOD = 9, 8
@@ -14,7 +14,7 @@ def _gen(block_size=32):
     gen = Gen(GenConfig(vocab_size=10, block_size=block_size, n_layer=2, n_head=2, n_embd=16,
                         seq_dim=8)).eval()
     with torch.no_grad():  # make the marker likely, so that retrieval steps happen
-        gen.wte.weight[MARKER] *= 8
+        gen.transformer.wte.weight[MARKER] *= 8
     return gen
 
 
@@ -43,7 +43,7 @@ def test_cached_and_uncached_generation_agree_with_retrievals():
 def test_insert_then_cached_decoding_equals_full_recompute():
     gen = _gen()
     prefix, inserted, more = [1, 2, MARKER], [3, 4, 5, 6], [7, 1]
-    caches = gen.new_caches()
+    caches = new_caches(gen)
     with torch.no_grad():
         gen.hidden(torch.tensor([prefix]), caches)
         gen.hidden(torch.tensor([inserted]), caches)          # the retrieved sequence, in one go
@@ -69,11 +69,11 @@ def test_datastore_round_trip_and_staleness(tmp_path, tiny_data):
     path = str(tmp_path / "datastore.pt")
     built = Datastore.load_or_build(path, emb, data)
     loaded = Datastore.load_or_build(path, emb, data)
-    assert torch.equal(built.keys, loaded.keys) and loaded.fingerprint == built.fingerprint
+    assert torch.equal(built.embeddings, loaded.embeddings) and loaded.fingerprint == built.fingerprint
     assert np.array_equal(loaded.sequence(5), data.sequence(5))
     with torch.no_grad():
         emb.proj.weight[0, 0] += 1e-3  # any change to Emb_seq makes the saved datastore stale
     assert Datastore.fingerprint_of(emb, data) != built.fingerprint
     rebuilt = Datastore.load_or_build(path, emb, data)
     assert rebuilt.fingerprint != built.fingerprint
-    assert not torch.equal(rebuilt.keys, built.keys)
+    assert not torch.equal(rebuilt.embeddings, built.embeddings)

@@ -42,9 +42,9 @@ def test_duplicate_targets_are_not_negatives(tiny_data):
     rows = batch.marker_index[0]
     assert (rows == 0).sum() > 0
     assert torch.equal(batch.positive[rows == 0], batch.positive[rows == 1])
-    assert len(torch.unique(batch.seq_tokens, dim=0)) == len(batch.seq_tokens)
+    assert len(torch.unique(batch.candidates, dim=0)) == len(batch.candidates)
     target = batch.positive[0]
-    assert torch.equal(batch.seq_tokens[target][batch.seq_mask[target]],
+    assert torch.equal(batch.candidates[target][batch.candidate_mask[target]],
                        torch.from_numpy(data.sequence(seq).astype(np.int64)))
 
 

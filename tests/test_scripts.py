@@ -1,11 +1,11 @@
-"""sample.py and eval.py end to end on a tiny trained run."""
+"""sample.py and evaluate.py end to end on a tiny trained run."""
 import json
 import subprocess
 import sys
 
 import pytest
 
-import eval as evaluate_script
+import evaluate as evaluate_script
 import sample
 
 
@@ -43,7 +43,7 @@ def test_eval_with_queries_from_another_run(trained, run_train):
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):
-    for script in ("sample.py", "eval.py"):
+    for script in ("sample.py", "evaluate.py"):
         p = subprocess.run([sys.executable, script, "--out_dir", str(tmp_path / "none")],
                            capture_output=True, text=True)
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and "no checkpoint" in p.stderr

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import train
+from machinery.config import Config, build_models
 
 
 def test_short_run_drives_both_losses_down(run_train):
@@ -32,17 +33,17 @@ def test_lambda_seq_zero_leaves_the_embedder_untouched(run_train):
                        "--lambda_seq", "0")
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     torch.manual_seed(ckpt["config"]["seed"])  # the same init as the run: Gen first, then Emb_seq
-    gen, emb = train.build_models(train.Config(**ckpt["config"]), ckpt["gen_config"]["vocab_size"])
+    gen, emb = build_models(Config(**ckpt["config"]), ckpt["gen_config"]["vocab_size"])
     for name, p in emb.state_dict().items():
         assert torch.equal(p, ckpt["embedder"][name]), name
-    assert not torch.equal(gen.state_dict()["wte.weight"], ckpt["gen"]["wte.weight"])
+    assert not torch.equal(gen.state_dict()["transformer.wte.weight"], ckpt["gen"]["transformer.wte.weight"])
 
 
 def test_checkpoint_round_trip_and_resume(run_train, tmp_path):
     out, log = run_train("--max_iters", "20", "--eval_interval", "10")
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     assert ckpt["iter"] == 20 and ckpt["metrics"] == log[-1]
-    gen, emb = train.build_models(train.Config(**ckpt["config"]), ckpt["gen_config"]["vocab_size"])
+    gen, emb = build_models(Config(**ckpt["config"]), ckpt["gen_config"]["vocab_size"])
     gen.load_state_dict(ckpt["gen"])
     emb.load_state_dict(ckpt["embedder"])
     _, log2 = run_train("--max_iters", "30", "--eval_interval", "10", "--resume")

@@ -27,14 +27,18 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows each flag's default, and the script's docstring as it is written (argparse
+    would reflow its paragraphs and command lines into one)."""
+
+
 def flag(default, help):
     return dataclasses.field(default=default, metadata={"help": help})
 
 
 def parse_config(cls, description, argv=None):
     """Parse argv into an instance of the dataclass `cls`; a bool field x gives --x and --no_x."""
-    parser = _Parser(description=description,
-                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = _Parser(description=description, formatter_class=_HelpFormatter)
     for f in dataclasses.fields(cls):
         if f.type in (bool, "bool"):
             parser.add_argument(f"--{f.name}", action="store_true", default=f.default,

@@ -2,7 +2,8 @@
 The checkpoint, out_dir/ckpt.pt: Gen, Emb_seq, the optimizer, the config, the tokenizer and data
 fingerprints, the iteration, the last evaluation and every process's random streams. It is
 written whole or not at all, and --resume continues from it exactly: a run stopped at iteration k
-and resumed reaches the same losses as one that never stopped (tests/test_resume.py).
+and resumed reaches the same losses as one that never stopped (tests/test_resume.py). load_run
+gives sample.py and evaluate.py a finished run.
 """
 
 import json
@@ -10,8 +11,10 @@ import os
 
 import torch
 
-import distributed
-from cli import UserError
+from data import load_data
+from machinery import distributed
+from machinery.cli import UserError
+from machinery.config import Config, build_models, pick_device
 
 
 def save_checkpoint(path, **state):
@@ -129,3 +132,21 @@ def resume(path, cfg, gen, embedder, optimizer, rng, data, tok, device):
         if "cuda" in states[rank] and device.startswith("cuda"):
             torch.cuda.set_rng_state(states[rank]["cuda"], device)
     return ckpt["iter"], ckpt["metrics"]
+
+
+def load_run(out_dir, device="auto"):
+    """A finished run, for sampling and evaluation: (config, Gen, Emb_seq, Data, Tokenizer), the
+    models in eval mode on the device."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    ckpt = read_checkpoint(path, f"train one first (train.py --out_dir {out_dir})")
+    try:
+        cfg = Config(**ckpt["config"])
+    except TypeError:
+        raise UserError(f"{path} was written by another version of train.py") from None
+    device = pick_device(device)
+    data, tok = load_data(cfg)
+    check_same_data(ckpt, path, data, tok)
+    gen, embedder = build_models(cfg, tok.vocab_size)
+    gen.load_state_dict(ckpt["gen"])
+    embedder.load_state_dict(ckpt["embedder"])
+    return cfg, gen.to(device).eval(), embedder.to(device).eval(), data, tok

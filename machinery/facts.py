@@ -20,7 +20,7 @@ import random
 
 import numpy as np
 
-from data import Segment
+from machinery.corpora import Segment
 
 WORLD_SEED = 1234  # the world is fixed; training seeds vary the model, never the data
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from cli import UserError
+from machinery.cli import UserError
 
 
 def setup(device):
@@ -111,33 +111,35 @@ def _all_gather_rows(t):
     return [o[:int(n)] for o, n in zip(out, sizes)]
 
 
-def gather_candidates(queries, keys, positive, seq_ids):
+def gather_candidates(queries, embeddings, positive, candidate_ids):
     """The queries and candidates of all processes, for an L_NSP over the W batches together:
 
         L_NSP = -(1/M) sum_{i in all M markers} log softmax_{j in C}(q_i . e_j / tau)[p(i)],
         C = the union of every process's candidates, each sequence once
 
-    queries (M_r, d) and keys (N_r, d) are this process's, seq_ids (N_r,) the datastore id of each
-    key and positive (M_r,) each query's target row in keys. Returns (queries, keys, positive) of
-    all processes. Only this process's own queries and keys carry gradient (the others' come
-    through all_gather, which has none): every process computes the same L_NSP, and the gradient of
-    process r is dL_NSP/d(its own queries and keys). Summed over the processes, that is the whole
-    gradient of L_NSP, so the caller weights L_NSP by W to undo DDP's averaging (losses.py).
+    queries (M_r, d) and embeddings (N_r, d) are this process's, candidate_ids (N_r,) the datastore
+    id of each candidate and positive (M_r,) each query's target row. Returns (queries, embeddings,
+    positive) of all processes. Only this process's own queries and embeddings carry gradient (the
+    others' come through all_gather, which has none): every process computes the same L_NSP, and
+    the gradient of process r is dL_NSP/d(its own queries and embeddings). Summed over the
+    processes, that is the whole gradient of L_NSP, so the training step weights L_NSP by W to
+    undo DDP's averaging (train.py).
 
     A sequence that is a candidate in several processes is kept once (its first copy), as one
     process keeps each candidate once: two markers with the same target never see it as a negative.
     The copies are the same embedding of the same weights, so the gradient through the first copy
     alone is the whole gradient. With one process this returns its arguments unchanged."""
     if world_size() == 1:
-        return queries, keys, positive
+        return queries, embeddings, positive
     rank = dist.get_rank()
-    all_queries, all_keys = _all_gather_rows(queries.detach()), _all_gather_rows(keys.detach())
-    all_queries[rank], all_keys[rank] = queries, keys     # this process's own, with gradient
-    all_ids = torch.cat(_all_gather_rows(seq_ids))
-    targets = torch.cat(_all_gather_rows(seq_ids[positive]))  # each query's target, as an id
+    all_queries = _all_gather_rows(queries.detach())
+    all_embeddings = _all_gather_rows(embeddings.detach())
+    all_queries[rank], all_embeddings[rank] = queries, embeddings  # this process's, with gradient
+    all_ids = torch.cat(_all_gather_rows(candidate_ids))
+    targets = torch.cat(_all_gather_rows(candidate_ids[positive]))  # each query's target, as an id
     ids, inverse = torch.unique(all_ids, return_inverse=True)
     # the first row of each distinct id: the smallest row index among those with that id
     rows = torch.arange(len(all_ids), device=all_ids.device)
     first = torch.full_like(ids, len(all_ids)).scatter_reduce_(0, inverse, rows, "amin")
-    return (torch.cat(all_queries), torch.cat(all_keys)[first],
+    return (torch.cat(all_queries), torch.cat(all_embeddings)[first],
             torch.searchsorted(ids, targets))

@@ -3,8 +3,8 @@ How fast cosup is: the training step, the cost of co-supervision, sampling with 
 datastore, and memory. Medians of repeats, and ratios measured within one run (alternating the
 two sides), because timings on a small shared machine drift.
 
-    python bench.py                    # prints one JSON object (a few minutes on 2 CPU cores)
-    python bench.py --out bench.json   # and writes it
+    python -m experiments.bench                    # one JSON object (a few minutes on 2 cores)
+    python -m experiments.bench --out bench.json   # and writes it
 
 On a GPU it also times a larger model in bfloat16 with torch.compile and reports its MFU.
 """
@@ -24,10 +24,12 @@ import torch
 import torch.nn.functional as F
 
 import train
-from cli import UserError, flag, main_guard, parse_config
 from data import load_data
 from datastore import Datastore, search
+from experiments.report import ROOT
 from generate import generate
+from machinery.cli import UserError, flag, main_guard, parse_config
+from machinery.config import Config, autocast, build_models, pick_device
 
 
 @dataclass
@@ -44,11 +46,11 @@ def median_ms(times):
 
 def stepper(cfg, data, device, lambda_seq):
     """train.py's training step on the next batch, as a function of lambda_seq."""
-    gen, embedder = train.build_models(cfg, data.meta["vocab_size"])
+    gen, embedder = build_models(cfg, data.meta["vocab_size"])
     gen.to(device), embedder.to(device)
     params = list(gen.parameters()) + list(embedder.parameters())
     optimizer = train.make_optimizer(cfg, params, device)
-    rng, ctx = np.random.default_rng(cfg.seed), train.autocast(device, cfg.dtype)
+    rng, ctx = np.random.default_rng(cfg.seed), autocast(device, cfg.dtype)
     fwd_gen, fwd_embedder = (torch.compile(gen), torch.compile(embedder)) if cfg.compile else (
         gen, embedder)
 
@@ -75,7 +77,7 @@ def timed(fn, repeats, warmup=5):
 def ntp_step(args, device):
     """1. NTP-only training at nanoGPT's CPU recipe: 4 layers, 4 heads, width 128, block 64,
     batch 12, bytes (its shakespeare_char settings, README "Plain language modelling")."""
-    cfg = train.Config(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
+    cfg = Config(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12,
                        lambda_seq=0.0, dataset="pydoc", split="none", seed=args.seed)
     data, _ = load_data(cfg)
     step, _, _ = stepper(cfg, data, device, 0.0)
@@ -88,7 +90,7 @@ def overhead(args, device):
     """2. Step time with lambda_seq 0.5 over lambda_seq 0, at the default demo's settings; the
     two alternate on the same models so that drift hits both alike. On a CPU also with one
     thread: Emb_seq's small operations gain less from a second thread than Gen's."""
-    cfg = train.Config(seed=args.seed)
+    cfg = Config(seed=args.seed)
     data, _ = load_data(cfg)
     step, gen, embedder = stepper(cfg, data, device, cfg.lambda_seq)
     out = {}
@@ -132,7 +134,7 @@ def num_threads(n):
 def train_flops(model, n_layer, T, width):
     """Training FLOPs per token, nanoGPT's estimate: 6 per weight (forward and backward) plus
     the attention scores, 12 n_layer T width; position embeddings are free."""
-    n = sum(p.numel() for p in model.parameters()) - model.wpe.weight.numel()
+    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
     return 6 * n + 12 * n_layer * T * width
 
 
@@ -145,11 +147,11 @@ def sampling(args):
     out = {}
     for name, (n_layer, n_head, n_embd, repeats) in {"default_2x128": (2, 4, 128, 3),
                                                       "6x384": (6, 6, 384, 2)}.items():
-        cfg = train.Config(block_size=256, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+        cfg = Config(block_size=256, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
                            seed=args.seed)
         data, tok = load_data(cfg)
         torch.manual_seed(args.seed)
-        gen, embedder = train.build_models(cfg, tok.vocab_size)
+        gen, embedder = build_models(cfg, tok.vocab_size)
         gen.eval(), embedder.eval()
         store = Datastore.build(embedder, data, progress=False)
         prompt = [int(t) for t in data.val.ids[:64]]
@@ -172,9 +174,9 @@ def datastore(args):
     """4. Building the datastore (Emb_seq over every facts sequence, default sizes), and exact
     top-10 search over 10k, 100k and 1M random unit vectors of the default width: one query at a
     time (generation) and 64 at a time (evaluation)."""
-    cfg = train.Config(seed=args.seed)
+    cfg = Config(seed=args.seed)
     data, tok = load_data(cfg)
-    _, embedder = train.build_models(cfg, tok.vocab_size)
+    _, embedder = build_models(cfg, tok.vocab_size)
     embedder.eval()
     build = timed(lambda: embedder.embed(data, progress=False), 3, warmup=1)
     lengths = np.diff(data.offsets)
@@ -194,7 +196,7 @@ def datastore(args):
 def peak_memory():
     """5. Peak resident memory of the default demo (train.py with its defaults, shortened to 100
     iterations and one evaluation: its memory does not grow with iterations)."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    script = os.path.join(ROOT, "train.py")
     with tempfile.TemporaryDirectory() as out:
         subprocess.run([sys.executable, script, "--max_iters", "100", "--eval_interval", "100",
                         "--out_dir", out], check=True, capture_output=True)
@@ -209,7 +211,7 @@ def gpu_step(args, device):
     """6. On a GPU: a larger Gen (6 layers, width 384, block 256) with L_NTP + 0.5 L_NSP, bf16 and
     torch.compile. MFU counts Gen's 6N + 12 L T d FLOPs per token (as nanoGPT does), not
     Emb_seq's, so it is a lower bound."""
-    cfg = train.Config(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=32,
+    cfg = Config(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=32,
                        dtype="bfloat16", compile=True, seed=args.seed)
     data, _ = load_data(cfg)
     step, gen, _ = stepper(cfg, data, device, cfg.lambda_seq)
@@ -228,7 +230,7 @@ def main(argv=None):
         raise UserError(f"--repeats must be positive, got {args.repeats}")
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise UserError(f"--out {args.out}: no directory {os.path.dirname(args.out)} to write in")
-    device = train.pick_device(args.device)
+    device = pick_device(args.device)
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device}
     parts = [("peak_memory", peak_memory), ("ntp_step", lambda: ntp_step(args, device)),
              ("co_supervision_overhead", lambda: overhead(args, device)),

@@ -1,9 +1,11 @@
 """
-The experiments' report (experiments.py runs the grid): results/runs.jsonl in, a markdown table
-with a paired test, and PNG plots out.
+The experiments' report (grid.py runs the grid): experiments/results/runs.jsonl in, a markdown
+table with a paired test, and PNG plots out.
 
 Every number in table.md is computed here from runs.jsonl, so the table can be regenerated from
-the committed records alone: python report.py --results results
+the committed records alone:
+
+    python -m experiments.report
 """
 
 import math
@@ -13,8 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from checkpoint import read_jsonl
-from cli import UserError, flag, main_guard, parse_config
+from machinery.checkpoint import read_jsonl
+from machinery.cli import UserError, flag, main_guard, parse_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+RESULTS = os.path.join("experiments", "results")                     # from the repository's root
 
 # (record field, column title, higher is better)
 METRICS = [("val_ntp", "val NTP loss", False), ("recall@1", "held-out recall@1", True),
@@ -189,14 +194,14 @@ def write(records, out_dir):
 
 @dataclass
 class ReportConfig:
-    results: str = flag("results", "the folder with runs.jsonl; table.md and plots are rewritten")
+    results: str = flag(RESULTS, "the folder with runs.jsonl; table.md and plots are rewritten")
 
 
 def main(argv=None):
     cfg, _ = parse_config(ReportConfig, __doc__, argv)
     records = list(load(os.path.join(cfg.results, "runs.jsonl")).values())
     if not records:
-        raise UserError(f"no runs in {cfg.results}/runs.jsonl: run experiments.py first")
+        raise UserError(f"no runs in {cfg.results}/runs.jsonl: run python -m experiments.grid first")
     write(records, cfg.results)
     print(open(os.path.join(cfg.results, "table.md")).read())
 

@@ -2,8 +2,8 @@
 Evaluate a trained run: language modelling, retrieval against the whole datastore, and (for
 documents that end in an answer, such as `facts`) answers written with retrieval in the loop.
 
-    python eval.py --out_dir out
-    python eval.py --out_dir out_ntp --query_from out_nsp    # separate supervision (the paper's baseline)
+    python evaluate.py --out_dir out
+    python evaluate.py --out_dir out_ntp --query_from out_nsp    # separate supervision (the paper's baseline)
 
 Prints one JSON object and writes it to OUT_DIR/eval.json. For the val split (held-out people for
 `facts`) and a sample of train:
@@ -25,10 +25,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cli import UserError, flag, main_guard, parse_config
-from datastore import Datastore
+from datastore import Datastore, retrieval_quality
 from generate import generate
-from train import autocast, load_run, loss_estimates, retrieval_quality
+from machinery.checkpoint import load_run
+from machinery.cli import UserError, flag, main_guard, parse_config
+from machinery.config import autocast
+from train import loss_estimates
 
 
 @dataclass
@@ -114,7 +116,7 @@ def main(argv=None):
     for split, limit in (("val", None), ("train", 480)):  # all of val, a sample of train
         ntp, _ = loss_estimates(gen, embedder, data, cfg, device, ctx, split)
         m = {"ntp": ntp, "ppl": float(np.exp(ntp))}
-        m.update(retrieval_quality(query_gen or gen, datastore.keys, data, split, device, ctx, limit))
+        m.update(retrieval_quality(query_gen or gen, datastore.embeddings, data, split, device, ctx, limit))
         if args.questions and cfg.split != "none":
             m.update(answer_metrics(gen, datastore, data, tok, split, args.questions, query_gen))
         result[split] = m

@@ -3,20 +3,20 @@ The paper's claim in miniature: does a model trained with both losses beat model
 each alone, and does a pretrained token space help the sequence space? An ablation grid at equal
 training steps, several seeds each, on `facts` (with answers) and `pydoc` (real prose).
 
-    python experiments.py              # the full grid (README, Experiments: 53 min on 2 cores)
-    python experiments.py --quick      # 1 seed, fewer steps: about 8 minutes, to see it work
+    python -m experiments.grid           # the full grid (experiments/README.md: 53 min on 2 cores)
+    python -m experiments.grid --quick   # 1 seed, fewer steps: about 8 minutes, to see it work
 
 The variants (`variants()`), each trained by train.py with the same steps and seed:
   ntp          L_NTP only (lambda_seq 0): answers by Gen alone, and with its untrained queries
   nsp          L_NSP only (lambda_tok 0)
   sep          separate supervision, the paper's baseline: ntp's Gen writes, nsp's Gen makes the
-               queries and nsp's Emb_seq the datastore (eval.py --query_from); no training
+               queries and nsp's Emb_seq the datastore (evaluate.py --query_from); no training
                of its own
   co<lambda>   co-supervision, L_NTP + lambda_seq L_NSP, at each of --lambdas
   pre          co-supervision (lambda_seq 0.5) started from ntp's weights: a pretrained token space,
                as the paper starts from Llama-2 (it has had ntp's steps before its own)
 
-results/ gets runs.jsonl (one JSON line per run; a run already there is not redone), table.md (mean
+experiments/results/ gets runs.jsonl (one JSON line per run; a run already there is not redone), table.md (mean
 +- std over seeds, and a paired test of co-supervision against the best single-supervision
 baseline) and PNG plots. Checkpoints go to --work_dir.
 """
@@ -34,12 +34,12 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-import report
-from checkpoint import read_jsonl
-from cli import Interrupted, UserError, flag, main_guard, parse_config
 from datastore import Datastore
-from eval import answer_metrics
-from train import Config, check_config, load_run
+from evaluate import answer_metrics
+from experiments import report
+from machinery.checkpoint import load_run, read_jsonl
+from machinery.cli import Interrupted, UserError, flag, main_guard, parse_config
+from machinery.config import Config, check_config
 
 
 @dataclass
@@ -53,7 +53,7 @@ class ExperimentConfig:
     pydoc_lambdas: str = flag("0.5", "lambda_seq values on pydoc (each run there costs as much as "
                                      "on facts, with no answer metric)")
     questions: int = flag(200, "held-out questions per run for answer exact match (--quick: 60)")
-    results: str = flag("results", "where runs.jsonl, table.md and the plots go (--quick: "
+    results: str = flag(report.RESULTS, "where runs.jsonl, table.md and the plots go (--quick: "
                                    "its quick/ subfolder)")
     work_dir: str = flag("out_experiments", "where the runs' checkpoints and logs go")
     jobs: int = flag(0, "runs at a time, the cores shared among them (0: one per core)")
@@ -78,7 +78,7 @@ def train(cfg, dataset, variant, seed, flags, iters):
     out = run_dir(cfg, dataset, variant, seed, iters)
     shutil.rmtree(out, ignore_errors=True)  # a run cut short earlier starts again
     os.makedirs(out)
-    argv = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+    argv = [sys.executable, os.path.join(report.ROOT, "train.py"),
             "--dataset", dataset, "--seed", str(seed), "--max_iters", str(iters),
             "--eval_interval", str(max(1, iters // 5)), "--out_dir", out, *flags,
             *cfg.train_args.split()]
@@ -106,7 +106,7 @@ _retraining = threading.Lock()
 
 @torch.inference_mode()
 def answers(cfg, out, query_from=None, modes=("retrieval",)):
-    """Held-out answer metrics of a trained run (eval.py's), with retrieval in the loop."""
+    """Held-out answer metrics of a trained run (evaluate.py's), with retrieval in the loop."""
     _, gen, embedder, data, tok = load_run(out, "cpu")
     query_gen = None
     if query_from:

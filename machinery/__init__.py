@@ -1,0 +1,13 @@
+"""
+What the tutorial's files lean on, kept out of their way. Nothing here is the method itself.
+
+    cli.py          a config dataclass becomes argparse flags; one-line errors; Ctrl-C and SIGTERM
+    config.py       train.py's Config (every flag), its checks, the device, and building the models
+    corpora.py      corpora as documents of segments: facts, pydoc, .txt and .jsonl readers
+    facts.py        the generated `facts` world
+    tokenizer.py    the tokenizer (bytes or GPT-2's BPE, through tiktoken) with the marker token
+    prepare.py      documents -> token streams, markers and sequences, cached on disk
+    checkpoint.py   ckpt.pt: written whole or not at all, resumed exactly; loading a finished run
+    distributed.py  several processes (torchrun): DDP, L_NSP's candidates gathered from all
+    run.py          the training loop's bookkeeping: log, checkpoints, Ctrl-C, divergence, summary
+"""

@@ -1,0 +1,136 @@
+"""
+train.py's configuration: every flag with its default and help (`python train.py --help`), the
+checks that turn a bad value into a one-line error, the device and precision, and the two models
+a config describes. sample.py and evaluate.py rebuild a finished run from the Config saved in its
+checkpoint.
+"""
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from embedder import EmbedderConfig, SeqEmbedder
+from machinery.cli import UserError, flag
+from model import Gen, GenConfig
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = flag("facts", "facts, pydoc, or a path to a .txt or .jsonl file")
+    split: str = flag("sentence", "what a sequence is in a .txt or pydoc: sentence, line, or none "
+                                  "(no markers: plain language modelling)")
+    val_fraction: float = flag(0.1, "share of a .txt/.jsonl/pydoc corpus held out as val (its end)")
+    facts_people: int = flag(400, "facts: people in the world (6 facts each)")
+    facts_heldout: float = flag(0.2, "facts: share of people whose questions are held out (val)")
+    tokenizer: str = flag("bytes", "bytes (offline) or gpt2 (tiktoken's cache or --gpt2_file)")
+    gpt2_file: str = flag("", "path to a gpt2.tiktoken file (or set COSUP_GPT2_FILE)")
+    cache_dir: str = flag("data_cache", "where prepared corpora are cached")
+    # Gen
+    n_layer: int = flag(2, "Gen: transformer layers")
+    n_head: int = flag(4, "Gen: attention heads")
+    n_embd: int = flag(128, "Gen: width")
+    block_size: int = flag(128, "Gen: context length in tokens (and training window)")
+    dropout: float = flag(0.0, "dropout in Gen and Emb_seq")
+    # Emb_seq
+    emb_layer: int = flag(2, "Emb_seq: transformer layers")
+    emb_head: int = flag(4, "Emb_seq: attention heads")
+    emb_embd: int = flag(64, "Emb_seq: width")
+    seq_len: int = flag(64, "Emb_seq: longest sequence it reads (longer ones are cut)")
+    seq_dim: int = flag(128, "width of queries and sequence embeddings")
+    # objective
+    lambda_tok: float = flag(1.0, "weight of L_NTP (0: NSP-only training)")
+    lambda_seq: float = flag(0.5, "weight of L_NSP (0: NTP-only training)")
+    nsp_start: int = flag(0, "iterations of NTP alone before L_NSP joins")
+    temperature: float = flag(0.05, "InfoNCE temperature tau")
+    hard_negatives: int = flag(2, "hard negatives per marker (confusable sequences) in L_NSP")
+    # optimisation
+    batch_size: int = flag(24, "windows per batch, per process (torchrun: each process draws its "
+                               "own, so N processes train on N * batch_size windows per step)")
+    max_iters: int = flag(1200, "training iterations")
+    learning_rate: float = flag(2e-3, "peak learning rate")
+    min_lr: float = flag(2e-4, "learning rate at the end of the cosine decay")
+    warmup_iters: int = flag(100, "linear warmup iterations")
+    weight_decay: float = flag(0.1, "AdamW weight decay (matrices only)")
+    beta2: float = flag(0.99, "AdamW beta2")
+    grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
+    # evaluation and i/o
+    eval_interval: int = flag(400, "iterations between evaluations and checkpoints")
+    eval_iters: int = flag(10, "batches per split for the loss estimates")
+    out_dir: str = flag("out", "where ckpt.pt and log.jsonl go")
+    seed: int = flag(1337, "random seed (weights, batches)")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
+    dtype: str = flag("auto", "auto (bfloat16 on a GPU with it, else float32), float32, bfloat16")
+    compile: bool = flag(False, "torch.compile the models")
+    resume: bool = flag(False, "continue from out_dir/ckpt.pt")
+    overwrite: bool = flag(False, "start afresh in an out_dir that holds another run's checkpoint "
+                                  "(it and the log are replaced)")
+    init_from: str = flag("", "start from the weights of another run's out_dir (same data and "
+                              "model sizes), with a fresh optimizer and schedule")
+
+
+def check_config(cfg):
+    for name in ("lambda_tok", "lambda_seq"):
+        v = getattr(cfg, name)
+        if not math.isfinite(v) or v < 0:
+            raise UserError(f"--{name} must be a finite number >= 0, got {v}")
+    if cfg.lambda_tok == 0 and cfg.lambda_seq == 0:
+        raise UserError("--lambda_tok and --lambda_seq are both 0: nothing to train")
+    for name in ("block_size", "batch_size", "n_layer", "n_head", "n_embd", "emb_layer", "emb_head",
+                 "emb_embd", "seq_len", "seq_dim", "eval_interval", "eval_iters"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    for width, heads in (("n_embd", "n_head"), ("emb_embd", "emb_head")):
+        if getattr(cfg, width) % getattr(cfg, heads):
+            raise UserError(f"--{width} {getattr(cfg, width)} is not divisible by "
+                            f"--{heads} {getattr(cfg, heads)}")
+    for name in ("max_iters", "nsp_start", "hard_negatives", "warmup_iters"):
+        if getattr(cfg, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if not cfg.temperature > 0:
+        raise UserError(f"--temperature must be positive, got {cfg.temperature}")
+    if cfg.split not in ("sentence", "line", "none"):
+        raise UserError(f"--split must be sentence, line or none, got {cfg.split!r}")
+    if not 0 < cfg.val_fraction < 1 or not 0 < cfg.facts_heldout < 1:
+        raise UserError("--val_fraction and --facts_heldout must be between 0 and 1")
+    if cfg.dtype not in ("auto", "float32", "bfloat16"):
+        raise UserError(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.resume and cfg.overwrite:
+        raise UserError("--resume and --overwrite contradict each other: choose one")
+    if cfg.resume and cfg.init_from:
+        raise UserError("--resume and --init_from exclude each other: resume continues out_dir's "
+                        "run, init_from starts a new one from another run's weights")
+
+
+def pick_device(name):
+    """The device a --device flag names ("auto": a GPU where there is one)."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else (
+            "mps" if torch.backends.mps.is_available() else "cpu")
+    kind = name.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
+    available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                 "mps": torch.backends.mps.is_available()}
+    if not available[kind]:
+        raise UserError(f"device {name!r} is not available on this machine")
+    return name
+
+
+def autocast(device, dtype):
+    """bfloat16 autocast on a GPU; plain float32 elsewhere (CPU autocast is slower than fp32)."""
+    kind = device.split(":")[0]
+    if dtype == "auto":
+        dtype = "bfloat16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return nullcontext() if dtype == "float32" else torch.autocast(kind, dtype=torch.bfloat16)
+
+
+def build_models(cfg, vocab_size):
+    """Gen and Emb_seq of the sizes a config gives, freshly initialised."""
+    gen = Gen(GenConfig(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
+                        cfg.seq_dim, cfg.dropout))
+    embedder = SeqEmbedder(EmbedderConfig(vocab_size, cfg.seq_len, cfg.emb_layer, cfg.emb_head,
+                                          cfg.emb_embd, cfg.seq_dim, cfg.dropout))
+    return gen, embedder
