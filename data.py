@@ -49,7 +49,7 @@ class Data:
     """A prepared corpus: train and val token streams with their markers, and the datastore's
     sequences (their tokens and hard negatives) that the markers point to."""
 
-    def __init__(self, path, block_size):
+    def __init__(self, path, block_size, transductive=False):
         with open(os.path.join(path, "meta.json")) as f:
             self.meta = json.load(f)
         self.fingerprint = self.meta["key"]
@@ -57,7 +57,6 @@ class Data:
         seqs = np.load(os.path.join(path, "sequences.npz"))
         # the tokens of all sequences end to end: sequence i is seq_tokens[offsets[i]:offsets[i+1]]
         self.offsets, self.seq_tokens = seqs["offsets"], seqs["tokens"]
-        self.hard_negatives = seqs["hard_negatives"]  # (n_sequences, H) ids, -1 where none
         self.n_sequences = len(self.offsets) - 1
         self.block_size = block_size
         for name, split in (("train", self.train), ("val", self.val)):
@@ -65,8 +64,16 @@ class Data:
                 raise UserError(f"the {name} split has {len(split.ids)} tokens, fewer than one "
                                 f"block ({block_size + 1}): use a larger corpus or a smaller "
                                 "--block_size")
-        # allowed window starts: document starts (for short self-contained documents) or anywhere
-        self.starts = {name: s.doc_starts[s.doc_starts < len(s.ids) - block_size]
+        # Each sequence's hard negatives (n_sequences, H), distinct, -1 where none. Strictly
+        # held out, training batches draw only from train's sequences (ids below
+        # n_train_sequences): Emb_seq never meets a val sequence before it is evaluated on it.
+        hard = seqs["hard_negatives"]
+        if not transductive:
+            hard = _first(np.where(hard < self.meta["n_train_sequences"], hard, -1))
+        self.negatives = {"train": hard, "val": seqs["hard_negatives"]}
+        # allowed window starts: anywhere in a stream of text; in a corpus of self-contained
+        # documents, each document's start, and more starts inside a document longer than a window
+        self.starts = {name: _document_windows(s.doc_starts, len(s.ids), block_size)
                        if self.meta["aligned"] else None
                        for name, s in (("train", self.train), ("val", self.val))}
 
@@ -89,15 +96,22 @@ class Data:
         # counts it as a negative) plus `hard_negatives` confusable sequences per marker
         negatives = np.zeros(0, dtype=np.int64)
         if hard_negatives and len(targets):
-            pool = self.hard_negatives[targets]                               # (M, H) ids, -1: none
-            pick = rng.random(pool.shape).argsort(axis=1)[:, :hard_negatives]  # (M, h) random picks
-            negatives = np.take_along_axis(pool, pick, axis=1).ravel()        # (M * h,)
-            negatives = negatives[negatives >= 0]
+            negatives = self.pick_negatives(split_name, targets, hard_negatives, rng).ravel()
+            negatives = negatives[negatives >= 0]                              # (<= M * h,)
         candidate_ids = np.unique(np.concatenate([targets, negatives]))       # (N,) sorted
         candidates, mask = self.pad_sequences(candidate_ids, seq_len)         # (N, L) each
         positive = np.searchsorted(candidate_ids, targets)                    # (M,)
         return Batch(x, y, (torch.from_numpy(rows), torch.from_numpy(cols)), candidates, mask,
                      torch.from_numpy(positive), torch.from_numpy(candidate_ids))
+
+    def pick_negatives(self, split_name, targets, h, rng):
+        """For each target (M,), h of its hard negatives at random, distinct: (M, h), -1 where it
+        has fewer than h."""
+        pool = self.negatives[split_name][targets]                           # (M, H), -1: none
+        keys = rng.random(pool.shape)                                        # (M, H)
+        keys[pool < 0] = 2.0                 # above every random key: padding is picked last
+        pick = keys.argsort(axis=1)[:, :h]                                   # (M, h)
+        return np.take_along_axis(pool, pick, axis=1)
 
     def sequence(self, i):
         """The token ids of datastore sequence i."""
@@ -135,6 +149,24 @@ class Split:
         self.marker_target = arrays["marker_target"]
 
 
+def _first(pools):
+    """Each row's ids (>= 0) moved to its front, in their order; -1 after them."""
+    order = np.argsort(pools < 0, axis=1, kind="stable")
+    return np.take_along_axis(pools, order, axis=1)
+
+
+def _document_windows(doc_starts, n_tokens, T):
+    """Window starts for self-contained documents: each document's start, and, where a document
+    is longer than a window, more starts every T/2 tokens and one that ends at its end, so that
+    every token of every document is read and predicted by some window."""
+    ends = np.append(doc_starts[1:], n_tokens)
+    starts = []
+    for a, b in zip(doc_starts, ends):
+        starts += list(range(a, max(a + 1, b - T), T // 2)) + ([b - T - 1] if b - a > T + 1 else [])
+    starts = np.unique(np.array(starts, dtype=np.int64))
+    return starts[starts < n_tokens - T]
+
+
 def load_data(cfg):
     """Build (or find in the cache) the prepared corpus of a config; returns (Data, Tokenizer)."""
     tok = Tokenizer(cfg.tokenizer, cfg.gpt2_file)
@@ -144,4 +176,4 @@ def load_data(cfg):
         if not any(s.text.strip() for d in docs for s in d):
             raise UserError(f"{cfg.dataset}: its {name} split has no text; the corpus is too "
                             "small to split into train and val")
-    return Data(prepare(corpus, tok, cfg.cache_dir), cfg.block_size), tok
+    return Data(prepare(corpus, tok, cfg.cache_dir), cfg.block_size, cfg.transductive), tok

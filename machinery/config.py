@@ -46,6 +46,8 @@ class Config:
     nsp_start: int = flag(0, "iterations of NTP alone before L_NSP joins")
     temperature: float = flag(0.05, "InfoNCE temperature tau")
     hard_negatives: int = flag(2, "hard negatives per marker (confusable sequences) in L_NSP")
+    transductive: bool = flag(False, "let val sequences be hard negatives in training (default: "
+                                     "strictly held out, training never sees a val sequence)")
     # optimisation
     batch_size: int = flag(24, "windows per batch, per process (torchrun: each process draws its "
                                "own, so N processes train on N * batch_size windows per step)")

@@ -114,6 +114,8 @@ def _read_jsonl(path):
                             "{'text': ...} or {'sequence': ...}") from None
         if any(not isinstance(s.text, str) for s in doc):
             raise UserError(f"{path}:{n}: segment values must be strings")
+        if any(s.sequence and not s.text for s in doc):  # it would embed to nothing (0 / 0)
+            raise UserError(f"{path}:{n}: an empty sequence; give it text or leave it out")
         docs.append(doc)
     return docs
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from machinery.corpora import Segment
 
-FORMAT_VERSION = 1        # bump when the prepared format changes, so old caches are not reused
+FORMAT_VERSION = 2        # bump when the prepared format changes, so old caches are not reused
 
 
 def _tokenize(docs, tok, seq_id, seq_tokens):
@@ -42,18 +42,22 @@ def prepare(corpus, tok, cache_dir):
     path = os.path.join(cache_dir, key)
     if os.path.exists(os.path.join(path, "meta.json")):
         return path
-    # A val sequence that is also in the train text would be a leak: in val it stays plain text.
-    train_seqs = {s.text for d in corpus.train for s in d if s.sequence}
-    val = [[Segment(s.text, s.sequence and s.text not in train_seqs) for s in d]
+    # A val sequence that training has seen (as a sequence, or anywhere inside the training
+    # text) would be a leak: in val it stays plain text, never a retrieval target.
+    train_text = "\n".join(s.text for d in corpus.train for s in d)
+    val = [[Segment(s.text, s.sequence and s.text not in train_text) for s in d]
            for d in corpus.val]
-    texts = list(dict.fromkeys(s.text for d in corpus.train + val for s in d if s.sequence))
+    # train's sequences first: ids below n_train are the ones training may use
+    train_seqs = dict.fromkeys(s.text for d in corpus.train for s in d if s.sequence)
+    texts = list(dict.fromkeys([*train_seqs, *(s.text for d in val for s in d if s.sequence)]))
     seq_id = {t: i for i, t in enumerate(texts)}
     seq_tokens = [tok.encode(t) for t in texts]
     dtype = np.uint16 if tok.vocab_size < 2**16 else np.uint32
     tmp = path + f".tmp{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
     meta = {"key": key, "tokenizer": tok.name, "vocab_size": tok.vocab_size,
-            "aligned": corpus.aligned, "dtype": np.dtype(dtype).name, "n_sequences": len(texts)}
+            "aligned": corpus.aligned, "dtype": np.dtype(dtype).name, "n_sequences": len(texts),
+            "n_train_sequences": len(train_seqs)}
     for name, docs in (("train", corpus.train), ("val", val)):
         ids, starts, pos, target = _tokenize(docs, tok, seq_id, seq_tokens)
         np.array(ids, dtype=dtype).tofile(os.path.join(tmp, f"{name}.bin"))
@@ -61,7 +65,9 @@ def prepare(corpus, tok, cache_dir):
                  marker_pos=np.array(pos, dtype=np.int64),
                  marker_target=np.array(target, dtype=np.int64))
         meta[f"{name}_tokens"], meta[f"{name}_markers"] = len(ids), len(pos)
-    hard = [[seq_id[h] for h in corpus.hard_negatives.get(t, []) if h in seq_id][:8] for t in texts]
+    # each sequence's hard negatives: distinct, never itself, at most 8
+    hard = [[seq_id[h] for h in dict.fromkeys(corpus.hard_negatives.get(t, []))
+             if h in seq_id and h != t][:8] for t in texts]
     hard_array = np.full((len(texts), max([len(h) for h in hard] + [1])), -1, dtype=np.int64)
     for i, h in enumerate(hard):
         hard_array[i, :len(h)] = h

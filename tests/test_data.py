@@ -85,6 +85,10 @@ def test_facts_splits_share_no_sequence_and_no_person():
     train_text = " ".join(s.text for d in corpus.train for s in d)
     for question, fact, _ in corpus.val:  # no held-out question or fact is in training text
         assert question.text not in train_text and fact.text not in train_text
+    # no held-out person is named anywhere in training: "Q: Where does <name> live?"
+    names = {q.text.split("does ")[-1].split(" live?")[0]
+             for q, _, _ in corpus.val if "live?" in q.text}
+    assert len(names) == 10 and not any(n in train_text for n in names)
 
 
 def test_plain_split_has_no_markers_and_val_is_the_end(tmp_path):
@@ -125,3 +129,89 @@ def test_bad_files_are_user_errors(tmp_path):
         load_corpus(str(tmp_path / "bin.txt"))
     with pytest.raises(UserError, match="unknown dataset"):
         load_corpus("wikipedia")
+
+
+def _evidence_jsonl(tmp_path, docs=40):
+    """Evidence-style documents longer than a block: a question, six sequences, an answer."""
+    import json
+    lines = []
+    for d in range(docs):
+        segs = [{"text": f"Q: what do we know about item number {d} of the list? "}]
+        segs += [{"sequence": f"Item {d} has property {k}, which is worth noting here."}
+                 for k in range(6)]
+        segs += [{"text": f"\nA: answer {d}.\n"}]
+        lines.append(json.dumps({"segments": segs}))
+    return write(str(tmp_path / "evidence.jsonl"), "\n".join(lines))
+
+
+def test_every_marker_and_answer_of_a_long_document_is_trained(tmp_path):
+    corpus = load_corpus(_evidence_jsonl(tmp_path), val_fraction=0.1)
+    data, tok = _prepared(tmp_path, corpus, block_size=128)
+    split, T = data.train, data.block_size
+    assert np.diff(split.doc_starts).min() > T + 1  # every document is longer than a window
+    starts = data.starts["train"]
+    in_x = np.zeros(len(split.ids), bool)   # positions some window reads (markers make queries)
+    in_y = np.zeros(len(split.ids), bool)   # positions some window predicts (L_NTP targets)
+    for s in starts:
+        in_x[s:s + T], in_y[s + 1:s + T + 1] = True, True
+    assert in_x[split.marker_pos].all()
+    ends = np.append(split.doc_starts[1:], len(split.ids))
+    for a, b in zip(split.doc_starts, ends):  # every token after a document's first, answers too
+        assert in_y[a + 1:b].all()
+
+
+def test_val_sequences_never_enter_a_training_batch(tiny_data):
+    data, _ = tiny_data
+    val_targets = set(data.val.marker_target.tolist())
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        batch = data.get_batch("train", 8, rng, hard_negatives=4)
+        assert not val_targets & set(batch.candidate_ids.tolist())
+
+
+def test_transductive_lets_val_sequences_be_hard_negatives(tmp_path):
+    from machinery.config import Config
+    from data import load_data
+    data, _ = load_data(Config(facts_people=60, block_size=96, cache_dir=str(tmp_path),
+                               transductive=True))
+    val_targets = set(data.val.marker_target.tolist())
+    rng = np.random.default_rng(0)
+    seen = set()
+    for _ in range(50):
+        seen |= set(data.get_batch("train", 8, rng, hard_negatives=4).candidate_ids.tolist())
+    assert val_targets & seen
+
+
+@pytest.mark.parametrize("dataset", ["facts", "text"])
+def test_each_marker_gets_as_many_distinct_hard_negatives_as_asked(tmp_path, tiny_data, dataset):
+    if dataset == "facts":
+        data, _ = tiny_data
+    else:
+        path = write(str(tmp_path / "t.txt"), " ".join(f"Sentence {i} is here." for i in range(400)))
+        data, _ = _prepared(tmp_path, load_corpus(path, val_fraction=0.2), block_size=64)
+    rng = np.random.default_rng(0)
+    targets = data.train.marker_target
+    for h in (1, 2, 3, 8):
+        picks = data.pick_negatives("train", targets, h, rng)           # (M, h), -1: none
+        for t, row in zip(targets, picks):
+            pool = {int(x) for x in data.negatives["train"][t] if x >= 0}
+            chosen = [int(x) for x in row if x >= 0]
+            assert len(set(chosen)) == len(chosen) == min(h, len(pool))
+            assert set(chosen) <= pool and t not in chosen
+
+
+def test_an_empty_sequence_is_a_user_error(tmp_path):
+    path = write(str(tmp_path / "e.jsonl"), '{"segments": [{"text": "Q "}, {"sequence": ""}]}\n' * 4)
+    with pytest.raises(UserError, match="e.jsonl:1: .*empty"):
+        load_corpus(path)
+
+
+def test_a_val_sequence_inside_the_training_text_is_not_a_val_target(tmp_path):
+    lines = ['{"segments": [{"text": "Notes: one. Two. Keep this in mind."}, '
+             '{"sequence": "A train fact."}]}'] * 3
+    lines += ['{"segments": [{"text": "Q "}, {"sequence": "Keep this in mind."}, '
+              '{"sequence": "A new val fact."}]}']
+    corpus = load_corpus(write(str(tmp_path / "l.jsonl"), "\n".join(lines)), val_fraction=0.25)
+    data, tok = _prepared(tmp_path, corpus)
+    val = [tok.decode(data.sequence(t)) for t in data.val.marker_target]
+    assert val == ["A new val fact."]
