@@ -27,11 +27,18 @@ from machinery.config import Config, build_models, check_config
 from machinery.run import Run
 
 
-def make_optimizer(cfg, params, device):
-    """AdamW; weight decay on matrices (and embeddings) only, not on norms, as in nanoGPT."""
-    params = [p for p in params if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def make_optimizer(cfg, gen, embedder, device):
+    """AdamW; weight decay on matrices (and embeddings) only, not on norms, as in nanoGPT. The
+    parts that only L_NSP trains (Emb_seq and Gen's seq_head) are groups of their own, marked
+    "nsp", so that their learning rate can warm up when L_NSP joins late (nsp_lr_scale)."""
+    nsp_only = [*gen.seq_head.parameters(), *embedder.parameters()]
+    shared = [p for p in gen.parameters() if all(p is not q for q in nsp_only)]
+    groups = []
+    for params, nsp in ((shared, False), (nsp_only, True)):
+        params = [p for p in params if p.requires_grad]
+        groups += [{"params": [p for p in params if p.dim() >= 2], "nsp": nsp,
+                    "weight_decay": cfg.weight_decay},
+                   {"params": [p for p in params if p.dim() < 2], "nsp": nsp, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2),
                              fused=device.startswith("cuda"))
 
@@ -42,6 +49,15 @@ def learning_rate(it, cfg):
         return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
     progress = min(1.0, (it - cfg.warmup_iters) / max(1, cfg.max_iters - cfg.warmup_iters))
     return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def nsp_lr_scale(it, cfg):
+    """When L_NSP joins after nsp_start > 0 steps of NTP alone, the parts only it trains are still
+    at their initialisation: they get a warmup of their own, warmup_iters long, from nsp_start
+    (their learning rate is learning_rate times this), instead of meeting the peak rate at once."""
+    if cfg.nsp_start == 0:
+        return 1.0
+    return min(1.0, max(0, it - cfg.nsp_start + 1) / (cfg.warmup_iters + 1))
 
 
 def step_loss(gen, embedder, batch, lambda_tok, lambda_seq, temperature, world=1):
@@ -61,11 +77,13 @@ def step_loss(gen, embedder, batch, lambda_tok, lambda_seq, temperature, world=1
                                pool=pool)
 
 
-def train_step(gen, embedder, optimizer, params, batch, cfg, lambda_seq, lr, ctx, world=1):
-    """One optimisation step of L on a batch (AdamW, the gradient norm clipped to grad_clip).
-    Returns the loss and its parts."""
+def train_step(gen, embedder, optimizer, params, batch, cfg, lambda_seq, lr, ctx, world=1,
+               nsp_lr=None):
+    """One optimisation step of L on a batch (AdamW, the gradient norm clipped to grad_clip), at
+    learning rate lr (nsp_lr, default lr, for the parts only L_NSP trains). Returns the loss and
+    its parts."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = nsp_lr if group["nsp"] and nsp_lr is not None else lr
     with ctx:
         loss, stats = step_loss(gen, embedder, batch, cfg.lambda_tok, lambda_seq, cfg.temperature,
                                 world)
@@ -116,7 +134,7 @@ def main(argv=None):
     gen, embedder = build_models(cfg, tok.vocab_size)
     gen.to(run.device), embedder.to(run.device)
     params = list(gen.parameters()) + list(embedder.parameters())
-    optimizer = make_optimizer(cfg, params, run.device)
+    optimizer = make_optimizer(cfg, gen, embedder, run.device)
     start = run.begin(gen, embedder, optimizer, params, data, tok)  # --resume, --init_from
     step_gen, step_embedder = run.step_models(gen, embedder)        # --compile, DDP
     for it in run.iterations(start):  # the progress bar; Ctrl-C and divergence stop it
@@ -129,7 +147,8 @@ def main(argv=None):
         lambda_seq = cfg.lambda_seq if it >= cfg.nsp_start else 0.0
         batch = data.get_batch("train", cfg.batch_size, run.rng, cfg.hard_negatives, cfg.seq_len)
         loss, stats = train_step(step_gen, step_embedder, optimizer, params, batch.to(run.device),
-                                 cfg, lambda_seq, lr, run.ctx, run.world)
+                                 cfg, lambda_seq, lr, run.ctx, run.world,
+                                 nsp_lr=lr * nsp_lr_scale(it, cfg))
         run.stepped(it, loss, stats)
     run.finish()
 

@@ -49,7 +49,7 @@ def stepper(cfg, data, device, lambda_seq):
     gen, embedder = build_models(cfg, data.meta["vocab_size"])
     gen.to(device), embedder.to(device)
     params = list(gen.parameters()) + list(embedder.parameters())
-    optimizer = train.make_optimizer(cfg, params, device)
+    optimizer = train.make_optimizer(cfg, gen, embedder, device)
     rng, ctx = np.random.default_rng(cfg.seed), autocast(device, cfg.dtype)
     fwd_gen, fwd_embedder = (torch.compile(gen), torch.compile(embedder)) if cfg.compile else (
         gen, embedder)

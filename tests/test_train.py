@@ -66,3 +66,17 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr.count("\n") == 1 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_the_parts_only_l_nsp_trains_warm_up_when_it_joins_late():
+    cfg = Config(nsp_start=50, warmup_iters=9, max_iters=200)
+    gen, emb = build_models(cfg, 258)
+    optimizer = train.make_optimizer(cfg, gen, emb, "cpu")
+    nsp = {id(p) for g in optimizer.param_groups if g["nsp"] for p in g["params"]}
+    shared = {id(p) for g in optimizer.param_groups if not g["nsp"] for p in g["params"]}
+    assert nsp == {id(p) for p in [*gen.seq_head.parameters(), *emb.parameters()]}
+    assert not nsp & shared and len(nsp | shared) == len(list(gen.parameters())) + len(
+        list(emb.parameters()))
+    assert [train.nsp_lr_scale(it, cfg) for it in (0, 49, 50, 54, 58, 59, 150)] == [
+        0, 0, 0.1, 0.5, 0.9, 1, 1]
+    assert train.nsp_lr_scale(0, Config(nsp_start=0)) == 1  # from step 0: the shared warmup
