@@ -8,13 +8,17 @@ entry returned is
 
 Queries and embeddings are unit vectors, so this is also the nearest neighbour by cosine.
 Evaluation asks where each marker's true target lands in that ranking: recall@k (target in the top
-k) and MRR (mean of 1 / rank), against the whole datastore, not just a batch.
+k) and MRR (mean of 1 / rank), against the whole datastore, not just a batch. Beside chance, a
+training-free lexical retriever (TF-IDF, end of this file) is scored on exactly the same markers,
+contexts and datastore: the learned sequence space earns its keep only where it beats words alone.
 """
 
 import hashlib
 import math
 import os
+import re
 import sys
+from collections import Counter
 
 import numpy as np
 import torch
@@ -156,3 +160,67 @@ class Datastore:
         store = cls.build(embedder, data)
         store.save(path)
         return store
+
+
+# -----------------------------------------------------------------------------------------------
+# The lexical baseline: TF-IDF, no training
+#
+# Words are lowercase \w+ runs. Over the N datastore sequences, with n(w, d) the count of word w
+# in text d and df(w) the number of sequences holding w (sublinear tf, smoothed idf):
+#
+#     v_d[w] = tf(w, d) * idf(w),   tf = 1 + log n(w, d)  (0 where n = 0),
+#                                   idf(w) = 1 + log((1 + N) / (1 + df(w)))
+#     s(q, j) = v_q . v_j / (|v_q| |v_j|)          (0 where either vector is all zero)
+#
+# The query is the text Gen sees at the marker (data.marker_contexts); ties count against the target.
+
+WORD = re.compile(r"\w+")
+
+
+def tfidf_vectors(texts, vocab, idf):
+    """Unit TF-IDF rows (len(texts), len(vocab)), a sparse tensor; words outside vocab (the
+    datastore's words) are dropped, since they match nothing."""
+    rows, cols, vals = [], [], []
+    for row, text in enumerate(texts):
+        for w, n in Counter(WORD.findall(text.lower())).items():
+            if w in vocab:
+                rows.append(row), cols.append(vocab[w])
+                vals.append((1 + math.log(n)) * idf[vocab[w]])
+    rows, cols = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+    vals = torch.tensor(vals, dtype=torch.float64)
+    norms = torch.zeros(len(texts), dtype=torch.float64).index_add_(0, rows, vals ** 2).sqrt()
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals / norms[rows],
+                                   (len(texts), len(vocab)), check_invariants=True)
+
+
+def ranks_with_ties(scores, targets):
+    """Rank (1 = best) of each row's target among its scores (Q, N): 1 + the number of other
+    entries scoring at least as high, so a tie counts against the target."""
+    rows = torch.arange(len(scores))
+    at_least = scores >= scores[rows, targets][:, None]                   # (Q, N)
+    at_least[rows, targets] = False                                       # not its own rival
+    return 1 + at_least.sum(dim=1)
+
+
+def lexical_ranks(queries, texts, targets):
+    """Rank (1 = best) of each query's target among the texts by TF-IDF cosine, ties counted
+    against the target. queries: strings, texts: the datastore's strings, targets (Q,) ids."""
+    df = Counter(w for t in texts for w in set(WORD.findall(t.lower())))
+    vocab = {w: i for i, w in enumerate(df)}
+    idf = [1 + math.log((1 + len(texts)) / (1 + df[w])) for w in vocab]
+    q, e = tfidf_vectors(queries, vocab, idf), tfidf_vectors(texts, vocab, idf)
+    scores = torch.sparse.mm(e, q.to_dense().T).T                     # (Q, N) cosines
+    return ranks_with_ties(scores, torch.as_tensor(targets))
+
+
+def lexical_metrics(data, tok, split, limit=None):
+    """retrieval_metrics of TF-IDF for a split's markers (the first limit), named lexical_*."""
+    contexts, targets = data.marker_contexts(split, limit)
+    if not len(targets):
+        return {"lexical_recall@1": None, "lexical_recall@10": None, "lexical_mrr": None}
+    special = {tok.marker, tok.eod}
+    queries = [tok.decode([t for t in c if t not in special]) for c in contexts]
+    texts = [tok.decode(data.sequence(i)) for i in range(data.n_sequences)]
+    ranks = lexical_ranks(queries, texts, targets)
+    return {f"lexical_{k}": v for k, v in retrieval_metrics(ranks).items()}
+

@@ -9,6 +9,7 @@ Prints one JSON object and writes it to OUT_DIR/eval.json. For the val split (he
 `facts`) and a sample of train:
   ntp, ppl                 L_NTP on fixed batches, and exp of it
   recall@1, recall@10, mrr every marker's query ranked against the whole datastore
+  lexical_recall@1, ...    the same for the training-free TF-IDF baseline (datastore.py)
   answer_em_retrieval      greedy generation from the question, retrieval in the loop: the answer
                            (the document's last line) equals the gold one
   answer_em_no_retrieval   the same, Gen writing the sequence itself
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from datastore import Datastore, retrieval_quality
+from datastore import Datastore, chance_metrics, lexical_metrics, retrieval_quality
 from generate import generate
 from machinery.checkpoint import load_run
 from machinery.cli import UserError, flag, main_guard, parse_config
@@ -112,11 +113,12 @@ def main(argv=None):
         where = args.query_from
     datastore = Datastore.load_or_build(os.path.join(where, "datastore.pt"), retriever, data)
     result = {"out_dir": args.out_dir, "query_from": args.query_from or None,
-              "datastore": len(datastore)}
+              "datastore": len(datastore), "chance": chance_metrics(len(datastore))}
     for split, limit in (("val", None), ("train", 480)):  # all of val, a sample of train
         ntp, _ = loss_estimates(gen, embedder, data, cfg, device, ctx, split)
         m = {"ntp": ntp, "ppl": float(np.exp(ntp))}
         m.update(retrieval_quality(query_gen or gen, datastore.embeddings, data, split, device, ctx, limit))
+        m.update(lexical_metrics(data, tok, split, limit))  # the TF-IDF baseline, same markers
         if args.questions and cfg.split != "none":
             m.update(answer_metrics(gen, datastore, data, tok, split, args.questions, query_gen))
         result[split] = m

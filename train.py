@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from data import load_data
-from datastore import retrieval_quality
+from datastore import lexical_metrics, retrieval_quality
 from losses import co_supervision_loss
 from machinery import distributed
 from machinery.cli import main_guard, parse_config
@@ -111,9 +111,9 @@ def loss_estimates(gen, embedder, data, cfg, device, ctx, split):
     return float(np.mean(ntp)), (float(np.mean(nsp)) if nsp else None)
 
 
-def evaluate(gen, embedder, data, cfg, device, ctx):
+def evaluate(gen, embedder, data, cfg, device, ctx, lexical):
     """The training loop's evaluation: losses on both splits, val retrieval against the whole
-    datastore (datastore.py)."""
+    datastore (datastore.py), and beside it `lexical`: the TF-IDF baseline's on the same markers."""
     gen.eval(), embedder.eval()
     out = {}
     for split in ("train", "val"):
@@ -123,7 +123,7 @@ def evaluate(gen, embedder, data, cfg, device, ctx):
         embeddings = embedder.embed(data)                                 # (n_sequences, d)
     out.update(retrieval_quality(gen, embeddings, data, "val", device, ctx))
     gen.train(), embedder.train()
-    return out
+    return {**out, **lexical}
 
 
 def main(argv=None):
@@ -137,10 +137,11 @@ def main(argv=None):
     optimizer = make_optimizer(cfg, gen, embedder, run.device)
     start = run.begin(gen, embedder, optimizer, params, data, tok)  # --resume, --init_from
     step_gen, step_embedder = run.step_models(gen, embedder)        # --compile, DDP
+    lexical = lexical_metrics(data, tok, "val") if run.main else {}  # no training: once
     for it in run.iterations(start):  # the progress bar; Ctrl-C and divergence stop it
         lr = learning_rate(it, cfg)
         if run.due(it):  # every eval_interval, and at the end: log and checkpoint
-            run.save(it, lr, evaluate(gen, embedder, data, cfg, run.device, run.ctx)
+            run.save(it, lr, evaluate(gen, embedder, data, cfg, run.device, run.ctx, lexical)
                      if run.main else None)
         if it == cfg.max_iters:
             break

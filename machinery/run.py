@@ -161,7 +161,7 @@ class Run:
                          f"last good iteration, {self.saved}; try a lower --learning_rate")
 
     def finish(self):
-        """Close the log and print the last evaluation beside chance."""
+        """Close the log and print the last evaluation beside the lexical baseline and chance."""
         if not self.main:
             return
         self.log.close()
@@ -172,7 +172,8 @@ class Run:
         print(f"\ndone: {m['iter']} iterations, {f(m['ms_per_iter'])} ms/iter")
         print(f"  NTP loss        train {f(m['train_ntp'])}   val {f(m['val_ntp'])}")
         print(f"  NSP loss (val)  {f(m['val_nsp'])}")
-        print("  val retrieval against the whole datastore (chance in brackets):")
+        print("  val retrieval against the whole datastore:")
+        print(f"    {'':<10} {'learned':>8} {'TF-IDF':>8} {'chance':>8}")
         for k in ("recall@1", "recall@10", "mrr"):
-            print(f"    {k:<10} {f(m[k])}   ({f(chance[k])})")
+            print(f"    {k:<10} {f(m[k]):>8} {f(m.get('lexical_' + k)):>8} {f(chance[k]):>8}")
         print(f"  checkpoint {self.ckpt_path}, log {self.log_path}")
