@@ -20,13 +20,18 @@ import numpy as np
 import torch
 
 
+def _chunk_scores(queries, embeddings, chunk):
+    """Each chunk's start s and the scores queries @ embeddings[s:s + chunk].T, (Q, chunk)."""
+    for s in range(0, len(embeddings), chunk):
+        yield s, queries @ embeddings[s:s + chunk].T                      # (Q, chunk)
+
+
 def search(queries, embeddings, k=10, chunk=65536):
     """Exact top-k by inner product of queries (Q, d) over embeddings (N, d), in chunks of
     embeddings so memory stays bounded. Returns scores (Q, k) and ids (Q, k), best first."""
     best_scores = torch.full((len(queries), 0), -math.inf)
     best_ids = torch.zeros((len(queries), 0), dtype=torch.long)
-    for s in range(0, len(embeddings), chunk):
-        scores = queries @ embeddings[s:s + chunk].T                      # (Q, chunk)
+    for s, scores in _chunk_scores(queries, embeddings, chunk):
         top = scores.topk(min(k, scores.shape[1]), dim=1)
         best_scores = torch.cat([best_scores, top.values], dim=1)
         best_ids = torch.cat([best_ids, top.indices + s], dim=1)
@@ -36,19 +41,25 @@ def search(queries, embeddings, k=10, chunk=65536):
 
 
 def target_ranks(queries, embeddings, targets, chunk=65536):
-    """Rank (1 = best) of each query's target among all embeddings: 1 + the number scoring
-    higher. queries (Q, d), embeddings (N, d), targets (Q,) ids; returns (Q,)."""
+    """Rank (1 = best) of each query's target among all embeddings: 1 + the number of OTHER
+    entries scoring at least as high as the target (a tie counts against it, so N identical
+    embeddings rank every target N-th, not first). queries (Q, d), embeddings (N, d), targets
+    (Q,) ids; returns (Q,). A query or embedding that is not finite is an error: it would make
+    the ranking, and every number from it, meaningless."""
+    if not (torch.isfinite(queries).all() and torch.isfinite(embeddings).all()):
+        raise ValueError("a query or datastore embedding is not finite (NaN or inf): retrieval "
+                         "cannot be scored")
     rows = torch.arange(len(queries))
-    target_scores = (queries * embeddings[targets]).sum(dim=1, keepdim=True)  # (Q, 1)
-    higher = torch.zeros(len(queries), dtype=torch.long)
-    for s in range(0, len(embeddings), chunk):
-        scores = queries @ embeddings[s:s + chunk].T                      # (Q, chunk)
-        inside = (targets >= s) & (targets < s + len(scores[0]))
-        # the target never outranks itself (its score here may differ from target_scores by
-        # float rounding, since a matmul sums in another order)
-        scores[rows[inside], targets[inside] - s] = -math.inf
-        higher += (scores > target_scores).sum(dim=1)
-    return higher + 1
+    # the target's score from the same matmul as the others' (another order of summation
+    # could round it above or below an entry that ties it)
+    target_scores = queries.new_empty(len(queries), 1)                    # (Q, 1)
+    for s, scores in _chunk_scores(queries, embeddings, chunk):
+        inside = (targets >= s) & (targets < s + scores.shape[1])
+        target_scores[inside, 0] = scores[rows[inside], targets[inside] - s]
+    at_least = torch.zeros(len(queries), dtype=torch.long)  # the target itself, and every tie
+    for s, scores in _chunk_scores(queries, embeddings, chunk):
+        at_least += (scores >= target_scores).sum(dim=1)
+    return at_least
 
 
 def retrieval_metrics(ranks):
