@@ -49,9 +49,11 @@ def _answer(tok, ids):
     return lines[-1].strip() if lines else ""
 
 
-def questions(data, split, limit):
+def questions(data, tok, split, limit):
     """The first `limit` documents of a split with one marker: (prompt tokens up to the marker,
-    gold sequence id, gold document tokens from the marker to the end)."""
+    gold sequence id, gold document tokens from the marker to the end). A document that starts
+    with its marker is prompted with the end-of-document token, which precedes a document in the
+    token stream."""
     s = getattr(data, split)
     ends = np.append(s.doc_starts[1:], len(s.ids))
     first = np.searchsorted(s.marker_pos, s.doc_starts)       # each document's markers are
@@ -61,7 +63,8 @@ def questions(data, split, limit):
         if len(out) == limit:
             break
         pos = s.marker_pos[i]
-        out.append((np.asarray(s.ids[start:pos]), int(s.marker_target[i]),
+        prompt = s.ids[start:pos] if pos > start else [tok.eod]
+        out.append((np.asarray(prompt), int(s.marker_target[i]),
                     np.asarray(s.ids[pos:end - 1])))
     return out
 
@@ -70,7 +73,7 @@ def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
                    modes=("retrieval", "no_retrieval", "gold")):
     """The answer metrics of the first `limit` questions of a split, for each of `modes`:
     retrieval in the loop, Gen alone, Gen given the gold sequence."""
-    qs = questions(data, split, limit)
+    qs = questions(data, tok, split, limit)
     if not qs:
         return {}
     hits = {}

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from datastore import Datastore, search
@@ -77,3 +78,8 @@ def test_datastore_round_trip_and_staleness(tmp_path, tiny_data):
     rebuilt = Datastore.load_or_build(path, emb, data)
     assert rebuilt.fingerprint != built.fingerprint
     assert not torch.equal(rebuilt.embeddings, built.embeddings)
+
+
+def test_an_empty_prompt_is_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(_gen(), [], 5, MARKER, datastore=_store())
