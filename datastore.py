@@ -98,8 +98,9 @@ def marker_queries(gen, contexts, device, batch_size=256):
 @torch.no_grad()
 def retrieval_quality(gen, embeddings, data, split, device, ctx, limit=None):
     """recall@1, recall@10 and MRR of a split's markers (the first `limit`) against the whole
-    datastore `embeddings`: every sequence of the corpus, embedded."""
-    contexts, targets = data.marker_contexts(split, limit)
+    datastore `embeddings`: every sequence of the corpus, embedded. Each marker's context is cut
+    to what this Gen can read: its own block_size."""
+    contexts, targets = data.marker_contexts(split, gen.config.block_size, limit)
     if not len(targets):
         return {"recall@1": None, "recall@10": None, "mrr": None}
     with ctx:
@@ -147,23 +148,30 @@ class Datastore:
         os.replace(tmp, path)
 
     @classmethod
-    def load_or_build(cls, path, embedder, data):
-        """The datastore saved at path if it was built by this Emb_seq from this data; else
-        build it again (and say so) and save it. A stale datastore is never used."""
+    def load(cls, path, embedder, data):
+        """The datastore saved at path if it was built by this Emb_seq from this data; None if
+        there is none, or it is stale or unreadable (said on stderr). A stale one is never used."""
+        if not os.path.exists(path):
+            return None
         fingerprint = cls.fingerprint_of(embedder, data)
-        if os.path.exists(path):
-            try:
-                saved = torch.load(path, weights_only=True)
-                stale = saved["fingerprint"] != fingerprint or "embeddings" not in saved
-            except Exception:  # cut short, or not a datastore: as good as stale
-                stale = True
-            if not stale:
+        try:
+            saved = torch.load(path, weights_only=True)
+            if saved["fingerprint"] == fingerprint and "embeddings" in saved:
                 return cls(saved["embeddings"], saved["offsets"].numpy(),
                            saved["seq_tokens"].numpy(), fingerprint)
-            print(f"{path} is stale or unreadable (another Emb_seq or other data): rebuilding it",
-                  file=sys.stderr)
-        else:
+        except Exception:  # cut short, or not a datastore: as good as stale
+            pass
+        print(f"{path} is stale or unreadable (another Emb_seq or other data): not used",
+              file=sys.stderr)
+        return None
+
+    @classmethod
+    def load_or_build(cls, path, embedder, data):
+        """The datastore saved at path if it is fresh (load); else build it (and say so) and
+        save it there."""
+        store = cls.load(path, embedder, data)
+        if store is None:
             print(f"building the datastore: {data.n_sequences:,} sequences", file=sys.stderr)
-        store = cls.build(embedder, data)
-        store.save(path)
+            store = cls.build(embedder, data)
+            store.save(path)
         return store

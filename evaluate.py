@@ -5,8 +5,9 @@ documents that end in an answer, such as `facts`) answers written with retrieval
     python evaluate.py --out_dir out
     python evaluate.py --out_dir out_ntp --query_from out_nsp    # separate supervision (the paper's baseline)
 
-Prints one JSON object and writes it to OUT_DIR/eval.json. For the val split (held-out people for
-`facts`) and a sample of train:
+Prints one JSON object and writes it to OUT_DIR/eval.json (with --query_from OTHER, to
+OUT_DIR/eval_query_from_<OTHER's folder name>.json; OTHER's folder is only read). For the val split
+(held-out people for `facts`) and a sample of train:
   ntp, ppl                 L_NTP on fixed batches, and exp of it
   recall@1, recall@10, mrr every marker's query ranked against the whole datastore
   answer_em_retrieval      greedy generation from the question, retrieval in the loop: the answer
@@ -19,6 +20,7 @@ Prints one JSON object and writes it to OUT_DIR/eval.json. For the val split (he
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,13 +109,19 @@ def main(argv=None):
     cfg, gen, embedder, data, tok = load_run(args.out_dir, args.device)
     device = next(gen.parameters()).device.type
     ctx = autocast(device, cfg.dtype)
-    query_gen, retriever, where = None, embedder, args.out_dir
+    query_gen, path = None, os.path.join(args.out_dir, "eval.json")
     if args.query_from:
         _, query_gen, retriever, other_data, _ = load_run(args.query_from, args.device)
         if other_data.fingerprint != data.fingerprint:
             raise UserError(f"{args.query_from} was trained on other data than {args.out_dir}")
-        where = args.query_from
-    datastore = Datastore.load_or_build(os.path.join(where, "datastore.pt"), retriever, data)
+        # OTHER's own datastore if it is fresh, else one in memory: OTHER's folder is not written
+        datastore = (Datastore.load(os.path.join(args.query_from, "datastore.pt"), retriever, data)
+                     or Datastore.build(retriever, data))
+        name = os.path.basename(os.path.normpath(args.query_from))
+        path = os.path.join(args.out_dir, f"eval_query_from_{name}.json")
+    else:
+        datastore = Datastore.load_or_build(os.path.join(args.out_dir, "datastore.pt"), embedder,
+                                            data)
     result = {"out_dir": args.out_dir, "query_from": args.query_from or None,
               "datastore": len(datastore)}
     for split, limit in (("val", None), ("train", 480)):  # all of val, a sample of train
@@ -124,8 +132,9 @@ def main(argv=None):
             m.update(answer_metrics(gen, datastore, data, tok, split, args.questions, query_gen))
         result[split] = m
     print(json.dumps(result, indent=1))
-    with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(result, f, indent=1)
+    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -109,9 +109,10 @@ def generate(gen, prompt, max_new_tokens, marker, stop=None, datastore=None, tem
             break
         h = advance()
         if token == marker and datastore is not None:
-            if query_gen is not None:  # it reads the same window, in one pass
-                window = torch.tensor([ids[start:]], dtype=torch.long, device=device)
-                h_query = query_gen.hidden(window)[0, -1]
+            if query_gen is not None:  # it reads the same window, cut to its own block, in one pass
+                window = ids[max(start, len(ids) - query_gen.config.block_size):]
+                h_query = query_gen.hidden(torch.tensor([window], dtype=torch.long,
+                                                        device=device))[0, -1]
                 query = query_gen.query(h_query)
             else:
                 query = gen.query(h)

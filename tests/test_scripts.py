@@ -36,12 +36,29 @@ def test_eval_reports_every_metric(trained, capsys):
     assert json.loads(capsys.readouterr().out) == result
 
 
-def test_eval_with_queries_from_another_run(trained, run_train):
-    other, _ = run_train("--max_iters", "10", "--eval_interval", "10", "--lambda_tok", "0",
-                         name="nsp_only")
-    evaluate_script.main(["--out_dir", str(trained), "--query_from", str(other), "--questions", "3"])
-    result = json.loads((trained / "eval.json").read_text())
-    assert result["query_from"] == str(other) and (other / "datastore.pt").exists()
+def test_eval_with_queries_from_another_run_uses_its_networks_and_writes_only_its_own_file(
+        trained, run_train, capsys):
+    # OTHER's Gen has a block shorter than a question (about 35 tokens) and than this run's (96)
+    other, _ = run_train("--max_iters", "30", "--eval_interval", "30", "--block_size", "32",
+                         name="other")
+    evaluate_script.main(["--out_dir", str(trained), "--questions", "1"])
+    own = json.loads((trained / "eval.json").read_text())
+    before = {p.name: p.read_bytes() for p in (*trained.iterdir(), *other.iterdir())}
+    capsys.readouterr()
+    evaluate_script.main(["--out_dir", str(trained), "--query_from", str(other), "--questions", "1"])
+    path = trained / "eval_query_from_other.json"
+    assert str(path) in capsys.readouterr().err
+    separate = json.loads(path.read_text())
+    assert separate["query_from"] == str(other)
+    assert {p.name: p.read_bytes() for p in (*trained.iterdir(), *other.iterdir())
+            if p != path} == before                # eval.json and OTHER's folder untouched
+    evaluate_script.main(["--out_dir", str(other), "--questions", "1"])
+    other_own = json.loads((other / "eval.json").read_text())
+    for split in ("val", "train"):  # OTHER's queries against OTHER's datastore: OTHER's numbers
+        for k in ("recall@1", "recall@10", "mrr"):
+            assert separate[split][k] == other_own[split][k]
+        assert separate[split]["mrr"] != own[split]["mrr"]
+        assert separate[split]["ntp"] == own[split]["ntp"]  # while this run's Gen writes
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):
