@@ -22,7 +22,8 @@ M, E = TOK.marker, TOK.eod
 #  14: two markers (sequences 1 and 2)       -> not a question
 #  20: no marker                             -> not a question
 #  23: text, marker, sequence 0              -> a question
-IDS = [65, 66, M, 1, 2, 10, 67, E,  M, 3, 4, 10, 68, E,  69, M, 5, M, 6, E,  70, 71, E,  72, M, 7, E]
+IDS = [65, 66, M, 1, 2, 10, 67, E,  M, 3, 4, 10, 68, E,  69, M, 5, M, 6, E,  70, 71, E,
+       72, M, 7, E]
 SPLIT = SimpleNamespace(ids=np.array(IDS), doc_starts=np.array([0, 8, 14, 20, 23]),
                         marker_pos=np.array([2, 8, 15, 17, 24]),
                         marker_target=np.array([3, 5, 1, 2, 0]))

@@ -45,7 +45,8 @@ def test_eval_with_queries_from_another_run_uses_its_networks_and_writes_only_it
     own = json.loads((trained / "eval.json").read_text())
     before = {p.name: p.read_bytes() for p in (*trained.iterdir(), *other.iterdir())}
     capsys.readouterr()
-    evaluate_script.main(["--out_dir", str(trained), "--query_from", str(other), "--questions", "1"])
+    evaluate_script.main(["--out_dir", str(trained), "--query_from", str(other),
+                          "--questions", "1"])
     path = trained / "eval_query_from_other.json"
     assert str(path) in capsys.readouterr().err
     separate = json.loads(path.read_text())
@@ -71,7 +72,8 @@ def test_missing_checkpoint_is_one_line(tmp_path):
 def _text_file(tmp_path, kind):
     """A small corpus of each kind train.py takes besides the built-in ones: every val document
     starts with a sequence, so the text before its first marker is empty."""
-    lines = [f"Box {i} holds a {['red', 'blue', 'green'][i % 3]} ball number {i * 7}." for i in range(80)]
+    lines = [f"Box {i} holds a {['red', 'blue', 'green'][i % 3]} ball number {i * 7}."
+             for i in range(80)]
     if kind == "jsonl":
         docs = [{"segments": [{"sequence": line}, {"text": f"\nA: {i * 7}.\n"}]}
                 for i, line in enumerate(lines)]
