@@ -1,13 +1,16 @@
 """sample.py and evaluate.py end to end on a tiny trained run."""
 import json
 import math
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 
 import evaluate as evaluate_script
 import sample
+from machinery.checkpoint import load_run
 from conftest import write
 
 
@@ -17,13 +20,28 @@ def trained(run_train):
     return out
 
 
+def _write_the_marker_after_the_default_prompt(out):
+    """Point the marker's embedding (tied to lm_head) along Gen's final state at the end of the
+    default prompt, so greedy decoding writes the marker there: a run of a few steps has not yet
+    learned to, and the sample must show a retrieval."""
+    _, gen, _, data, tok = load_run(str(out), "cpu")
+    with torch.no_grad():
+        h = gen.hidden(torch.tensor([sample.default_prompt(data, tok)]))[0, -1]  # (n_embd,)
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        ckpt["gen"][key][tok.marker] = 100 * h / h.norm()
+    torch.save(ckpt, out / "ckpt.pt")
+
+
 def test_sample_marks_each_retrieval(trained, capsys):
+    _write_the_marker_after_the_default_prompt(trained)
     sample.main(["--out_dir", str(trained), "--max_new_tokens", "80", "--show_retrieval", "2"])
     text = capsys.readouterr().out
     assert text.startswith("Q: ")       # the default prompt: a held-out question
     assert (trained / "datastore.pt").exists()
-    if "[#" in text:                    # a retrieval, when Gen wrote the marker
-        assert "(#" in text             # with its runners-up
+    # Gen wrote the marker after the question, and the inserted entry is shown with its id and
+    # score, then its 2 runners-up
+    assert re.search(r"\?\n\[#\d+ -?\d\.\d{3}: [^\]]+\]\n    \(#\d+ .*\n    \(#\d+ ", text)
 
 
 def test_eval_reports_every_metric(trained, capsys):
