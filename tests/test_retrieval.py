@@ -10,7 +10,9 @@ import torch
 from data import Data
 from datastore import (chance_metrics, marker_queries, retrieval_metrics, retrieval_quality,
                        target_ranks)
+import evaluate
 from evaluate import _answer, questions
+from generate import Retrieval
 from machinery.tokenizer import Tokenizer
 from model import Gen, GenConfig
 
@@ -134,3 +136,29 @@ def test_retrieval_quality_of_embeddings_with_known_ranks(tiny_data):
     same = torch.zeros(data.n_sequences, 8)             # every entry ties: every target is last
     got = retrieval_quality(gen, same, data, "val", "cpu", contextlib.nullcontext(), limit)
     assert got == pytest.approx({"recall@1": 0.0, "recall@10": 0.0, "mrr": 1 / data.n_sequences})
+
+
+def test_answer_metrics_count_what_generation_did(tiny_data, monkeypatch):
+    """A stand-in for generate() whose outcome per question is set: 0 and 3 retrieve the gold
+    sequence and answer right, 1 retrieves another entry and answers wrong, 2 writes no marker;
+    without retrieval every answer is wrong, given the gold sequence every answer is right."""
+    data, tok = tiny_data
+    qs = questions(data, tok, "val", 4)
+    wrong = tok.encode("\nA: nobody knows.\n")
+
+    def fake_generate(gen, given, budget, marker, stop, store=None, query_gen=None):
+        i = next(i for i, (p, _, _) in enumerate(qs) if given[:len(p)] == list(p))
+        prompt, target, gold = qs[i]
+        gold, seq = [int(t) for t in gold], [int(t) for t in data.sequence(target)]
+        if store is None and len(given) > len(prompt):     # given the gold sequence
+            return given + gold[1 + len(seq):], []
+        if store is None or i == 2:
+            return given + wrong, []
+        if i == 1:
+            return given + [marker] + seq + wrong, [Retrieval(len(given) + 1, target + 1, 0.5)]
+        return given + gold, [Retrieval(len(given) + 1, target, 0.9)]
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    got = evaluate.answer_metrics(None, "a datastore", data, tok, "val", 4)
+    assert got == {"answer_em_retrieval": 0.5, "marker_rate": 0.75, "retrieval_acc": 0.5,
+                   "answer_em_no_retrieval": 0.0, "answer_em_gold": 1.0}

@@ -45,12 +45,21 @@ def test_sample_marks_each_retrieval(trained, capsys):
 
 
 def test_eval_reports_every_metric(trained, capsys):
-    evaluate_script.main(["--out_dir", str(trained), "--questions", "5"])
+    capsys.readouterr()
+    evaluate_script.main(["--out_dir", str(trained), "--questions", "2"])
     result = json.loads((trained / "eval.json").read_text())
     for split in ("val", "train"):
         assert set(result[split]) >= {"ntp", "ppl", "recall@1", "recall@10", "mrr",
                                       "answer_em_retrieval", "answer_em_no_retrieval",
                                       "marker_rate", "retrieval_acc", "answer_em_gold"}
+        assert result[split]["ppl"] == pytest.approx(math.exp(result[split]["ntp"]))
+        assert result[split]["retrieval_acc"] <= result[split]["marker_rate"]
+    # the same model, datastore and val markers as training's last evaluation, by another path
+    # (the datastore saved and loaded): the same numbers
+    last = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()][-1]
+    for k in ("recall@1", "recall@10", "mrr"):
+        assert result["val"][k] == pytest.approx(last[k])
+    assert result["val"]["ntp"] == pytest.approx(last["val_ntp"])
     assert json.loads(capsys.readouterr().out) == result
 
 
