@@ -100,7 +100,7 @@ def retrieval_quality(gen, embeddings, data, split, device, ctx, limit=None):
     """recall@1, recall@10 and MRR of a split's markers (the first `limit`) against the whole
     datastore `embeddings`: every sequence of the corpus, embedded. Each marker's context is cut
     to what this Gen can read: its own block_size."""
-    contexts, targets = data.marker_contexts(split, gen.config.block_size, limit)
+    contexts, targets = data.marker_contexts(split, limit, gen.config.block_size)
     if not len(targets):
         return {"recall@1": None, "recall@10": None, "mrr": None}
     with ctx:

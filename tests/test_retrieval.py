@@ -88,10 +88,10 @@ def test_chance_is_the_metrics_of_a_uniformly_random_rank():
 
 
 def test_marker_contexts_are_the_document_up_to_each_marker_cut_to_the_block():
-    contexts, targets = Data.marker_contexts(DATA, "val", 3)
+    contexts, targets = Data.marker_contexts(DATA, "val", block_size=3)
     assert [c.tolist() for c in contexts] == [[65, 66, M], [M], [69, M], [M, 5, M], [72, M]]
     assert targets.tolist() == [3, 5, 1, 2, 0]
-    contexts, targets = Data.marker_contexts(DATA, "val", 96, limit=4)
+    contexts, targets = Data.marker_contexts(DATA, "val", 4, block_size=96)
     assert [c.tolist() for c in contexts] == [[65, 66, M], [M], [69, M], [69, M, 5, M]]
     assert targets.tolist() == [3, 5, 1, 2]
 
@@ -126,7 +126,7 @@ def test_the_answer_is_the_last_non_empty_line_without_special_tokens():
 def test_retrieval_quality_of_embeddings_with_known_ranks(tiny_data):
     data, tok = tiny_data
     gen, limit = _gen(tok.vocab_size), 30
-    contexts, targets = data.marker_contexts("val", 96, limit)
+    contexts, targets = data.marker_contexts("val", limit)
     assert len(set(targets.tolist())) == limit          # each target once, so each can score 1
     queries = marker_queries(gen, contexts, "cpu")                                 # (30, d)
     perfect = torch.zeros(data.n_sequences, 8)          # each target's embedding is its query:
