@@ -127,13 +127,14 @@ class Data:
         mask = np.arange(tokens.shape[1])[None, :] < lengths[:, None]
         return torch.from_numpy(tokens), torch.from_numpy(mask)
 
-    def marker_contexts(self, split_name, limit=None):
+    def marker_contexts(self, split_name, limit=None, block_size=None):
         """For each marker of a split (the first `limit`), the tokens Gen sees when it writes the
-        marker (its document up to the marker, at most block_size), and its target sequence id."""
-        split = getattr(self, split_name)
+        marker (its document up to the marker, at most block_size tokens: the Gen's that reads
+        them, by default this run's), and its target sequence id."""
+        split, block_size = getattr(self, split_name), block_size or self.block_size
         n = len(split.marker_pos) if limit is None else min(limit, len(split.marker_pos))
         doc = split.doc_starts[np.searchsorted(split.doc_starts, split.marker_pos[:n], "right") - 1]
-        start = np.maximum(doc, split.marker_pos[:n] - self.block_size + 1)
+        start = np.maximum(doc, split.marker_pos[:n] - block_size + 1)
         contexts = [np.asarray(split.ids[a:p + 1], dtype=np.int64)
                     for a, p in zip(start, split.marker_pos[:n])]
         return contexts, split.marker_target[:n]

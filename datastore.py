@@ -24,13 +24,18 @@ import numpy as np
 import torch
 
 
+def _chunk_scores(queries, embeddings, chunk):
+    """Each chunk's start s and the scores queries @ embeddings[s:s + chunk].T, (Q, chunk)."""
+    for s in range(0, len(embeddings), chunk):
+        yield s, queries @ embeddings[s:s + chunk].T                      # (Q, chunk)
+
+
 def search(queries, embeddings, k=10, chunk=65536):
     """Exact top-k by inner product of queries (Q, d) over embeddings (N, d), in chunks of
     embeddings so memory stays bounded. Returns scores (Q, k) and ids (Q, k), best first."""
     best_scores = torch.full((len(queries), 0), -math.inf)
     best_ids = torch.zeros((len(queries), 0), dtype=torch.long)
-    for s in range(0, len(embeddings), chunk):
-        scores = queries @ embeddings[s:s + chunk].T                      # (Q, chunk)
+    for s, scores in _chunk_scores(queries, embeddings, chunk):
         top = scores.topk(min(k, scores.shape[1]), dim=1)
         best_scores = torch.cat([best_scores, top.values], dim=1)
         best_ids = torch.cat([best_ids, top.indices + s], dim=1)
@@ -40,19 +45,25 @@ def search(queries, embeddings, k=10, chunk=65536):
 
 
 def target_ranks(queries, embeddings, targets, chunk=65536):
-    """Rank (1 = best) of each query's target among all embeddings: 1 + the number scoring
-    higher. queries (Q, d), embeddings (N, d), targets (Q,) ids; returns (Q,)."""
+    """Rank (1 = best) of each query's target among all embeddings: 1 + the number of OTHER
+    entries scoring at least as high as the target (a tie counts against it, so N identical
+    embeddings rank every target N-th, not first). queries (Q, d), embeddings (N, d), targets
+    (Q,) ids; returns (Q,). A query or embedding that is not finite is an error: it would make
+    the ranking, and every number from it, meaningless."""
+    if not (torch.isfinite(queries).all() and torch.isfinite(embeddings).all()):
+        raise ValueError("a query or datastore embedding is not finite (NaN or inf): retrieval "
+                         "cannot be scored")
     rows = torch.arange(len(queries))
-    target_scores = (queries * embeddings[targets]).sum(dim=1, keepdim=True)  # (Q, 1)
-    higher = torch.zeros(len(queries), dtype=torch.long)
-    for s in range(0, len(embeddings), chunk):
-        scores = queries @ embeddings[s:s + chunk].T                      # (Q, chunk)
-        inside = (targets >= s) & (targets < s + len(scores[0]))
-        # the target never outranks itself (its score here may differ from target_scores by
-        # float rounding, since a matmul sums in another order)
-        scores[rows[inside], targets[inside] - s] = -math.inf
-        higher += (scores > target_scores).sum(dim=1)
-    return higher + 1
+    # the target's score from the same matmul as the others' (another order of summation
+    # could round it above or below an entry that ties it)
+    target_scores = queries.new_empty(len(queries), 1)                    # (Q, 1)
+    for s, scores in _chunk_scores(queries, embeddings, chunk):
+        inside = (targets >= s) & (targets < s + scores.shape[1])
+        target_scores[inside, 0] = scores[rows[inside], targets[inside] - s]
+    at_least = torch.zeros(len(queries), dtype=torch.long)  # the target itself, and every tie
+    for s, scores in _chunk_scores(queries, embeddings, chunk):
+        at_least += (scores >= target_scores).sum(dim=1)
+    return at_least
 
 
 def retrieval_metrics(ranks):
@@ -91,8 +102,9 @@ def marker_queries(gen, contexts, device, batch_size=256):
 @torch.no_grad()
 def retrieval_quality(gen, embeddings, data, split, device, ctx, limit=None):
     """recall@1, recall@10 and MRR of a split's markers (the first `limit`) against the whole
-    datastore `embeddings`: every sequence of the corpus, embedded."""
-    contexts, targets = data.marker_contexts(split, limit)
+    datastore `embeddings`: every sequence of the corpus, embedded. Each marker's context is cut
+    to what this Gen can read: its own block_size."""
+    contexts, targets = data.marker_contexts(split, limit, gen.config.block_size)
     if not len(targets):
         return {"recall@1": None, "recall@10": None, "mrr": None}
     with ctx:
@@ -140,25 +152,32 @@ class Datastore:
         os.replace(tmp, path)
 
     @classmethod
-    def load_or_build(cls, path, embedder, data):
-        """The datastore saved at path if it was built by this Emb_seq from this data; else
-        build it again (and say so) and save it. A stale datastore is never used."""
+    def load(cls, path, embedder, data):
+        """The datastore saved at path if it was built by this Emb_seq from this data; None if
+        there is none, or it is stale or unreadable (said on stderr). A stale one is never used."""
+        if not os.path.exists(path):
+            return None
         fingerprint = cls.fingerprint_of(embedder, data)
-        if os.path.exists(path):
-            try:
-                saved = torch.load(path, weights_only=True)
-                stale = saved["fingerprint"] != fingerprint or "embeddings" not in saved
-            except Exception:  # cut short, or not a datastore: as good as stale
-                stale = True
-            if not stale:
+        try:
+            saved = torch.load(path, weights_only=True)
+            if saved["fingerprint"] == fingerprint and "embeddings" in saved:
                 return cls(saved["embeddings"], saved["offsets"].numpy(),
                            saved["seq_tokens"].numpy(), fingerprint)
-            print(f"{path} is stale or unreadable (another Emb_seq or other data): rebuilding it",
-                  file=sys.stderr)
-        else:
+        except Exception:  # cut short, or not a datastore: as good as stale
+            pass
+        print(f"{path} is stale or unreadable (another Emb_seq or other data): not used",
+              file=sys.stderr)
+        return None
+
+    @classmethod
+    def load_or_build(cls, path, embedder, data):
+        """The datastore saved at path if it is fresh (load); else build it (and say so) and
+        save it there."""
+        store = cls.load(path, embedder, data)
+        if store is None:
             print(f"building the datastore: {data.n_sequences:,} sequences", file=sys.stderr)
-        store = cls.build(embedder, data)
-        store.save(path)
+            store = cls.build(embedder, data)
+            store.save(path)
         return store
 
 

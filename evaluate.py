@@ -5,8 +5,9 @@ documents that end in an answer, such as `facts`) answers written with retrieval
     python evaluate.py --out_dir out
     python evaluate.py --out_dir out_ntp --query_from out_nsp    # separate supervision (the paper's baseline)
 
-Prints one JSON object and writes it to OUT_DIR/eval.json. For the val split (held-out people for
-`facts`) and a sample of train:
+Prints one JSON object and writes it to OUT_DIR/eval.json (with --query_from OTHER, to
+OUT_DIR/eval_query_from_<OTHER's folder name>.json; OTHER's folder is only read). For the val split
+(held-out people for `facts`) and a sample of train:
   ntp, ppl                 L_NTP on fixed batches, and exp of it
   recall@1, recall@10, mrr every marker's query ranked against the whole datastore
   lexical_recall@1, ...    the same for the training-free TF-IDF baseline (datastore.py)
@@ -20,6 +21,7 @@ Prints one JSON object and writes it to OUT_DIR/eval.json. For the val split (he
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,9 +52,11 @@ def _answer(tok, ids):
     return lines[-1].strip() if lines else ""
 
 
-def questions(data, split, limit):
+def questions(data, tok, split, limit):
     """The first `limit` documents of a split with one marker: (prompt tokens up to the marker,
-    gold sequence id, gold document tokens from the marker to the end)."""
+    gold sequence id, gold document tokens from the marker to the end). A document that starts
+    with its marker is prompted with the end-of-document token, which precedes a document in the
+    token stream."""
     s = getattr(data, split)
     ends = np.append(s.doc_starts[1:], len(s.ids))
     first = np.searchsorted(s.marker_pos, s.doc_starts)       # each document's markers are
@@ -62,7 +66,8 @@ def questions(data, split, limit):
         if len(out) == limit:
             break
         pos = s.marker_pos[i]
-        out.append((np.asarray(s.ids[start:pos]), int(s.marker_target[i]),
+        prompt = s.ids[start:pos] if pos > start else [tok.eod]
+        out.append((np.asarray(prompt), int(s.marker_target[i]),
                     np.asarray(s.ids[pos:end - 1])))
     return out
 
@@ -71,7 +76,7 @@ def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
                    modes=("retrieval", "no_retrieval", "gold")):
     """The answer metrics of the first `limit` questions of a split, for each of `modes`:
     retrieval in the loop, Gen alone, Gen given the gold sequence."""
-    qs = questions(data, split, limit)
+    qs = questions(data, tok, split, limit)
     if not qs:
         return {}
     hits = {}
@@ -105,13 +110,19 @@ def main(argv=None):
     cfg, gen, embedder, data, tok = load_run(args.out_dir, args.device)
     device = next(gen.parameters()).device.type
     ctx = autocast(device, cfg.dtype)
-    query_gen, retriever, where = None, embedder, args.out_dir
+    query_gen, path = None, os.path.join(args.out_dir, "eval.json")
     if args.query_from:
         _, query_gen, retriever, other_data, _ = load_run(args.query_from, args.device)
         if other_data.fingerprint != data.fingerprint:
             raise UserError(f"{args.query_from} was trained on other data than {args.out_dir}")
-        where = args.query_from
-    datastore = Datastore.load_or_build(os.path.join(where, "datastore.pt"), retriever, data)
+        # OTHER's own datastore if it is fresh, else one in memory: OTHER's folder is not written
+        datastore = (Datastore.load(os.path.join(args.query_from, "datastore.pt"), retriever, data)
+                     or Datastore.build(retriever, data))
+        name = os.path.basename(os.path.normpath(args.query_from))
+        path = os.path.join(args.out_dir, f"eval_query_from_{name}.json")
+    else:
+        datastore = Datastore.load_or_build(os.path.join(args.out_dir, "datastore.pt"), embedder,
+                                            data)
     result = {"out_dir": args.out_dir, "query_from": args.query_from or None,
               "datastore": len(datastore), "chance": chance_metrics(len(datastore))}
     for split, limit in (("val", None), ("train", 480)):  # all of val, a sample of train
@@ -123,8 +134,9 @@ def main(argv=None):
             m.update(answer_metrics(gen, datastore, data, tok, split, args.questions, query_gen))
         result[split] = m
     print(json.dumps(result, indent=1))
-    with open(os.path.join(args.out_dir, "eval.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(result, f, indent=1)
+    print(f"wrote {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

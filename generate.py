@@ -71,7 +71,11 @@ def generate(gen, prompt, max_new_tokens, marker, stop=None, datastore=None, tem
     too), stopping after `stop`. With a datastore, a marker triggers retrieval. Returns the ids
     (prompt included) and the list of Retrievals. use_cache=False re-reads the whole context at
     every step, as nanoGPT does: slower, and the reference that the cache must agree with.
-    query_gen: another Gen that makes the queries (the paper's separate-supervision baseline)."""
+    query_gen: another Gen that makes the queries (the paper's separate-supervision baseline).
+    The prompt must hold at least one token: Gen's first prediction reads the last one."""
+    if not len(prompt):
+        raise ValueError("generate() needs a prompt of at least one token (to start a document "
+                         "from nothing, the end-of-document token)")
     device = next(gen.parameters()).device
     block = gen.config.block_size
     ids = list(prompt)
@@ -105,9 +109,10 @@ def generate(gen, prompt, max_new_tokens, marker, stop=None, datastore=None, tem
             break
         h = advance()
         if token == marker and datastore is not None:
-            if query_gen is not None:  # it reads the same window, in one pass
-                window = torch.tensor([ids[start:]], dtype=torch.long, device=device)
-                h_query = query_gen.hidden(window)[0, -1]
+            if query_gen is not None:  # it reads the same window, cut to its own block, in one pass
+                window = ids[max(start, len(ids) - query_gen.config.block_size):]
+                h_query = query_gen.hidden(torch.tensor([window], dtype=torch.long,
+                                                        device=device))[0, -1]
                 query = query_gen.query(h_query)
             else:
                 query = gen.query(h)

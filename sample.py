@@ -38,11 +38,14 @@ class SampleConfig:
     show_retrieval: int = flag(0, "also list the next K datastore entries at each retrieval")
 
 
-def default_prompt(data):
+def default_prompt(data, tok):
+    """The first val document up to its first marker (without markers: its first 64 tokens). A
+    document that starts with its marker gives the end-of-document token, which is what comes
+    before a document in the token stream."""
     s = data.val
     if len(s.marker_pos):
         start = s.doc_starts[s.doc_starts <= s.marker_pos[0]][-1]
-        return [int(t) for t in s.ids[start:s.marker_pos[0]]]
+        return [int(t) for t in s.ids[start:s.marker_pos[0]]] or [tok.eod]
     return [int(t) for t in s.ids[:min(64, len(s.ids))]]
 
 
@@ -72,7 +75,7 @@ def main(argv=None):
     cfg, gen, embedder, data, tok = load_run(args.out_dir, args.device)
     text = (read_text(args.prompt_file) if args.prompt_file
             else args.prompt.replace("\\n", "\n") if args.prompt else None)
-    prompt = tok.encode(text) if text else default_prompt(data)
+    prompt = tok.encode(text) if text else default_prompt(data, tok)
     if len(prompt) > cfg.block_size:
         print(f"note: the prompt has {len(prompt)} tokens; Gen sees its last {cfg.block_size}",
               file=sys.stderr)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from datastore import Datastore, search
@@ -77,3 +78,19 @@ def test_datastore_round_trip_and_staleness(tmp_path, tiny_data):
     rebuilt = Datastore.load_or_build(path, emb, data)
     assert rebuilt.fingerprint != built.fingerprint
     assert not torch.equal(rebuilt.embeddings, built.embeddings)
+
+
+def test_an_empty_prompt_is_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(_gen(), [], 5, MARKER, datastore=_store())
+
+
+def test_a_query_gen_with_a_shorter_block_queries_from_its_last_block_of_tokens():
+    gen, query_gen, store = _gen(block_size=32), _gen(block_size=8), _store()
+    ids, retrievals = generate(gen, [1, 2, 3, 4, 5, 6, 7, 1, 2, 3], 40, MARKER, datastore=store,
+                               query_gen=query_gen)
+    assert retrievals
+    for r in retrievals:
+        with torch.no_grad():
+            h = query_gen.hidden(torch.tensor([ids[:r.position][-8:]]))[0, -1]
+        assert r.id == int(store.search(query_gen.query(h)[None])[1][0, 0])

@@ -1,0 +1,164 @@
+"""How retrieval is scored: ranks, recall@k, MRR, chance, and the queries and contexts they use."""
+import contextlib
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from data import Data
+from datastore import (chance_metrics, marker_queries, retrieval_metrics, retrieval_quality,
+                       target_ranks)
+import evaluate
+from evaluate import _answer, questions
+from generate import Retrieval
+from machinery.tokenizer import Tokenizer
+from model import Gen, GenConfig
+
+TOK = Tokenizer("bytes")
+M, E = TOK.marker, TOK.eod
+# a hand-built val split: five documents
+#   0: text, marker, sequence 3, text        -> a question
+#   8: marker first, sequence 5, text        -> a question with no text before its marker
+#  14: two markers (sequences 1 and 2)       -> not a question
+#  20: no marker                             -> not a question
+#  23: text, marker, sequence 0              -> a question
+IDS = [65, 66, M, 1, 2, 10, 67, E,  M, 3, 4, 10, 68, E,  69, M, 5, M, 6, E,  70, 71, E,
+       72, M, 7, E]
+SPLIT = SimpleNamespace(ids=np.array(IDS), doc_starts=np.array([0, 8, 14, 20, 23]),
+                        marker_pos=np.array([2, 8, 15, 17, 24]),
+                        marker_target=np.array([3, 5, 1, 2, 0]))
+DATA = SimpleNamespace(val=SPLIT)
+
+
+def _gen(vocab_size=TOK.vocab_size, block_size=96):
+    torch.manual_seed(0)
+    return Gen(GenConfig(vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2,
+                         n_embd=16, seq_dim=8)).eval()
+
+
+def test_identical_embeddings_rank_every_target_last():
+    n = 2400
+    emb = torch.nn.functional.normalize(torch.ones(n, 8), dim=-1)           # (N, d) all the same
+    queries = torch.nn.functional.normalize(torch.randn(50, 8), dim=-1)     # (Q, d)
+    targets = torch.randint(0, n, (50,))
+    for chunk in (65536, 7):
+        assert torch.equal(target_ranks(queries, emb, targets, chunk), torch.full((50,), n))
+    assert retrieval_metrics(target_ranks(queries, emb, targets))["recall@1"] == 0
+
+
+def test_ranks_of_a_hand_built_case_with_ties():
+    emb = torch.tensor([[1.0, 0], [0.5, 0], [1.0, 0], [0, 1.0], [-1.0, 0]])  # (5, 2)
+    queries = torch.tensor([[1.0, 0]] * 5 + [[0, 1.0]])                       # (6, 2)
+    targets = torch.tensor([0, 1, 2, 3, 4, 3])
+    # scores of query [1, 0]: 1, 0.5, 1, 0, -1; entries 0 and 2 tie, so each ranks 2nd
+    want = torch.tensor([2, 3, 2, 4, 5, 1])
+    for chunk in (65536, 1, 2, 3):
+        assert torch.equal(target_ranks(queries, emb, targets, chunk), want)
+
+
+@pytest.mark.parametrize("where", ["query", "embedding", "inf"])
+def test_non_finite_query_or_embedding_is_an_error(where):
+    queries, emb = torch.eye(3), torch.eye(3)
+    if where == "query":
+        queries[1, 0] = math.nan
+    elif where == "embedding":
+        emb[2, 2] = math.nan
+    else:
+        emb[0, 1] = math.inf
+    with pytest.raises(ValueError, match="not finite"):
+        target_ranks(queries, emb, torch.tensor([0, 1, 2]))
+
+
+def test_retrieval_metrics_of_known_ranks():
+    m = retrieval_metrics(torch.tensor([1, 2, 10, 11, 2400]))
+    assert m["recall@1"] == pytest.approx(1 / 5) and m["recall@10"] == pytest.approx(3 / 5)
+    assert m["mrr"] == pytest.approx((1 + 1 / 2 + 1 / 10 + 1 / 11 + 1 / 2400) / 5)
+
+
+def test_chance_is_the_metrics_of_a_uniformly_random_rank():
+    assert chance_metrics(4) == pytest.approx({"recall@1": 0.25, "recall@10": 1.0,
+                                               "mrr": (1 + 1 / 2 + 1 / 3 + 1 / 4) / 4})
+    assert chance_metrics(2400) == pytest.approx({"recall@1": 0.0004167, "recall@10": 0.0041667,
+                                                  "mrr": 0.0035}, abs=5e-5)   # as in README
+    for n in (1, 9, 37):  # every rank 1..n equally likely
+        assert chance_metrics(n) == pytest.approx(retrieval_metrics(torch.arange(1, n + 1)))
+    assert chance_metrics(0) == {"recall@1": None, "recall@10": None, "mrr": None}
+
+
+def test_marker_contexts_are_the_document_up_to_each_marker_cut_to_the_block():
+    contexts, targets = Data.marker_contexts(DATA, "val", block_size=3)
+    assert [c.tolist() for c in contexts] == [[65, 66, M], [M], [69, M], [M, 5, M], [72, M]]
+    assert targets.tolist() == [3, 5, 1, 2, 0]
+    contexts, targets = Data.marker_contexts(DATA, "val", 4, block_size=96)
+    assert [c.tolist() for c in contexts] == [[65, 66, M], [M], [69, M], [69, M, 5, M]]
+    assert targets.tolist() == [3, 5, 1, 2]
+
+
+def test_marker_queries_equal_a_single_unpadded_forward_each():
+    gen = _gen()
+    rng = np.random.default_rng(0)
+    contexts = [rng.integers(0, 256, n) for n in (1, 5, 3, 9, 2)]
+    batched = marker_queries(gen, contexts, "cpu", batch_size=2)                  # (5, d)
+    with torch.no_grad():
+        single = torch.stack([gen.query(gen.hidden(torch.from_numpy(c)[None])[0, -1])
+                              for c in contexts])                                  # (5, d)
+    assert torch.allclose(batched, single, atol=1e-6)
+
+
+def test_questions_are_the_documents_with_one_marker():
+    qs = questions(DATA, TOK, "val", 10)
+    assert [(p.tolist(), t, g.tolist()) for p, t, g in qs] == [
+        ([65, 66], 3, [M, 1, 2, 10, 67]),
+        ([E], 5, [M, 3, 4, 10, 68]),       # nothing before the marker: the end-of-document token
+        ([72], 0, [M, 7])]
+    assert len(questions(DATA, TOK, "val", 2)) == 2
+
+
+def test_the_answer_is_the_last_non_empty_line_without_special_tokens():
+    doc = TOK.encode("Q: Where does Vok live?\n") + [M] + TOK.encode("Vok lives in Mom.\nA:")
+    assert _answer(TOK, doc + [M] + TOK.encode(" Mom.  \n\n  \n") + [E]) == "A: Mom."
+    assert _answer(TOK, TOK.encode("one line")) == "one line"
+    assert _answer(TOK, TOK.encode(" \n\n") + [E]) == ""
+
+
+def test_retrieval_quality_of_embeddings_with_known_ranks(tiny_data):
+    data, tok = tiny_data
+    gen, limit = _gen(tok.vocab_size), 30
+    contexts, targets = data.marker_contexts("val", limit)
+    assert len(set(targets.tolist())) == limit          # each target once, so each can score 1
+    queries = marker_queries(gen, contexts, "cpu")                                 # (30, d)
+    perfect = torch.zeros(data.n_sequences, 8)          # each target's embedding is its query:
+    perfect[torch.from_numpy(targets)] = queries        # it scores 1, every other entry less
+    got = retrieval_quality(gen, perfect, data, "val", "cpu", contextlib.nullcontext(), limit)
+    assert got == pytest.approx({"recall@1": 1.0, "recall@10": 1.0, "mrr": 1.0})
+    same = torch.zeros(data.n_sequences, 8)             # every entry ties: every target is last
+    got = retrieval_quality(gen, same, data, "val", "cpu", contextlib.nullcontext(), limit)
+    assert got == pytest.approx({"recall@1": 0.0, "recall@10": 0.0, "mrr": 1 / data.n_sequences})
+
+
+def test_answer_metrics_count_what_generation_did(tiny_data, monkeypatch):
+    """A stand-in for generate() whose outcome per question is set: 0 and 3 retrieve the gold
+    sequence and answer right, 1 retrieves another entry and answers wrong, 2 writes no marker;
+    without retrieval every answer is wrong, given the gold sequence every answer is right."""
+    data, tok = tiny_data
+    qs = questions(data, tok, "val", 4)
+    wrong = tok.encode("\nA: nobody knows.\n")
+
+    def fake_generate(gen, given, budget, marker, stop, store=None, query_gen=None):
+        i = next(i for i, (p, _, _) in enumerate(qs) if given[:len(p)] == list(p))
+        prompt, target, gold = qs[i]
+        gold, seq = [int(t) for t in gold], [int(t) for t in data.sequence(target)]
+        if store is None and len(given) > len(prompt):     # given the gold sequence
+            return given + gold[1 + len(seq):], []
+        if store is None or i == 2:
+            return given + wrong, []
+        if i == 1:
+            return given + [marker] + seq + wrong, [Retrieval(len(given) + 1, target + 1, 0.5)]
+        return given + gold, [Retrieval(len(given) + 1, target, 0.9)]
+
+    monkeypatch.setattr(evaluate, "generate", fake_generate)
+    got = evaluate.answer_metrics(None, "a datastore", data, tok, "val", 4)
+    assert got == {"answer_em_retrieval": 0.5, "marker_rate": 0.75, "retrieval_acc": 0.5,
+                   "answer_em_no_retrieval": 0.0, "answer_em_gold": 1.0}
