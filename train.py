@@ -112,8 +112,9 @@ def loss_estimates(gen, embedder, data, cfg, device, ctx, split):
 
 
 def evaluate(gen, embedder, data, cfg, device, ctx, lexical):
-    """The training loop's evaluation: losses on both splits, val retrieval against the whole
-    datastore (datastore.py), and beside it `lexical`: the TF-IDF baseline's on the same markers."""
+    """The training loop's evaluation: losses on both splits, retrieval of val's markers (and of
+    train's first 500) against the whole datastore (datastore.py), and beside it `lexical`: the
+    TF-IDF baseline's on the same val markers."""
     gen.eval(), embedder.eval()
     out = {}
     for split in ("train", "val"):
@@ -122,6 +123,9 @@ def evaluate(gen, embedder, data, cfg, device, ctx, lexical):
     with ctx:
         embeddings = embedder.embed(data)                                 # (n_sequences, d)
     out.update(retrieval_quality(gen, embeddings, data, "val", device, ctx))
+    # the same for train's first markers: how far the val numbers are from what training fits
+    train = retrieval_quality(gen, embeddings, data, "train", device, ctx, limit=500)
+    out.update({f"train_{k}": v for k, v in train.items()})
     gen.train(), embedder.train()
     return {**out, **lexical}
 

@@ -175,5 +175,6 @@ class Run:
         print("  val retrieval against the whole datastore:")
         print(f"    {'':<10} {'learned':>8} {'TF-IDF':>8} {'chance':>8}")
         for k in ("recall@1", "recall@10", "mrr"):
-            print(f"    {k:<10} {f(m[k]):>8} {f(m.get('lexical_' + k)):>8} {f(chance[k]):>8}")
+            print(f"    {k:<10} {f(m[k]):>8} {f(m.get('lexical_' + k)):>8} {f(chance[k]):>8}"
+                  f"   (train markers: {f(m.get('train_' + k))})")
         print(f"  checkpoint {self.ckpt_path}, log {self.log_path}")
