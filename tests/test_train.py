@@ -6,6 +6,7 @@ import torch
 
 import train
 from machinery.config import Config, build_models
+from conftest import write_tiktoken
 
 
 def test_short_run_drives_both_losses_down(run_train):
@@ -66,3 +67,15 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 2
     assert p.stderr.count("\n") == 1 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_trains_with_a_local_gpt2_file(run_train, tmp_path, monkeypatch):
+    # a fresh interpreter has not imported tiktoken's submodule `load` (other tests may have)
+    monkeypatch.delitem(sys.modules, "tiktoken.load", raising=False)
+    monkeypatch.delattr("tiktoken.load", raising=False)
+    path = write_tiktoken(tmp_path / "gpt2.tiktoken")
+    out, log = run_train("--tokenizer", "gpt2", "--gpt2_file", path, "--max_iters", "2",
+                         "--eval_interval", "2")
+    assert [r["iter"] for r in log] == [0, 2]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["tokenizer"]["name"] == "gpt2" and ckpt["gen_config"]["vocab_size"] == 261
