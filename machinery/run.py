@@ -4,8 +4,8 @@ its log and checkpoints, --resume and --init_from, several processes (torchrun),
 on divergence, the progress bar and the summary at the end.
 
 Every `eval_interval` iterations, and at the end, the loop evaluates and `save` appends one line to
-out_dir/log.jsonl and writes out_dir/ckpt.pt. Ctrl-C saves a checkpoint after the current step and
-stops; --resume continues exactly where it stopped (tests/test_resume.py).
+out_dir/log.jsonl and writes out_dir/ckpt.pt. Ctrl-C (or SIGTERM) saves a checkpoint after the
+current step and stops; --resume continues exactly where it stopped (tests/test_resume.py).
 """
 
 import dataclasses
@@ -82,7 +82,7 @@ class Run:
 
     def iterations(self, start):
         """start, start + 1, ..., max_iters, with a progress bar. Before each: stop if the weights
-        are no longer finite, or (after saving) if Ctrl-C was pressed in any process."""
+        are no longer finite, or (after saving) if any process got Ctrl-C or SIGTERM."""
         cfg = self.cfg
         bar = tqdm(range(start, cfg.max_iters + 1), initial=start, total=cfg.max_iters + 1,
                    desc="training", dynamic_ncols=True, disable=not self.main)
@@ -147,7 +147,8 @@ class Run:
                             rng=rngs)
 
     def interrupted(self, it):
-        """Ctrl-C in some process: all stop here, after the same step, with a checkpoint."""
+        """Ctrl-C or SIGTERM in some process: all stop here, after the same step, with a
+        checkpoint."""
         if self.saved != it:
             self.checkpoint(it)
         args = [a for a in (sys.argv[1:] if self.argv is None else self.argv) if a != "--overwrite"]

@@ -2,6 +2,7 @@
 run goes on exactly as if it had never stopped."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -58,7 +59,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(run_train, monkeypatch, st
     assert all(torch.equal(a["embedder"][k], b["embedder"][k]) for k in a["embedder"])
 
 
-def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_saves_and_says_how_to_resume(tmp_path, sig):
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "train.py", *TINY, "--max_iters", "100000",
                           "--eval_interval", "100000", "--out_dir", str(out),
@@ -68,7 +70,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
         while not (out / "ckpt.pt").exists():  # iteration 0 is saved: training has begun
             assert p.poll() is None, p.communicate()
             time.sleep(0.05)
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         _, err = p.communicate(timeout=60)
     finally:
         p.kill()
@@ -78,6 +80,10 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
     assert last.endswith("--resume") and "--max_iters 100000" in last
     it = int(last.split("holds iteration ")[1].split(";")[0])
     assert _whole_checkpoint(out / "ckpt.pt")["iter"] == it > 0
+    # the command it printed continues the run (here only one step further)
+    python, script, *argv = shlex.split(last.split("continue with: ")[1])
+    train.main(argv + ["--max_iters", str(it + 1)])
+    assert [json.loads(line)["iter"] for line in open(out / "log.jsonl")] == [0, it + 1]
 
 
 def test_sigkill_at_any_moment_leaves_a_whole_checkpoint(tmp_path):
