@@ -9,6 +9,7 @@ current step and stops; --resume continues exactly where it stopped (tests/test_
 """
 
 import dataclasses
+import glob
 import json
 import os
 import shlex
@@ -24,6 +25,12 @@ from machinery import distributed
 from machinery.checkpoint import init_from, keep_log_until, resume, rng_state, save_checkpoint
 from machinery.cli import Interrupted, UserError, interruptible
 from machinery.config import autocast, pick_device
+
+# Every file a run has in its out_dir: train.py's, evaluate.py's, sample.py's, and the .tmp a save
+# cut short leaves. --overwrite removes them all, so that nothing of the old run is read with the
+# new checkpoint; any other file there is the user's, and stays.
+RUN_FILES = ("ckpt.pt", "ckpt.pt.tmp", "log.jsonl", "log.jsonl.tmp", "eval.json", "eval_*.json",
+             "datastore.pt", "datastore.pt.tmp")
 
 
 class Run:
@@ -62,6 +69,8 @@ class Run:
                 os.makedirs(cfg.out_dir, exist_ok=True)
             except OSError as e:
                 raise UserError(f"cannot create --out_dir {cfg.out_dir}: {e.strerror}") from None
+            if cfg.overwrite:
+                self.remove_old_run()
             if cfg.resume:
                 keep_log_until(self.log_path, start)
             print(f"{cfg.dataset}: {len(data.train.ids):,} train / {len(data.val.ids):,} val "
@@ -70,6 +79,15 @@ class Run:
                   + (f", {self.world} processes" if self.world > 1 else ""))
         self.log = open(self.log_path, "a" if cfg.resume else "w") if self.main else None
         return start
+
+    def remove_old_run(self):
+        """--overwrite: the files of the run that was in out_dir before (RUN_FILES)."""
+        for name in RUN_FILES:
+            for path in glob.glob(os.path.join(glob.escape(self.cfg.out_dir), name)):
+                try:
+                    os.remove(path)
+                except OSError as e:
+                    raise UserError(f"--overwrite cannot remove {path}: {e.strerror}") from None
 
     def step_models(self, gen, embedder):
         """The copies the training step runs: compiled (--compile), and wrapped in DDP with several

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate as eval_script
 import train
 from machinery.config import Config, build_models
 from machinery.checkpoint import CHECKPOINT_KEYS, keep_log_until
@@ -167,8 +168,16 @@ def test_an_out_dir_with_a_checkpoint_needs_resume_or_overwrite(run_train):
     assert ((out / "ckpt.pt").read_bytes(), (out / "log.jsonl").read_text()) == before
     with pytest.raises(UserError, match="contradict"):
         run_train("--max_iters", "4", "--resume", "--overwrite")
+    eval_script.main(["--out_dir", str(out), "--questions", "0"])  # eval.json, datastore.pt
+    old = {"eval.json", "datastore.pt", "eval_query_from_other.json", "ckpt.pt.tmp"}
+    for name in old - {"eval.json", "datastore.pt"}:  # as other scripts and a crash leave them
+        (out / name).write_text("the old run's")
+    (out / "notes.txt").write_text("the user's")
+    assert old <= {p.name for p in out.iterdir()}
     _, log = run_train("--max_iters", "2", "--eval_interval", "2", "--overwrite")
     assert [r["iter"] for r in log] == [0, 2]  # a new log, not the old one continued
+    # nothing of the old run is left to be read with the new checkpoint; the rest stays
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl", "notes.txt"]
 
 
 def test_a_checkpoint_from_before_torchrun_support_resumes(run_train):
