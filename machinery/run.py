@@ -47,16 +47,19 @@ class Run:
         self.rank, self.world, self.device = distributed.setup(pick_device(cfg.device))
         self.main = self.rank == 0  # evaluates, logs, saves
         self.ctx = autocast(self.device, cfg.dtype)
-        torch.manual_seed(cfg.seed)  # the same initial weights in every process
+        torch.manual_seed(cfg.seed)  # the same initial weights in every process (see begin)
         self.rng = np.random.default_rng(cfg.seed + self.rank)  # each process its own batches
         self.metrics, self.saved, self.stop = {}, None, False
         self.steps, self.step_time, self.t0 = 0, 0.0, 0.0
 
     def begin(self, gen, embedder, optimizer, params, data, tok):
-        """The models and optimizer from --resume or --init_from, if given; the log opened.
-        Returns the first iteration."""
+        """Each process's own torch stream, now that the models are built; the models and
+        optimizer from --resume or --init_from, if given; the log opened. Returns the first
+        iteration."""
         cfg, start = self.cfg, 0
         self.gen, self.embedder, self.optimizer, self.params = gen, embedder, optimizer, params
+        if self.world > 1:  # the weights are built, the same everywhere: now each its own dropout
+            torch.manual_seed(cfg.seed + self.rank)
         self.data, self.tok = data, tok
         if cfg.resume:
             start, self.metrics = resume(self.ckpt_path, cfg, gen, embedder, optimizer, self.rng,
