@@ -92,7 +92,8 @@ def is_main_process():
 
 def main_guard(main):
     """Run main(); a UserError ends the program with one line and exit code 2, Ctrl-C (or SIGTERM)
-    with one line and exit code 130. With several processes only rank 0 says it."""
+    with one line and exit code 130. With several processes only rank 0 says it, and however main
+    ends, each process leaves their group before it exits."""
     try:
         main()
     except UserError as e:
@@ -103,3 +104,8 @@ def main_guard(main):
         if is_main_process():
             print(str(e) or "interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        # a process that exits still in a gloo group can abort (SIGABRT) as the interpreter shuts
+        # down; imported here because distributed.py imports this module
+        from machinery import distributed
+        distributed.teardown()

@@ -1,5 +1,6 @@
 """Two processes (gloo, CPU) take the same step as one process on their two batches together,
 and train.py runs under torchrun."""
+import contextlib
 import json
 import os
 import socket
@@ -7,10 +8,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from machinery import distributed
+from machinery.cli import Interrupted, UserError, main_guard
 import train
 from machinery.config import Config
 from data import Batch, load_data
@@ -138,7 +142,7 @@ def _train_worker(rank, port, argv, out_dir):
                    os.path.join(out_dir, f"init{rank}.pt"))
         return gen, embedder
     train.build_models = build_and_keep  # a process of its own: nothing else sees this
-    train.main(argv)
+    main_guard(lambda: train.main(argv))  # as train.py runs: it leaves the group
 
 
 def test_processes_start_from_the_same_weights_but_draw_their_own_dropout(tmp_path):
@@ -156,3 +160,20 @@ def test_processes_start_from_the_same_weights_but_draw_their_own_dropout(tmp_pa
         g.set_state(state)
         masks.append(torch.bernoulli(torch.full((256,), 0.8), generator=g))  # keep with p 0.8
     assert not torch.equal(*states) and not torch.equal(*masks)
+
+
+@pytest.mark.parametrize("end", [None, UserError("bad flag"), Interrupted("saved"), ValueError()])
+def test_every_end_leaves_the_process_group(tmp_path, end):
+    """A process that exits still in the group can abort (gloo): main_guard leaves it first,
+    whether main returns, fails or is interrupted."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+
+    def main():
+        if end is not None:
+            raise end
+    with contextlib.suppress(SystemExit, ValueError):  # exit codes: tests/test_bad_input.py
+        main_guard(main)
+    left = not dist.is_initialized()
+    distributed.teardown()  # for the tests after this one, if main_guard did not
+    assert left
