@@ -82,7 +82,7 @@ def test_a_stop_signal_saves_and_says_how_to_resume(tmp_path, sig):
     it = int(last.split("holds iteration ")[1].split(";")[0])
     assert _whole_checkpoint(out / "ckpt.pt")["iter"] == it > 0
     # the command it printed continues the run (here only one step further)
-    python, script, *argv = shlex.split(last.split("continue with: ")[1])
+    argv = shlex.split(last.split("continue with: ")[1])[2:]  # after "python train.py"
     train.main(argv + ["--max_iters", str(it + 1)])
     assert [json.loads(line)["iter"] for line in open(out / "log.jsonl")] == [0, it + 1]
 
