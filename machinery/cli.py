@@ -93,19 +93,21 @@ def is_main_process():
 def main_guard(main):
     """Run main(); a UserError ends the program with one line and exit code 2, Ctrl-C (or SIGTERM)
     with one line and exit code 130. With several processes only rank 0 says it, and however main
-    ends, each process leaves their group before it exits."""
+    ends, each process leaves their group before it exits: all at once when all end together
+    (main returned, or all were interrupted at the same step)."""
+    together = False
     try:
         main()
+        together = True
     except UserError as e:
         if is_main_process():
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
+        together = isinstance(e, Interrupted)
         if is_main_process():
             print(str(e) or "interrupted", file=sys.stderr)
         sys.exit(130)
     finally:
-        # a process that exits still in a gloo group can abort (SIGABRT) as the interpreter shuts
-        # down; imported here because distributed.py imports this module
-        from machinery import distributed
-        distributed.teardown()
+        from machinery import distributed  # here: distributed.py imports this module
+        distributed.teardown(together)

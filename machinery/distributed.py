@@ -41,8 +41,13 @@ def setup(device):
     return dist.get_rank(), world, device
 
 
-def teardown():
+def teardown(together=False):
+    """Leave the process group (if in one). together: every process is leaving now, so wait for
+    them all first: a gloo process that exits while another is still in the group can abort
+    (SIGABRT) as it exits, as the first to finish often did."""
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

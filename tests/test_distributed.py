@@ -88,7 +88,7 @@ def _worker(rank, port, cache_dir, out_dir):
                    for name, batches in _cases(data).items()}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        distributed.teardown()
+        distributed.teardown(together=True)
 
 
 def _free_port():
