@@ -43,8 +43,8 @@ def setup(device):
 
 def teardown(together=False):
     """Leave the process group (if in one). together: every process is leaving now, so wait for
-    them all first: a gloo process that exits while another is still in the group can abort
-    (SIGABRT) as it exits, as the first to finish often did."""
+    them all first: a gloo process that leaves, or exits, while another is still in the group
+    can abort (SIGABRT) as it exits."""
     if dist.is_initialized():
         if together:
             dist.barrier()
