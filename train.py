@@ -9,8 +9,8 @@ Train Gen and Emb_seq jointly with semiparametric token-sequence co-supervision:
 
 Every eval_interval iterations, and at the end: L_NTP and L_NSP on both splits, retrieval of the
 val markers against the whole datastore, a line in out_dir/log.jsonl and a checkpoint
-out_dir/ckpt.pt. Ctrl-C saves and stops; --resume continues exactly where it stopped. Several
-processes: torchrun (README). Every flag: machinery/config.py, or --help.
+out_dir/ckpt.pt. Ctrl-C (or SIGTERM) saves and stops; --resume continues exactly where it stopped.
+Several processes: torchrun (README). Every flag: machinery/config.py, or --help.
 """
 
 import math

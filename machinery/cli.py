@@ -1,7 +1,7 @@
 """
 Command-line plumbing shared by the scripts: a config dataclass becomes argparse flags (help text
 from each field's metadata), a user's mistake becomes one line on stderr and exit code 2, and
-Ctrl-C can ask a long job to stop at a safe point.
+Ctrl-C (or SIGTERM, what a scheduler sends) can ask a long job to stop at a safe point.
 """
 
 import argparse
@@ -14,12 +14,16 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; what schedulers send to stop a job
+
+
 class UserError(Exception):
     """A problem with the user's input or flags: reported as one line, never as a traceback."""
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, once the program has saved its work: main_guard prints the message, exit code 130."""
+    """Ctrl-C or SIGTERM, once the program has saved its work: main_guard prints the message, exit
+    code 130."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,25 +59,30 @@ def parse_config(cls, description, argv=None):
 
 @contextmanager
 def interruptible(notice):
-    """Inside, a first Ctrl-C (SIGINT) only sets flag.set, says `notice` on stderr and restores the
-    previous handler: the job stops at its next safe point, and a second Ctrl-C stops it at once.
-    (Signals can only be caught in the main thread; elsewhere the flag is never set.)"""
+    """Inside, a first Ctrl-C (SIGINT) or SIGTERM (a scheduler's stop) only sets flag.set, says
+    `notice` on stderr and restores the previous handlers: the job stops at its next safe point,
+    and a second signal stops it at once. (Signals can only be caught in the main thread;
+    elsewhere the flag is never set.)"""
     flag = SimpleNamespace(set=False)
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
+    def restore():
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
     def handler(signum, frame):
         flag.set = True
-        signal.signal(signal.SIGINT, previous)
+        restore()
         if is_main_process():
             print(f"\n{notice}", file=sys.stderr)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        restore()
 
 
 def is_main_process():
@@ -82,15 +91,23 @@ def is_main_process():
 
 
 def main_guard(main):
-    """Run main(); a UserError ends the program with one line and exit code 2, Ctrl-C with one
-    line and exit code 130. With several processes only rank 0 says it."""
+    """Run main(); a UserError ends the program with one line and exit code 2, Ctrl-C (or SIGTERM)
+    with one line and exit code 130. With several processes only rank 0 says it, and however main
+    ends, each process leaves their group before it exits: all at once when all end together
+    (main returned, or all were interrupted at the same step)."""
+    together = False
     try:
         main()
+        together = True
     except UserError as e:
         if is_main_process():
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:
+        together = isinstance(e, Interrupted)
         if is_main_process():
             print(str(e) or "interrupted", file=sys.stderr)
         sys.exit(130)
+    finally:
+        from machinery import distributed  # here: distributed.py imports this module
+        distributed.teardown(together)

@@ -68,7 +68,7 @@ class Config:
     compile: bool = flag(False, "torch.compile the models")
     resume: bool = flag(False, "continue from out_dir/ckpt.pt")
     overwrite: bool = flag(False, "start afresh in an out_dir that holds another run's checkpoint "
-                                  "(it and the log are replaced)")
+                                  "(its files, eval.json and datastore.pt too, are removed)")
     init_from: str = flag("", "start from the weights of another run's out_dir (same data and "
                               "model sizes), with a fresh optimizer and schedule")
 

@@ -4,9 +4,11 @@ Training with several processes (torchrun): one process per GPU, or several on a
     torchrun --standalone --nproc_per_node 2 train.py ...
 
 Each process draws its own batches (its numpy rng is seeded with seed + rank) of `batch_size`
-windows, so W processes train on W * batch_size windows per step. Gen and Emb_seq are wrapped in
-DistributedDataParallel, which averages their gradients over the processes. Evaluation, the log,
-the progress bar and the checkpoint are rank 0's alone.
+windows, so W processes train on W * batch_size windows per step. All build the same initial
+weights (torch seeded with seed), then each draws its own dropout (torch reseeded with seed + rank,
+machinery/run.py). Gen and Emb_seq are wrapped in DistributedDataParallel, which averages their
+gradients over the processes. Evaluation, the log, the progress bar and the checkpoint are rank
+0's alone.
 
 L_NSP takes its negatives from every process (gather_candidates), so a step of W processes is the
 same step as one process would take on the W batches together (tests/test_distributed.py checks
@@ -39,8 +41,13 @@ def setup(device):
     return dist.get_rank(), world, device
 
 
-def teardown():
+def teardown(together=False):
+    """Leave the process group (if in one). together: every process is leaving now, so wait for
+    them all first: a gloo process that leaves, or exits, while another is still in the group
+    can abort (SIGABRT) as it exits."""
     if dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -4,11 +4,12 @@ its log and checkpoints, --resume and --init_from, several processes (torchrun),
 on divergence, the progress bar and the summary at the end.
 
 Every `eval_interval` iterations, and at the end, the loop evaluates and `save` appends one line to
-out_dir/log.jsonl and writes out_dir/ckpt.pt. Ctrl-C saves a checkpoint after the current step and
-stops; --resume continues exactly where it stopped (tests/test_resume.py).
+out_dir/log.jsonl and writes out_dir/ckpt.pt. Ctrl-C (or SIGTERM) saves a checkpoint after the
+current step and stops; --resume continues exactly where it stopped (tests/test_resume.py).
 """
 
 import dataclasses
+import glob
 import json
 import os
 import shlex
@@ -25,6 +26,12 @@ from machinery.checkpoint import init_from, keep_log_until, resume, rng_state, s
 from machinery.cli import Interrupted, UserError, interruptible
 from machinery.config import autocast, pick_device
 
+# Every file a run has in its out_dir: train.py's, evaluate.py's, sample.py's, and the .tmp a save
+# cut short leaves. --overwrite removes them all, so that nothing of the old run is read with the
+# new checkpoint; any other file there is the user's, and stays.
+RUN_FILES = ("ckpt.pt", "ckpt.pt.tmp", "log.jsonl", "log.jsonl.tmp", "eval.json", "eval_*.json",
+             "datastore.pt", "datastore.pt.tmp")
+
 
 class Run:
     def __init__(self, cfg, argv):
@@ -40,16 +47,19 @@ class Run:
         self.rank, self.world, self.device = distributed.setup(pick_device(cfg.device))
         self.main = self.rank == 0  # evaluates, logs, saves
         self.ctx = autocast(self.device, cfg.dtype)
-        torch.manual_seed(cfg.seed)  # the same initial weights in every process
+        torch.manual_seed(cfg.seed)  # the same initial weights in every process (see begin)
         self.rng = np.random.default_rng(cfg.seed + self.rank)  # each process its own batches
         self.metrics, self.saved, self.stop = {}, None, False
         self.steps, self.step_time, self.t0 = 0, 0.0, 0.0
 
     def begin(self, gen, embedder, optimizer, params, data, tok):
-        """The models and optimizer from --resume or --init_from, if given; the log opened.
-        Returns the first iteration."""
+        """Each process's own torch stream, now that the models are built; the models and
+        optimizer from --resume or --init_from, if given; the log opened. Returns the first
+        iteration."""
         cfg, start = self.cfg, 0
         self.gen, self.embedder, self.optimizer, self.params = gen, embedder, optimizer, params
+        if self.world > 1:  # the weights are built, the same everywhere: now each its own dropout
+            torch.manual_seed(cfg.seed + self.rank)
         self.data, self.tok = data, tok
         if cfg.resume:
             start, self.metrics = resume(self.ckpt_path, cfg, gen, embedder, optimizer, self.rng,
@@ -62,6 +72,8 @@ class Run:
                 os.makedirs(cfg.out_dir, exist_ok=True)
             except OSError as e:
                 raise UserError(f"cannot create --out_dir {cfg.out_dir}: {e.strerror}") from None
+            if cfg.overwrite:
+                self.remove_old_run()
             if cfg.resume:
                 keep_log_until(self.log_path, start)
             print(f"{cfg.dataset}: {len(data.train.ids):,} train / {len(data.val.ids):,} val "
@@ -70,6 +82,15 @@ class Run:
                   + (f", {self.world} processes" if self.world > 1 else ""))
         self.log = open(self.log_path, "a" if cfg.resume else "w") if self.main else None
         return start
+
+    def remove_old_run(self):
+        """--overwrite: the files of the run that was in out_dir before (RUN_FILES)."""
+        for name in RUN_FILES:
+            for path in glob.glob(os.path.join(glob.escape(self.cfg.out_dir), name)):
+                try:
+                    os.remove(path)
+                except OSError as e:
+                    raise UserError(f"--overwrite cannot remove {path}: {e.strerror}") from None
 
     def step_models(self, gen, embedder):
         """The copies the training step runs: compiled (--compile), and wrapped in DDP with several
@@ -82,7 +103,7 @@ class Run:
 
     def iterations(self, start):
         """start, start + 1, ..., max_iters, with a progress bar. Before each: stop if the weights
-        are no longer finite, or (after saving) if Ctrl-C was pressed in any process."""
+        are no longer finite, or (after saving) if any process got Ctrl-C or SIGTERM."""
         cfg = self.cfg
         bar = tqdm(range(start, cfg.max_iters + 1), initial=start, total=cfg.max_iters + 1,
                    desc="training", dynamic_ncols=True, disable=not self.main)
@@ -147,7 +168,8 @@ class Run:
                             rng=rngs)
 
     def interrupted(self, it):
-        """Ctrl-C in some process: all stop here, after the same step, with a checkpoint."""
+        """Ctrl-C or SIGTERM in some process: all stop here, after the same step, with a
+        checkpoint."""
         if self.saved != it:
             self.checkpoint(it)
         args = [a for a in (sys.argv[1:] if self.argv is None else self.argv) if a != "--overwrite"]

@@ -4,6 +4,7 @@ marker and the end of a document. `bytes` (the default) has the 256 single bytes
 on any text; `gpt2` is GPT-2's BPE, from tiktoken's cache or a local `.tiktoken` file.
 """
 
+import base64
 import hashlib
 import os
 
@@ -49,7 +50,7 @@ def _gpt2_ranks(path):
     if path:
         if not os.path.isfile(path):
             raise UserError(f"GPT-2 BPE file not found: {path}")
-        return tiktoken.load.load_tiktoken_bpe(path)
+        return _read_tiktoken_file(path)
     try:  # tiktoken's cache, or a download when online
         return tiktoken.get_encoding("gpt2")._mergeable_ranks
     except Exception:
@@ -57,3 +58,26 @@ def _gpt2_ranks(path):
                         f"PATH (or set {GPT2_FILE_ENV}) to a gpt2.tiktoken file; see README") from None
 
 
+def _read_tiktoken_file(path):
+    """The ranks of a .tiktoken file: each line the base64 of a token's bytes, then its rank.
+    Read here, not with tiktoken.load, which keeps a copy of a local file in its cache under the
+    file's path and reads that copy back even after the file has changed."""
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    ranks = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:  # binascii.Error, a bad base64, is one too
+            raise UserError(f"{path}:{n} is not a .tiktoken line (the base64 of a token, then its "
+                            "rank): not a GPT-2 BPE file") from None
+    missing = sum(bytes([i]) not in ranks for i in range(256))
+    if missing:  # every text is bytes: without them some text could not be encoded
+        raise UserError(f"{path} lacks {missing} of the 256 single bytes: not a GPT-2 BPE file")
+    return ranks

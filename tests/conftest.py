@@ -1,3 +1,4 @@
+import base64
 import json
 import os
 
@@ -37,3 +38,11 @@ def write(path, text):
     with open(path, "w", encoding="utf-8") as f:
         f.write(text)
     return path
+
+
+def write_tiktoken(path, merges=(b"th", b"he", b" the")):
+    """A valid .tiktoken file (each line: the base64 of a token's bytes, its rank): the 256 single
+    bytes, so that any text encodes, then `merges`."""
+    tokens = [bytes([i]) for i in range(256)] + list(merges)
+    return write(str(path), "".join(f"{base64.b64encode(t).decode()} {r}\n"
+                                     for r, t in enumerate(tokens)))

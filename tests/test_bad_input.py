@@ -1,6 +1,5 @@
 """Bad input to train.py, sample.py and evaluate.py: one line that names the problem and what to do,
 exit code 2, no traceback, and nothing on disk changed."""
-import base64
 import shutil
 
 import pytest
@@ -13,7 +12,7 @@ from experiments import report
 import sample
 import train
 from machinery.cli import main_guard
-from conftest import TINY
+from conftest import TINY, write_tiktoken
 
 SCRIPTS = {"train": train, "sample": sample, "eval": eval_script, "experiments": experiments,
            "report": report, "bench": bench}
@@ -40,10 +39,10 @@ def place(tmp_path_factory):
     for name, content in files.items():
         (d / name).write_bytes(content)
     (d / "a_file").write_text("not a directory")
-    ranks = {bytes([i]): i for i in range(256)}  # a valid .tiktoken file that is not the bytes one
-    ranks[b"th"] = 256
-    (d / "gpt2.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n"
-                                             for t, r in ranks.items()))
+    write_tiktoken(d / "gpt2.tiktoken")  # a valid .tiktoken file that is not the bytes one
+    lines = (d / "gpt2.tiktoken").read_text().splitlines(keepends=True)
+    (d / "garbled.tiktoken").write_text("".join(lines) + "dGg= 300 x\n")  # line 260: 3 fields
+    (d / "gaps.tiktoken").write_text("".join(lines[10:]))  # without the bytes 0 to 9
     return d
 
 
@@ -98,6 +97,10 @@ CASES = [
     ("train", TRAIN + ["--device", "tpu"], "unknown device 'tpu'"),
     ("train", TRAIN + ["--tokenizer", "gpt2"], "pass --gpt2_file"),  # offline, no cache
     ("train", TRAIN + ["--tokenizer", "gpt2", "--gpt2_file", "{d}/no.tiktoken"], "not found"),
+    ("train", TRAIN + ["--tokenizer", "gpt2", "--gpt2_file", "{d}/garbled.tiktoken"],
+     "garbled.tiktoken:260 is not a .tiktoken line"),
+    ("train", TRAIN + ["--tokenizer", "gpt2", "--gpt2_file", "{d}/gaps.tiktoken"],
+     "gaps.tiktoken lacks 10 of the 256 single bytes"),
     # checkpoints and out_dir
     ("train", TRAIN + ["--resume"], "no checkpoint at {d}/new/ckpt.pt: nothing to --resume"),
     *[("train", TINY + ["--out_dir", f"{{d}}/{name}", "--cache_dir", "{d}/cache", "--resume"],

@@ -1,5 +1,3 @@
-import base64
-
 import numpy as np
 import pytest
 
@@ -8,7 +6,7 @@ from data import Data
 from machinery.corpora import Segment, load_corpus
 from machinery.prepare import prepare
 from machinery.tokenizer import Tokenizer
-from conftest import write
+from conftest import write, write_tiktoken
 
 TEXT = ("The cat sat on the mat. It was warm! Was it? Then the dog came in.\n\n"
         "A second paragraph starts here. It has three sentences. The end is near.\n"
@@ -36,15 +34,12 @@ def test_gpt2_without_its_file_is_one_clear_error(monkeypatch, tmp_path):
 
 
 def test_gpt2_from_a_local_tiktoken_file(tmp_path):
-    ranks = {bytes([i]): i for i in range(256)}
-    ranks[b"th"] = 256
-    ranks[b" the"] = 257  # not reachable by merges, but a valid rank table entry
-    path = str(tmp_path / "gpt2.tiktoken")
-    with open(path, "w") as f:  # the .tiktoken format: base64 of the token's bytes, its rank
-        f.writelines(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items())
+    path = write_tiktoken(tmp_path / "gpt2.tiktoken", merges=[b"th", b" the"])  # " the": no merge
     tok = Tokenizer("gpt2", path)
     assert tok.vocab_size == 260 and tok.marker == 259
     assert 256 in tok.encode("this") and tok.decode(tok.encode("this")) == "this"
+    write_tiktoken(path, merges=[b"hi"])  # the file changed: its new table, not a cached copy
+    assert Tokenizer("gpt2", path).encode("this") == [ord("t"), 256, ord("s")]
 
 
 def _prepared(tmp_path, corpus, block_size=16):

@@ -1,5 +1,6 @@
 """Two processes (gloo, CPU) take the same step as one process on their two batches together,
 and train.py runs under torchrun."""
+import contextlib
 import json
 import os
 import socket
@@ -7,10 +8,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from machinery import distributed
+from machinery.cli import Interrupted, UserError, main_guard
 import train
 from machinery.config import Config
 from data import Batch, load_data
@@ -66,10 +70,15 @@ def _step(gen, emb, batch, gather):
             "grads": {n: p.grad.clone() for n, p in named}}
 
 
-def _worker(rank, port, cache_dir, out_dir):
+def _as_torchrun_would(rank, port):
+    """This process: rank `rank` of 2, as torchrun would start it."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+
+
+def _worker(rank, port, cache_dir, out_dir):
+    _as_torchrun_would(rank, port)
     _, _, device = distributed.setup("cpu")
     try:
         data, tok = load_data(Config(facts_people=60, block_size=96, cache_dir=cache_dir))
@@ -79,7 +88,7 @@ def _worker(rank, port, cache_dir, out_dir):
                    for name, batches in _cases(data).items()}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        distributed.teardown()
+        distributed.teardown(together=True)
 
 
 def _free_port():
@@ -120,3 +129,51 @@ def test_torchrun_two_processes_train_log_and_save_once(tmp_path):
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     assert ckpt["iter"] == 4 and len(ckpt["rng"]) == 2  # each process's batches go on from here
     assert ckpt["rng"][0]["numpy"] != ckpt["rng"][1]["numpy"]
+
+
+def _train_worker(rank, port, argv, out_dir):
+    """train.main as rank `rank` of 2; saves the weights its models were built with."""
+    _as_torchrun_would(rank, port)
+    build = train.build_models
+
+    def build_and_keep(*args):
+        gen, embedder = build(*args)
+        torch.save({**gen.state_dict(), **embedder.state_dict()},
+                   os.path.join(out_dir, f"init{rank}.pt"))
+        return gen, embedder
+    train.build_models = build_and_keep  # a process of its own: nothing else sees this
+    main_guard(lambda: train.main(argv))  # as train.py runs: it leaves the group
+
+
+def test_processes_start_from_the_same_weights_but_draw_their_own_dropout(tmp_path):
+    out = tmp_path / "run"
+    argv = [*TINY, "--max_iters", "0", "--dropout", "0.2", "--device", "cpu", "--out_dir",
+            str(out), "--cache_dir", str(tmp_path / "cache")]
+    mp.spawn(_train_worker, args=(_free_port(), argv, str(tmp_path)), nprocs=2)
+    a, b = (torch.load(tmp_path / f"init{r}.pt") for r in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # after setup each process's torch stream (its dropout) is its own; the checkpoint keeps each
+    states = [state["torch"] for state in torch.load(out / "ckpt.pt", weights_only=False)["rng"]]
+    masks = []
+    for state in states:
+        g = torch.Generator()
+        g.set_state(state)
+        masks.append(torch.bernoulli(torch.full((256,), 0.8), generator=g))  # keep with p 0.8
+    assert not torch.equal(*states) and not torch.equal(*masks)
+
+
+@pytest.mark.parametrize("end", [None, UserError("bad flag"), Interrupted("saved"), ValueError()])
+def test_every_end_leaves_the_process_group(tmp_path, end):
+    """A process that exits still in the group can abort (gloo): main_guard leaves it first,
+    whether main returns, fails or is interrupted."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+
+    def main():
+        if end is not None:
+            raise end
+    with contextlib.suppress(SystemExit, ValueError):  # exit codes: tests/test_bad_input.py
+        main_guard(main)
+    left = not dist.is_initialized()
+    distributed.teardown()  # for the tests after this one, if main_guard did not
+    assert left

@@ -2,6 +2,7 @@
 run goes on exactly as if it had never stopped."""
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate as eval_script
 import train
 from machinery.config import Config, build_models
 from machinery.checkpoint import CHECKPOINT_KEYS, keep_log_until
@@ -58,7 +60,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(run_train, monkeypatch, st
     assert all(torch.equal(a["embedder"][k], b["embedder"][k]) for k in a["embedder"])
 
 
-def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_saves_and_says_how_to_resume(tmp_path, sig):
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "train.py", *TINY, "--max_iters", "100000",
                           "--eval_interval", "100000", "--out_dir", str(out),
@@ -68,7 +71,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
         while not (out / "ckpt.pt").exists():  # iteration 0 is saved: training has begun
             assert p.poll() is None, p.communicate()
             time.sleep(0.05)
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         _, err = p.communicate(timeout=60)
     finally:
         p.kill()
@@ -78,6 +81,10 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
     assert last.endswith("--resume") and "--max_iters 100000" in last
     it = int(last.split("holds iteration ")[1].split(";")[0])
     assert _whole_checkpoint(out / "ckpt.pt")["iter"] == it > 0
+    # the command it printed continues the run (here only one step further)
+    argv = shlex.split(last.split("continue with: ")[1])[2:]  # after "python train.py"
+    train.main(argv + ["--max_iters", str(it + 1)])
+    assert [json.loads(line)["iter"] for line in open(out / "log.jsonl")] == [0, it + 1]
 
 
 def test_sigkill_at_any_moment_leaves_a_whole_checkpoint(tmp_path):
@@ -161,8 +168,16 @@ def test_an_out_dir_with_a_checkpoint_needs_resume_or_overwrite(run_train):
     assert ((out / "ckpt.pt").read_bytes(), (out / "log.jsonl").read_text()) == before
     with pytest.raises(UserError, match="contradict"):
         run_train("--max_iters", "4", "--resume", "--overwrite")
+    eval_script.main(["--out_dir", str(out), "--questions", "0"])  # eval.json, datastore.pt
+    old = {"eval.json", "datastore.pt", "eval_query_from_other.json", "ckpt.pt.tmp"}
+    for name in old - {"eval.json", "datastore.pt"}:  # as other scripts and a crash leave them
+        (out / name).write_text("the old run's")
+    (out / "notes.txt").write_text("the user's")
+    assert old <= {p.name for p in out.iterdir()}
     _, log = run_train("--max_iters", "2", "--eval_interval", "2", "--overwrite")
     assert [r["iter"] for r in log] == [0, 2]  # a new log, not the old one continued
+    # nothing of the old run is left to be read with the new checkpoint; the rest stays
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl", "notes.txt"]
 
 
 def test_a_checkpoint_from_before_torchrun_support_resumes(run_train):

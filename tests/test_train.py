@@ -6,6 +6,7 @@ import torch
 
 import train
 from machinery.config import Config, build_models
+from conftest import write_tiktoken
 
 
 def test_short_run_drives_both_losses_down(run_train):
@@ -80,3 +81,15 @@ def test_the_parts_only_l_nsp_trains_warm_up_when_it_joins_late():
     assert [train.nsp_lr_scale(it, cfg) for it in (0, 49, 50, 54, 58, 59, 150)] == [
         0, 0, 0.1, 0.5, 0.9, 1, 1]
     assert train.nsp_lr_scale(0, Config(nsp_start=0)) == 1  # from step 0: the shared warmup
+
+
+def test_trains_with_a_local_gpt2_file(run_train, tmp_path, monkeypatch):
+    # a fresh interpreter has not imported tiktoken's submodule `load` (other tests may have)
+    monkeypatch.delitem(sys.modules, "tiktoken.load", raising=False)
+    monkeypatch.delattr("tiktoken.load", raising=False)
+    path = write_tiktoken(tmp_path / "gpt2.tiktoken")
+    out, log = run_train("--tokenizer", "gpt2", "--gpt2_file", path, "--max_iters", "2",
+                         "--eval_interval", "2")
+    assert [r["iter"] for r in log] == [0, 2]
+    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ckpt["tokenizer"]["name"] == "gpt2" and ckpt["gen_config"]["vocab_size"] == 261
