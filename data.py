@@ -34,7 +34,7 @@ from machinery.tokenizer import Tokenizer
 class Batch(NamedTuple):
     x: torch.Tensor               # (B, T) input tokens
     y: torch.Tensor               # (B, T) next tokens: the L_NTP targets
-    marker_index: tuple           # (rows, cols), each (M,): every marker in x, where Gen makes queries
+    marker_index: tuple           # (rows, cols), each (M,): the markers in x, Gen's queries
     candidates: torch.Tensor      # (N, L) the candidate sequences' tokens, each once, right-padded
     candidate_mask: torch.Tensor  # (N, L) True on real tokens
     positive: torch.Tensor        # (M,) for each marker, the row of its target in candidates

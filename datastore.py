@@ -132,7 +132,8 @@ class Datastore:
 
     @staticmethod
     def fingerprint_of(embedder, data):
-        """A hash of Emb_seq's weights and the data: a datastore built from either, changed, is stale."""
+        """A hash of Emb_seq's weights and the data: a datastore built from either, changed, is
+        stale."""
         h = hashlib.sha256(data.fingerprint.encode())
         for name, t in sorted(embedder.state_dict().items()):
             h.update(name.encode())
@@ -191,7 +192,8 @@ class Datastore:
 #                                   idf(w) = 1 + log((1 + N) / (1 + df(w)))
 #     s(q, j) = v_q . v_j / (|v_q| |v_j|)          (0 where either vector is all zero)
 #
-# The query is the text Gen sees at the marker (data.marker_contexts); ties count against the target.
+# The query is the text Gen sees at the marker (data.marker_contexts); a tie counts against
+# the target.
 
 WORD = re.compile(r"\w+")
 

@@ -42,10 +42,11 @@ class SeqEmbedder(nn.Module):
         init_weights(self, c.n_layer)
 
     def forward(self, tokens, mask):
-        """tokens (N, L) right-padded, mask (N, L) True on real tokens -> unit vectors (N, seq_dim)."""
+        """tokens (N, L) right-padded, mask (N, L) True on real tokens -> unit vectors
+        (N, seq_dim)."""
         x = self.transformer(tokens, key_mask=mask)                       # (N, L, C)
         m = mask.unsqueeze(-1).to(x.dtype)                                # (N, L, 1)
-        pooled = (x * m).sum(1) / m.sum(1)                                # (N, C): mean of real tokens
+        pooled = (x * m).sum(1) / m.sum(1)                       # (N, C): mean of real tokens
         return F.normalize(self.proj(pooled), dim=-1)                     # (N, seq_dim)
 
     @torch.inference_mode()

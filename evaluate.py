@@ -128,7 +128,8 @@ def main(argv=None):
     for split, limit in (("val", None), ("train", 480)):  # all of val, a sample of train
         ntp, _ = loss_estimates(gen, embedder, data, cfg, device, ctx, split)
         m = {"ntp": ntp, "ppl": float(np.exp(ntp))}
-        m.update(retrieval_quality(query_gen or gen, datastore.embeddings, data, split, device, ctx, limit))
+        m.update(retrieval_quality(query_gen or gen, datastore.embeddings, data, split, device,
+                                   ctx, limit))
         m.update(lexical_metrics(data, tok, split, limit))  # the TF-IDF baseline, same markers
         if args.questions and cfg.split != "none":
             m.update(answer_metrics(gen, datastore, data, tok, split, args.questions, query_gen))

@@ -116,7 +116,7 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(n_embd, bias=False)
 
     def forward(self, idx, past=0, key_mask=None, caches=None):
-        """Hidden states (B, T, n_embd) of token ids idx (B, T) at positions past .. past + T - 1."""
+        """Hidden states (B, T, n_embd) of token ids idx (B, T) at positions past .. past+T-1."""
         T = idx.shape[1]
         pos = torch.arange(past, past + T, device=idx.device)            # (T,)
         x = self.drop(self.wte(idx) + self.wpe(pos))                     # (B, T, n_embd)
@@ -145,7 +145,7 @@ class Gen(nn.Module):
         return self.transformer(idx, past, caches=caches)
 
     def query(self, h):
-        """q = normalize(W_seq h): a unit vector, so q . e is the cosine with a sequence embedding."""
+        """q = normalize(W_seq h): a unit vector, so q . e is its cosine with an embedding."""
         return F.normalize(self.seq_head(h), dim=-1)
 
     def forward(self, idx, marker_index=None):

@@ -16,9 +16,9 @@ The variants (`variants()`), each trained by train.py with the same steps and se
   pre          co-supervision (lambda_seq 0.5) started from ntp's weights: a pretrained token space,
                as the paper starts from Llama-2 (it has had ntp's steps before its own)
 
-experiments/results/ gets runs.jsonl (one JSON line per run; a run already there is not redone), table.md (mean
-+- std over seeds, and a paired test of co-supervision against the best single-supervision
-baseline) and PNG plots. Checkpoints go to --work_dir.
+experiments/results/ gets runs.jsonl (one JSON line per run; a run already there is not redone),
+table.md (mean +- std over seeds, and a paired test of co-supervision against the best
+single-supervision baseline) and PNG plots. Checkpoints go to --work_dir.
 """
 
 import json

@@ -41,7 +41,8 @@ class Run:
         self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
         if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
             raise UserError(f"--out_dir {cfg.out_dir} is a file, not a directory")
-        if os.path.exists(self.ckpt_path) and not (cfg.resume or cfg.overwrite):  # never by accident
+        # never replace another run's checkpoint by accident
+        if os.path.exists(self.ckpt_path) and not (cfg.resume or cfg.overwrite):
             raise UserError(f"{self.ckpt_path} already exists: pass --resume to continue it or "
                             "--overwrite to start over")
         self.rank, self.world, self.device = distributed.setup(pick_device(cfg.device))
