@@ -1,7 +1,12 @@
-"""
+r"""
 The tokenizer: a tiktoken Encoding plus the two special tokens the method needs, the retrieval
 marker and the end of a document. `bytes` (the default) has the 256 single bytes and works offline
-on any text; `gpt2` is GPT-2's BPE, from tiktoken's cache or a local `.tiktoken` file.
+on any text; `gpt2` is GPT-2's BPE, from tiktoken's cache or a local `.tiktoken` file. To make
+that file on a machine that is online:
+
+    python -c "import tiktoken, base64; e = tiktoken.get_encoding('gpt2'); \
+      open('gpt2.tiktoken', 'w').writelines(f'{base64.b64encode(t).decode()} {r}\n' \
+      for t, r in e._mergeable_ranks.items())"
 """
 
 import base64
