@@ -87,7 +87,8 @@ def main(argv=None):
         ids, retrievals = generate(gen, prompt, args.max_new_tokens, tok.marker, tok.eod,
                                    datastore, args.temperature, args.top_k or None,
                                    args.show_retrieval, generator=generator)
-        print(tok.decode(prompt) + render(tok, ids, retrievals, len(prompt), datastore,
+        shown = [t for t in prompt if t != tok.eod]  # a document's start, not a text to show
+        print(tok.decode(shown) + render(tok, ids, retrievals, len(prompt), datastore,
                                           args.show_retrieval))
         print("-" * 40)
 
