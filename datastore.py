@@ -53,15 +53,24 @@ def target_ranks(queries, embeddings, targets, chunk=65536):
     if not (torch.isfinite(queries).all() and torch.isfinite(embeddings).all()):
         raise ValueError("a query or datastore embedding is not finite (NaN or inf): retrieval "
                          "cannot be scored")
-    rows = torch.arange(len(queries))
-    # the target's score from the same matmul as the others' (another order of summation
+    return _ranks(lambda: _chunk_scores(queries, embeddings, chunk), targets)
+
+
+def _ranks(score_chunks, targets):
+    """The rank of each query's target, a tie counted against it, from score_chunks(): the
+    scores of the queries against every entry, as (start s, scores (Q, c) of entries s .. s+c-1).
+    Two passes, so that only one chunk of scores is held at a time."""
+    rows = torch.arange(len(targets))
+    # the target's score from the same product as the others' (another order of summation
     # could round it above or below an entry that ties it)
-    target_scores = queries.new_empty(len(queries), 1)                    # (Q, 1)
-    for s, scores in _chunk_scores(queries, embeddings, chunk):
+    target_scores = None                                                  # (Q, 1)
+    for s, scores in score_chunks():
+        if target_scores is None:
+            target_scores = scores.new_empty(len(targets), 1)
         inside = (targets >= s) & (targets < s + scores.shape[1])
         target_scores[inside, 0] = scores[rows[inside], targets[inside] - s]
-    at_least = torch.zeros(len(queries), dtype=torch.long)  # the target itself, and every tie
-    for s, scores in _chunk_scores(queries, embeddings, chunk):
+    at_least = torch.zeros(len(targets), dtype=torch.long)  # the target itself, and every tie
+    for s, scores in score_chunks():
         at_least += (scores >= target_scores).sum(dim=1)
     return at_least
 
@@ -214,15 +223,6 @@ def tfidf_vectors(texts, vocab, idf):
                                    (len(texts), len(vocab)), check_invariants=True)
 
 
-def ranks_with_ties(scores, targets):
-    """Rank (1 = best) of each row's target among its scores (Q, N): 1 + the number of other
-    entries scoring at least as high, so a tie counts against the target."""
-    rows = torch.arange(len(scores))
-    at_least = scores >= scores[rows, targets][:, None]                   # (Q, N)
-    at_least[rows, targets] = False                                       # not its own rival
-    return 1 + at_least.sum(dim=1)
-
-
 def lexical_ranks(queries, texts, targets):
     """Rank (1 = best) of each query's target among the texts by TF-IDF cosine, ties counted
     against the target. queries: strings, texts: the datastore's strings, targets (Q,) ids."""
@@ -231,7 +231,7 @@ def lexical_ranks(queries, texts, targets):
     idf = [1 + math.log((1 + len(texts)) / (1 + df[w])) for w in vocab]
     q, e = tfidf_vectors(queries, vocab, idf), tfidf_vectors(texts, vocab, idf)
     scores = torch.sparse.mm(e, q.to_dense().T).T                     # (Q, N) cosines
-    return ranks_with_ties(scores, torch.as_tensor(targets))
+    return _ranks(lambda: [(0, scores)], torch.as_tensor(targets))
 
 
 def lexical_metrics(data, tok, split, limit=None):

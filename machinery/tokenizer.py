@@ -60,7 +60,8 @@ def _gpt2_ranks(path):
         return tiktoken.get_encoding("gpt2")._mergeable_ranks
     except Exception:
         raise UserError("the GPT-2 BPE is not cached and cannot be downloaded: pass --gpt2_file "
-                        f"PATH (or set {GPT2_FILE_ENV}) to a gpt2.tiktoken file; see README") from None
+                        f"PATH (or set {GPT2_FILE_ENV}) to a gpt2.tiktoken file; machinery/"
+                        "tokenizer.py says how to make one") from None
 
 
 def _read_tiktoken_file(path):
