@@ -17,6 +17,9 @@ OUT_DIR/eval_query_from_<OTHER's folder name>.json; OTHER's folder is only read)
   marker_rate              share of questions where Gen emitted the marker
   retrieval_acc            share where the first retrieved entry is the gold sequence
   answer_em_gold           the answer given the gold sequence after the marker (copying alone)
+and, for `facts`, val_reworded: the held-out questions worded as no training document words them
+(machinery/facts.py), the generalisation test: the answer metrics, and recall@1, recall@10 and MRR
+of Gen's query at a marker placed after each reworded question.
 """
 
 import json
@@ -28,11 +31,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from datastore import Datastore, chance_metrics, lexical_metrics, retrieval_quality
+from datastore import (Datastore, chance_metrics, lexical_metrics, marker_queries, retrieval_metrics,
+                       retrieval_quality, target_ranks)
 from generate import generate
 from machinery.checkpoint import load_run
 from machinery.cli import UserError, flag, main_guard, parse_config
 from machinery.config import autocast
+from machinery.facts import reword
 from train import loss_estimates
 
 
@@ -72,11 +77,34 @@ def questions(data, tok, split, limit):
     return out
 
 
+def reworded(qs, tok):
+    """`facts` questions in the words of machinery/facts.py's REWORDED (never seen in training);
+    the marker, gold sequence and answer stay the same."""
+    out = []
+    for prompt, target, gold in qs:
+        text = reword(tok.decode(prompt))
+        if text is not None:
+            out.append((np.asarray(tok.encode(text)), target, gold))
+    return out
+
+
+def question_retrieval(gen, datastore, qs, tok, device):
+    """recall@1, recall@10 and MRR of Gen's query at a marker placed right after each question,
+    against the whole datastore: retrieval alone, whether or not Gen would write the marker."""
+    contexts = [np.append(prompt, tok.marker).astype(np.int64) for prompt, _, _ in qs]
+    queries = marker_queries(gen, contexts, device)                       # (Q, d)
+    targets = torch.tensor([target for _, target, _ in qs])               # (Q,)
+    return retrieval_metrics(target_ranks(queries, datastore.embeddings, targets))
+
+
 def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
-                   modes=("retrieval", "no_retrieval", "gold")):
+                   modes=("retrieval", "no_retrieval", "gold"), reword_questions=False):
     """The answer metrics of the first `limit` questions of a split, for each of `modes`:
-    retrieval in the loop, Gen alone, Gen given the gold sequence."""
+    retrieval in the loop, Gen alone, Gen given the gold sequence; with reword_questions, of those
+    questions reworded (the generalisation test), with their retrieval metrics too."""
     qs = questions(data, tok, split, limit)
+    if reword_questions:
+        qs = reworded(qs, tok)
     if not qs:
         return {}
     hits = {}
@@ -99,7 +127,11 @@ def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
             score("answer_em_no_retrieval", prompt)
         if "gold" in modes:
             score("answer_em_gold", prompt + [tok.marker] + [int(t) for t in data.sequence(target)])
-    return {k: v / len(qs) for k, v in hits.items()}
+    out = {k: v / len(qs) for k, v in hits.items()}
+    if reword_questions:
+        device = next(gen.parameters()).device
+        out.update(question_retrieval(query_gen or gen, datastore, qs, tok, device))
+    return out
 
 
 @torch.inference_mode()
@@ -134,6 +166,9 @@ def main(argv=None):
         if args.questions and cfg.split != "none":
             m.update(answer_metrics(gen, datastore, data, tok, split, args.questions, query_gen))
         result[split] = m
+    if args.questions and cfg.dataset == "facts":
+        result["val_reworded"] = answer_metrics(gen, datastore, data, tok, "val", args.questions,
+                                                query_gen, ("retrieval", "no_retrieval"), True)
     print(json.dumps(result, indent=1))
     with open(path, "w") as f:
         json.dump(result, f, indent=1)

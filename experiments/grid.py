@@ -1,24 +1,29 @@
 """
-The paper's claim in miniature: does a model trained with both losses beat models trained with
-each alone, and does a pretrained token space help the sequence space? An ablation grid at equal
-training steps, several seeds each, on `facts` (with answers) and `pydoc` (real prose).
+The paper's comparison, run the paper's way: co-supervision against separate supervision, both
+fine-tuned from one pretrained LM, several seeds, on `facts`, `pydoc` and any corpus you name.
 
-    python -m experiments.grid           # the full grid (experiments/README.md: 53 min on 2 cores)
-    python -m experiments.grid --quick   # 1 seed, fewer steps: about 8 minutes, to see it work
+    python -m experiments.grid                   # the full protocol (experiments/README.md)
+    python -m experiments.grid --quick           # 2 seeds, few steps: to see it work
+    python -m experiments.grid --datasets mybook.txt --seeds 3
 
-The variants (`variants()`), each trained by train.py with the same steps and seed:
-  ntp          L_NTP only (lambda_seq 0): answers by Gen alone, and with its untrained queries
-  nsp          L_NSP only (lambda_tok 0)
-  sep          separate supervision, the paper's baseline: ntp's Gen writes, nsp's Gen makes the
-               queries and nsp's Emb_seq the datastore (evaluate.py --query_from); no training
-               of its own
-  co<lambda>   co-supervision, L_NTP + lambda_seq L_NSP, at each of --lambdas
-  pre          co-supervision (lambda_seq 0.5) started from ntp's weights: a pretrained token space,
-               as the paper starts from Llama-2 (it has had ntp's steps before its own)
+Per seed, every run is train.py with its defaults but the flags below:
+  stage 1   pretrained   L_NTP only (--lambda_seq 0), --pretrain_iters steps: "the pretrained LM"
+  stage 2, --iters steps each, all started from that checkpoint (--init_from: fresh optimizer):
+            ntp-ft       L_NTP only: the generator of separate supervision
+            nsp-ft       L_NSP only (--lambda_tok 0): the retriever of separate supervision, Gen's
+                         query head and Emb_seq fine-tuned from the same start
+            co<lambda>   co-supervision, L_NTP + lambda L_NSP, at each of --lambdas
+  sep       separate supervision, the paper's baseline, no training of its own: ntp-ft's Gen
+            writes, nsp-ft's Gen makes the queries and nsp-ft's Emb_seq the datastore
+            (evaluate.py --query_from)
+  scratch   co-supervision (lambda 0.5) from random weights for pretrain_iters + iters steps: the
+            same steps without the pretrained start (secondary)
+
+The primary comparison, fixed before the grid ran (report.py): co0.5 minus sep, paired by seed;
+on facts held-out answer exact match with retrieval and held-out recall@1, on text val MRR.
 
 experiments/results/ gets runs.jsonl (one JSON line per run; a run already there is not redone),
-table.md (mean +- std over seeds, and a paired test of co-supervision against the best
-single-supervision baseline) and PNG plots. Checkpoints go to --work_dir.
+table.md (report.py) and PNG plots. Checkpoints go to --work_dir.
 """
 
 import json
@@ -44,112 +49,125 @@ from machinery.config import Config, check_config
 
 @dataclass
 class ExperimentConfig:
-    quick: bool = flag(False, "1 seed and fewer steps: a smoke run of the whole grid")
-    datasets: str = flag("facts,pydoc", "comma-separated datasets to run the grid on")
-    seeds: int = flag(3, "seeds per variant (--quick: 1)")
-    iters: int = flag(500, "training steps of every run on facts (--quick: 150)")
-    pydoc_iters: int = flag(300, "training steps of every run on pydoc (--quick: 100)")
-    lambdas: str = flag("0.1,0.5,1,2", "lambda_seq values of the co-supervised runs")
-    pydoc_lambdas: str = flag("0.5", "lambda_seq values on pydoc (each run there costs as much as "
-                                     "on facts, with no answer metric)")
-    questions: int = flag(200, "held-out questions per run for answer exact match (--quick: 60)")
+    quick: bool = flag(False, "2 seeds and few steps: a smoke run of the whole protocol")
+    datasets: str = flag("facts,pydoc", "comma-separated: facts, pydoc, or paths to .txt / .jsonl "
+                                        "files (each runs the same protocol)")
+    seeds: int = flag(5, "seeds, 1337 onwards (--quick: 2)")
+    pretrain_iters: int = flag(400, "stage 1: L_NTP-only steps of the pretrained LM (--quick: 100)")
+    iters: int = flag(600, "stage 2: steps of every fine-tuning run (--quick: 100)")
+    lambdas: str = flag("0.1,0.5,2", "lambda_seq of the co-supervised runs on facts (0.5, the "
+                                     "default, is the one the primary test uses)")
+    text_lambdas: str = flag("0.5", "lambda_seq of the co-supervised runs on text corpora")
+    questions: int = flag(200, "held-out questions per facts run for answer exact match, asked as "
+                               "in training and reworded (--quick: 60)")
     results: str = flag(report.RESULTS, "where runs.jsonl, table.md and the plots go (--quick: "
-                                   "its quick/ subfolder)")
+                                        "its quick/ subfolder)")
     work_dir: str = flag("out_experiments", "where the runs' checkpoints and logs go")
     jobs: int = flag(0, "runs at a time, the cores shared among them (0: one per core)")
     train_args: str = flag("", "extra train.py flags for every run (e.g. a tiny model, for tests)")
 
 
-def variants(lambdas):
-    """name -> (train.py flags, or None for an evaluation-only variant)."""
-    out = {"ntp": ["--lambda_seq", "0"], "nsp": ["--lambda_tok", "0", "--lambda_seq", "1"],
-           "sep": None}
-    out.update({f"co{lam:g}": ["--lambda_seq", f"{lam:g}"] for lam in lambdas})
-    out["pre"] = ["--lambda_seq", "0.5"]  # + --init_from the ntp run of the same seed
+def variants(cfg, lambdas):
+    """name -> (train.py flags, the variant it starts from or None, steps); sep: None."""
+    out = {"pretrained": (["--lambda_seq", "0"], None, cfg.pretrain_iters),
+           "ntp-ft": (["--lambda_seq", "0"], "pretrained", cfg.iters),
+           "nsp-ft": (["--lambda_tok", "0", "--lambda_seq", "1"], "pretrained", cfg.iters)}
+    out.update({f"co{lam:g}": (["--lambda_seq", f"{lam:g}"], "pretrained", cfg.iters)
+                for lam in lambdas})
+    out["sep"] = None
+    out["scratch"] = (["--lambda_seq", "0.5"], None, cfg.pretrain_iters + cfg.iters)
     return out
 
 
-def run_dir(cfg, dataset, variant, seed, iters):
-    return os.path.join(cfg.work_dir, f"{dataset}-{variant}-s{seed}-{iters}")
+class Grid:
+    """The runs of one protocol; trains each at most once, however many runs need it."""
+
+    def __init__(self, cfg):
+        self.cfg, self.locks, self.guard = cfg, {}, threading.Lock()
+
+    def run_dir(self, dataset, variant, seed):
+        cfg = self.cfg
+        return os.path.join(cfg.work_dir, f"{report.slug(dataset)}-{variant}-s{seed}-"
+                                          f"{cfg.pretrain_iters}+{cfg.iters}")
+
+    def trained(self, dataset, variant, seed, lambdas):
+        """The run's out_dir, trained now unless work_dir has it whole (a fresh clone has
+        results/ but not the checkpoints: stage 2 and sep retrain what they start from)."""
+        out = self.run_dir(dataset, variant, seed)
+        with self.guard:
+            lock = self.locks.setdefault(out, threading.Lock())
+        with lock:  # two runs of one seed may need the same start at once: train it once
+            if not os.path.isfile(os.path.join(out, "done")):
+                flags, start, iters = variants(self.cfg, lambdas)[variant]
+                argv = [sys.executable, os.path.join(report.ROOT, "train.py"),
+                        "--dataset", dataset, "--seed", str(seed), "--max_iters", str(iters),
+                        "--eval_interval", str(max(1, iters // 4)), "--out_dir", out, *flags,
+                        *self.cfg.train_args.split()]
+                if start:
+                    argv += ["--init_from", self.trained(dataset, start, seed, lambdas)]
+                shutil.rmtree(out, ignore_errors=True)  # a run cut short earlier starts again
+                os.makedirs(out)
+                with open(os.path.join(out, "train.out"), "w") as log:
+                    if subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT).returncode:
+                        raise UserError(f"training {dataset}/{variant}/seed {seed} failed: see "
+                                        f"{os.path.join(out, 'train.out')}")
+                open(os.path.join(out, "done"), "w").close()
+        return out
+
+    @torch.inference_mode()
+    def answers(self, out, query_from=None, modes=("retrieval",)):
+        """Held-out answer metrics (evaluate.py's), as asked in training and reworded."""
+        _, gen, embedder, data, tok = load_run(out, "cpu")
+        query_gen = None
+        if query_from:
+            _, query_gen, embedder, _, _ = load_run(query_from, "cpu")
+        store = Datastore.build(embedder, data, progress=False)
+        n = self.cfg.questions
+        asked = answer_metrics(gen, store, data, tok, "val", n, query_gen, modes)
+        new = answer_metrics(gen, store, data, tok, "val", n, query_gen, modes,
+                             reword_questions=True)
+        return {**asked, **{f"reworded_{k}": v for k, v in new.items()}}
+
+    def run(self, dataset, variant, seed, lambdas):
+        """Train (or, for sep, combine) and measure one run of the protocol; its record."""
+        cfg, t0 = self.cfg, time.time()
+        record = {"dataset": dataset, "variant": variant, "seed": seed,
+                  "steps": f"{cfg.pretrain_iters}+{cfg.iters}"}
+        facts = dataset == "facts"
+        if variant == "sep":  # ntp-ft's Gen writes, nsp-ft's Gen and Emb_seq retrieve
+            ntp = self.trained(dataset, "ntp-ft", seed, lambdas)
+            nsp = self.trained(dataset, "nsp-ft", seed, lambdas)
+            (ntp_final, _), (nsp_final, _) = read_log(ntp), read_log(nsp)
+            record.update(nsp_final, val_ntp=ntp_final["val_ntp"])
+            if facts:
+                record.update(self.answers(ntp, query_from=nsp))
+        else:
+            flags = variants(cfg, lambdas)[variant][0]
+            record["lambda_seq"] = float(flags[flags.index("--lambda_seq") + 1])
+            out = self.trained(dataset, variant, seed, lambdas)
+            final, curve = read_log(out)
+            record.update(final, curve=curve)
+            if facts and variant == "ntp-ft":  # Gen alone: its queries were never trained
+                record.update(self.answers(out, modes=("no_retrieval",)))
+            elif facts and variant not in ("pretrained", "nsp-ft"):  # nsp-ft cannot write
+                record.update(self.answers(out))
+        record["wall_s"] = round(time.time() - t0, 1)
+        return record
 
 
-def train(cfg, dataset, variant, seed, flags, iters):
-    """One train.py run in a subprocess (its own threads and memory; its output to train.out)."""
-    out = run_dir(cfg, dataset, variant, seed, iters)
-    shutil.rmtree(out, ignore_errors=True)  # a run cut short earlier starts again
-    os.makedirs(out)
-    argv = [sys.executable, os.path.join(report.ROOT, "train.py"),
-            "--dataset", dataset, "--seed", str(seed), "--max_iters", str(iters),
-            "--eval_interval", str(max(1, iters // 5)), "--out_dir", out, *flags,
-            *cfg.train_args.split()]
-    if variant == "pre":
-        argv += ["--init_from", ensure_trained(cfg, dataset, "ntp", seed, iters)]
-    with open(os.path.join(out, "train.out"), "w") as log:
-        if subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT).returncode:
-            raise UserError(f"training {dataset}/{variant}/seed {seed} failed: see "
-                            f"{os.path.join(out, 'train.out')}")
-    return out
-
-
-def ensure_trained(cfg, dataset, variant, seed, iters):
-    """The checkpoint directory of a run, training it again if results/ has it but not
-    work_dir (a fresh clone): `pre` and `sep` need ntp's and nsp's weights."""
-    out = run_dir(cfg, dataset, variant, seed, iters)
-    with _retraining:  # pre and sep of one seed may both need it at once: train it once
-        if not os.path.isfile(os.path.join(out, "ckpt.pt")):
-            train(cfg, dataset, variant, seed, variants([])[variant], iters)
-    return out
-
-
-_retraining = threading.Lock()
-
-
-@torch.inference_mode()
-def answers(cfg, out, query_from=None, modes=("retrieval",)):
-    """Held-out answer metrics of a trained run (evaluate.py's), with retrieval in the loop."""
-    _, gen, embedder, data, tok = load_run(out, "cpu")
-    query_gen = None
-    if query_from:
-        _, query_gen, embedder, _, _ = load_run(query_from, "cpu")
-    store = Datastore.build(embedder, data, progress=False)
-    return answer_metrics(gen, store, data, tok, "val", cfg.questions, query_gen, modes)
+CURVE = ("iter", "val_ntp", "val_nsp", "recall@1", "mrr")
+FINAL = ("val_ntp", "val_nsp", "recall@1", "recall@10", "mrr", "lexical_recall@1",
+         "lexical_recall@10", "lexical_mrr")
 
 
 def read_log(out):
     log, _ = read_jsonl(os.path.join(out, "log.jsonl"))
-    curve = [{k: r[k] for k in ("iter", "val_ntp", "recall@1")} for r in log]
-    final = {k: log[-1][k] for k in ("val_ntp", "val_nsp", "recall@1", "recall@10", "mrr")}
-    return final, curve
+    return {k: log[-1].get(k) for k in FINAL}, [{k: r.get(k) for k in CURVE} for r in log]
 
 
-def run(cfg, dataset, variant, seed, iters, lambdas):
-    """Train (or, for sep, combine) and measure one cell of the grid; its record."""
-    flags = variants(lambdas)[variant]
-    lambda_seq = None if flags is None else float(flags[flags.index("--lambda_seq") + 1])
-    record = {"dataset": dataset, "variant": variant, "seed": seed, "iters": iters,
-              "lambda_seq": lambda_seq}
-    t0 = time.time()
-    if variant == "sep":  # no training: ntp's Gen writes, nsp's Gen and Emb_seq retrieve
-        ntp = ensure_trained(cfg, dataset, "ntp", seed, iters)
-        nsp = ensure_trained(cfg, dataset, "nsp", seed, iters)
-        (ntp_final, _), (nsp_final, _) = read_log(ntp), read_log(nsp)
-        record.update(val_ntp=ntp_final["val_ntp"],
-                      **{k: nsp_final[k] for k in ("val_nsp", "recall@1", "recall@10", "mrr")})
-        if dataset == "facts":
-            record.update(answers(cfg, ntp, query_from=nsp))
-    else:
-        out = train(cfg, dataset, variant, seed, flags, iters)
-        final, curve = read_log(out)
-        record.update(final, curve=curve)
-        if dataset == "facts":
-            modes = ("retrieval", "no_retrieval") if variant == "ntp" else ("retrieval",)
-            record.update(answers(cfg, out, modes=modes))
-    record["wall_s"] = round(time.time() - t0, 1)
-    return record
-
-
-def run_all(cfg, todo, path):
-    """Run the grid's cells, --jobs at a time, each finished one appended to runs.jsonl."""
+def run_all(grid, todo, path):
+    """The runs, --jobs at a time, each finished one appended to runs.jsonl."""
+    cfg = grid.cfg
     jobs = cfg.jobs or os.cpu_count()
     # each job gets its share of the cores: on 2 cores two 1-thread trainings do about 1.6x the
     # work of one 2-thread training (a small model's operations use a second thread poorly)
@@ -160,18 +178,15 @@ def run_all(cfg, todo, path):
     bar, lock = tqdm(total=len(todo), desc="grid", dynamic_ncols=True), threading.Lock()
 
     def finish(cell):
-        record = run(cfg, *cell)
+        record = grid.run(*cell)
         with lock, open(path, "a") as f:  # one line per finished run: an interrupted grid resumes
             f.write(json.dumps(record) + "\n")
         bar.update()
 
     pool = ThreadPoolExecutor(jobs)
     try:
-        # pre and sep start from ntp's and nsp's checkpoints: they wait for the first wave
-        for wave in ([g for g in todo if g[1] not in ("pre", "sep")],
-                     [g for g in todo if g[1] in ("pre", "sep")]):
-            for future in [pool.submit(finish, cell) for cell in wave]:
-                future.result()
+        for future in [pool.submit(finish, cell) for cell in todo]:
+            future.result()
     except KeyboardInterrupt:  # the runs in flight got Ctrl-C too: they save and stop
         raise Interrupted(f"interrupted: the finished runs are in {path}; the same command goes "
                           "on from there") from None
@@ -201,42 +216,60 @@ def check_train_args(train_args):
         raise UserError(f"--train_args: {e}") from None
 
 
-def main(argv=None):
-    cfg, _ = parse_config(ExperimentConfig, __doc__, argv)
-    if cfg.quick:  # its own folder: a smoke run never overwrites the full grid's results
-        cfg.seeds, cfg.iters, cfg.pydoc_iters, cfg.questions = 1, 150, 100, 60
-        cfg.results = os.path.join(cfg.results, "quick")
+def lambda_list(text, name):
     try:
-        lambdas = [float(x) for x in cfg.lambdas.split(",")]
-        pydoc_lambdas = [float(x) for x in cfg.pydoc_lambdas.split(",")]
+        lambdas = [float(x) for x in text.split(",")]
     except ValueError:
-        raise UserError("--lambdas and --pydoc_lambdas are comma-separated numbers") from None
-    if any(not lam > 0 for lam in lambdas + pydoc_lambdas):
-        raise UserError("co-supervision needs lambda_seq > 0 (lambda_seq 0 is the ntp variant)")
+        raise UserError(f"--{name} is comma-separated numbers, got {text!r}") from None
+    if any(not lam > 0 for lam in lambdas):
+        raise UserError(f"--{name}: co-supervision needs lambda_seq > 0 (0 is ntp-ft)")
+    if 0.5 not in lambdas:
+        raise UserError(f"--{name} must include 0.5: the primary comparison uses it")
+    return lambdas
+
+
+def check(cfg):
+    """The protocol's datasets and lambdas, or a one-line error."""
+    if cfg.quick:  # its own folder: a smoke run never overwrites the full protocol's results
+        cfg.seeds, cfg.pretrain_iters, cfg.iters, cfg.questions = 2, 100, 100, 60
+        cfg.results = os.path.join(cfg.results, "quick")
+    lambdas = {"facts": lambda_list(cfg.lambdas, "lambdas")}
+    text = lambda_list(cfg.text_lambdas, "text_lambdas")
     datasets = [d for d in cfg.datasets.split(",") if d]
-    if not datasets or set(datasets) - {"facts", "pydoc"}:
-        raise UserError(f"--datasets takes facts and/or pydoc, got {cfg.datasets!r}")
-    if cfg.seeds < 1 or cfg.iters < 1 or cfg.pydoc_iters < 1 or cfg.questions < 1:
-        raise UserError("--seeds, --iters, --pydoc_iters and --questions must be positive")
+    if not datasets:
+        raise UserError("--datasets is empty")
+    for d in datasets:
+        if d not in ("facts", "pydoc") and not os.path.isfile(d):
+            raise UserError(f"--datasets: {d!r} is neither facts, pydoc nor a file")
+    if min(cfg.seeds, cfg.pretrain_iters, cfg.iters, cfg.questions) < 1:
+        raise UserError("--seeds, --pretrain_iters, --iters and --questions must be positive")
     if cfg.jobs < 0:
         raise UserError(f"--jobs must be >= 0, got {cfg.jobs}")
     check_train_args(cfg.train_args)
     for folder in (cfg.results, cfg.work_dir):
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise UserError(f"{folder} is a file, not a directory")
+    return {d: lambdas.get(d, text) for d in datasets}
+
+
+def main(argv=None):
+    cfg, _ = parse_config(ExperimentConfig, __doc__, argv)
+    datasets = check(cfg)
     os.makedirs(cfg.results, exist_ok=True)
     path = os.path.join(cfg.results, "runs.jsonl")
-    done = report.load(path)
-    grid = []
-    for dataset in datasets:
-        iters, lams = (cfg.iters, lambdas) if dataset == "facts" else (cfg.pydoc_iters,
-                                                                       pydoc_lambdas)
-        for seed in range(1337, 1337 + cfg.seeds):
-            grid += [(dataset, v, seed, iters, lams) for v in variants(lams)]
-    todo = [g for g in grid if report.key(*g[:4]) not in done]
-    print(f"{len(grid)} runs in the grid, {len(grid) - len(todo)} already in {path}")
-    run_all(cfg, todo, path)
-    wanted = {report.key(*g[:4]) for g in grid}
+    done, steps = report.load(path), f"{cfg.pretrain_iters}+{cfg.iters}"
+    cells = [(d, v, s, lams) for d, lams in datasets.items()
+             for s in range(1337, 1337 + cfg.seeds) for v in variants(cfg, lams)]
+    # stage 1 first, sep last: a run seldom waits for the one it starts from
+    rank = {"pretrained": 0, "sep": 2}
+    cells.sort(key=lambda c: rank.get(c[1], 1))
+    todo = [c for c in cells if report.key(c[0], c[1], c[2], steps) not in done]
+    print(f"{len(cells)} runs in the protocol, {len(cells) - len(todo)} already in {path}")
+    t0 = time.time()
+    run_all(Grid(cfg), todo, path)
+    if todo:
+        print(f"{len(todo)} runs in {time.time() - t0:.0f} s")
+    wanted = {report.key(c[0], c[1], c[2], steps) for c in cells}
     records = [r for k, r in report.load(path).items() if k in wanted]
     report.write(records, cfg.results)
     print(f"results in {cfg.results}/: table.md and the plots")

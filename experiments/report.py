@@ -1,6 +1,6 @@
 """
-The experiments' report (grid.py runs the grid): experiments/results/runs.jsonl in, a markdown
-table with a paired test, and PNG plots out.
+The protocol's report (grid.py runs it): experiments/results/runs.jsonl in; table.md (the primary
+comparison in one sentence each, the tables, the paired tests) and PNG plots out.
 
 Every number in table.md is computed here from runs.jsonl, so the table can be regenerated from
 the committed records alone:
@@ -10,6 +10,7 @@ the committed records alone:
 
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -22,15 +23,22 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 RESULTS = os.path.join("experiments", "results")                     # from the repository's root
 
 # (record field, column title, higher is better)
-METRICS = [("val_ntp", "val NTP loss", False), ("recall@1", "held-out recall@1", True),
-           ("mrr", "held-out MRR", True), ("answer_em_retrieval", "answer EM, retrieval", True),
-           ("answer_em_no_retrieval", "answer EM, Gen alone", True)]
-MAIN = ["ntp", "nsp", "co0.5", "pre"]      # the learning curves' variants
-TESTED = "co0.5"                           # fixed before the grid ran: the default lambda_seq
+FACTS = [("val_ntp", "val NTP loss", False), ("recall@1", "held-out recall@1", True),
+         ("mrr", "held-out MRR", True), ("answer_em_retrieval", "answer EM, retrieval", True),
+         ("answer_em_no_retrieval", "answer EM, Gen alone", True),
+         ("reworded_answer_em_retrieval", "reworded: answer EM", True),
+         ("reworded_recall@1", "reworded: recall@1", True)]
+TEXT = [("val_ntp", "val NTP loss", False), ("recall@1", "val recall@1", True),
+        ("recall@10", "val recall@10", True), ("mrr", "val MRR", True)]
+# Fixed before the grid ran: co-supervision at the default lambda_seq minus separate supervision,
+# paired by seed, on these metrics.
+TESTED, BASELINE = "co0.5", "sep"
+PRIMARY = {"facts": ["answer_em_retrieval", "recall@1"], "text": ["mrr"]}
+CURVES = ["pretrained", "ntp-ft", "nsp-ft", "co0.5", "scratch"]
 
 
-def key(dataset, variant, seed, iters):
-    return f"{dataset}/{variant}/s{seed}/{iters}"
+def key(dataset, variant, seed, steps):
+    return f"{dataset}/{variant}/s{seed}/{steps}"
 
 
 def load(path):
@@ -40,20 +48,23 @@ def load(path):
     records, broken = read_jsonl(path)
     for n in broken:  # a line cut short by a crash: that run is simply done again
         print(f"note: {path} line {n} is not a whole record; skipping it", file=sys.stderr)
-    return {key(r["dataset"], r["variant"], r["seed"], r["iters"]): r for r in records}
+    return {key(r["dataset"], r["variant"], r["seed"], r["steps"]): r for r in records}
+
+
+def kind(dataset):
+    return "facts" if dataset == "facts" else "text"
 
 
 def order(variant):
-    """ntp, nsp, sep, the co-supervised runs by lambda_seq, pre."""
-    fixed = {"ntp": 0, "nsp": 1, "sep": 2, "pre": 1e9}
-    return fixed.get(variant, 3 + float(variant[2:]) if variant.startswith("co") else 1e8)
+    """pretrained, ntp-ft, nsp-ft, sep, the co-supervised runs by lambda_seq, scratch."""
+    fixed = {"pretrained": 0, "ntp-ft": 1, "nsp-ft": 2, "sep": 3, "scratch": 1e9}
+    return fixed.get(variant, 4 + float(variant[2:]) if variant.startswith("co") else 1e8)
 
 
-def values(records, dataset, variant, field):
+def values(runs, variant, field):
     """A metric's values over seeds, in seed order (None where the run has no such metric)."""
-    runs = sorted((r for r in records if r["dataset"] == dataset and r["variant"] == variant),
-                  key=lambda r: r["seed"])
-    return [r.get(field) for r in runs]
+    return [r.get(field) for r in sorted((r for r in runs if r["variant"] == variant),
+                                         key=lambda r: r["seed"])]
 
 
 def t_test(diffs):
@@ -81,60 +92,90 @@ def fmt(vals):
     return f"{np.mean(vals):.3f} +- {np.std(vals, ddof=1):.3f}"
 
 
-def table(records):
+def compare(runs, a, b, field, title, higher, short=False):
+    """`a` minus `b` on one metric, paired by seed: the means, the per-seed differences, a paired
+    t-test and a sign count. short: one clause, for the summary sentence."""
+    pairs = {}
+    for variant in (a, b):
+        for r in runs:
+            if r["variant"] == variant and r.get(field) is not None:
+                pairs.setdefault(r["seed"], {})[variant] = r[field]
+    seeds = sorted(s for s, p in pairs.items() if len(p) == 2)
+    if not seeds:
+        return None
+    mine, theirs = [pairs[s][a] for s in seeds], [pairs[s][b] for s in seeds]
+    diffs = np.subtract(mine, theirs)
+    wins = int(np.sum(diffs > 0 if higher else diffs < 0))
+    if len(diffs) < 2:
+        test = "one seed: no test"
+    else:
+        mean, t, p = t_test(diffs)
+        test = f"t = {t:.2f}, p = {p:.3f}"
+    head = f"{title} {fmt(mine)} against {fmt(theirs)}, difference {np.mean(diffs):+.3f}"
+    if short:
+        return f"{head} ({test}; {a} better in {wins} of {len(diffs)} seeds)"
+    return (f"- {title}: {a} {fmt(mine)}, {b} {fmt(theirs)}; per seed "
+            f"{', '.join(f'{d:+.3f}' for d in diffs)}; mean {np.mean(diffs):+.3f}, {test}; "
+            f"{a} better in {wins} of {len(diffs)} seeds")
+
+
+def summary(records):
+    """The primary result in one sentence per dataset."""
     lines = []
-    for dataset in sorted({r["dataset"] for r in records}):
+    for dataset in datasets(records):
         runs = [r for r in records if r["dataset"] == dataset]
-        fields = [m for m in METRICS if any(r.get(m[0]) is not None for r in runs)]
-        seeds, iters = len({r["seed"] for r in runs}), sorted({r["iters"] for r in runs})
-        lines += [f"### {dataset}: {seeds} seed(s), {', '.join(map(str, iters))} steps per run", "",
+        titles = {f: t for f, t, _ in (FACTS if kind(dataset) == "facts" else TEXT)}
+        parts = [compare(runs, TESTED, BASELINE, f, titles[f], True, short=True)
+                 for f in PRIMARY[kind(dataset)]]
+        if all(parts):
+            lines.append(f"- **{dataset}**: co-supervision ({TESTED}) minus separate supervision "
+                         f"({BASELINE}): " + "; ".join(parts) + ".")
+    return lines
+
+
+def datasets(records):
+    return sorted({r["dataset"] for r in records}, key=lambda d: (d != "facts", d != "pydoc", d))
+
+
+def table(records):
+    lines = ["Primary comparison, fixed before the protocol ran: co-supervision at lambda_seq 0.5 "
+             "minus separate supervision, paired by seed (Student's t with seeds - 1 degrees of "
+             "freedom):", "", *summary(records), ""]
+    for dataset in datasets(records):
+        runs = [r for r in records if r["dataset"] == dataset]
+        metrics = FACTS if kind(dataset) == "facts" else TEXT
+        fields = [m for m in metrics if any(r.get(m[0]) is not None for r in runs)]
+        seeds, steps = len({r["seed"] for r in runs}), runs[0]["steps"]
+        lines += [f"#### {dataset}: {seeds} seed(s), {steps} steps (pretraining + fine-tuning)", "",
                   "| variant | " + " | ".join(title for _, title, _ in fields) + " |",
                   "|---" * (len(fields) + 1) + "|"]
         for variant in sorted({r["variant"] for r in runs}, key=order):
-            cells = [fmt(values(runs, dataset, variant, f)) for f, _, _ in fields]
+            cells = [fmt(values(runs, variant, f)) for f, _, _ in fields]
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-        lines += ["", *paired(runs, dataset, fields), ""]
+        if kind(dataset) == "text":  # the training-free line every learned number must beat
+            lexical = [fmt(values(runs, "pretrained", f"lexical_{f}")) if f != "val_ntp" else "-"
+                       for f, _, _ in fields]
+            lines.append("| TF-IDF (no training) | " + " | ".join(lexical) + " |")
+        lines += ["", "Primary:", *[compare(runs, TESTED, BASELINE, f, t, h) or f"- {t}: -"
+                                    for f, t, h in fields if f in PRIMARY[kind(dataset)]]]
+        lines += ["", "Secondary (not fixed in advance):"]
+        for a, b, field in secondary(dataset):
+            title = next((t for f, t, _ in fields if f == field), None)
+            higher = next((h for f, _, h in fields if f == field), True)
+            line = title and compare(runs, a, b, field, f"{a} minus {b}, {title}", higher)
+            lines += [line] if line else []
+        lines.append("")
     return "\n".join(lines)
 
 
-def paired(runs, dataset, fields):
-    """co0.5 against the best single-supervision system of each metric, seed by seed; then pre
-    against sep, the two variants with twice the steps of training in total."""
-    if not any(r["variant"] == TESTED for r in runs):
-        return []
-    out = [f"Paired test, {TESTED} minus the best single-supervision system (best by mean over "
-           "seeds; per-seed differences, Student's t with seeds - 1 degrees of freedom):", ""]
-    for field, title, higher in fields:
-        if field == "answer_em_no_retrieval":
-            continue
-        systems = {v: values(runs, dataset, v, field) for v in ("ntp", "nsp", "sep")}
-        if field == "answer_em_retrieval":  # Gen alone is ntp's best way to answer, too
-            systems["ntp, Gen alone"] = values(runs, dataset, "ntp", "answer_em_no_retrieval")
-        out += compare(values(runs, dataset, TESTED, field), TESTED, systems, title, higher)
-    if any(r["variant"] == "pre" for r in runs) and any(r["variant"] == "sep" for r in runs):
-        out += ["", "Added after the grid had run (not fixed beforehand): pre minus sep. Both had "
-                "twice the steps of training of the others (pre: ntp's steps, then its own; sep: "
-                "ntp's and nsp's):", ""]
-        for field, title, higher in fields:
-            if field != "answer_em_no_retrieval":
-                out += compare(values(runs, dataset, "pre", field), "pre",
-                               {"sep": values(runs, dataset, "sep", field)}, title, higher)
-    return out
-
-
-def compare(mine, name, systems, title, higher):
-    """One line: `mine` (per seed) against the best by mean of `systems`, with a paired t-test."""
-    systems = {k: v for k, v in systems.items() if v and None not in v and len(v) == len(mine)}
-    if not systems or None in mine:
-        return []
-    best = (max if higher else min)(systems, key=lambda k: np.mean(systems[k]))
-    diffs = np.subtract(mine, systems[best])
-    if len(diffs) < 2:
-        return [f"- {title}: {name} {fmt(mine)} vs {best} {fmt(systems[best])} (one seed: no test)"]
-    mean, t, p = t_test(diffs)
-    wins = int(np.sum(diffs > 0 if higher else diffs < 0))
-    return [f"- {title}: {name} {fmt(mine)} vs {best} {fmt(systems[best])}: difference "
-            f"{mean:+.3f}, t = {t:.2f}, p = {p:.3f}; {name} better in {wins} of {len(diffs)} seeds"]
+def secondary(dataset):
+    """(a, b, field) comparisons reported beside the primary one, labelled as such."""
+    if kind(dataset) == "facts":
+        return [(TESTED, BASELINE, "reworded_answer_em_retrieval"),
+                (TESTED, BASELINE, "reworded_recall@1"),
+                (TESTED, "scratch", "answer_em_retrieval"), (TESTED, "scratch", "recall@1"),
+                (TESTED, "ntp-ft", "val_ntp")]
+    return [(TESTED, "scratch", "mrr"), (TESTED, "ntp-ft", "val_ntp")]
 
 
 def plots(records, out_dir):
@@ -142,48 +183,63 @@ def plots(records, out_dir):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     written = []
-    for dataset in sorted({r["dataset"] for r in records}):
+    for dataset in datasets(records):
         runs = [r for r in records if r["dataset"] == dataset]
-        fields = [m for m in METRICS[:4] if any(r.get(m[0]) is not None for r in runs)]
+        fields = [m for m in (FACTS if kind(dataset) == "facts" else TEXT)[:5]
+                  if m[0] != "recall@10" and any(r.get(m[0]) is not None for r in runs)]
         co = sorted({r["variant"] for r in runs if r["variant"].startswith("co")}, key=order)
-        lams = [float(v[2:]) for v in co]
-        fig, axes = plt.subplots(1, len(fields), figsize=(4 * len(fields), 3.4))
-        for ax, (field, title, _) in zip(np.atleast_1d(axes), fields):
-            means = [np.mean(values(runs, dataset, v, field)) for v in co]
-            sds = [np.std(values(runs, dataset, v, field)) for v in co]
-            ax.errorbar(lams, means, yerr=sds, marker="o", capsize=3, label="co-supervision")
-            for i, base in enumerate(("ntp", "nsp", "sep", "pre")):
-                vals = [v for v in values(runs, dataset, base, field) if v is not None]
-                if vals:
-                    ax.axhline(np.mean(vals), ls="--", color=f"C{i + 1}", label=base)
-            ax.set_xscale("log")
-            ax.set_xticks(lams, [f"{lam:g}" for lam in lams])
-            ax.minorticks_off()
-            ax.set_xlabel("lambda_seq")
-            ax.set_title(title)
-        np.atleast_1d(axes)[0].legend(fontsize=7)
-        fig.suptitle(f"{dataset}: metrics against lambda_seq (mean +- std over seeds)")
-        fig.tight_layout()
-        written.append(os.path.join(out_dir, f"lambda_{dataset}.png"))
-        fig.savefig(written[-1], dpi=110)
+        if len(co) > 1:  # the lambda plot: co-supervision against lambda_seq, baselines as lines
+            lams = [float(v[2:]) for v in co]
+            fig, axes = plt.subplots(1, len(fields), figsize=(3.6 * len(fields), 3.3))
+            for ax, (field, title, _) in zip(np.atleast_1d(axes), fields):
+                means = [np.mean(values(runs, v, field)) for v in co]
+                sds = [np.std(values(runs, v, field)) for v in co]
+                ax.errorbar(lams, means, yerr=sds, marker="o", capsize=3, label="co")
+                for i, base in enumerate(("ntp-ft", "nsp-ft", "sep", "scratch")):
+                    vals = [v for v in values(runs, base, field) if v is not None]
+                    if vals:
+                        ax.axhline(np.mean(vals), ls="--", color=f"C{i + 1}", label=base)
+                ax.set_xscale("log")
+                ax.set_xticks(lams, [f"{lam:g}" for lam in lams])
+                ax.minorticks_off()
+                ax.set_xlabel("lambda_seq")
+                ax.set_title(title, fontsize=9)
+            np.atleast_1d(axes)[0].legend(fontsize=7)
+            fig.suptitle(f"{dataset}: against lambda_seq (mean +- std over seeds)")
+            fig.tight_layout()
+            written.append(os.path.join(out_dir, f"lambda_{slug(dataset)}.png"))
+            fig.savefig(written[-1], dpi=100)
+        metric = "recall@1" if kind(dataset) == "facts" else "mrr"
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-        for ax, field, title in zip(axes, ("recall@1", "val_ntp"),
-                                    ("held-out recall@1", "val NTP loss")):
-            for variant in MAIN:
-                curves = [r["curve"] for r in runs if r["variant"] == variant and "curve" in r]
-                if curves:
-                    ax.plot([c["iter"] for c in curves[0]],
-                            np.mean([[c[field] for c in curve] for curve in curves], axis=0),
-                            marker=".", label=variant)
-            ax.set_xlabel("iteration (pre: after ntp's steps)")
-            ax.set_title(title)
+        for ax, field in zip(axes, (metric, "val_ntp")):
+            for variant in CURVES:
+                curves = [r for r in runs if r["variant"] == variant and "curve" in r]
+                if not curves:
+                    continue
+                # stage 2 starts where pretraining ended: one axis of total steps for all runs
+                stage2 = variant not in ("pretrained", "scratch")
+                shift = int(curves[0]["steps"].split("+")[0]) if stage2 else 0
+                its = [c["iter"] + shift for c in curves[0]["curve"]]
+                ys = np.mean([[np.nan if c[field] is None else c[field] for c in r["curve"]]
+                              for r in curves], axis=0)
+                ax.plot(its, ys, marker=".", label=variant)
+            lexical = values(runs, "pretrained", f"lexical_{field}")
+            if kind(dataset) == "text" and lexical and lexical[0] is not None:
+                ax.axhline(lexical[0], ls="--", color="grey", label="TF-IDF")
+            ax.set_xlabel("steps since random weights")
+            ax.set_title(f"val {field}")
         axes[0].legend(fontsize=7)
         fig.suptitle(f"{dataset}: learning curves (mean over seeds)")
         fig.tight_layout()
-        written.append(os.path.join(out_dir, f"curves_{dataset}.png"))
-        fig.savefig(written[-1], dpi=110)
+        written.append(os.path.join(out_dir, f"curves_{slug(dataset)}.png"))
+        fig.savefig(written[-1], dpi=100)
         plt.close("all")
     return written
+
+
+def slug(dataset):
+    """A file-name form of a dataset: facts, pydoc, or a corpus file's name without extension."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(dataset))[0])
 
 
 def write(records, out_dir):

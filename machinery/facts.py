@@ -51,6 +51,18 @@ ATTRIBUTES = {
 }
 N_TOWNS = 16
 
+# The generalisation test: each question worded in a way no training document uses, asked about
+# held-out people (evaluate.py). Gen has to recognise the question it knows in new words, write the
+# marker, and its query must still find the fact.
+REWORDED = {
+    "town": "In which town does {name} reside?",
+    "job": "What is the occupation of {name}?",
+    "pet": "Which animal does {name} have as a pet?",
+    "colour": "Which colour does {name} like best?",
+    "instrument": "What musical instrument can {name} play?",
+    "month": "In what month is {name}'s birthday?",
+}
+
 
 def _word(rng, syllables):
     return "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS)
@@ -127,3 +139,14 @@ def build_facts(people, heldout):
             same_value = [j for j in similar[i] if facts[j][a] == facts[i][a]][:3]
             hard_negatives[fact(i, a)] = [fact(j, a) for j in similar[i][:3] + same_value]
     return train_docs, val_docs, hard_negatives
+
+
+def reword(question):
+    """The same question in REWORDED's words: "Q: Where does X live?\\n" -> "Q: In which town
+    does X reside?\\n". None for text that is not one of ATTRIBUTES' questions."""
+    for attribute, (template, _, _) in ATTRIBUTES.items():
+        before, after = template.split("{name}")
+        if question.startswith("Q: " + before) and question.endswith(after + "\n"):
+            name = question[len("Q: " + before):len(question) - len(after + "\n")]
+            return "Q: " + REWORDED[attribute].format(name=name) + "\n"
+    return None

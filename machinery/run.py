@@ -4,8 +4,9 @@ its log and checkpoints, --resume and --init_from, several processes (torchrun),
 on divergence, the progress bar and the summary at the end.
 
 Every `eval_interval` iterations, and at the end, the loop evaluates and `save` appends one line to
-out_dir/log.jsonl and writes out_dir/ckpt.pt. Ctrl-C (or SIGTERM) saves a checkpoint after the
-current step and stops; --resume continues exactly where it stopped (tests/test_resume.py).
+out_dir/log.jsonl, redraws out_dir/curves.png (machinery/plots.py) and writes out_dir/ckpt.pt.
+Ctrl-C (or SIGTERM) saves a checkpoint after the current step and stops; --resume continues exactly
+where it stopped (tests/test_resume.py).
 """
 
 import dataclasses
@@ -25,12 +26,13 @@ from machinery import distributed
 from machinery.checkpoint import init_from, keep_log_until, resume, rng_state, save_checkpoint
 from machinery.cli import Interrupted, UserError, interruptible
 from machinery.config import autocast, pick_device
+from machinery.plots import plot_run
 
 # Every file a run has in its out_dir: train.py's, evaluate.py's, sample.py's, and the .tmp a save
 # cut short leaves. --overwrite removes them all, so that nothing of the old run is read with the
 # new checkpoint; any other file there is the user's, and stays.
-RUN_FILES = ("ckpt.pt", "ckpt.pt.tmp", "log.jsonl", "log.jsonl.tmp", "eval.json", "eval_*.json",
-             "datastore.pt", "datastore.pt.tmp")
+RUN_FILES = ("ckpt.pt", "ckpt.pt.tmp", "log.jsonl", "log.jsonl.tmp", "curves.png", "curves.png.tmp",
+             "eval.json", "eval_*.json", "datastore.pt", "datastore.pt.tmp")
 
 
 class Run:
@@ -136,6 +138,8 @@ class Run:
                             "tokens_per_s": tokens / self.step_time if steps else None}
             self.log.write(json.dumps(self.metrics) + "\n")
             self.log.flush()
+            plot_run(self.log_path, os.path.join(cfg.out_dir, "curves.png"),
+                     chance_metrics(self.data.n_sequences))
             self.bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                     for k, v in self.metrics.items()))
         self.checkpoint(it)

@@ -125,7 +125,8 @@ CASES = [
     ("sample", ["--out_dir", "{d}/run", "--prompt_file", "{d}/prompt.txt"], "not UTF-8 text"),
     ("sample", ["--out_dir", "{d}/run", "--prompt_file", "{d}/missing.txt"], "file not found"),
     # the experiment grid, its report, the benchmark
-    ("experiments", ["--datasets", "foo"], "--datasets takes facts and/or pydoc"),
+    ("experiments", ["--datasets", "foo"], "'foo' is neither facts, pydoc nor a file"),
+    ("experiments", ["--lambdas", "1,2"], "must include 0.5: the primary comparison uses it"),
     *[("experiments", ["--lambdas", v], "lambda_seq > 0") for v in ("-1", "0", "nan")],
     ("experiments", ["--lambdas", "1,x"], "comma-separated numbers"),
     ("experiments", ["--seeds", "0"], "must be positive"),

@@ -1,10 +1,10 @@
-"""experiments/grid.py's grid on a tiny config, report.py's statistics, and train.py --init_from."""
+"""experiments/grid.py's protocol on a tiny config, report.py's statistics, train.py --init_from."""
 import json
 
 import pytest
 import torch
 
-from experiments import grid as experiments
+from experiments import grid
 from experiments import report
 from machinery.cli import UserError
 from conftest import TINY
@@ -19,59 +19,68 @@ def test_t_test_matches_hand_computation():
     assert report.t_test([0.5, -0.5])[2] == pytest.approx(1.0, abs=1e-5)  # mean 0: p = 1
 
 
-def record(variant, seed, **metrics):
-    return {"dataset": "facts", "variant": variant, "seed": seed, "iters": 10, **metrics}
+def record(variant, seed, dataset="facts", **metrics):
+    return {"dataset": dataset, "variant": variant, "seed": seed, "steps": "4+6", **metrics}
 
 
-def test_paired_test_picks_the_best_baseline_per_metric():
-    runs = [record("ntp", s, **{"recall@1": 0.0, "answer_em_retrieval": 0.1,
-                                "answer_em_no_retrieval": 0.2 + s / 100}) for s in (1, 2, 3)]
-    runs += [record("nsp", s, **{"recall@1": 0.5 + s / 100, "answer_em_retrieval": 0.0})
-             for s in (1, 2, 3)]
-    runs += [record("co0.5", s, **{"recall@1": 0.6 + s / 50, "answer_em_retrieval": 0.3})
-             for s in (1, 2, 3)]
-    lines = report.paired(runs, "facts", [m for m in report.METRICS if m[0] != "val_ntp"])
-    recall = next(line for line in lines if "recall@1" in line)
-    answer = next(line for line in lines if "answer EM" in line)
-    assert "vs nsp" in recall and "better in 3 of 3" in recall
-    assert "vs ntp, Gen alone" in answer     # 0.22 on average beats ntp's 0.1 with retrieval
-    assert "difference +0.080" in answer
-    assert not any("pre minus sep" in line for line in lines)
-    runs += [record(v, s, **{"recall@1": r}) for s in (1, 2, 3) for v, r in (("pre", 0.9),
-                                                                              ("sep", 0.5 + s / 100))]
-    lines = report.paired(runs, "facts", [m for m in report.METRICS if m[0] == "recall@1"])
-    after = lines[lines.index(next(line for line in lines if "pre minus sep" in line)):]
-    assert any("pre 0.900 +- 0.000 vs sep" in line and "difference +0.380" in line
-               for line in after)
+def test_primary_comparison_pairs_by_seed():
+    # co beats sep by 0.1, 0.2, -0.1 on answer EM; seed 4 has no sep run and is left out
+    runs = [record("sep", s, answer_em_retrieval=0.5, **{"recall@1": 0.5}) for s in (1, 2, 3)]
+    runs += [record("co0.5", s, answer_em_retrieval=0.5 + d, **{"recall@1": 0.6})
+             for s, d in ((1, 0.1), (2, 0.2), (3, -0.1), (4, 0.9))]
+    runs += [record("sep", s, "pydoc", mrr=0.01 * s) for s in (1, 2)]
+    runs += [record("co0.5", s, "pydoc", mrr=0.01) for s in (1, 2)]
+    line = report.compare(runs, "co0.5", "sep", "answer_em_retrieval", "EM", True)
+    assert "per seed +0.100, +0.200, -0.100; mean +0.067" in line
+    assert "better in 2 of 3 seeds" in line
+    _, t, p = report.t_test([0.1, 0.2, -0.1])
+    assert f"t = {t:.2f}, p = {p:.3f}" in line
+    facts, pydoc = report.summary(runs)
+    assert facts.startswith("- **facts**") and "recall@1 0.600 +- 0.000 against 0.500" in facts
+    assert "**pydoc**" in pydoc and "difference -0.005" in pydoc and "better in 0 of 2" in pydoc
+    table = report.table(runs)
+    assert table.index("**facts**") < table.index("#### facts") < table.index("#### pydoc")
 
 
-def test_grid_runs_reports_and_resumes(tmp_path, capsys):
-    argv = ["--datasets", "facts", "--seeds", "1", "--iters", "6", "--questions", "2",
-            "--lambdas", "0.5", "--results", str(tmp_path / "results"),
-            "--work_dir", str(tmp_path / "work"),
+def test_protocol_runs_from_one_pretrained_start_reports_and_resumes(tmp_path, capsys):
+    argv = ["--datasets", "facts", "--seeds", "1", "--pretrain_iters", "4", "--iters", "4",
+            "--questions", "2", "--lambdas", "0.5", "--jobs", "1",
+            "--results", str(tmp_path / "results"), "--work_dir", str(tmp_path / "work"),
             "--train_args", " ".join(TINY + ["--cache_dir", str(tmp_path / "cache")])]
-    experiments.main(argv)
-    runs = (tmp_path / "results" / "runs.jsonl").read_text().splitlines()
-    records = {r["variant"]: r for r in map(json.loads, runs)}
-    assert set(records) == {"ntp", "nsp", "sep", "co0.5", "pre"}
-    assert records["sep"]["val_ntp"] == records["ntp"]["val_ntp"]       # ntp's Gen writes
-    assert records["sep"]["recall@1"] == records["nsp"]["recall@1"]     # nsp's Gen retrieves
-    assert "answer_em_no_retrieval" in records["ntp"]
-    assert [c["iter"] for c in records["co0.5"]["curve"]] == list(range(7))  # every iters // 5
+    grid.main(argv)
+    lines = (tmp_path / "results" / "runs.jsonl").read_text().splitlines()
+    records = {(r["variant"], r["seed"]): r for r in map(json.loads, lines)}
+    assert {v for v, _ in records} == {"pretrained", "ntp-ft", "nsp-ft", "co0.5", "sep", "scratch"}
+    for seed in (1337,):
+        pre = records["pretrained", seed]
+        # every stage-2 run starts from the pretrained weights: its first evaluation is theirs
+        for variant in ("ntp-ft", "nsp-ft", "co0.5"):
+            first = records[variant, seed]["curve"][0]
+            assert (first["val_ntp"], first["recall@1"]) == (pre["val_ntp"], pre["recall@1"])
+        assert records["scratch", seed]["curve"][0]["val_ntp"] != pre["val_ntp"]
+        assert [c["iter"] for c in records["scratch", seed]["curve"]] == [0, 2, 4, 6, 8]
+        sep = records["sep", seed]
+        assert sep["val_ntp"] == records["ntp-ft", seed]["val_ntp"]      # ntp-ft's Gen writes
+        assert sep["recall@1"] == records["nsp-ft", seed]["recall@1"]    # nsp-ft's Gen retrieves
+        assert "reworded_answer_em_retrieval" in sep and "reworded_recall@1" in sep
+        assert "answer_em_no_retrieval" in records["ntp-ft", seed]
     table = (tmp_path / "results" / "table.md").read_text()
-    assert "| co0.5 |" in table and "one seed: no test" in table
-    for name in ("lambda_facts.png", "curves_facts.png"):
-        assert (tmp_path / "results" / name).stat().st_size > 1000
-    experiments.main(argv)   # everything is in runs.jsonl: nothing is run again
-    assert (tmp_path / "results" / "runs.jsonl").read_text().splitlines() == runs
-    assert "5 runs in the grid, 5 already in" in capsys.readouterr().out
+    assert "| co0.5 |" in table and "| sep |" in table and "| scratch |" in table
+    assert "- **facts**: co-supervision (co0.5) minus separate supervision (sep)" in table
+    assert (tmp_path / "results" / "curves_facts.png").stat().st_size > 1000
+    grid.main(argv)   # everything is in runs.jsonl: nothing is run again
+    assert (tmp_path / "results" / "runs.jsonl").read_text().splitlines() == lines
+    assert "6 runs in the protocol, 6 already in" in capsys.readouterr().out
 
 
-def test_bad_lambdas_are_one_line_errors():
-    with pytest.raises(UserError, match="lambda_seq > 0"):
-        experiments.main(["--lambdas", "0,1"])
-    with pytest.raises(UserError, match="comma-separated"):
-        experiments.main(["--lambdas", "a"])
+def test_readme_results_equal_the_report_on_the_committed_records():
+    """The README's results block is report.py's table.md on experiments/results/, verbatim."""
+    records = list(report.load(f"{report.ROOT}/{report.RESULTS}/runs.jsonl").values())
+    if not records:
+        pytest.skip("no committed protocol results")
+    readme = open(f"{report.ROOT}/README.md").read()
+    block = readme.split("<!-- report.py -->\n")[1].split("<!-- /report.py -->")[0]
+    assert block.strip() == report.table(records).strip()
 
 
 def test_init_from_copies_the_weights(run_train):
