@@ -140,6 +140,7 @@ CASES = [
     ("bench", ["--repeats", "0"], "--repeats must be positive"),
     ("bench", ["--device", "tpu"], "unknown device 'tpu'"),
     ("bench", ["--out", "{d}/nowhere/bench.json"], "no directory"),
+    ("bench", ["--parts", "search,speed"], "--parts takes all or some of peak_memory"),
 ]
 
 
