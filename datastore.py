@@ -6,7 +6,9 @@ entry returned is
 
     argmax_j  q . e_j        over every sequence j of the corpus, e_j = Emb_seq(sequence j)
 
-Queries and embeddings are unit vectors, so this is also the nearest neighbour by cosine.
+Queries and embeddings are unit vectors, so this is also the nearest neighbour by cosine. Past
+about 1M sequences an approximate index (faiss, optional: FaissIndex) can stand in for the search
+of generation; evaluation's ranks are always exact.
 Evaluation asks where each marker's true target lands in that ranking: recall@k (target in the top
 k) and MRR (mean of 1 / rank), against the whole datastore, not just a batch. Beside chance, a
 training-free lexical retriever (TF-IDF, end of this file) is scored on exactly the same markers,
@@ -23,18 +25,37 @@ from collections import Counter
 import numpy as np
 import torch
 
+from machinery.cli import UserError
+
+INDEXES = ("exact", "faiss")   # Datastore.use_index
+
+
+def _scores(queries, keys):
+    """The scores q . e_j of queries (Q, d) against keys (n, d): (Q, n). On a CPU numpy computes
+    the product, on the same memory (.numpy() copies nothing): this torch build's product over 1M
+    x 128 float32 keys took about twice numpy's time here, and the product is the whole cost of
+    exact search. On a GPU, torch."""
+    if keys.device.type == "cpu":
+        return torch.from_numpy(queries.detach().numpy() @ keys.detach().numpy().T)  # (Q, n)
+    return queries.to(keys.device) @ keys.T                                        # (Q, n)
+
 
 def _chunk_scores(queries, embeddings, chunk):
     """Each chunk's start s and the scores queries @ embeddings[s:s + chunk].T, (Q, chunk)."""
     for s in range(0, len(embeddings), chunk):
-        yield s, queries @ embeddings[s:s + chunk].T                      # (Q, chunk)
+        yield s, _scores(queries, embeddings[s:s + chunk])                  # (Q, chunk)
 
 
 def search(queries, embeddings, k=10, chunk=65536):
-    """Exact top-k by inner product of queries (Q, d) over embeddings (N, d), in chunks of
-    embeddings so memory stays bounded. Returns scores (Q, k) and ids (Q, k), best first."""
-    best_scores = torch.full((len(queries), 0), -math.inf)
-    best_ids = torch.zeros((len(queries), 0), dtype=torch.long)
+    """Exact top-k by inner product of queries (Q, d) over embeddings (N, d),
+
+        top-k_j  q . e_j        over every entry j,
+
+    in chunks of embeddings so that memory stays bounded (a chunk costs no speed: the product
+    streams the keys either way). Returns scores (Q, k) and ids (Q, k), best first, on the
+    embeddings' device."""
+    best_scores = torch.full((len(queries), 0), -math.inf, device=embeddings.device)
+    best_ids = torch.zeros((len(queries), 0), dtype=torch.long, device=embeddings.device)
     for s, scores in _chunk_scores(queries, embeddings, chunk):
         top = scores.topk(min(k, scores.shape[1]), dim=1)
         best_scores = torch.cat([best_scores, top.values], dim=1)
@@ -121,6 +142,56 @@ def retrieval_quality(gen, embeddings, data, split, device, ctx, limit=None):
     return retrieval_metrics(target_ranks(queries, embeddings, torch.from_numpy(targets)))
 
 
+def _faiss():
+    try:
+        import faiss
+    except ImportError:  # an optional install
+        raise UserError("--index faiss needs faiss: pip install faiss-cpu") from None
+    return faiss
+
+
+def require_index(kind):
+    """Refuse, in one line, an --index that is unknown, or faiss where it is not installed (a
+    script checks this before it loads or builds anything)."""
+    if kind not in INDEXES:
+        raise UserError(f"--index must be one of {', '.join(INDEXES)}, got {kind!r}")
+    if kind == "faiss":
+        _faiss()
+
+
+class FaissIndex:
+    """Approximate top-k by inner product through faiss (an optional install: pip install
+    faiss-cpu), for datastores past about 1M sequences, where exact search reads every key for
+    every query. IVF-Flat: k-means (on the unit sphere) splits the N keys into nlist = sqrt(N)
+    lists; a query scores exactly (Flat: keys kept whole) the keys of the nprobe lists whose
+    centroids score highest for it, about nprobe / nlist of the datastore:
+
+        top-k_j  q . e_j        over j in the nprobe lists nearest q
+
+    Its scores are the same q . e_j as exact search; what it can miss is a best key in a list it
+    did not probe. A datastore of up to about 1,300 entries has nlist <= nprobe: every list is
+    probed, and the search is exact."""
+
+    def __init__(self, embeddings, nprobe=32):
+        faiss = _faiss()
+        keys = embeddings.detach().float().cpu().numpy()                  # (N, d)
+        n, d = keys.shape
+        nlist = max(1, min(int(math.sqrt(n)), n // 39))  # k-means wants 39 keys per list or more
+        self.index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        self.index.cp.spherical = True   # unit centroids: a list is probed for its direction only
+        self.index.cp.min_points_per_centroid = 1  # under 39 keys: one list, without a warning
+        self.index.train(keys)
+        self.index.add(keys)
+        self.index.nprobe = min(nprobe, nlist)
+
+    def search(self, queries, k):
+        """Scores (Q, k) and ids (Q, k), best first, as search() (k at most N); where the probed
+        lists hold fewer than k keys, faiss pads a row with id -1 and score -3.4e38."""
+        k = min(k, self.index.ntotal)
+        scores, ids = self.index.search(queries.detach().float().cpu().numpy(), k)
+        return torch.from_numpy(scores), torch.from_numpy(ids)
+
+
 class Datastore:
     """The nonparametric sequence space: every sequence of a corpus embedded by Emb_seq, in one
     contiguous (N, d) tensor, with the token ids of each entry (what retrieval inserts):
@@ -129,6 +200,7 @@ class Datastore:
     def __init__(self, embeddings, offsets, seq_tokens, fingerprint):
         self.embeddings, self.offsets, self.seq_tokens = embeddings, offsets, seq_tokens
         self.fingerprint = fingerprint
+        self.index = None   # None: exact search; else an approximate index (use_index)
 
     def __len__(self):
         return len(self.embeddings)
@@ -136,7 +208,17 @@ class Datastore:
     def sequence(self, i):
         return self.seq_tokens[self.offsets[i]:self.offsets[i + 1]]
 
+    def use_index(self, kind):
+        """How search() finds the best entries: "exact" (search()) or "faiss" (FaissIndex, built
+        here, over the whole datastore)."""
+        require_index(kind)
+        self.index = FaissIndex(self.embeddings) if kind == "faiss" else None
+        return self
+
     def search(self, queries, k=1):
+        """The top-k entries for queries (Q, d): scores (Q, k) and ids (Q, k), best first."""
+        if self.index is not None:
+            return self.index.search(queries, k)
         return search(queries, self.embeddings, k)
 
     @staticmethod

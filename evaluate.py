@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from datastore import (Datastore, chance_metrics, lexical_metrics, marker_queries, retrieval_metrics,
-                       retrieval_quality, target_ranks)
+from datastore import (Datastore, chance_metrics, lexical_metrics, marker_queries, require_index,
+                       retrieval_metrics, retrieval_quality, target_ranks)
 from generate import generate
 from machinery.checkpoint import load_run
 from machinery.cli import UserError, flag, main_guard, parse_config
@@ -48,6 +48,9 @@ class EvalConfig:
                                "embeds the datastore (separate supervision)")
     questions: int = flag(480, "documents per split for the answer metrics (0: none)")
     device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
+    index: str = flag("exact", "how generation searches the datastore: exact, or faiss "
+                               "(approximate, for datastores past about 1M sequences; pip install "
+                               "faiss-cpu); ranks (recall, MRR) are always exact")
 
 
 def _answer(tok, ids):
@@ -139,6 +142,7 @@ def main(argv=None):
     args, _ = parse_config(EvalConfig, __doc__, argv)
     if args.questions < 0:
         raise UserError(f"--questions must be >= 0, got {args.questions}")
+    require_index(args.index)
     cfg, gen, embedder, data, tok = load_run(args.out_dir, args.device)
     device = next(gen.parameters()).device.type
     ctx = autocast(device, cfg.dtype)
@@ -155,6 +159,7 @@ def main(argv=None):
     else:
         datastore = Datastore.load_or_build(os.path.join(args.out_dir, "datastore.pt"), embedder,
                                             data)
+    datastore.use_index(args.index)
     result = {"out_dir": args.out_dir, "query_from": args.query_from or None,
               "datastore": len(datastore), "chance": chance_metrics(len(datastore))}
     for split, limit in (("val", None), ("train", 480)):  # all of val, a sample of train

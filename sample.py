@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from datastore import Datastore
+from datastore import Datastore, require_index
 from generate import generate
 from machinery.checkpoint import load_run
 from machinery.cli import UserError, flag, main_guard, parse_config
@@ -36,6 +36,9 @@ class SampleConfig:
     device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
     retrieve: bool = flag(True, "retrieval in the loop (default: on if the run trained L_NSP)")
     show_retrieval: int = flag(0, "also list the next K datastore entries at each retrieval")
+    index: str = flag("exact", "how retrieval searches the datastore: exact, or faiss "
+                               "(approximate, for datastores past about 1M sequences; pip install "
+                               "faiss-cpu)")
 
 
 def default_prompt(data, tok):
@@ -72,6 +75,7 @@ def main(argv=None):
     if args.prompt == "":
         raise UserError("--prompt is empty: give some text, or leave --prompt out to continue a "
                         "held-out document")
+    require_index(args.index)
     cfg, gen, embedder, data, tok = load_run(args.out_dir, args.device)
     text = (read_text(args.prompt_file) if args.prompt_file
             else args.prompt.replace("\\n", "\n") if args.prompt else None)
@@ -80,8 +84,8 @@ def main(argv=None):
         print(f"note: the prompt has {len(prompt)} tokens; Gen sees its last {cfg.block_size}",
               file=sys.stderr)
     retrieve = args.retrieve and cfg.lambda_seq > 0
-    datastore = (Datastore.load_or_build(os.path.join(args.out_dir, "datastore.pt"), embedder, data)
-                 if retrieve else None)
+    datastore = (Datastore.load_or_build(os.path.join(args.out_dir, "datastore.pt"), embedder,
+                                         data).use_index(args.index) if retrieve else None)
     generator = torch.Generator(device=next(gen.parameters()).device).manual_seed(args.seed)
     for _ in range(args.num_samples):
         ids, retrievals = generate(gen, prompt, args.max_new_tokens, tok.marker, tok.eod,

@@ -1,10 +1,11 @@
 """
 How fast cosup is: the training step, the cost of co-supervision, sampling with the KV cache, the
-datastore, and memory. Medians of repeats, and ratios measured within one run (alternating the
+datastore, search (beside numpy's and faiss's), and memory. Medians of repeats, and ratios measured within one run (alternating the
 two sides), because timings on a small shared machine drift.
 
     python -m experiments.bench                    # one JSON object (a few minutes on 2 cores)
     python -m experiments.bench --out bench.json   # and writes it
+    python -m experiments.bench --parts search     # only search: exact, numpy's, faiss's (~1 min)
 
 On a GPU it also times a larger model in bfloat16 with torch.compile and reports its MFU.
 """
@@ -21,15 +22,18 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import train
 from data import load_data
-from datastore import Datastore, search
+from datastore import Datastore, FaissIndex, search
 from experiments.report import ROOT
 from generate import generate
 from machinery.cli import UserError, flag, main_guard, parse_config
 from machinery.config import Config, autocast, build_models, pick_device
+
+
+PARTS = ("peak_memory", "ntp_step", "co_supervision_overhead", "sampling", "datastore", "search",
+         "gpu_step")
 
 
 @dataclass
@@ -38,6 +42,7 @@ class BenchConfig:
     repeats: int = flag(30, "timed repeats of each training step (the median is reported)")
     device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps (training-step figures)")
     seed: int = flag(1337, "random seed")
+    parts: str = flag("all", "the sections to run, comma-separated: " + ", ".join(PARTS))
 
 
 def median_ms(times):
@@ -171,30 +176,88 @@ def sampling(args):
 
 
 def datastore(args):
-    """4. Building the datastore (Emb_seq over every facts sequence, default sizes), and exact
-    top-10 search over 10k, 100k and 1M random unit vectors of the default width: one query at a
-    time (generation) and 64 at a time (evaluation)."""
+    """4. Building the datastore: Emb_seq over every facts sequence, default sizes."""
     cfg = Config(seed=args.seed)
     data, tok = load_data(cfg)
     _, embedder = build_models(cfg, tok.vocab_size)
     embedder.eval()
     build = timed(lambda: embedder.embed(data, progress=False), 3, warmup=1)
     lengths = np.diff(data.offsets)
-    out = {"build_sequences_per_s": data.n_sequences / float(np.median(build)),
-           "build_mean_sequence_tokens": float(lengths.mean())}
-    g = torch.Generator().manual_seed(args.seed)
+    return {"build_sequences_per_s": data.n_sequences / float(np.median(build)),
+            "build_mean_sequence_tokens": float(lengths.mean())}
+
+
+def random_unit(rng, n, d=128):
+    """n random unit vectors (n, d), float32: directions uniform on the sphere."""
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def numpy_top_k(queries, keys, k):
+    """The anchor exact search is measured against, in plain numpy: scores = queries @ keys.T,
+    argpartition for the k best (unordered), then a sort of those k. Ids (Q, k), best first."""
+    scores = queries @ keys.T                                              # (Q, N)
+    top = np.argpartition(scores, -k, axis=1)[:, -k:]                      # (Q, k) unordered
+    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1)
+    return np.take_along_axis(top, order, axis=1)                          # (Q, k)
+
+
+def search_speed(args):
+    """5. Top-10 search over 10k, 100k and 1M random unit vectors (d = 128, the default width),
+    one query at a time (generation) and 64 at a time (evaluation, per query): cosup's exact
+    search beside the numpy anchor (numpy_top_k) on the same keys, the two alternating, and the
+    share of queries whose top-10 ids the two agree on; with faiss installed, its index
+    (datastore.FaissIndex: build time, query time, recall@10 of the 64 queries against exact
+    search). Random directions are the hardest case for an index that partitions the keys: they
+    form no clusters, and in 128 dimensions a query's 10 best keys score barely above the rest."""
+    try:
+        import faiss  # noqa: F401 (optional: the faiss figures only)
+    except ImportError:
+        faiss = None
+    rng = np.random.default_rng(args.seed)
+    out = {}
     for n in (10_000, 100_000, 1_000_000):
-        keys = F.normalize(torch.randn(n, cfg.seq_dim, generator=g), dim=1)
-        queries = F.normalize(torch.randn(64, cfg.seq_dim, generator=g), dim=1)
-        single = timed(lambda: search(queries[:1], keys, k=10), 10, warmup=2)
-        batched = timed(lambda: search(queries, keys, k=10), 3, warmup=1)
-        out[f"search_{n}"] = {"ms_per_query_single": median_ms(single),
-                              "ms_per_query_batched_64": median_ms(batched) / 64}
+        keys, queries = random_unit(rng, n), random_unit(rng, 64)          # (N, d), (64, d)
+        keys_t, queries_t = torch.from_numpy(keys), torch.from_numpy(queries)
+        if faiss:
+            t0 = time.perf_counter()
+            index = FaissIndex(keys_t)
+            build_s = time.perf_counter() - t0
+            exact, approx = search(queries_t, keys_t, k=10)[1], index.search(queries_t, 10)[1]
+            recall = float(np.mean([len(set(a) & set(b)) / 10
+                                    for a, b in zip(approx.tolist(), exact.tolist())]))
+            out[f"faiss_{n}"] = {"build_s": build_s, "nlist": index.index.nlist,
+                                 "nprobe": index.index.nprobe, "recall@10_64_queries": recall}
+            print(f"faiss {n:,}: built in {build_s:.1f} s, nlist {index.index.nlist}, nprobe "
+                  f"{index.index.nprobe}, recall@10 {recall:.2f} (64 queries)", file=sys.stderr)
+        for q, repeats in ((1, 20 if n < 1_000_000 else 10), (64, 5 if n < 1_000_000 else 3)):
+            sides = {"cosup": lambda: search(queries_t[:q], keys_t, k=10)[1].numpy(),
+                     "numpy": lambda: numpy_top_k(queries[:q], keys, 10)}
+            if faiss:
+                sides["faiss"] = lambda: index.search(queries_t[:q], 10)[1].numpy()
+            times, ids = {name: [] for name in sides}, {}
+            for _ in range(repeats + 1):  # the first round warms up, untimed
+                for name, fn in sides.items():
+                    t0 = time.perf_counter()
+                    ids[name] = fn()
+                    times[name].append(time.perf_counter() - t0)
+            ms = {name: median_ms(t[1:]) / q for name, t in times.items()}
+            row = {"ms_per_query_cosup": ms["cosup"], "ms_per_query_numpy": ms["numpy"],
+                   "ratio": ms["cosup"] / ms["numpy"],
+                   "top10_agree": float((ids["cosup"] == ids["numpy"]).all(axis=1).mean())}
+            line = (f"search {n:,} x 128, {q} quer{'y' if q == 1 else 'ies'}: cosup "
+                    f"{ms['cosup']:.3g} ms/query, numpy {ms['numpy']:.3g} (ratio "
+                    f"{row['ratio']:.2f}, top-10 ids agree on {row['top10_agree']:.0%})")
+            if faiss:
+                row["ms_per_query_faiss"] = ms["faiss"]
+                line += f"; faiss {ms['faiss']:.3g}"
+            print(line, file=sys.stderr)
+            out[f"search_{n}_{q}_quer{'y' if q == 1 else 'ies'}"] = row
     return out
 
 
 def peak_memory():
-    """5. Peak resident memory of the default demo (train.py with its defaults, shortened to 100
+    """6. Peak resident memory of the default demo (train.py with its defaults, shortened to 100
     iterations and one evaluation: its memory does not grow with iterations)."""
     script = os.path.join(ROOT, "train.py")
     with tempfile.TemporaryDirectory() as out:
@@ -208,7 +271,7 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10"
 
 
 def gpu_step(args, device):
-    """6. On a GPU: a larger Gen (6 layers, width 384, block 256) with L_NTP + 0.5 L_NSP, bf16 and
+    """7. On a GPU: a larger Gen (6 layers, width 384, block 256) with L_NTP + 0.5 L_NSP, bf16 and
     torch.compile. MFU counts Gen's 6N + 12 L T d FLOPs per token (as nanoGPT does), not
     Emb_seq's, so it is a lower bound."""
     cfg = Config(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=32,
@@ -230,14 +293,20 @@ def main(argv=None):
         raise UserError(f"--repeats must be positive, got {args.repeats}")
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise UserError(f"--out {args.out}: no directory {os.path.dirname(args.out)} to write in")
+    chosen = PARTS if args.parts == "all" else args.parts.split(",")
+    if not set(chosen) <= set(PARTS):
+        raise UserError(f"--parts takes all or some of {', '.join(PARTS)}, got {args.parts!r}")
     device = pick_device(args.device)
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device}
-    parts = [("peak_memory", peak_memory), ("ntp_step", lambda: ntp_step(args, device)),
-             ("co_supervision_overhead", lambda: overhead(args, device)),
-             ("sampling", lambda: sampling(args)), ("datastore", lambda: datastore(args))]
+    parts = {"peak_memory": peak_memory, "ntp_step": lambda: ntp_step(args, device),
+             "co_supervision_overhead": lambda: overhead(args, device),
+             "sampling": lambda: sampling(args), "datastore": lambda: datastore(args),
+             "search": lambda: search_speed(args)}
     if device.startswith("cuda"):
-        parts.append(("gpu_step", lambda: gpu_step(args, device)))
-    for name, fn in parts:  # memory first: ru_maxrss of children counts every child so far
+        parts["gpu_step"] = lambda: gpu_step(args, device)
+    for name, fn in parts.items():  # memory first: ru_maxrss of children counts every child so far
+        if name not in chosen:
+            continue
         t0 = time.perf_counter()
         result[name] = fn()
         print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)

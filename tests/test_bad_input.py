@@ -1,6 +1,7 @@
 """Bad input to train.py, sample.py and evaluate.py: one line that names the problem and what to do,
 exit code 2, no traceback, and nothing on disk changed."""
 import shutil
+import sys
 
 import pytest
 import torch
@@ -119,6 +120,8 @@ CASES = [
                             ("foreign", "is not a readable checkpoint"))],
     ("eval", ["--out_dir", "{d}/run", "--query_from", "{d}/nothing"], "no checkpoint at"),
     ("sample", ["--out_dir", "{d}/run", "--device", "tpu"], "unknown device 'tpu'"),
+    *[(script, ["--out_dir", "{d}/run", "--index", "hnsw"], "--index must be one of exact, faiss")
+      for script in ("sample", "eval")],
     # prompts
     ("sample", ["--out_dir", "{d}/run", "--prompt", ""], "--prompt is empty"),
     ("sample", ["--out_dir", "{d}/run", "--prompt_file", "{d}/empty.txt"], "has no text"),
@@ -138,6 +141,7 @@ CASES = [
     ("bench", ["--repeats", "0"], "--repeats must be positive"),
     ("bench", ["--device", "tpu"], "unknown device 'tpu'"),
     ("bench", ["--out", "{d}/nowhere/bench.json"], "no directory"),
+    ("bench", ["--parts", "search,speed"], "--parts takes all or some of peak_memory"),
 ]
 
 
@@ -151,6 +155,15 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(script, argv, message,
     before = _disk(place)
     err = _fails(script, [a.format(d=place) for a in argv], capsys)
     assert message.format(d=place) in err
+    assert _disk(place) == before
+
+
+@pytest.mark.parametrize("script", ["sample", "eval"])
+def test_index_faiss_without_faiss_is_one_line(script, place, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now fails
+    before = _disk(place)
+    err = _fails(script, ["--out_dir", str(place / "run"), "--index", "faiss"], capsys)
+    assert err == "error: --index faiss needs faiss: pip install faiss-cpu\n"
     assert _disk(place) == before
 
 

@@ -1,6 +1,8 @@
-"""How retrieval is scored: ranks, recall@k, MRR, chance, and the queries and contexts they use."""
+"""Search (exact, and faiss's approximate index) and how retrieval is scored: ranks, recall@k, MRR,
+chance, and the queries and contexts they use."""
 import contextlib
 import math
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -8,11 +10,12 @@ import pytest
 import torch
 
 from data import Data
-from datastore import (chance_metrics, marker_queries, retrieval_metrics, retrieval_quality,
-                       target_ranks)
+from datastore import (Datastore, chance_metrics, marker_queries, require_index,
+                       retrieval_metrics, retrieval_quality, search, target_ranks)
 import evaluate
 from evaluate import _answer, questions
 from generate import Retrieval
+from machinery.cli import UserError
 from machinery.tokenizer import Tokenizer
 from model import Gen, GenConfig
 
@@ -162,3 +165,52 @@ def test_answer_metrics_count_what_generation_did(tiny_data, monkeypatch):
     got = evaluate.answer_metrics(None, "a datastore", data, tok, "val", 4)
     assert got == {"answer_em_retrieval": 0.5, "marker_rate": 0.75, "retrieval_acc": 0.5,
                    "answer_em_no_retrieval": 0.0, "answer_em_gold": 1.0}
+
+
+def _unit(n, d, seed):
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=torch.Generator()
+                                                     .manual_seed(seed)), dim=-1)   # (n, d)
+
+
+def test_exact_search_equals_a_full_sort_with_every_chunk_size():
+    keys, queries = _unit(3000, 16, 0), _unit(5, 16, 1)                     # (N, d), (Q, d)
+    full = (queries.double() @ keys.double().T).sort(dim=1, descending=True)
+    for chunk in (65536, 1000, 7):
+        scores, ids = search(queries, keys, k=10, chunk=chunk)
+        assert torch.equal(ids, full.indices[:, :10])
+        assert torch.allclose(scores.double(), full.values[:, :10], atol=1e-6)
+    assert search(queries, keys[:4], k=10)[1].shape == (5, 4)     # k past N: every entry
+
+
+def test_faiss_index_finds_each_key_as_its_own_best_entry():
+    pytest.importorskip("faiss")
+    keys = _unit(20_000, 16, 0)                                            # (N, d)
+    queries = torch.nn.functional.normalize(keys[:200] + 0.01 * _unit(200, 16, 1), dim=-1)
+    store = Datastore(keys, None, None, "test").use_index("faiss")
+    assert store.index.index.nlist == 141 and store.index.index.nprobe == 32  # it is approximate
+    scores, ids = store.search(queries, k=1)
+    assert torch.equal(ids[:, 0], torch.arange(200))
+    assert torch.allclose(scores[:, 0], (queries * keys[:200]).sum(1), atol=1e-5)
+
+
+def test_faiss_index_recall_at_10_on_random_data():
+    pytest.importorskip("faiss")
+    keys, queries = _unit(20_000, 16, 0), _unit(100, 16, 1)
+    store = Datastore(keys, None, None, "test")
+    _, exact = store.search(queries, k=10)
+    scores, approx = store.use_index("faiss").search(queries, k=10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx.tolist(), exact.tolist())])
+    assert recall >= 0.95
+    # the scores it returns are the exact inner products of the entries it returns, best first
+    assert torch.allclose(scores, (queries[:, None] * keys[approx]).sum(-1), atol=1e-5)
+    assert (scores[:, :-1] >= scores[:, 1:]).all()
+    assert store.use_index("exact").search(queries, k=10)[1].equal(exact)
+
+
+def test_faiss_missing_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now fails
+    with pytest.raises(UserError) as e:
+        Datastore(_unit(50, 8, 0), None, None, "test").use_index("faiss")
+    assert str(e.value) == "--index faiss needs faiss: pip install faiss-cpu"
+    with pytest.raises(UserError, match="--index must be one of exact, faiss, got 'hnsw'"):
+        require_index("hnsw")
