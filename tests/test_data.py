@@ -86,6 +86,19 @@ def test_facts_splits_share_no_sequence_and_no_person():
     assert len(names) == 10 and not any(n in train_text for n in names)
 
 
+def test_reworded_questions_ask_the_same_in_words_training_never_uses():
+    from machinery.facts import ATTRIBUTES, REWORDED, reword
+    corpus = load_corpus("facts", facts_people=50, facts_heldout=0.2)
+    train_text = " ".join(s.text for d in corpus.train for s in d)
+    new = [reword(q.text) for q, _, _ in corpus.val]
+    assert len(new) == 10 * len(ATTRIBUTES) and None not in new
+    for (_, fact, _), r, attribute in zip(corpus.val, new, list(ATTRIBUTES) * 10):
+        name = " ".join(fact.text.split()[:2]).removesuffix("'s")  # facts start with the name
+        assert r == "Q: " + REWORDED[attribute].format(name=name) + "\n"  # same person, attribute
+        assert REWORDED[attribute].split("{name}")[0] not in train_text  # a new way to ask
+    assert reword("Q: Who is Mira Voskel?\n") is None
+
+
 def test_plain_split_has_no_markers_and_val_is_the_end(tmp_path):
     path = write(str(tmp_path / "t.txt"), TEXT * 5)
     data, tok = _prepared(tmp_path, load_corpus(path, "none", val_fraction=0.1))

@@ -66,6 +66,22 @@ def test_eval_reports_every_metric(trained, capsys):
         assert result["val"][k] == pytest.approx(last[k])
     assert result["val"]["ntp"] == pytest.approx(last["val_ntp"])
     assert json.loads(capsys.readouterr().out) == result
+    assert set(result["val_reworded"]) >= {"answer_em_retrieval", "answer_em_no_retrieval",
+                                           "marker_rate", "recall@1", "recall@10", "mrr"}
+
+
+def test_question_retrieval_of_the_questions_as_asked_is_val_retrieval(trained):
+    """A marker placed after each val question, as asked, is where val's markers are: the same
+    ranks by two paths (evaluate.question_retrieval and datastore.retrieval_quality)."""
+    from contextlib import nullcontext
+    from datastore import Datastore, retrieval_quality
+    _, gen, embedder, data, tok = load_run(str(trained), "cpu")
+    store = Datastore.build(embedder, data, progress=False)
+    qs = evaluate_script.questions(data, tok, "val", None)
+    assert len(qs) == len(data.val.marker_pos)  # every val document asks one question
+    assert evaluate_script.question_retrieval(gen, store, qs, tok, "cpu") == pytest.approx(
+        retrieval_quality(gen, store.embeddings, data, "val", "cpu", nullcontext()))
+    assert len(evaluate_script.reworded(qs, tok)) == len(qs)
 
 
 def test_eval_with_queries_from_another_run_uses_its_networks_and_writes_only_its_own_file(

@@ -10,13 +10,15 @@ from conftest import write_tiktoken
 
 
 def test_short_run_drives_both_losses_down(run_train):
-    _, log = run_train("--max_iters", "80", "--eval_interval", "80", "--nsp_start", "0",
-                       "--lambda_seq", "1")
+    out, log = run_train("--max_iters", "80", "--eval_interval", "80", "--nsp_start", "0",
+                         "--lambda_seq", "1")
     first, last = log[0], log[-1]
     assert last["train_ntp"] < first["train_ntp"] - 1.0
     assert last["train_nsp"] < first["train_nsp"] - 0.5
     assert set(last) >= {"iter", "train_ntp", "val_ntp", "val_nsp", "recall@1", "recall@10", "mrr",
                          "lr", "ms_per_iter", "tokens_per_s"}
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the run's picture
+    assert not (out / "curves.png.tmp").exists()
 
 
 def test_same_seed_same_losses(run_train):
