@@ -65,15 +65,17 @@ def search(queries, embeddings, k=10, chunk=65536):
     return best_scores, best_ids
 
 
-def target_ranks(queries, embeddings, targets, chunk=65536):
+def target_ranks(queries, embeddings, targets, chunk=None):
     """Rank (1 = best) of each query's target among all embeddings: 1 + the number of OTHER
     entries scoring at least as high as the target (a tie counts against it, so N identical
     embeddings rank every target N-th, not first). queries (Q, d), embeddings (N, d), targets
     (Q,) ids; returns (Q,). A query or embedding that is not finite is an error: it would make
-    the ranking, and every number from it, meaningless."""
+    the ranking, and every number from it, meaningless. chunk: entries scored at a time, by
+    default as many as keep one (Q, chunk) table of scores within 16 MB."""
     if not (torch.isfinite(queries).all() and torch.isfinite(embeddings).all()):
         raise ValueError("a query or datastore embedding is not finite (NaN or inf): retrieval "
                          "cannot be scored")
+    chunk = chunk or max(1, 2**22 // max(1, len(queries)))
     return _ranks(lambda: _chunk_scores(queries, embeddings, chunk), targets)
 
 
@@ -305,15 +307,21 @@ def tfidf_vectors(texts, vocab, idf):
                                    (len(texts), len(vocab)), check_invariants=True)
 
 
-def lexical_ranks(queries, texts, targets):
+def lexical_ranks(queries, texts, targets, chunk=256):
     """Rank (1 = best) of each query's target among the texts by TF-IDF cosine, ties counted
     against the target. queries: strings, texts: the datastore's strings, targets (Q,) ids."""
     df = Counter(w for t in texts for w in set(WORD.findall(t.lower())))
     vocab = {w: i for i, w in enumerate(df)}
     idf = [1 + math.log((1 + len(texts)) / (1 + df[w])) for w in vocab]
-    q, e = tfidf_vectors(queries, vocab, idf), tfidf_vectors(texts, vocab, idf)
-    scores = torch.sparse.mm(e, q.to_dense().T).T                     # (Q, N) cosines
-    return _ranks(lambda: [(0, scores)], torch.as_tensor(targets))
+    e, targets = tfidf_vectors(texts, vocab, idf), torch.as_tensor(targets)
+    ranks = []
+    # queries a chunk at a time: a dense (Q, vocabulary) or (Q, N) table of a whole split would
+    # take gigabytes on a novel
+    for s in range(0, len(queries), chunk):
+        q = tfidf_vectors(queries[s:s + chunk], vocab, idf).to_dense()  # (chunk, vocabulary)
+        scores = torch.sparse.mm(e, q.T).T                                 # (chunk, N) cosines
+        ranks.append(_ranks(lambda: [(0, scores)], targets[s:s + chunk]))
+    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
 
 
 def lexical_metrics(data, tok, split, limit=None):

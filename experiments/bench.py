@@ -116,7 +116,7 @@ def overhead(args, device):
     rng = np.random.default_rng(args.seed)
     batches = [data.get_batch("train", cfg.batch_size, rng, cfg.hard_negatives, cfg.seq_len)
                for _ in range(50)]
-    emb_shape = np.mean([b.seq_tokens.shape for b in batches], axis=0)
+    emb_shape = np.mean([b.candidates.shape for b in batches], axis=0)
     gen_tokens = cfg.batch_size * cfg.block_size
     gen_flops = train_flops(gen, cfg.n_layer, cfg.block_size, cfg.n_embd) * gen_tokens
     emb_flops = (train_flops(embedder, cfg.emb_layer, emb_shape[1], cfg.emb_embd)

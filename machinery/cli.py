@@ -5,6 +5,7 @@ Ctrl-C (or SIGTERM, what a scheduler sends) can ask a long job to stop at a safe
 """
 
 import argparse
+import ctypes
 import dataclasses
 import os
 import signal
@@ -90,12 +91,25 @@ def is_main_process():
     return os.environ.get("RANK", "0") == "0"
 
 
+def fixed_mmap_threshold(size=1 << 20):
+    """Have glibc's malloc serve every block of at least `size` bytes (tensors, mostly) by a
+    mapping of its own, returned to the system when freed. By default the threshold rises to the
+    largest block freed so far, after which the varying shapes of evaluation's batches leave
+    hundreds of MB of free but unreturned heap behind (a 3 MB text's run peaked 300 MB higher).
+    Elsewhere than glibc, nothing is done."""
+    try:
+        ctypes.CDLL(None).mallopt(-3, size)  # M_MMAP_THRESHOLD, which also fixes it
+    except (OSError, AttributeError):
+        pass
+
+
 def main_guard(main):
     """Run main(); a UserError ends the program with one line and exit code 2, Ctrl-C (or SIGTERM)
     with one line and exit code 130. With several processes only rank 0 says it, and however main
     ends, each process leaves their group before it exits: all at once when all end together
     (main returned, or all were interrupted at the same step)."""
     together = False
+    fixed_mmap_threshold()
     try:
         main()
         together = True

@@ -3,6 +3,9 @@ Preparation: a corpus's documents become, once, the arrays data.py reads (token 
 memmaps, as nanoGPT does, each marker's position and target, every datastore sequence's tokens and
 hard negatives). They are cached under a key that hashes the documents and the tokenizer, so a
 changed input is prepared again, never reused.
+
+Tokens are written as they are made, a chunk at a time, never held as one Python list: memory
+stays within a small multiple of the text itself, however long it is.
 """
 
 import hashlib
@@ -12,69 +15,169 @@ import shutil
 
 import numpy as np
 
-from machinery.corpora import Segment
+FORMAT_VERSION = 3        # bump when the prepared format changes, so old caches are not reused
+CHUNK = 1 << 20           # tokens (and characters of a long text) handled at a time
 
-FORMAT_VERSION = 2        # bump when the prepared format changes, so old caches are not reused
+
+def _key(corpus, tok):
+    """A hash of everything preparation reads: the documents, hard negatives and tokenizer,
+    taken a document at a time rather than from one repr of the whole corpus."""
+    h = hashlib.sha256(repr((FORMAT_VERSION, tok.fingerprint, corpus.aligned)).encode())
+    for docs in (corpus.train, corpus.val):
+        h.update(b"split")
+        for doc in docs:
+            h.update(repr(doc).encode())
+    for item in corpus.hard_negatives.items():
+        h.update(repr(item).encode())
+    return h.hexdigest()[:16]
 
 
-def _tokenize(docs, tok, seq_id, seq_tokens):
-    """The token stream of a split, where its documents start, and each marker's position and
-    target sequence id."""
-    ids, doc_starts, marker_pos, marker_target = [], [], [], []
+def _encode(tok, text, chunk):
+    """tok.encode(text) as numpy arrays, a piece of about `chunk` characters at a time. A piece
+    ends before a space that follows and precedes a non-space: no match of the pre-tokenizer
+    (bytes' or GPT-2's) crosses such a cut, so the pieces' tokens are the whole text's."""
+    start = 0
+    while start < len(text):
+        end = len(text)
+        cut = text.find(" ", start + chunk)
+        while 0 < cut < len(text) - 1:
+            if not (text[cut - 1].isspace() or text[cut + 1].isspace()):
+                end = cut
+                break
+            cut = text.find(" ", cut + 1)
+        yield np.array(tok.encode(text[start:end]), dtype=np.int64)
+        start = end
+
+
+class _Stream:
+    """A token stream written to a file as it grows: append arrays, flushed every `chunk`."""
+
+    def __init__(self, path, dtype, chunk):
+        self.file, self.dtype, self.chunk = open(path, "wb"), dtype, chunk
+        self.pending, self.n_pending, self.n = [], 0, 0
+
+    def append(self, ids):
+        self.pending.append(ids)
+        self.n_pending, self.n = self.n_pending + len(ids), self.n + len(ids)
+        if self.n_pending >= self.chunk:
+            self.flush()
+
+    def flush(self):
+        if self.pending:
+            np.concatenate(self.pending).astype(self.dtype).tofile(self.file)
+        self.pending, self.n_pending = [], 0
+
+    def close(self):
+        self.flush()
+        self.file.close()
+
+
+def _sequence_tokens(texts, tok, dtype):
+    """The tokens of all sequences end to end, and offsets (n + 1,): sequence i is
+    tokens[offsets[i]:offsets[i + 1]]."""
+    pieces, lengths = [], np.zeros(len(texts), dtype=np.int64)
+    for s in range(0, len(texts), 4096):
+        batch = [tok.encode(t) for t in texts[s:s + 4096]]
+        lengths[s:s + len(batch)] = [len(ids) for ids in batch]
+        pieces.append(np.fromiter((i for ids in batch for i in ids), dtype=dtype,
+                                  count=int(lengths[s:s + len(batch)].sum())))
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+    return tokens, np.concatenate([[0], np.cumsum(lengths)])
+
+
+def _write_split(path, docs, leaked, tok, seq_id, tokens, offsets, chunk):
+    """Write a split's token stream to `path`, each sequence after a marker (a `leaked` one
+    stays plain text); return where its documents start, each marker's position and target
+    sequence id, and the stream's length."""
+    stream = _Stream(path, tokens.dtype, chunk)
+    doc_starts, marker_pos, marker_target = [], [], []
+    eod, marker = np.array([tok.eod]), np.array([tok.marker])
     for doc in docs:
-        doc_starts.append(len(ids))
+        doc_starts.append(stream.n)
         for seg in doc:
-            if seg.sequence:
-                marker_pos.append(len(ids))
-                marker_target.append(seq_id[seg.text])
-                ids.append(tok.marker)
-                ids.extend(seq_tokens[seq_id[seg.text]])
+            if seg.sequence and seg.text not in leaked:
+                i = seq_id[seg.text]
+                marker_pos.append(stream.n), marker_target.append(i)
+                stream.append(marker)
+                stream.append(tokens[offsets[i]:offsets[i + 1]])
             else:
-                ids.extend(tok.encode(seg.text))
-        ids.append(tok.eod)
-    return ids, doc_starts, marker_pos, marker_target
+                for ids in _encode(tok, seg.text, chunk):
+                    stream.append(ids)
+        stream.append(eod)
+    stream.close()
+    return doc_starts, marker_pos, marker_target, stream.n
 
 
-def prepare(corpus, tok, cache_dir):
+def _seen_in_training(corpus):
+    """The val sequences that training has seen, as a sequence or anywhere inside its text: a
+    leak, so in val they stay plain text, never a retrieval target."""
+    train_seqs = {s.text for d in corpus.train for s in d if s.sequence}
+    val_seqs = {s.text for d in corpus.val for s in d if s.sequence}
+    seen = val_seqs & train_seqs
+    return seen | found_in(val_seqs - seen, "\n".join(s.text for d in corpus.train for s in d))
+
+
+def found_in(needles, haystack):
+    """The needles (strings) that occur in haystack: {t for t in needles if t in haystack}, in
+    8 passes over haystack rather than one per needle (hours, not seconds, for a 50 MB novel).
+
+    In UTF-8, a needle occurs in the text iff its bytes occur in the text's bytes. Every 8 bytes
+    of the text, read as one uint64 at each of the 8 offsets, are compared at once with the
+    needles' first 8 bytes; only where those agree is a whole needle compared."""
+    text = haystack.encode()
+    found = {t for t in needles if len(t.encode()) < 8 and t in haystack}
+    by_prefix = {}                       # first 8 bytes -> {length: {needle's bytes: needle}}
+    for t in needles:
+        b = t.encode()
+        if len(b) >= 8:
+            by_prefix.setdefault(b[:8], {}).setdefault(len(b), {})[b] = t
+    prefixes = np.frombuffer(b"".join(by_prefix), dtype="<u8")               # (P,)
+    for o in range(8):
+        words = np.frombuffer(text, dtype="<u8", count=(len(text) - o) // 8, offset=o)
+        for p in o + 8 * np.flatnonzero(np.isin(words, prefixes)):  # byte positions of a prefix
+            for length, group in by_prefix[text[p:p + 8]].items():
+                if text[p:p + length] in group:
+                    found.add(group[text[p:p + length]])
+    return found
+
+
+def prepare(corpus, tok, cache_dir, chunk=CHUNK):
     """Tokenize a corpus into `cache_dir/<key>/` (unless already there) and return its path. The
-    key hashes the documents themselves and the tokenizer: any change in either is a new key."""
-    key = hashlib.sha256(repr((FORMAT_VERSION, tok.fingerprint, corpus)).encode()).hexdigest()[:16]
+    key hashes the documents themselves and the tokenizer: any change in either is a new key.
+    chunk: tokens written at a time; the files do not depend on it."""
+    key = _key(corpus, tok)
     path = os.path.join(cache_dir, key)
     if os.path.exists(os.path.join(path, "meta.json")):
         return path
-    # A val sequence that training has seen (as a sequence, or anywhere inside the training
-    # text) would be a leak: in val it stays plain text, never a retrieval target.
-    train_text = "\n".join(s.text for d in corpus.train for s in d)
-    val = [[Segment(s.text, s.sequence and s.text not in train_text) for s in d]
-           for d in corpus.val]
+    leaked = _seen_in_training(corpus)
     # train's sequences first: ids below n_train are the ones training may use
     train_seqs = dict.fromkeys(s.text for d in corpus.train for s in d if s.sequence)
-    texts = list(dict.fromkeys([*train_seqs, *(s.text for d in val for s in d if s.sequence)]))
+    texts = list(dict.fromkeys([*train_seqs, *(s.text for d in corpus.val for s in d
+                                               if s.sequence and s.text not in leaked)]))
     seq_id = {t: i for i, t in enumerate(texts)}
-    seq_tokens = [tok.encode(t) for t in texts]
     dtype = np.uint16 if tok.vocab_size < 2**16 else np.uint32
+    tokens, offsets = _sequence_tokens(texts, tok, dtype)
     tmp = path + f".tmp{os.getpid()}"
     os.makedirs(tmp, exist_ok=True)
     meta = {"key": key, "tokenizer": tok.name, "vocab_size": tok.vocab_size,
             "aligned": corpus.aligned, "dtype": np.dtype(dtype).name, "n_sequences": len(texts),
             "n_train_sequences": len(train_seqs)}
-    for name, docs in (("train", corpus.train), ("val", val)):
-        ids, starts, pos, target = _tokenize(docs, tok, seq_id, seq_tokens)
-        np.array(ids, dtype=dtype).tofile(os.path.join(tmp, f"{name}.bin"))
+    for name, docs, leak in (("train", corpus.train, set()), ("val", corpus.val, leaked)):
+        starts, pos, target, n = _write_split(os.path.join(tmp, f"{name}.bin"), docs, leak, tok,
+                                              seq_id, tokens, offsets, chunk)
         np.savez(os.path.join(tmp, f"{name}.npz"), doc_starts=np.array(starts, dtype=np.int64),
                  marker_pos=np.array(pos, dtype=np.int64),
                  marker_target=np.array(target, dtype=np.int64))
-        meta[f"{name}_tokens"], meta[f"{name}_markers"] = len(ids), len(pos)
-    # each sequence's hard negatives: distinct, never itself, at most 8
-    hard = [[seq_id[h] for h in dict.fromkeys(corpus.hard_negatives.get(t, []))
-             if h in seq_id and h != t][:8] for t in texts]
-    hard_array = np.full((len(texts), max([len(h) for h in hard] + [1])), -1, dtype=np.int64)
-    for i, h in enumerate(hard):
-        hard_array[i, :len(h)] = h
-    lengths = np.array([len(s) for s in seq_tokens], dtype=np.int64)
-    np.savez(os.path.join(tmp, "sequences.npz"), offsets=np.concatenate([[0], np.cumsum(lengths)]),
-             tokens=np.array([t for s in seq_tokens for t in s], dtype=dtype),
-             hard_negatives=hard_array)
+        meta[f"{name}_tokens"], meta[f"{name}_markers"] = n, len(pos)
+    # each sequence's hard negatives: distinct, never itself, at most 8; -1 where none
+    hard = np.full((len(texts), 8), -1, dtype=np.int64)                  # (n_sequences, 8)
+    for i, t in enumerate(texts):
+        h = [seq_id[h] for h in dict.fromkeys(corpus.hard_negatives.get(t, []))
+             if h in seq_id and h != t][:8]
+        hard[i, :len(h)] = h
+    width = max(1, int((hard >= 0).sum(axis=1).max(initial=0)))
+    np.savez(os.path.join(tmp, "sequences.npz"), offsets=offsets, tokens=tokens,
+             hard_negatives=hard[:, :width])
     with open(os.path.join(tmp, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     try:
@@ -82,5 +185,3 @@ def prepare(corpus, tok, cache_dir):
     except OSError:  # another process prepared the same data first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
     return path
-
-

@@ -1,10 +1,12 @@
+import os
+
 import numpy as np
 import pytest
 
 from machinery.cli import UserError
 from data import Data
 from machinery.corpora import Segment, load_corpus
-from machinery.prepare import prepare
+from machinery.prepare import found_in, prepare
 from machinery.tokenizer import Tokenizer
 from conftest import write, write_tiktoken
 
@@ -223,3 +225,38 @@ def test_a_val_sequence_inside_the_training_text_is_not_a_val_target(tmp_path):
     data, tok = _prepared(tmp_path, corpus)
     val = [tok.decode(data.sequence(t)) for t in data.val.marker_target]
     assert val == ["A new val fact."]
+
+
+def _arrays(path):
+    """Every array of a prepared corpus, by file and name."""
+    out = {}
+    for name in ("train", "val", "sequences"):
+        with np.load(os.path.join(path, f"{name}.npz")) as f:
+            out.update({f"{name}.{k}": f[k] for k in f.files})
+    for name in ("train", "val"):
+        out[f"{name}.bin"] = np.fromfile(os.path.join(path, f"{name}.bin"), dtype=np.uint16)
+    return out
+
+
+@pytest.mark.parametrize("split", ["sentence", "none"])
+@pytest.mark.parametrize("tokenizer", ["bytes", "gpt2"])
+def test_preparing_in_small_chunks_writes_the_same_files(tmp_path, split, tokenizer):
+    # a long plain text is encoded in pieces and streams are written a few tokens at a time: the
+    # files must be those of one piece, and no list of every token is needed to make them
+    text = " ".join(f"Sentence {i} says  something\tnew, é{i}!" for i in range(300))
+    corpus = load_corpus(write(str(tmp_path / "t.txt"), text), split, val_fraction=0.2)
+    merges = [b" S", b"en", b" Sen", b" s", b"  "]  # a cut in a wrong place would break these
+    tok = Tokenizer(tokenizer, write_tiktoken(tmp_path / "g.tiktoken", merges))
+    small = _arrays(prepare(corpus, tok, str(tmp_path / "small"), chunk=7))
+    whole = _arrays(prepare(corpus, tok, str(tmp_path / "whole"), chunk=10**9))
+    assert small.keys() == whole.keys()
+    for k in whole:
+        assert np.array_equal(small[k], whole[k]), k
+
+
+def test_found_in_is_the_substring_test():
+    rng = np.random.default_rng(0)
+    haystack = "".join(rng.choice(list("ab é\n"), 3000))
+    needles = {haystack[a:a + n] for a, n in zip(rng.integers(0, 2990, 300), rng.integers(1, 30, 300))}
+    needles |= {"".join(rng.choice(list("ab é"), n)) for n in rng.integers(1, 20, 300)}
+    assert found_in(needles, haystack) == {t for t in needles if t in haystack}

@@ -70,3 +70,21 @@ def test_gradients_reach_embedder_iff_lambda_seq_positive(tiny_data):
     assert all(g is not None and g.abs().sum() > 0 for g in emb_grads + head_grads)
     emb_grads, head_grads = _grads(0.0, batch)
     assert all(g is None for g in emb_grads + head_grads)
+
+
+def test_length_buckets_change_no_embedding_and_no_nsp_loss(tiny_data):
+    data, _ = tiny_data
+    gen, _ = _models()
+    emb = SeqEmbedder(EmbedderConfig(300, 64, 1, 2, 16, 8))  # reads whole facts, uncut
+    batch = data.get_batch("train", 8, np.random.default_rng(0), hard_negatives=2, seq_len=64)
+    lengths = batch.candidate_mask.sum(1)
+    assert len(lengths.unique()) > 3  # rows of many lengths: the buckets cut different widths
+    padded = emb(batch.candidates, batch.candidate_mask, buckets=1)     # all at the longest
+    for buckets in (2, 3, 5, len(lengths)):
+        bucketed = emb(batch.candidates, batch.candidate_mask, buckets=buckets)
+        assert torch.allclose(bucketed, padded, atol=1e-6)
+    _, queries = gen(batch.x, batch.marker_index)
+    l_padded, _ = nsp_loss(queries, padded, batch.positive, 0.1)
+    l_bucketed, _ = nsp_loss(queries, emb(batch.candidates, batch.candidate_mask), batch.positive,
+                             0.1)
+    assert torch.allclose(l_bucketed, l_padded, atol=1e-6)
