@@ -26,10 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from datastore import Datastore, chance_metrics, lexical_metrics, retrieval_quality
-from generate import generate
+from generate import generate_batch
 from machinery.checkpoint import load_run
 from machinery.cli import UserError, flag, main_guard, parse_config
 from machinery.config import autocast
@@ -42,6 +41,7 @@ class EvalConfig:
     query_from: str = flag("", "another run whose Gen makes the queries and whose Emb_seq "
                                "embeds the datastore (separate supervision)")
     questions: int = flag(480, "documents per split for the answer metrics (0: none)")
+    batch_size: int = flag(256, "questions answered at once (batched greedy decoding)")
     device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
 
 
@@ -73,32 +73,43 @@ def questions(data, tok, split, limit):
 
 
 def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
-                   modes=("retrieval", "no_retrieval", "gold")):
+                   modes=("retrieval", "no_retrieval", "gold"),
+                   batch_size=EvalConfig.batch_size):
     """The answer metrics of the first `limit` questions of a split, for each of `modes`:
-    retrieval in the loop, Gen alone, Gen given the gold sequence."""
+    retrieval in the loop, Gen alone, Gen given the gold sequence. Questions are answered
+    batch_size at a time (generate_batch)."""
     qs = questions(data, tok, split, limit)
     if not qs:
         return {}
+    prompts = [list(prompt) for prompt, _, _ in qs]
+    wants = [_answer(tok, gold) for _, _, gold in qs]
+    budgets = [len(gold) + 32 for _, _, gold in qs]
     hits = {}
-    for prompt, target, gold in tqdm(qs, desc=f"answering {split} questions", leave=False):
-        prompt, want = list(prompt), _answer(tok, gold)
-        budget = len(gold) + 32
 
-        def score(name, given, store=None):
-            ids, retrievals = generate(gen, given, budget, tok.marker, tok.eod, store,
-                                       query_gen=query_gen)
-            hits[name] = hits.get(name, 0) + (_answer(tok, ids[len(prompt):]) == want)
-            return ids, retrievals
+    def score(name, given, store=None):
+        # batches of prompts of about one length: little padding
+        order, outs = sorted(range(len(given)), key=lambda i: len(given[i])), [None] * len(given)
+        for s in range(0, len(order), batch_size):
+            batch = order[s:s + batch_size]
+            for i, out in zip(batch, generate_batch(gen, [given[i] for i in batch],
+                                                    [budgets[i] for i in batch], tok.marker,
+                                                    tok.eod, store, query_gen)):
+                outs[i] = out
+        hits[name] = sum(_answer(tok, ids[len(prompt):]) == want
+                         for (ids, _), prompt, want in zip(outs, prompts, wants))
+        return outs
 
-        if "retrieval" in modes:
-            ids, retrievals = score("answer_em_retrieval", prompt, datastore)
-            hits["marker_rate"] = hits.get("marker_rate", 0) + (tok.marker in ids[len(prompt):])
-            hits["retrieval_acc"] = (hits.get("retrieval_acc", 0)
-                                     + (bool(retrievals) and retrievals[0].id == target))
-        if "no_retrieval" in modes:
-            score("answer_em_no_retrieval", prompt)
-        if "gold" in modes:
-            score("answer_em_gold", prompt + [tok.marker] + [int(t) for t in data.sequence(target)])
+    if "retrieval" in modes:
+        outs = score("answer_em_retrieval", prompts, datastore)
+        hits["marker_rate"] = sum(tok.marker in ids[len(prompt):]
+                                  for (ids, _), prompt in zip(outs, prompts))
+        hits["retrieval_acc"] = sum(bool(retrievals) and retrievals[0].id == target
+                                    for (_, retrievals), (_, target, _) in zip(outs, qs))
+    if "no_retrieval" in modes:
+        score("answer_em_no_retrieval", prompts)
+    if "gold" in modes:
+        score("answer_em_gold", [prompt + [tok.marker] + [int(t) for t in data.sequence(target)]
+                                 for prompt, (_, target, _) in zip(prompts, qs)])
     return {k: v / len(qs) for k, v in hits.items()}
 
 
@@ -107,6 +118,8 @@ def main(argv=None):
     args, _ = parse_config(EvalConfig, __doc__, argv)
     if args.questions < 0:
         raise UserError(f"--questions must be >= 0, got {args.questions}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     cfg, gen, embedder, data, tok = load_run(args.out_dir, args.device)
     device = next(gen.parameters()).device.type
     ctx = autocast(device, cfg.dtype)
@@ -132,7 +145,8 @@ def main(argv=None):
                                    ctx, limit))
         m.update(lexical_metrics(data, tok, split, limit))  # the TF-IDF baseline, same markers
         if args.questions and cfg.split != "none":
-            m.update(answer_metrics(gen, datastore, data, tok, split, args.questions, query_gen))
+            m.update(answer_metrics(gen, datastore, data, tok, split, args.questions, query_gen,
+                                    batch_size=args.batch_size))
         result[split] = m
     print(json.dumps(result, indent=1))
     with open(path, "w") as f:
