@@ -29,11 +29,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from datastore import (Datastore, chance_metrics, lexical_metrics, marker_queries, require_index,
                        retrieval_metrics, retrieval_quality, target_ranks)
-from generate import generate
+from generate import generate_batch
 from machinery.checkpoint import load_run
 from machinery.cli import UserError, flag, main_guard, parse_config
 from machinery.config import autocast
@@ -47,6 +46,7 @@ class EvalConfig:
     query_from: str = flag("", "another run whose Gen makes the queries and whose Emb_seq "
                                "embeds the datastore (separate supervision)")
     questions: int = flag(480, "documents per split for the answer metrics (0: none)")
+    batch_size: int = flag(256, "questions answered at once (batched greedy decoding)")
     device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
     index: str = flag("exact", "how generation searches the datastore: exact, or faiss "
                                "(approximate, for datastores past about 1M sequences; pip install "
@@ -101,35 +101,46 @@ def question_retrieval(gen, datastore, qs, tok, device):
 
 
 def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
-                   modes=("retrieval", "no_retrieval", "gold"), reword_questions=False):
+                   modes=("retrieval", "no_retrieval", "gold"), reword_questions=False,
+                   batch_size=EvalConfig.batch_size):
     """The answer metrics of the first `limit` questions of a split, for each of `modes`:
     retrieval in the loop, Gen alone, Gen given the gold sequence; with reword_questions, of those
-    questions reworded (the generalisation test), with their retrieval metrics too."""
+    questions reworded (the generalisation test), with their retrieval metrics too. Questions are
+    answered batch_size at a time (generate_batch)."""
     qs = questions(data, tok, split, limit)
     if reword_questions:
         qs = reworded(qs, tok)
     if not qs:
         return {}
+    prompts = [list(prompt) for prompt, _, _ in qs]
+    wants = [_answer(tok, gold) for _, _, gold in qs]
+    budgets = [len(gold) + 32 for _, _, gold in qs]
     hits = {}
-    for prompt, target, gold in tqdm(qs, desc=f"answering {split} questions", leave=False):
-        prompt, want = list(prompt), _answer(tok, gold)
-        budget = len(gold) + 32
 
-        def score(name, given, store=None):
-            ids, retrievals = generate(gen, given, budget, tok.marker, tok.eod, store,
-                                       query_gen=query_gen)
-            hits[name] = hits.get(name, 0) + (_answer(tok, ids[len(prompt):]) == want)
-            return ids, retrievals
+    def score(name, given, store=None):
+        # batches of prompts of about one length: little padding
+        order, outs = sorted(range(len(given)), key=lambda i: len(given[i])), [None] * len(given)
+        for s in range(0, len(order), batch_size):
+            batch = order[s:s + batch_size]
+            for i, out in zip(batch, generate_batch(gen, [given[i] for i in batch],
+                                                    [budgets[i] for i in batch], tok.marker,
+                                                    tok.eod, store, query_gen)):
+                outs[i] = out
+        hits[name] = sum(_answer(tok, ids[len(prompt):]) == want
+                         for (ids, _), prompt, want in zip(outs, prompts, wants))
+        return outs
 
-        if "retrieval" in modes:
-            ids, retrievals = score("answer_em_retrieval", prompt, datastore)
-            hits["marker_rate"] = hits.get("marker_rate", 0) + (tok.marker in ids[len(prompt):])
-            hits["retrieval_acc"] = (hits.get("retrieval_acc", 0)
-                                     + (bool(retrievals) and retrievals[0].id == target))
-        if "no_retrieval" in modes:
-            score("answer_em_no_retrieval", prompt)
-        if "gold" in modes:
-            score("answer_em_gold", prompt + [tok.marker] + [int(t) for t in data.sequence(target)])
+    if "retrieval" in modes:
+        outs = score("answer_em_retrieval", prompts, datastore)
+        hits["marker_rate"] = sum(tok.marker in ids[len(prompt):]
+                                  for (ids, _), prompt in zip(outs, prompts))
+        hits["retrieval_acc"] = sum(bool(retrievals) and retrievals[0].id == target
+                                    for (_, retrievals), (_, target, _) in zip(outs, qs))
+    if "no_retrieval" in modes:
+        score("answer_em_no_retrieval", prompts)
+    if "gold" in modes:
+        score("answer_em_gold", [prompt + [tok.marker] + [int(t) for t in data.sequence(target)]
+                                 for prompt, (_, target, _) in zip(prompts, qs)])
     out = {k: v / len(qs) for k, v in hits.items()}
     if reword_questions:
         device = next(gen.parameters()).device
@@ -142,6 +153,8 @@ def main(argv=None):
     args, _ = parse_config(EvalConfig, __doc__, argv)
     if args.questions < 0:
         raise UserError(f"--questions must be >= 0, got {args.questions}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
     require_index(args.index)
     cfg, gen, embedder, data, tok = load_run(args.out_dir, args.device)
     device = next(gen.parameters()).device.type
@@ -169,11 +182,13 @@ def main(argv=None):
                                    ctx, limit))
         m.update(lexical_metrics(data, tok, split, limit))  # the TF-IDF baseline, same markers
         if args.questions and cfg.split != "none":
-            m.update(answer_metrics(gen, datastore, data, tok, split, args.questions, query_gen))
+            m.update(answer_metrics(gen, datastore, data, tok, split, args.questions, query_gen,
+                                    batch_size=args.batch_size))
         result[split] = m
     if args.questions and cfg.dataset == "facts":
         result["val_reworded"] = answer_metrics(gen, datastore, data, tok, "val", args.questions,
-                                                query_gen, ("retrieval", "no_retrieval"), True)
+                                                query_gen, ("retrieval", "no_retrieval"), True,
+                                                args.batch_size)
     print(json.dumps(result, indent=1))
     with open(path, "w") as f:
         json.dump(result, f, indent=1)

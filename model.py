@@ -34,9 +34,8 @@ class SelfAttention(nn.Module):
         - Gen in training (causal, no key_mask, no cache): token t attends to tokens 0..t;
         - Emb_seq (not causal, key_mask): every real token attends to every real token, never to
           padding;
-        - Gen generating (cache, a KVCache from generate.py): the new tokens continue those whose
-          keys and values the cache holds, and attend to all of those and causally among
-          themselves."""
+        - Gen generating (cache, from generate.py): the new tokens continue those whose keys and
+          values the cache holds; the cache says which keys each new token sees."""
         B, T, C = x.shape
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for t in self.c_attn(x).split(C, dim=2))              # (B, H, T, C/H) each
@@ -44,13 +43,10 @@ class SelfAttention(nn.Module):
         if key_mask is not None:  # (B, T), True on real tokens: padding is never attended to
             mask = key_mask[:, None, None, :]                           # (B, 1, 1, T)
         if cache is not None:
-            k, v = cache.extend(k, v)                                   # (B, H, past + T, C/H)
-            past = k.shape[2] - T
-            if past and T == 1:  # one new token sees every key: no mask at all
-                causal = False
-            elif past:  # new token i sits at position past + i: it sees keys 0 .. past + i
-                rows = torch.arange(T, device=x.device)[:, None]
-                mask, causal = torch.arange(past + T, device=x.device) <= past + rows, False
+            k, v, mask = cache.extend(k, v)                             # (B, H, S, C/H) each
+            # no mask: nothing past (the new tokens see each other causally), or one new token
+            # that sees every key
+            causal = mask is None and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)                          # heads side by side
@@ -116,9 +112,12 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(n_embd, bias=False)
 
     def forward(self, idx, past=0, key_mask=None, caches=None):
-        """Hidden states (B, T, n_embd) of token ids idx (B, T) at positions past .. past+T-1."""
+        """Hidden states (B, T, n_embd) of token ids idx (B, T) at positions past .. past+T-1;
+        past is an int, or (B, 1): each row's own (rows of different lengths, generate.py)."""
         T = idx.shape[1]
-        pos = torch.arange(past, past + T, device=idx.device)            # (T,)
+        pos = torch.arange(T, device=idx.device) + past                  # (T,) or (B, T)
+        if torch.is_tensor(past):  # a short row's padding may run past the last position: its
+            pos = pos.clamp(max=self.wpe.num_embeddings - 1)  # states are never read
         x = self.drop(self.wte(idx) + self.wpe(pos))                     # (B, T, n_embd)
         for i, block in enumerate(self.blocks):
             x = block(x, key_mask, caches[i] if caches else None)        # (B, T, n_embd)
@@ -138,10 +137,11 @@ class Gen(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight
 
     def hidden(self, idx, caches=None):
-        """Final hidden states h (B, T, n_embd) of token ids (B, T). With caches (one KVCache per
-        layer, generate.py), idx continues the tokens already in them."""
-        past = len(caches[0]) if caches else 0
-        assert past + idx.shape[1] <= self.config.block_size, "more tokens than block_size"
+        """Final hidden states h (B, T, n_embd) of token ids (B, T). With caches (one per layer,
+        generate.py), idx continues the tokens already in them."""
+        past = caches[0].past if caches else 0     # an int, or (B, 1): the cache checks its rows
+        assert torch.is_tensor(past) or past + idx.shape[1] <= self.config.block_size, \
+            "more tokens than block_size"
         return self.transformer(idx, past, caches=caches)
 
     def query(self, h):

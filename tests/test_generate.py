@@ -4,7 +4,7 @@ import torch
 
 from datastore import Datastore, search
 from embedder import EmbedderConfig, SeqEmbedder
-from generate import generate, new_caches
+from generate import generate, generate_batch, new_caches
 from model import Gen, GenConfig
 
 MARKER, EOD = 9, 8
@@ -39,6 +39,42 @@ def test_cached_and_uncached_generation_agree_with_retrievals():
             inserted = a[r.position:r.position + len(store.sequence(r.id))]
             assert inserted == list(store.sequence(r.id))[:len(inserted)]
             assert a[r.position - 1] == MARKER
+
+
+@pytest.mark.parametrize("query_block", [None, 8])  # Gen's own queries, or another Gen's
+def test_batched_generation_equals_one_prompt_at_a_time(query_block):
+    gen, store = _gen(), _store(seed=11)
+    query_gen = _gen(block_size=query_block) if query_block else None
+    # prompts of different lengths (the second outgrows block_size: its window moves), budgets
+    # of their own, and a stop token
+    prompts = [[1, 2, 3], [4] * 30, [5, 0], [2, 6, 1, 3, 0, 7, 2, 5, 5, 1]]
+    budgets = [60, 50, 40, 9]
+    batched = generate_batch(gen, prompts, budgets, MARKER, stop=4, datastore=store,
+                             query_gen=query_gen)
+    inserted, ends = set(), set()
+    for prompt, budget, (ids, retrievals) in zip(prompts, budgets, batched):
+        ref, ref_retrievals = generate(gen, prompt, budget, MARKER, stop=4, datastore=store,
+                                       query_gen=query_gen)
+        assert ids == ref
+        assert [(r.position, r.id) for r in retrievals] == [(r.position, r.id)
+                                                            for r in ref_retrievals]
+        assert [r.score for r in retrievals] == pytest.approx([r.score for r in ref_retrievals])
+        inserted |= {(r.position, len(store.sequence(r.id))) for r in retrievals}
+        ends.add("stop" if ids[-1] == 4 else "budget" if len(ids) == len(prompt) + budget
+                 else "other")
+    # the rows inserted sequences of different lengths at different steps, and ended each
+    # in its own way and time
+    assert len({n for _, n in inserted}) > 1 and len({p for p, _ in inserted}) > 4
+    assert ends == {"stop", "budget"}
+
+
+def test_batched_generation_without_a_datastore_equals_one_prompt_at_a_time():
+    gen, prompts = _gen(), [[1, 2, 3], [4] * 30, [5, 0]]
+    batched = generate_batch(gen, prompts, 40, MARKER, stop=4)
+    assert [ids for ids, _ in batched] == [generate(gen, p, 40, MARKER, stop=4)[0]
+                                           for p in prompts]
+    assert not any(r for _, r in batched)  # a marker Gen writes stays a token
+    assert any(MARKER in ids[len(p):] for p, (ids, _) in zip(prompts, batched))
 
 
 def test_insert_then_cached_decoding_equals_full_recompute():
@@ -83,6 +119,8 @@ def test_datastore_round_trip_and_staleness(tmp_path, tiny_data):
 def test_an_empty_prompt_is_refused_with_a_clear_error():
     with pytest.raises(ValueError, match="at least one token"):
         generate(_gen(), [], 5, MARKER, datastore=_store())
+    with pytest.raises(ValueError, match="at least one token"):
+        generate_batch(_gen(), [[1], []], 5, MARKER, datastore=_store())
 
 
 def test_a_query_gen_with_a_shorter_block_queries_from_its_last_block_of_tokens():

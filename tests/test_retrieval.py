@@ -142,14 +142,14 @@ def test_retrieval_quality_of_embeddings_with_known_ranks(tiny_data):
 
 
 def test_answer_metrics_count_what_generation_did(tiny_data, monkeypatch):
-    """A stand-in for generate() whose outcome per question is set: 0 and 3 retrieve the gold
+    """A stand-in for generate_batch() whose outcome per question is set: 0 and 3 retrieve the gold
     sequence and answer right, 1 retrieves another entry and answers wrong, 2 writes no marker;
     without retrieval every answer is wrong, given the gold sequence every answer is right."""
     data, tok = tiny_data
     qs = questions(data, tok, "val", 4)
     wrong = tok.encode("\nA: nobody knows.\n")
 
-    def fake_generate(gen, given, budget, marker, stop, store=None, query_gen=None):
+    def answer(given, marker, store):
         i = next(i for i, (p, _, _) in enumerate(qs) if given[:len(p)] == list(p))
         prompt, target, gold = qs[i]
         gold, seq = [int(t) for t in gold], [int(t) for t in data.sequence(target)]
@@ -161,8 +161,12 @@ def test_answer_metrics_count_what_generation_did(tiny_data, monkeypatch):
             return given + [marker] + seq + wrong, [Retrieval(len(given) + 1, target + 1, 0.5)]
         return given + gold, [Retrieval(len(given) + 1, target, 0.9)]
 
-    monkeypatch.setattr(evaluate, "generate", fake_generate)
-    got = evaluate.answer_metrics(None, "a datastore", data, tok, "val", 4)
+    def fake_generate_batch(gen, prompts, budgets, marker, stop, store=None, query_gen=None):
+        return [answer(given, marker, store) for given in prompts]
+
+    monkeypatch.setattr(evaluate, "generate_batch", fake_generate_batch)
+    got = evaluate.answer_metrics(None, "a datastore", data, tok, "val", 4,
+                                  batch_size=3)  # two batches
     assert got == {"answer_em_retrieval": 0.5, "marker_rate": 0.75, "retrieval_acc": 0.5,
                    "answer_em_no_retrieval": 0.0, "answer_em_gold": 1.0}
 
