@@ -93,8 +93,10 @@ def reworded(qs, tok):
 
 def question_retrieval(gen, datastore, qs, tok, device):
     """recall@1, recall@10 and MRR of Gen's query at a marker placed right after each question,
-    against the whole datastore: retrieval alone, whether or not Gen would write the marker."""
-    contexts = [np.append(prompt, tok.marker).astype(np.int64) for prompt, _, _ in qs]
+    against the whole datastore: retrieval alone, whether or not Gen would write the marker. Each
+    context is cut to what this Gen reads: its own block_size."""
+    contexts = [np.append(prompt, tok.marker).astype(np.int64)[-gen.config.block_size:]
+                for prompt, _, _ in qs]
     queries = marker_queries(gen, contexts, device)                       # (Q, d)
     targets = torch.tensor([target for _, target, _ in qs])               # (Q,)
     return retrieval_metrics(target_ranks(queries, datastore.embeddings, targets))

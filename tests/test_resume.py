@@ -177,7 +177,8 @@ def test_an_out_dir_with_a_checkpoint_needs_resume_or_overwrite(run_train):
     _, log = run_train("--max_iters", "2", "--eval_interval", "2", "--overwrite")
     assert [r["iter"] for r in log] == [0, 2]  # a new log, not the old one continued
     # nothing of the old run is left to be read with the new checkpoint; the rest stays
-    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "log.jsonl", "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "curves.png", "log.jsonl",
+                                                     "notes.txt"]
 
 
 def test_a_checkpoint_from_before_torchrun_support_resumes(run_train):
