@@ -115,7 +115,7 @@ def chance_metrics(n):
 
 
 @torch.inference_mode()
-def marker_queries(gen, contexts, device, batch_size=256):
+def marker_queries(gen, contexts, device, batch_size=64):
     """Gen's query at the last token (a marker) of each context (a list of 1-d token arrays).
     Contexts are right-padded into batches: under the causal mask the padding after a marker
     cannot change the hidden state at the marker."""

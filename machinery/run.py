@@ -24,7 +24,7 @@ from tqdm import tqdm
 from datastore import chance_metrics
 from machinery import distributed
 from machinery.checkpoint import init_from, keep_log_until, resume, rng_state, save_checkpoint
-from machinery.cli import Interrupted, UserError, interruptible
+from machinery.cli import Interrupted, UserError, interruptible, malloc_for
 from machinery.config import autocast, pick_device
 from machinery.plots import plot_run
 
@@ -51,6 +51,7 @@ class Run:
         self.main = self.rank == 0  # evaluates, logs, saves
         self.ctx = autocast(self.device, cfg.dtype)
         torch.manual_seed(cfg.seed)  # the same initial weights in every process (see begin)
+        malloc_for("transient")  # preparing the corpus, until begin()
         self.rng = np.random.default_rng(cfg.seed + self.rank)  # each process its own batches
         self.metrics, self.saved, self.stop = {}, None, False
         self.steps, self.step_time, self.t0 = 0, 0.0, 0.0
@@ -60,6 +61,7 @@ class Run:
         optimizer from --resume or --init_from, if given; the log opened. Returns the first
         iteration."""
         cfg, start = self.cfg, 0
+        malloc_for("training")  # and what preparing the corpus freed goes back to the system
         self.gen, self.embedder, self.optimizer, self.params = gen, embedder, optimizer, params
         if self.world > 1:  # the weights are built, the same everywhere: now each its own dropout
             torch.manual_seed(cfg.seed + self.rank)
@@ -125,11 +127,15 @@ class Run:
 
     def due(self, it):
         """Evaluate and save: every eval_interval and at the end (a resumed run has done start)."""
-        return (it % self.cfg.eval_interval == 0 or it == self.cfg.max_iters) and it != self.saved
+        due = (it % self.cfg.eval_interval == 0 or it == self.cfg.max_iters) and it != self.saved
+        if due:
+            malloc_for("transient")  # until save(): evaluation's tensors come and go
+        return due
 
     def save(self, it, lr, evaluation):
         """Log rank 0's evaluation at iteration it, with the speed of the steps since the last,
         and write the checkpoint (every process calls this)."""
+        malloc_for("training")  # the evaluation is over (due() set "transient")
         if self.main:
             cfg, steps = self.cfg, self.steps
             tokens = steps * cfg.batch_size * self.world * cfg.block_size
