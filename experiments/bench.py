@@ -1,7 +1,8 @@
 """
 How fast cosup is: the training step, the cost of co-supervision, sampling with the KV cache, the
-datastore, search (beside numpy's and faiss's), and memory. Medians of repeats, and ratios measured within one run (alternating the
-two sides), because timings on a small shared machine drift.
+datastore, and search (beside numpy's and faiss's); memory is experiments/memory.py's. Medians of
+repeats, and ratios measured within one run (alternating the two sides), because timings on a
+small shared machine drift.
 
     python -m experiments.bench                    # one JSON object (a few minutes on 2 cores)
     python -m experiments.bench --out bench.json   # and writes it
@@ -12,10 +13,7 @@ On a GPU it also times a larger model in bfloat16 with torch.compile and reports
 
 import json
 import os
-import resource
-import subprocess
 import sys
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +30,7 @@ from machinery.cli import UserError, flag, main_guard, parse_config
 from machinery.config import Config, autocast, build_models, pick_device
 
 
-PARTS = ("peak_memory", "ntp_step", "co_supervision_overhead", "sampling", "datastore", "search",
+PARTS = ("ntp_step", "co_supervision_overhead", "sampling", "datastore", "search",
          "gpu_step")
 
 
@@ -265,22 +263,12 @@ def search_speed(args):
     return out
 
 
-def peak_memory():
-    """6. Peak resident memory of the default demo (train.py with its defaults, shortened to 100
-    iterations and one evaluation: its memory does not grow with iterations)."""
-    script = os.path.join(ROOT, "train.py")
-    with tempfile.TemporaryDirectory() as out:
-        subprocess.run([sys.executable, script, "--max_iters", "100", "--eval_interval", "100",
-                        "--out_dir", out], check=True, capture_output=True)
-    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
-
-
 # bf16 dense peak FLOP/s of the GPUs we know, for MFU
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
 def gpu_step(args, device):
-    """7. On a GPU: a larger Gen (6 layers, width 384, block 256) with L_NTP + 0.5 L_NSP, bf16 and
+    """6. On a GPU: a larger Gen (6 layers, width 384, block 256) with L_NTP + 0.5 L_NSP, bf16 and
     torch.compile. MFU counts Gen's 6N + 12 L T d FLOPs per token (as nanoGPT does), not
     Emb_seq's, so it is a lower bound."""
     cfg = Config(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=32,
@@ -307,13 +295,13 @@ def main(argv=None):
         raise UserError(f"--parts takes all or some of {', '.join(PARTS)}, got {args.parts!r}")
     device = pick_device(args.device)
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device}
-    parts = {"peak_memory": peak_memory, "ntp_step": lambda: ntp_step(args, device),
+    parts = {"ntp_step": lambda: ntp_step(args, device),
              "co_supervision_overhead": lambda: overhead(args, device),
              "sampling": lambda: sampling(args), "datastore": lambda: datastore(args),
              "search": lambda: search_speed(args)}
     if device.startswith("cuda"):
         parts["gpu_step"] = lambda: gpu_step(args, device)
-    for name, fn in parts.items():  # memory first: ru_maxrss of children counts every child so far
+    for name, fn in parts.items():
         if name not in chosen:
             continue
         t0 = time.perf_counter()

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from experiments import bench
+from experiments import bench, memory
 import evaluate as eval_script
 from experiments import grid as experiments
 from experiments import report
@@ -16,7 +16,7 @@ from machinery.cli import main_guard
 from conftest import TINY, write_tiktoken
 
 SCRIPTS = {"train": train, "sample": sample, "eval": eval_script, "experiments": experiments,
-           "report": report, "bench": bench}
+           "report": report, "bench": bench, "memory": memory}
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,8 @@ CASES = [
     ("bench", ["--repeats", "0"], "--repeats must be positive"),
     ("bench", ["--device", "tpu"], "unknown device 'tpu'"),
     ("bench", ["--out", "{d}/nowhere/bench.json"], "no directory"),
-    ("bench", ["--parts", "search,speed"], "--parts takes all or some of peak_memory"),
+    ("bench", ["--parts", "search,speed"], "--parts takes all or some of ntp_step"),
+    ("memory", ["--parts", "demo,speed"], "--parts takes all or some of demo"),
 ]
 
 

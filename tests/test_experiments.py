@@ -1,5 +1,6 @@
 """experiments/grid.py's protocol on a tiny config, report.py's statistics, train.py --init_from."""
 import json
+import re
 
 import pytest
 import torch
@@ -92,3 +93,25 @@ def test_init_from_copies_the_weights(run_train):
             assert torch.equal(p, ckpt_b[part][name]), name
     with pytest.raises(UserError, match="another shape"):
         run_train("--max_iters", "0", "--init_from", str(a), "--n_embd", "64", name="c")
+
+
+def test_memory_peak_of_a_process_counts_what_it_allocated(tmp_path):
+    from experiments import memory
+    small = tmp_path / "small.py"
+    small.write_text("x = 1\n")
+    big = tmp_path / "big.py"
+    big.write_text("import sys\nblock = bytearray(300 * 2**20)  # touched: resident\n"
+                   "block[::4096] = b'x' * len(block[::4096])\nsys.exit(0)\n")
+    base, _ = memory.peak_mb(str(small))
+    peak, _ = memory.peak_mb(str(big))
+    assert 290 < peak - base < 320
+    with pytest.raises(UserError, match="failed"):
+        memory.peak_mb(str(tmp_path / "missing.py"))
+
+
+def test_numbered_text_has_no_sentence_twice(tmp_path):
+    from experiments import memory
+    text = open(memory.numbered_text(str(tmp_path / "t.txt"), 1_200_000), encoding="utf-8").read()
+    assert len(text.encode()) >= 1_200_000
+    numbers = [int(n) for n in re.findall(r" \(s(\d+)\)[.!?]\s", text)]
+    assert len(numbers) > 5_000 and numbers == list(range(len(numbers)))  # every end, once

@@ -1,0 +1,114 @@
+"""
+Peak resident memory where users feel it, each beside its floor (a Python that has imported torch
+and nothing else), all measured in one run, each in a fresh process with a fresh cache:
+
+  demo      the default demo, `python train.py`, shortened to 100 steps (two evaluations: memory
+            does not grow with steps)
+  text_3mb  preparing and training on a 3 MB .txt (20 steps, one evaluation at the end)
+  text_50mb preparing a 50 MB .txt (load_data alone: the tokens, sequences and cache)
+
+The texts are CPython's own documentation (pydoc, offline) repeated, every sentence numbered so
+that no two are alike (a repeated sentence would be one datastore entry, and its val copies would
+be caught as leaks).
+
+    python -m experiments.memory            # about 4 minutes on 2 cores
+    python -m experiments.memory --parts demo,text_3mb
+"""
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+from experiments.report import ROOT
+from machinery.cli import UserError, flag, main_guard, parse_config
+
+PARTS = ("demo", "text_3mb", "text_50mb")
+
+# Runs a script as `python script args...` would, then reports the process's peak resident set in
+# KB on its last line of stderr, however the script exits: Linux's VmHWM, the peak of this program
+# alone (ru_maxrss would count the parent's memory the child had between fork and exec).
+CHILD = ("import atexit, runpy, sys\n"
+         "def peak():\n"
+         "    kb = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
+         "    print('peak_kb', kb, file=sys.stderr)\n"
+         "atexit.register(peak)\n"
+         "sys.argv = sys.argv[1:]\n"
+         "sys.path.insert(0, {root!r})\n"
+         "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+PREPARE = ("import sys\nfrom data import load_data\nfrom machinery.config import Config\n"
+           "load_data(Config(dataset=sys.argv[1], cache_dir=sys.argv[2]))\n")
+
+
+@dataclass
+class MemoryConfig:
+    parts: str = flag("all", "the measurements to run, comma-separated: " + ", ".join(PARTS))
+
+
+def peak_mb(script, *args):
+    """Peak resident memory (MB) and wall time (s) of `python script args` in a fresh process."""
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", CHILD.format(root=ROOT), script, *args],
+                         capture_output=True, text=True, cwd=ROOT)
+    last = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else ""
+    if run.returncode or not last.startswith("peak_kb"):
+        raise UserError(f"{os.path.basename(script)} {' '.join(args)} failed: {last}")
+    return int(last.split()[1]) / 1024, time.perf_counter() - t0
+
+
+def numbered_text(path, size):
+    """A text of at least `size` bytes: pydoc's topics again and again, each sentence numbered."""
+    import pydoc_data.topics as topics
+    source = "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+    count, parts, written = itertools.count(), [], 0
+    while written < size:
+        part = re.sub(r"([.!?])(\s)", lambda m: f" (s{next(count)}){m.group(1)}{m.group(2)}",
+                      source)
+        parts.append(part)
+        written += len(part.encode())
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("".join(parts))
+    return path
+
+
+def main(argv=None):
+    cfg, _ = parse_config(MemoryConfig, __doc__, argv)
+    chosen = PARTS if cfg.parts == "all" else cfg.parts.split(",")
+    if not set(chosen) <= set(PARTS):
+        raise UserError(f"--parts takes all or some of {', '.join(PARTS)}, got {cfg.parts!r}")
+    train = os.path.join(ROOT, "train.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        floor, _ = peak_mb(_script(tmp, "floor.py", "import torch\n"))
+        result = {"torch_import_floor_mb": floor}
+        print(f"floor (import torch): {floor:.0f} MB", file=sys.stderr)
+        runs = {
+            "demo": lambda: peak_mb(train, "--max_iters", "100", "--eval_interval", "100",
+                                    "--out_dir", f"{tmp}/demo", "--cache_dir", f"{tmp}/c1"),
+            "text_3mb": lambda: peak_mb(train, "--dataset", numbered_text(f"{tmp}/3mb.txt", 3e6),
+                                        "--max_iters", "20", "--eval_interval", "20",
+                                        "--out_dir", f"{tmp}/t3", "--cache_dir", f"{tmp}/c2"),
+            "text_50mb": lambda: peak_mb(_script(tmp, "prepare.py", PREPARE),
+                                         numbered_text(f"{tmp}/50mb.txt", 50e6), f"{tmp}/c3"),
+        }
+        for name in chosen:
+            mb, seconds = runs[name]()
+            result[name] = {"peak_mb": mb, "seconds": seconds, "over_floor_mb": mb - floor}
+            print(f"{name}: peak {mb:.0f} MB ({mb - floor:.0f} over the floor), {seconds:.0f} s",
+                  file=sys.stderr)
+    print(json.dumps(result, indent=1))
+
+
+def _script(folder, name, text):
+    path = os.path.join(folder, name)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+if __name__ == "__main__":
+    main_guard(main)
