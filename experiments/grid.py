@@ -58,6 +58,8 @@ class ExperimentConfig:
     lambdas: str = flag("0.1,0.5,2", "lambda_seq of the co-supervised runs on facts (0.5, the "
                                      "default, is the one the primary test uses)")
     text_lambdas: str = flag("0.5", "lambda_seq of the co-supervised runs on text corpora")
+    evals: int = flag(4, "evaluations of every run after its first: its learning curve's points "
+                         "(--quick: 2)")
     questions: int = flag(200, "held-out questions per facts run for answer exact match, asked as "
                                "in training and reworded (--quick: 60)")
     results: str = flag(report.RESULTS, "where runs.jsonl, table.md and the plots go (--quick: "
@@ -101,8 +103,8 @@ class Grid:
                 flags, start, iters = variants(self.cfg, lambdas)[variant]
                 argv = [sys.executable, os.path.join(report.ROOT, "train.py"),
                         "--dataset", dataset, "--seed", str(seed), "--max_iters", str(iters),
-                        "--eval_interval", str(max(1, iters // 4)), "--out_dir", out, *flags,
-                        *self.cfg.train_args.split()]
+                        "--eval_interval", str(max(1, iters // self.cfg.evals)),
+                        "--out_dir", out, *flags, *self.cfg.train_args.split()]
                 if start:
                     argv += ["--init_from", self.trained(dataset, start, seed, lambdas)]
                 shutil.rmtree(out, ignore_errors=True)  # a run cut short earlier starts again
@@ -231,7 +233,7 @@ def lambda_list(text, name):
 def check(cfg):
     """The protocol's datasets and lambdas, or a one-line error."""
     if cfg.quick:  # its own folder: a smoke run never overwrites the full protocol's results
-        cfg.seeds, cfg.pretrain_iters, cfg.iters, cfg.questions = 2, 100, 100, 60
+        cfg.seeds, cfg.pretrain_iters, cfg.iters, cfg.questions, cfg.evals = 2, 100, 100, 60, 2
         cfg.lambdas = cfg.text_lambdas = "0.5"
         cfg.results = os.path.join(cfg.results, "quick")
     lambdas = {"facts": lambda_list(cfg.lambdas, "lambdas")}
@@ -242,8 +244,9 @@ def check(cfg):
     for d in datasets:
         if d not in ("facts", "pydoc") and not os.path.isfile(d):
             raise UserError(f"--datasets: {d!r} is neither facts, pydoc nor a file")
-    if min(cfg.seeds, cfg.pretrain_iters, cfg.iters, cfg.questions) < 1:
-        raise UserError("--seeds, --pretrain_iters, --iters and --questions must be positive")
+    if min(cfg.seeds, cfg.pretrain_iters, cfg.iters, cfg.questions, cfg.evals) < 1:
+        raise UserError("--seeds, --pretrain_iters, --iters, --questions and --evals must be "
+                        "positive")
     if cfg.jobs < 0:
         raise UserError(f"--jobs must be >= 0, got {cfg.jobs}")
     check_train_args(cfg.train_args)
