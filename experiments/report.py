@@ -229,7 +229,7 @@ def plots(records, out_dir):
             if kind(dataset) == "text" and lexical and lexical[0] is not None:
                 ax.axhline(lexical[0], ls="--", color="grey", label="TF-IDF")
             ax.set_xlabel("steps since random weights")
-            ax.set_title(f"val {field}")
+            ax.set_title(field if field.startswith("val") else f"val {field}")
         axes[0].legend(fontsize=7)
         fig.suptitle(f"{dataset}: learning curves (mean over seeds)")
         fig.tight_layout()
