@@ -75,11 +75,11 @@ def test_protocol_runs_from_one_pretrained_start_reports_and_resumes(tmp_path, c
 
 
 def test_readme_results_equal_the_report_on_the_committed_records():
-    """The README's results block is report.py's table.md on experiments/results/, verbatim."""
+    """experiments/README.md's results block is report.py's table.md on the committed records."""
     records = list(report.load(f"{report.ROOT}/{report.RESULTS}/runs.jsonl").values())
     if not records:
         pytest.skip("no committed protocol results")
-    readme = open(f"{report.ROOT}/README.md").read()
+    readme = open(f"{report.ROOT}/experiments/README.md").read()
     block = readme.split("<!-- report.py -->\n")[1].split("<!-- /report.py -->")[0]
     assert block.strip() == report.table(records).strip()
 
