@@ -24,7 +24,6 @@ import torch
 import train
 from data import load_data
 from datastore import Datastore, FaissIndex, search
-from experiments.report import ROOT
 from generate import generate
 from machinery.cli import UserError, flag, main_guard, parse_config
 from machinery.config import Config, autocast, build_models, pick_device
