@@ -119,30 +119,51 @@ def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
     budgets = [len(gold) + 32 for _, _, gold in qs]
     hits = {}
 
-    def score(name, given, store=None):
-        # batches of prompts of about one length: little padding
-        order, outs = sorted(range(len(given)), key=lambda i: len(given[i])), [None] * len(given)
-        for s in range(0, len(order), batch_size):
-            batch = order[s:s + batch_size]
-            for i, out in zip(batch, generate_batch(gen, [given[i] for i in batch],
-                                                    [budgets[i] for i in batch], tok.marker,
-                                                    tok.eod, store, query_gen)):
-                outs[i] = out
+    def decode(given, retrieve, known=()):
+        """generate_batch() of the prompts `given` (question i % len(qs)'s), with retrieval in
+        the loop where `retrieve` says so; but those whose outcome `known` holds, {i: (ids,
+        retrievals)}. Batches of batch_size questions of about one length (little padding), a
+        question's prompts side by side (they share a pass through Gen)."""
+        outs = dict(known)
+        todo = sorted((i for i in range(len(given)) if i not in outs),
+                      key=lambda i: (len(given[i]), given[i]))
+        step = batch_size * max(1, len(given) // len(qs))
+        for s in range(0, len(todo), step):
+            batch = todo[s:s + step]
+            outs.update(zip(batch, generate_batch(
+                gen, [given[i] for i in batch], [budgets[i % len(qs)] for i in batch],
+                tok.marker, tok.eod, datastore, query_gen, [retrieve[i] for i in batch])))
+        return [outs[i] for i in range(len(given))]
+
+    def count(name, outs):
         hits[name] = sum(_answer(tok, ids[len(prompt):]) == want
                          for (ids, _), prompt, want in zip(outs, prompts, wants))
-        return outs
 
+    # the question alone, with retrieval in the loop and Gen alone: decoded together
+    alone = [m for m in ("retrieval", "no_retrieval") if m in modes]
+    outs = decode(prompts * len(alone), [m == "retrieval" for m in alone for _ in prompts])
+    outs = {m: outs[k * len(qs):(k + 1) * len(qs)] for k, m in enumerate(alone)}
     if "retrieval" in modes:
-        outs = score("answer_em_retrieval", prompts, datastore)
+        count("answer_em_retrieval", outs["retrieval"])
         hits["marker_rate"] = sum(tok.marker in ids[len(prompt):]
-                                  for (ids, _), prompt in zip(outs, prompts))
+                                  for (ids, _), prompt in zip(outs["retrieval"], prompts))
         hits["retrieval_acc"] = sum(bool(retrievals) and retrievals[0].id == target
-                                    for (_, retrievals), (_, target, _) in zip(outs, qs))
+                                    for (_, retrievals), (_, target, _)
+                                    in zip(outs["retrieval"], qs))
     if "no_retrieval" in modes:
-        score("answer_em_no_retrieval", prompts)
+        count("answer_em_no_retrieval", outs["no_retrieval"])
     if "gold" in modes:
-        score("answer_em_gold", [prompt + [tok.marker] + [int(t) for t in data.sequence(target)]
-                                 for prompt, (_, target, _) in zip(prompts, qs)])
+        given = [prompt + [tok.marker] + [int(t) for t in data.sequence(target)]
+                 for prompt, (_, target, _) in zip(prompts, qs)]
+        # Greedy decoding is a function of the context. Where retrieval in the loop put the gold
+        # sequence right after the question (the context given here), then wrote to the end of
+        # the document with no other marker, inside one window, Gen given the gold sequence
+        # writes the same tokens: those questions are not decoded twice.
+        known = {i: (ids, []) for i, ((ids, retrievals), g)
+                 in enumerate(zip(outs.get("retrieval", []), given))
+                 if ids[:len(g)] == g and len(retrievals) == 1 and ids[-1] == tok.eod
+                 and len(ids) <= gen.config.block_size}
+        count("answer_em_gold", decode(given, [False] * len(given), known))
     out = {k: v / len(qs) for k, v in hits.items()}
     if reword_questions:
         device = next(gen.parameters()).device
@@ -178,7 +199,7 @@ def main(argv=None):
     result = {"out_dir": args.out_dir, "query_from": args.query_from or None,
               "datastore": len(datastore), "chance": chance_metrics(len(datastore))}
     for split, limit in (("val", None), ("train", 480)):  # all of val, a sample of train
-        ntp, _ = loss_estimates(gen, embedder, data, cfg, device, ctx, split)
+        ntp, _ = loss_estimates(gen, embedder, data, cfg, device, ctx, split, with_nsp=False)
         m = {"ntp": ntp, "ppl": float(np.exp(ntp))}
         m.update(retrieval_quality(query_gen or gen, datastore.embeddings, data, split, device,
                                    ctx, limit))

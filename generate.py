@@ -68,7 +68,7 @@ class BatchKVCache:
     0 .. n[b]-1, at positions 0 .. n[b]-1, as a KVCache of its own would. A step brings row b
     fresh[b] new tokens, right-padded to a common width T: only the real ones are kept, and new
     token i of row b sees its row's keys 0 .. n[b] + i. Slots past a row's end are masked out.
-    Finished rows leave the batch (keep)."""
+    Finished rows leave the batch (take)."""
 
     def __init__(self, block_size, rows, device):
         self.block_size = block_size
@@ -102,11 +102,13 @@ class BatchKVCache:
         self.n = end
         return self.k[:, :, :S], self.v[:, :, :S], mask
 
-    def keep(self, rows):
-        """Keep only the rows (R,) given, in that order."""
-        self.n = self.n[rows]
+    def take(self, rows):
+        """A cache of only the rows (R,) given, in that order (a row given twice is copied)."""
+        out = BatchKVCache(self.block_size, 0, self.n.device)
+        out.n = self.n[rows]
         if self.k is not None:
-            self.k, self.v = self.k[rows], self.v[rows]
+            out.k, out.v = self.k[rows], self.v[rows]
+        return out
 
     @property
     def past(self):
@@ -218,9 +220,9 @@ def generate(gen, prompt, max_new_tokens, marker, stop=None, datastore=None, tem
 
 
 def _feed(gen, caches, fresh, restart, device):
-    """Run each row's fresh tokens (a non-empty list per row) through Gen in one pass,
-    right-padded; rows where restart is True first empty their caches. Returns the final state at
-    each row's last fresh token (B, n_embd)."""
+    """Run each row's fresh tokens (a list per row) through Gen in one pass, right-padded; rows
+    where restart is True first empty their caches. Returns the final state at each row's last
+    fresh token (B, n_embd) (for a row with none, a state to ignore)."""
     counts = [len(f) for f in fresh]
     T = max(counts)
     x = torch.tensor([f + [0] * (T - len(f)) for f in fresh], dtype=torch.long,
@@ -229,64 +231,88 @@ def _feed(gen, caches, fresh, restart, device):
     for cache in caches:
         cache.next_step(counts, restart)
     h = gen.hidden(x, caches)                                                       # (B, T, C)
-    return h[torch.arange(len(fresh), device=device), counts - 1]                   # (B, C)
+    return h[torch.arange(len(fresh), device=device), (counts - 1).clamp(min=0)]    # (B, C)
 
 
 @torch.inference_mode()
 def generate_batch(gen, prompts, max_new_tokens, marker, stop=None, datastore=None,
-                   query_gen=None):
+                   query_gen=None, retrieve=None):
     """generate() of each of the token id lists `prompts`, greedy, all at once: one forward pass
     per step for every unfinished row. Each row has its own length, budget (max_new_tokens: one
-    for all, or one per prompt), retrievals and end. Returns a list of (ids, Retrievals), one per
-    prompt: what generate() returns for it (batched products may round differently, which
-    could turn a near tie of two tokens or entries)."""
+    for all, or one per prompt), retrievals and end; retrieve (one bool per prompt, by default
+    all True) says whose markers search the datastore: a row without is Gen alone. Returns a list
+    of (ids, Retrievals), one per prompt: what generate() returns for it (batched products may
+    round differently, which could turn a near tie of two tokens or entries).
+
+    Each distinct prompt runs through Gen once: one question asked with and without retrieval
+    shares that pass. Then rows with retrieval and rows without decode as two batches, because
+    a step runs every row as wide as its widest, and an inserted sequence is wide."""
     for p in prompts:
         _check_prompt(p)
     device = next(gen.parameters()).device
     block, B = gen.config.block_size, len(prompts)
     budget = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    retrieve = [datastore is not None and (retrieve is None or retrieve[b]) for b in range(B)]
     ids = [list(p) for p in prompts]
     start = [max(0, len(p) - block) for p in prompts]   # row b's Gen sees ids[b][start[b]:]
-    fed = list(start)                                   # its caches hold ids[b][start[b]:fed[b]]
+    fed = [len(p) for p in prompts]                     # its caches hold ids[b][start[b]:fed[b]]
     n_new, retrievals = [0] * B, [[] for _ in range(B)]
     done = [n <= 0 for n in budget]
     asking = [False] * B                # the row's last token is a marker that Gen wrote
-    live = [b for b in range(B) if not done[b]]         # the rows in the caches, in order
-    caches = [BatchKVCache(block, len(live), device) for _ in range(gen.config.n_layer)]
-    while live:
-        fresh, restart = [], []
-        for b in live:
-            s = _window_start(len(ids[b]), start[b], block)
-            restart.append(s != start[b])
-            if s != start[b]:
-                start[b] = fed[b] = s
-            fresh.append(ids[b][fed[b]:])
-            fed[b] = len(ids[b])
-        h = _feed(gen, caches, fresh, restart, device)                              # (L, C)
-        # rows at a marker retrieve; the others write their next token
-        at_marker = [i for i, b in enumerate(live) if asking[b]]
-        if at_marker:
-            rows = [live[i] for i in at_marker]
-            queries = _queries(gen, query_gen, h[at_marker], [ids[b][start[b]:] for b in rows],
-                               device)
-            found = _retrieve(datastore, queries, [len(ids[b]) for b in rows],
-                              [budget[b] - n_new[b] for b in rows])
-            for b, (retrieval, inserted) in zip(rows, found):
-                retrievals[b].append(retrieval)
-                ids[b].extend(inserted)
-                n_new[b] += len(inserted)
-                asking[b], done[b] = False, not inserted or n_new[b] >= budget[b]
-        tokens = gen.lm_head(h).float().argmax(dim=-1).tolist()                    # (L,)
-        retrieved = set(at_marker)
-        for i, b in enumerate(live):
-            if i not in retrieved:
-                ids[b].append(tokens[i])
-                n_new[b] += 1
-                asking[b] = tokens[i] == marker and datastore is not None
-                done[b] = tokens[i] == stop or (not asking[b] and n_new[b] >= budget[b])
-        kept = [i for i, b in enumerate(live) if not done[b]]
-        if len(kept) < len(live):  # finished rows leave the batch: no more work for them
-            for cache in caches:
-                cache.keep(torch.tensor(kept, dtype=torch.long, device=device))
-            live = [live[i] for i in kept]
+
+    def decode(live, caches, h):
+        """Step the rows `live` (in the caches, in order; h (L, C): their last final states)
+        until every one has finished."""
+        while True:
+            # rows at a marker retrieve; the others write their next token
+            at_marker = [i for i, b in enumerate(live) if asking[b]]
+            if at_marker:
+                rows = [live[i] for i in at_marker]
+                queries = _queries(gen, query_gen, h[at_marker],
+                                   [ids[b][start[b]:] for b in rows], device)
+                found = _retrieve(datastore, queries, [len(ids[b]) for b in rows],
+                                  [budget[b] - n_new[b] for b in rows])
+                for b, (retrieval, inserted) in zip(rows, found):
+                    retrievals[b].append(retrieval)
+                    ids[b].extend(inserted)
+                    n_new[b] += len(inserted)
+                    asking[b], done[b] = False, not inserted or n_new[b] >= budget[b]
+            tokens = gen.lm_head(h).float().argmax(dim=-1).tolist()                # (L,)
+            retrieved = set(at_marker)
+            for i, b in enumerate(live):
+                if i not in retrieved and not done[b]:
+                    ids[b].append(tokens[i])
+                    n_new[b] += 1
+                    asking[b] = tokens[i] == marker and retrieve[b]
+                    done[b] = tokens[i] == stop or (not asking[b] and n_new[b] >= budget[b])
+            kept = [i for i, b in enumerate(live) if not done[b]]
+            if not kept:
+                return
+            # finished rows leave the batch once a quarter of it has finished: leaving copies
+            # the caches, which at every row's end would cost more than the finished rows' padding
+            if len(kept) <= 3 * len(live) // 4:
+                index = torch.tensor(kept, dtype=torch.long, device=device)
+                caches, live = [cache.take(index) for cache in caches], [live[i] for i in kept]
+            fresh, restart = [], []
+            for b in live:
+                s = _window_start(len(ids[b]), start[b], block)
+                restart.append(s != start[b] and not done[b])
+                if restart[-1]:
+                    start[b] = fed[b] = s
+                fresh.append([] if done[b] else ids[b][fed[b]:])  # finished: nothing to feed
+                fed[b] = len(ids[b])
+            h = _feed(gen, caches, fresh, restart, device)                          # (L, C)
+
+    live = [b for b in range(B) if not done[b]]
+    if not live:
+        return list(zip(ids, retrievals))
+    distinct = {}   # prompt -> its row in the prompt pass
+    first = [distinct.setdefault(tuple(ids[b][start[b]:]), len(distinct)) for b in live]
+    caches = [BatchKVCache(block, len(distinct), device) for _ in range(gen.config.n_layer)]
+    h = _feed(gen, caches, [list(p) for p in distinct], [False] * len(distinct), device)  # (U, C)
+    for group in (True, False):
+        rows = [i for i, b in enumerate(live) if retrieve[b] == group]
+        if rows:
+            index = torch.tensor([first[i] for i in rows], dtype=torch.long, device=device)
+            decode([live[i] for i in rows], [cache.take(index) for cache in caches], h[index])
     return list(zip(ids, retrievals))

@@ -96,16 +96,17 @@ def train_step(gen, embedder, optimizer, params, batch, cfg, lambda_seq, lr, ctx
 
 
 @torch.no_grad()
-def loss_estimates(gen, embedder, data, cfg, device, ctx, split):
+def loss_estimates(gen, embedder, data, cfg, device, ctx, split, with_nsp=True):
     """Mean L_NTP and L_NSP over eval_iters fixed batches of a split (the same batches each time,
-    so the curves are smooth); L_NSP is None where the split has no marker."""
+    so the curves are smooth); L_NSP is None where the split has no marker, or without with_nsp
+    (then Emb_seq does not run)."""
     rng = np.random.default_rng(cfg.seed + 1)
     ntp, nsp = [], []
     for _ in range(cfg.eval_iters):
         batch = data.get_batch(split, cfg.batch_size, rng, cfg.hard_negatives, cfg.seq_len)
         with ctx:
             _, stats = co_supervision_loss(gen, embedder, batch.to(device), cfg.lambda_tok,
-                                           cfg.lambda_seq, cfg.temperature, with_nsp=True)
+                                           cfg.lambda_seq, cfg.temperature, with_nsp)
         ntp.append(stats["ntp"].item())
         nsp += [stats["nsp"].item()] if "nsp" in stats else []
     return float(np.mean(ntp)), (float(np.mean(nsp)) if nsp else None)

@@ -1,19 +1,23 @@
 """
 How fast cosup is: the training step, the cost of co-supervision, sampling with the KV cache, the
-datastore, and search (beside numpy's and faiss's); memory is experiments/memory.py's. Medians of
-repeats, and ratios measured within one run (alternating the two sides), because timings on a
-small shared machine drift.
+datastore, search (beside numpy's and faiss's), and evaluate.py (beside answering one question at
+a time); memory is experiments/memory.py's. Medians of repeats, and ratios measured within one run
+(alternating the two sides), because timings on a small shared machine drift.
 
-    python -m experiments.bench                    # one JSON object (a few minutes on 2 cores)
+    python -m experiments.bench                    # one JSON object (about 8 minutes on 2 cores)
     python -m experiments.bench --out bench.json   # and writes it
     python -m experiments.bench --parts search     # only search: exact, numpy's, faiss's (~1 min)
+    python -m experiments.bench --parts evaluation --eval_run out    # evaluate.py on a run (~2 min)
 
 On a GPU it also times a larger model in bfloat16 with torch.compile and reports its MFU.
 """
 
 import json
 import os
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +33,7 @@ from machinery.cli import UserError, flag, main_guard, parse_config
 from machinery.config import Config, autocast, build_models, pick_device
 
 
-PARTS = ("ntp_step", "co_supervision_overhead", "sampling", "datastore", "search",
+PARTS = ("ntp_step", "co_supervision_overhead", "sampling", "datastore", "search", "evaluation",
          "gpu_step")
 
 
@@ -40,6 +44,8 @@ class BenchConfig:
     device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps (training-step figures)")
     seed: int = flag(1337, "random seed")
     parts: str = flag("all", "the sections to run, comma-separated: " + ", ".join(PARTS))
+    eval_run: str = flag("out", "the trained run that the evaluation section evaluates (python "
+                                "train.py makes one); where there is none, the section is skipped")
 
 
 def median_ms(times):
@@ -262,12 +268,56 @@ def search_speed(args):
     return out
 
 
+def one_at_a_time(gen, prompts, max_new_tokens, marker, stop=None, datastore=None,
+                  query_gen=None, retrieve=None):
+    """generate_batch()'s anchor: generate(), the reference, for one prompt after another."""
+    retrieve = retrieve or [True] * len(prompts)
+    return [generate(gen, p, n, marker, stop, datastore if r else None, query_gen=query_gen)
+            for p, n, r in zip(prompts, max_new_tokens, retrieve)]
+
+
+def evaluation(args):
+    """6. `python evaluate.py` on a trained run (--eval_run; the default demo's is `out`), end to
+    end in a fresh process, beside the same program answering one question at a time
+    (one_at_a_time in place of generate_batch); the two alternate, on a copy of the run with its
+    datastore built, and must print the same numbers."""
+    if not os.path.isfile(os.path.join(args.eval_run, "ckpt.pt")):
+        print(f"evaluation: skipped, no trained run in {args.eval_run} (python train.py makes "
+              f"one)", file=sys.stderr)
+        return {"skipped": f"no trained run in {args.eval_run}"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sides = {"batched": ["evaluate.py"],
+             "one_at_a_time": ["-c", "import sys, evaluate, experiments.bench as b; "
+                                     "evaluate.generate_batch = b.one_at_a_time; "
+                                     "evaluate.main(sys.argv[1:])"]}
+    with tempfile.TemporaryDirectory() as tmp:
+        run = os.path.join(tmp, "run")
+        shutil.copytree(args.eval_run, run, ignore=shutil.ignore_patterns("eval*.json"))
+        times, printed = {name: [] for name in sides}, {}
+        # the first run also builds and saves the datastore, which the others load: not counted
+        for name in ["batched", "one_at_a_time"] * 2 + ["batched"]:
+            t0 = time.perf_counter()
+            done = subprocess.run([sys.executable, *sides[name], "--out_dir", run], cwd=root,
+                                  capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"evaluation ({name}) failed:\n{done.stderr[-2000:]}")
+            times[name].append(time.perf_counter() - t0)
+            printed[name] = json.loads(done.stdout)
+    batched, one = float(np.median(times["batched"][1:])), float(np.median(times["one_at_a_time"]))
+    print(f"evaluate.py on {args.eval_run}: {batched:.1f} s, one question at a time {one:.1f} s "
+          f"(x{one / batched:.1f}); same numbers: {printed['batched'] == printed['one_at_a_time']}",
+          file=sys.stderr)
+    return {"run": args.eval_run, "s_batched": batched, "s_one_at_a_time": one,
+            "speedup": one / batched,
+            "same_numbers": printed["batched"] == printed["one_at_a_time"]}
+
+
 # bf16 dense peak FLOP/s of the GPUs we know, for MFU
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
 def gpu_step(args, device):
-    """6. On a GPU: a larger Gen (6 layers, width 384, block 256) with L_NTP + 0.5 L_NSP, bf16 and
+    """7. On a GPU: a larger Gen (6 layers, width 384, block 256) with L_NTP + 0.5 L_NSP, bf16 and
     torch.compile. MFU counts Gen's 6N + 12 L T d FLOPs per token (as nanoGPT does), not
     Emb_seq's, so it is a lower bound."""
     cfg = Config(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=32,
@@ -297,7 +347,7 @@ def main(argv=None):
     parts = {"ntp_step": lambda: ntp_step(args, device),
              "co_supervision_overhead": lambda: overhead(args, device),
              "sampling": lambda: sampling(args), "datastore": lambda: datastore(args),
-             "search": lambda: search_speed(args)}
+             "search": lambda: search_speed(args), "evaluation": lambda: evaluation(args)}
     if device.startswith("cuda"):
         parts["gpu_step"] = lambda: gpu_step(args, device)
     for name, fn in parts.items():

@@ -4,6 +4,7 @@ import torch
 
 from datastore import Datastore, search
 from embedder import EmbedderConfig, SeqEmbedder
+import generate as generate_module
 from generate import generate, generate_batch, new_caches
 from model import Gen, GenConfig
 
@@ -75,6 +76,25 @@ def test_batched_generation_without_a_datastore_equals_one_prompt_at_a_time():
                                            for p in prompts]
     assert not any(r for _, r in batched)  # a marker Gen writes stays a token
     assert any(MARKER in ids[len(p):] for p, (ids, _) in zip(prompts, batched))
+
+
+def test_rows_with_and_without_retrieval_share_their_prompt_pass(monkeypatch):
+    """One prompt asked with and without retrieval: each row is what generate() writes with and
+    without the datastore, and the prompt runs through Gen once."""
+    gen, store = _gen(), _store(seed=11)
+    prompts = [[1, 2, 3], [1, 2, 3], [4] * 30, [4] * 30, [5, 0]]
+    retrieve = [True, False, True, False, True]
+    fed, feed = [], generate_module._feed
+    monkeypatch.setattr(generate_module, "_feed", lambda gen, caches, fresh, *rest:
+                        fed.append(len(fresh)) or feed(gen, caches, fresh, *rest))
+    batched = generate_batch(gen, prompts, 40, MARKER, stop=4, datastore=store,
+                             retrieve=retrieve)
+    assert fed[0] == 3  # the prompt pass: 3 distinct prompts for 5 rows
+    for prompt, r, (ids, retrievals) in zip(prompts, retrieve, batched):
+        ref, ref_retrievals = generate(gen, prompt, 40, MARKER, stop=4,
+                                       datastore=store if r else None)
+        assert ids == ref and [x.id for x in retrievals] == [x.id for x in ref_retrievals]
+    assert batched[0][1] and not batched[1][1] and batched[0][0] != batched[1][0]
 
 
 def test_insert_then_cached_decoding_equals_full_recompute():

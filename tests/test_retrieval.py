@@ -143,32 +143,39 @@ def test_retrieval_quality_of_embeddings_with_known_ranks(tiny_data):
 
 def test_answer_metrics_count_what_generation_did(tiny_data, monkeypatch):
     """A stand-in for generate_batch() whose outcome per question is set: 0 and 3 retrieve the gold
-    sequence and answer right, 1 retrieves another entry and answers wrong, 2 writes no marker;
-    without retrieval every answer is wrong, given the gold sequence every answer is right."""
+    sequence and answer right (0 to the end of its document), 1 retrieves another entry and
+    answers wrong, 2 writes no marker; without retrieval every answer is wrong, given the gold
+    sequence every answer is right. Given the gold sequence, question 0 is not decoded again:
+    retrieval already wrote that context to its end."""
     data, tok = tiny_data
     qs = questions(data, tok, "val", 4)
     wrong = tok.encode("\nA: nobody knows.\n")
+    asked = []
 
-    def answer(given, marker, store):
+    def answer(given, marker, retrieve):
         i = next(i for i, (p, _, _) in enumerate(qs) if given[:len(p)] == list(p))
         prompt, target, gold = qs[i]
         gold, seq = [int(t) for t in gold], [int(t) for t in data.sequence(target)]
-        if store is None and len(given) > len(prompt):     # given the gold sequence
+        if len(given) > len(prompt):                        # given the gold sequence
+            asked.append(i)
             return given + gold[1 + len(seq):], []
-        if store is None or i == 2:
+        if not retrieve or i == 2:
             return given + wrong, []
         if i == 1:
             return given + [marker] + seq + wrong, [Retrieval(len(given) + 1, target + 1, 0.5)]
-        return given + gold, [Retrieval(len(given) + 1, target, 0.9)]
+        end = [tok.eod] if i == 0 else []
+        return given + gold + end, [Retrieval(len(given) + 1, target, 0.9)]
 
-    def fake_generate_batch(gen, prompts, budgets, marker, stop, store=None, query_gen=None):
-        return [answer(given, marker, store) for given in prompts]
+    def fake_generate_batch(gen, prompts, budgets, marker, stop, store, query_gen, retrieve):
+        return [answer(given, marker, r) for given, r in zip(prompts, retrieve)]
 
     monkeypatch.setattr(evaluate, "generate_batch", fake_generate_batch)
-    got = evaluate.answer_metrics(None, "a datastore", data, tok, "val", 4,
-                                  batch_size=3)  # two batches
+    gen = SimpleNamespace(config=SimpleNamespace(block_size=1000))
+    got = evaluate.answer_metrics(gen, "a datastore", data, tok, "val", 4,
+                                  batch_size=3)  # several batches
     assert got == {"answer_em_retrieval": 0.5, "marker_rate": 0.75, "retrieval_acc": 0.5,
                    "answer_em_no_retrieval": 0.0, "answer_em_gold": 1.0}
+    assert sorted(asked) == [1, 2, 3]
 
 
 def _unit(n, d, seed):
