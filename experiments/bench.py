@@ -115,18 +115,24 @@ def overhead(args, device):
         ntp, co = median_ms(times[0.0]), median_ms(times[cfg.lambda_seq])
         out[f"{threads}_threads"] = {"ms_per_iter_lambda_seq_0": ntp,
                                      "ms_per_iter_lambda_seq_0.5": co, "ratio": co / ntp}
-    # the work Emb_seq adds, in FLOPs, over Gen's: what the ratio cannot go below at equal speed
+    # the work Emb_seq adds, in FLOPs, over Gen's, padded (one width for all candidates) and
+    # not: what the ratio cannot go below at equal speed
     rng = np.random.default_rng(args.seed)
     batches = [data.get_batch("train", cfg.batch_size, rng, cfg.hard_negatives, cfg.seq_len)
                for _ in range(50)]
     emb_shape = np.mean([b.candidates.shape for b in batches], axis=0)
+    emb_length = float(np.mean([b.candidate_mask.float().mean(1).mean() for b in batches])
+                       * emb_shape[1])                           # real tokens per candidate
     gen_tokens = cfg.batch_size * cfg.block_size
     gen_flops = train_flops(gen, cfg.n_layer, cfg.block_size, cfg.n_embd) * gen_tokens
-    emb_flops = (train_flops(embedder, cfg.emb_layer, emb_shape[1], cfg.emb_embd)
-                 * emb_shape[0] * emb_shape[1])
+
+    def emb_flops(length):
+        return train_flops(embedder, cfg.emb_layer, length, cfg.emb_embd) * emb_shape[0] * length
     return {**out, "gen_tokens_per_step": gen_tokens,
             "emb_sequences_per_step": float(emb_shape[0]), "emb_padded_length": float(emb_shape[1]),
-            "flops_ratio": 1 + emb_flops / gen_flops}
+            "emb_mean_length": emb_length,
+            "flops_ratio": float(1 + emb_flops(emb_shape[1]) / gen_flops),
+            "flops_ratio_unpadded": float(1 + emb_flops(emb_length) / gen_flops)}
 
 
 @contextmanager
