@@ -164,8 +164,9 @@ def _document_windows(doc_starts, n_tokens, T):
     starts = []
     for a, b in zip(doc_starts, ends):
         starts += list(range(a, max(a + 1, b - T), T // 2)) + ([b - T - 1] if b - a > T + 1 else [])
-    starts = np.unique(np.array(starts, dtype=np.int64))
-    return starts[starts < n_tokens - T]
+    # a window needs T + 1 tokens: a start too near the stream's end (the last documents') moves
+    # back to the last start that fits, a window that still reads that document to its end
+    return np.unique(np.minimum(np.array(starts, dtype=np.int64), n_tokens - T - 1))
 
 
 def load_data(cfg):

@@ -71,21 +71,39 @@ def target_ranks(queries, embeddings, targets, chunk=None):
     embeddings rank every target N-th, not first). queries (Q, d), embeddings (N, d), targets
     (Q,) ids; returns (Q,). A query or embedding that is not finite is an error: it would make
     the ranking, and every number from it, meaningless. chunk: entries scored at a time, by
-    default as many as keep one (Q, chunk) table of scores within 16 MB."""
+    default as many as keep one (Q, chunk) table of scores within 16 MB.
+
+    A tie is a score within float32's rounding of the target's, not a bitwise-equal one. A dot
+    product of width d computed in float32 is off by at most about d * u * |q| |e| (u = 2^-24, the
+    unit roundoff), and which way it rounds depends on the BLAS kernel, the instruction set and
+    the thread count: two identical entries can score 1 ulp apart on one machine and equal on
+    another. Two computed scores whose exact values are equal therefore differ by at most
+    2 d u |q| max|e| = d * eps * |q| max|e| (eps = 2u), and every entry within that of the target
+    counts as a tie: the same ranks on every machine."""
     if not (torch.isfinite(queries).all() and torch.isfinite(embeddings).all()):
         raise ValueError("a query or datastore embedding is not finite (NaN or inf): retrieval "
                          "cannot be scored")
     chunk = chunk or max(1, 2**22 // max(1, len(queries)))
-    return _ranks(lambda: _chunk_scores(queries, embeddings, chunk), targets)
+    norms = (queries.double().norm(dim=1, keepdim=True)
+             * embeddings.double().norm(dim=1).max(dim=0, keepdim=True).values)     # (Q, 1)
+    dtype = torch.promote_types(queries.dtype, embeddings.dtype)
+    tolerance = tie_tolerance(queries.shape[1], dtype, norms).to(dtype)              # (Q, 1)
+    return _ranks(lambda: _chunk_scores(queries, embeddings, chunk), targets, tolerance)
 
 
-def _ranks(score_chunks, targets):
+def tie_tolerance(width, dtype, scale=1.0):
+    """How far apart float arithmetic can put two dot products of width `width` that are equal
+    in exact arithmetic (target_ranks): width * eps * scale, scale bounding |q| |e| (1 for unit
+    vectors)."""
+    return width * torch.finfo(dtype).eps * scale
+
+
+def _ranks(score_chunks, targets, tolerance):
     """The rank of each query's target, a tie counted against it, from score_chunks(): the
     scores of the queries against every entry, as (start s, scores (Q, c) of entries s .. s+c-1).
-    Two passes, so that only one chunk of scores is held at a time."""
+    An entry ties the target when it scores at least the target's score minus tolerance (a
+    number, or (Q, 1)). Two passes, so that only one chunk of scores is held at a time."""
     rows = torch.arange(len(targets))
-    # the target's score from the same product as the others' (another order of summation
-    # could round it above or below an entry that ties it)
     target_scores = None                                                  # (Q, 1)
     for s, scores in score_chunks():
         if target_scores is None:
@@ -94,7 +112,7 @@ def _ranks(score_chunks, targets):
         target_scores[inside, 0] = scores[rows[inside], targets[inside] - s]
     at_least = torch.zeros(len(targets), dtype=torch.long)  # the target itself, and every tie
     for s, scores in score_chunks():
-        at_least += (scores >= target_scores).sum(dim=1)
+        at_least += (scores >= target_scores - tolerance).sum(dim=1)
     return at_least
 
 
@@ -320,7 +338,8 @@ def lexical_ranks(queries, texts, targets, chunk=256):
     for s in range(0, len(queries), chunk):
         q = tfidf_vectors(queries[s:s + chunk], vocab, idf).to_dense()  # (chunk, vocabulary)
         scores = torch.sparse.mm(e, q.T).T                                 # (chunk, N) cosines
-        ranks.append(_ranks(lambda: [(0, scores)], targets[s:s + chunk]))
+        ranks.append(_ranks(lambda: [(0, scores)], targets[s:s + chunk],
+                            tie_tolerance(len(vocab), scores.dtype)))  # unit rows
     return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
 
 

@@ -106,7 +106,7 @@ def malloc_for(phase):
         libc = ctypes.CDLL(None)
         libc.malloc_trim(0)
         libc.mallopt(M_MMAP_THRESHOLD, MALLOC[phase])
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: CDLL(None) on Windows
         pass
 
 

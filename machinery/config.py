@@ -13,6 +13,7 @@ import torch
 
 from embedder import EmbedderConfig, SeqEmbedder
 from machinery.cli import UserError, flag
+from machinery.corpora import check_dataset
 from model import Gen, GenConfig
 
 
@@ -74,6 +75,7 @@ class Config:
 
 
 def check_config(cfg):
+    check_dataset(cfg.dataset)  # the inputs before the out_dir: a typo never meets "exists"
     for name in ("lambda_tok", "lambda_seq"):
         v = getattr(cfg, name)
         if not math.isfinite(v) or v < 0:

@@ -120,8 +120,21 @@ def _read_jsonl(path):
     return docs
 
 
+def check_dataset(dataset):
+    """A one-line error unless dataset names a built-in corpus or an existing .txt or .jsonl file
+    (train.py checks this before it looks at its out_dir)."""
+    if dataset in ("facts", "pydoc"):
+        return
+    if not dataset.endswith((".txt", ".jsonl")):
+        raise UserError(f"unknown dataset {dataset!r}: use facts, pydoc, or a path to a .txt or "
+                        ".jsonl")
+    if not os.path.isfile(dataset):
+        raise UserError(f"file not found: {dataset}")
+
+
 def load_corpus(dataset, split="sentence", val_fraction=0.1, facts_people=400, facts_heldout=0.2):
     """The documents of a dataset: `facts`, `pydoc`, or a path to a .txt or .jsonl file."""
+    check_dataset(dataset)
     if dataset == "facts":
         from machinery.facts import build_facts
         train, val, hard = build_facts(facts_people, facts_heldout)
@@ -136,9 +149,7 @@ def load_corpus(dataset, split="sentence", val_fraction=0.1, facts_people=400, f
         docs = _read_jsonl(dataset)
         n_val = max(1, round(len(docs) * val_fraction))
         return Corpus(docs[:-n_val], docs[-n_val:], _neighbours(docs), aligned=True)
-    if dataset.endswith(".txt"):
-        train, val = _split_text(dataset, read_text(dataset), split, val_fraction)
-        return Corpus(train, val, _neighbours(train + val), aligned=False)
-    raise UserError(f"unknown dataset {dataset!r}: use facts, pydoc, or a path to a .txt or .jsonl")
+    train, val = _split_text(dataset, read_text(dataset), split, val_fraction)  # a .txt
+    return Corpus(train, val, _neighbours(train + val), aligned=False)
 
 

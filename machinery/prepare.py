@@ -132,7 +132,7 @@ def found_in(needles, haystack):
         if len(b) >= 8:
             by_prefix.setdefault(b[:8], {}).setdefault(len(b), {})[b] = t
     prefixes = np.frombuffer(b"".join(by_prefix), dtype="<u8")               # (P,)
-    for o in range(8):
+    for o in range(min(8, len(text) - 7)):  # a text under 8 bytes holds no needle of 8
         words = np.frombuffer(text, dtype="<u8", count=(len(text) - o) // 8, offset=o)
         for p in o + 8 * np.flatnonzero(np.isin(words, prefixes)):  # byte positions of a prefix
             for length, group in by_prefix[text[p:p + 8]].items():

@@ -35,6 +35,9 @@ def place(tmp_path_factory):
              "nul.txt": b"Some text. \x00 More text. " * 99, "nobreak.txt": b"no full stop " * 999,
              "tiny.txt": b"Hello world.", "short.txt": b"Hello world. " * 30, "notjson.jsonl": b'{"segments": [}\n' * 9,
              "nofields.jsonl": b'{"text": "a document"}\n' * 9, "prompt.txt": b"\xff\xfe",
+             # under 8 bytes of training text (one byte of sequence, one of text)
+             "two_lines.jsonl": b'{"segments": [{"text": "Q"}, {"sequence": "A b."}]}\n'
+                                b'{"segments": [{"text": "x"}]}\n',
              # one line of 50 MB, no line break and no sentence end in it
              "long_line.txt": b"word " * 10_000_000}
     for name, content in files.items():
@@ -80,6 +83,7 @@ CASES = [
      "long_line.txt: no line break"),
     ("train", TRAIN + ["--dataset", "{d}/tiny.txt"], "the file is too small"),
     ("train", TRAIN + ["--dataset", "{d}/short.txt"], "fewer than one block"),
+    ("train", TRAIN + ["--dataset", "{d}/two_lines.jsonl"], "fewer than one block"),
     ("train", TRAIN + ["--dataset", "{d}/notjson.jsonl"], "notjson.jsonl:1: expected a JSON "
                                                           "object"),
     ("train", TRAIN + ["--dataset", "{d}/nofields.jsonl"], "nofields.jsonl:1: expected a JSON "
@@ -111,6 +115,8 @@ CASES = [
      "another tokenizer"),
     ("train", RUN + ["--resume", "--n_embd", "64"], "another shape: resume with --n_embd 32"),
     ("train", RUN, "{d}/run/ckpt.pt already exists: pass --resume to continue it or --overwrite"),
+    # a missing file is said first, not the existing checkpoint that --overwrite would remove
+    ("train", RUN + ["--dataset", "{d}/missing.txt"], "file not found: {d}/missing.txt"),
     ("train", RUN + ["--resume", "--overwrite"], "contradict"),
     ("train", TINY + ["--out_dir", "{d}/a_file"], "--out_dir {d}/a_file is a file"),
     *[(script, ["--out_dir", f"{{d}}/{name}"], message) for script in ("sample", "eval")
@@ -190,3 +196,15 @@ def test_stale_or_corrupt_datastore_is_rebuilt_with_a_note(place, tmp_path, caps
     assert f"{run / 'datastore.pt'} is stale or unreadable" in capsys.readouterr().err
     eval_script.main(["--out_dir", str(run), "--questions", "0"])  # and then it is used
     assert "datastore" not in capsys.readouterr().err
+
+
+def test_malloc_tuning_is_skipped_where_there_is_no_glibc(monkeypatch):
+    # ctypes.CDLL(None) raises TypeError on Windows: train.py must still start there
+    import ctypes
+    from machinery import cli
+
+    def no_libc(name, *args, **kwargs):
+        raise TypeError("expected str, bytes or os.PathLike object, not NoneType")
+    monkeypatch.setattr(ctypes, "CDLL", no_libc)
+    for phase in cli.MALLOC:
+        cli.malloc_for(phase)

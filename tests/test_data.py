@@ -170,6 +170,23 @@ def test_every_marker_and_answer_of_a_long_document_is_trained(tmp_path):
         assert in_y[a + 1:b].all()
 
 
+def test_the_last_short_document_is_trained(tmp_path):
+    # documents shorter than a window: each starts one, and the last one's start lies within a
+    # window of the stream's end, where a whole window no longer fits
+    import json
+    lines = [json.dumps({"segments": [{"text": f"Q: item {d}? "}, {"sequence": f"Item {d} is ok."},
+                                      {"text": f" A: {d}."}]}) for d in range(30)]
+    data, tok = _prepared(tmp_path, load_corpus(write(str(tmp_path / "s.jsonl"),
+                                                      "\n".join(lines))), block_size=64)
+    split, T, starts = data.train, data.block_size, data.starts["train"]
+    assert len(split.ids) - split.doc_starts[-1] < T    # the last document is shorter than T
+    assert (starts + T + 1 <= len(split.ids)).all()      # every window fits
+    in_x, in_y = np.zeros(len(split.ids), bool), np.zeros(len(split.ids), bool)
+    for s in starts:
+        in_x[s:s + T], in_y[s + 1:s + T + 1] = True, True
+    assert in_x[split.marker_pos].all() and in_y[1:].all()
+
+
 def test_val_sequences_never_enter_a_training_batch(tiny_data):
     data, _ = tiny_data
     val_targets = set(data.val.marker_target.tolist())
@@ -260,3 +277,6 @@ def test_found_in_is_the_substring_test():
     needles = {haystack[a:a + n] for a, n in zip(rng.integers(0, 2990, 300), rng.integers(1, 30, 300))}
     needles |= {"".join(rng.choice(list("ab é"), n)) for n in rng.integers(1, 20, 300)}
     assert found_in(needles, haystack) == {t for t in needles if t in haystack}
+    # a text shorter than 8 bytes holds no long needle, and short ones are still found
+    assert found_in({"abcdefghij", "ab", "zz"}, "abc") == {"ab"}
+    assert found_in({"abcdefgh"}, "") == set()

@@ -42,13 +42,30 @@ def _gen(vocab_size=TOK.vocab_size, block_size=96):
 
 
 def test_identical_embeddings_rank_every_target_last():
+    # Whether a BLAS kernel rounds identical rows' products to the same float depends on where a
+    # row sits, the instruction set and the threads (OPENBLAS_CORETYPE=Haswell puts some 1 ulp
+    # apart): ties are a tolerance, so every machine ranks every target last.
+    g = torch.Generator().manual_seed(0)
     n = 2400
-    emb = torch.nn.functional.normalize(torch.ones(n, 8), dim=-1)           # (N, d) all the same
-    queries = torch.nn.functional.normalize(torch.randn(50, 8), dim=-1)     # (Q, d)
-    targets = torch.randint(0, n, (50,))
+    emb = torch.nn.functional.normalize(torch.ones(n, 8), dim=-1)            # (N, d) all the same
+    queries = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=-1)  # (Q, d)
+    targets = torch.randint(0, n, (50,), generator=g)
     for chunk in (65536, 7):
         assert torch.equal(target_ranks(queries, emb, targets, chunk), torch.full((50,), n))
     assert retrieval_metrics(target_ranks(queries, emb, targets))["recall@1"] == 0
+
+
+def test_a_tie_is_within_rounding_and_no_wider():
+    # one query, a target scoring 0.5; entries 1 ulp-scale below it tie, 1e-4 below it does not
+    d = 128
+    q = torch.zeros(1, d)
+    q[0, 0] = 1.0
+    scores = torch.tensor([0.5, 0.5 - 3e-7, 0.5 - 1e-4, 0.5 + 1e-4])
+    emb = torch.zeros(4, d)
+    emb[:, 0], emb[:, 1] = scores, (1 - scores ** 2).sqrt()               # unit rows
+    assert d * torch.finfo(torch.float32).eps > 3e-7                      # inside the tolerance
+    assert target_ranks(q, emb, torch.tensor([0])).item() == 3            # itself, the tie, above
+    assert target_ranks(q, emb, torch.tensor([2])).item() == 4
 
 
 def test_ranks_of_a_hand_built_case_with_ties():

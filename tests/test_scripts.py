@@ -49,16 +49,55 @@ def test_sample_marks_each_retrieval(trained, capsys):
         assert capsys.readouterr().out == text
 
 
-def test_eval_reports_every_metric(trained, capsys):
+def _oracle(data, tok, limit):
+    """A stand-in for generate_batch whose answers are known: of each split's first `limit`
+    questions, the even ones retrieve their gold sequence and answer right, the odd ones retrieve
+    another and answer wrong; Gen alone always answers wrong; given the gold sequence, always
+    right; any other prompt (a reworded question) ends at once."""
+    from generate import Retrieval
+    asked = {}
+    for split in ("val", "train"):
+        for k, (prompt, target, gold) in enumerate(evaluate_script.questions(data, tok, split,
+                                                                            limit)):
+            asked[tuple(int(t) for t in prompt)] = (k % 2 == 0, target, [int(t) for t in gold])
+    wrong = tok.encode("\nA: nobody knows.\n")
+
+    def generate_batch(gen, prompts, budgets, marker, eod, datastore, query_gen, retrieve):
+        outs = []
+        for p, r in zip(prompts, retrieve):
+            p = list(p)
+            if marker in p:                            # given the gold sequence: the rest of it
+                right, target, gold = asked[tuple(p[:p.index(marker)])]
+                outs.append((p + gold[len(p) - p.index(marker):] + [eod], []))
+            elif tuple(p) not in asked:
+                outs.append((p + [eod], []))
+            elif not r:                                # Gen alone
+                outs.append((p + wrong + [eod], []))
+            else:
+                right, target, gold = asked[tuple(p)]
+                ids = gold if right else [marker] + list(data.sequence(target + 1)) + wrong
+                outs.append((p + [int(t) for t in ids] + [eod],
+                             [Retrieval(len(p) + 1, target if right else target + 1, 1.0)]))
+        return outs
+    return generate_batch
+
+
+def test_eval_reports_every_metric(trained, capsys, monkeypatch):
+    _, _, _, data, tok = load_run(str(trained), "cpu")
+    monkeypatch.setattr(evaluate_script, "generate_batch", _oracle(data, tok, 4))
     capsys.readouterr()
-    evaluate_script.main(["--out_dir", str(trained), "--questions", "2"])
+    evaluate_script.main(["--out_dir", str(trained), "--questions", "4"])
     result = json.loads((trained / "eval.json").read_text())
     for split in ("val", "train"):
         assert set(result[split]) >= {"ntp", "ppl", "recall@1", "recall@10", "mrr",
                                       "answer_em_retrieval", "answer_em_no_retrieval",
                                       "marker_rate", "retrieval_acc", "answer_em_gold"}
         assert result[split]["ppl"] == pytest.approx(math.exp(result[split]["ntp"]))
-        assert result[split]["retrieval_acc"] <= result[split]["marker_rate"]
+        # what the oracle wrote: 2 of 4 right with retrieval, none alone, all given the gold
+        assert {k: result[split][k] for k in ("answer_em_retrieval", "answer_em_no_retrieval",
+                                              "marker_rate", "retrieval_acc", "answer_em_gold")} \
+            == {"answer_em_retrieval": 0.5, "answer_em_no_retrieval": 0.0, "marker_rate": 1.0,
+                "retrieval_acc": 0.5, "answer_em_gold": 1.0}
     # the same model, datastore and val markers as training's last evaluation, by another path
     # (the datastore saved and loaded): the same numbers
     last = [json.loads(line) for line in (trained / "log.jsonl").read_text().splitlines()][-1]
@@ -68,6 +107,7 @@ def test_eval_reports_every_metric(trained, capsys):
     assert json.loads(capsys.readouterr().out) == result
     assert set(result["val_reworded"]) >= {"answer_em_retrieval", "answer_em_no_retrieval",
                                            "marker_rate", "recall@1", "recall@10", "mrr"}
+    assert result["val_reworded"]["marker_rate"] == 0  # the oracle knows no reworded question
 
 
 def test_question_retrieval_of_the_questions_as_asked_is_val_retrieval(trained):
