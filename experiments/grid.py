@@ -104,7 +104,7 @@ class Grid:
                 argv = [sys.executable, os.path.join(report.ROOT, "train.py"),
                         "--dataset", dataset, "--seed", str(seed), "--max_iters", str(iters),
                         "--eval_interval", str(max(1, iters // self.cfg.evals)),
-                        "--out_dir", out, *flags, *self.cfg.train_args.split()]
+                        "--out_dir", out, *flags, *PROTOCOL, *self.cfg.train_args.split()]
                 if start:
                     argv += ["--init_from", self.trained(dataset, start, seed, lambdas)]
                 shutil.rmtree(out, ignore_errors=True)  # a run cut short earlier starts again
@@ -204,6 +204,10 @@ def run_all(grid, todo, path):
 
 GRID_FLAGS = {"dataset", "seed", "max_iters", "eval_interval", "out_dir", "lambda_seq",
               "lambda_tok", "init_from", "resume", "overwrite"}
+# the protocol as its committed records ran, whatever train.py's defaults become: L_NSP from the
+# first step of every run (stage 1 is the NTP-only start) and the temperature of that time
+# (--train_args come after these, and may change them)
+PROTOCOL = ["--nsp_start", "0", "--temperature", "0.05"]
 
 
 def check_train_args(train_args):

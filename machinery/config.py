@@ -44,8 +44,9 @@ class Config:
     # objective
     lambda_tok: float = flag(1.0, "weight of L_NTP (0: NSP-only training)")
     lambda_seq: float = flag(0.5, "weight of L_NSP (0: NTP-only training)")
-    nsp_start: int = flag(0, "iterations of NTP alone before L_NSP joins")
-    temperature: float = flag(0.05, "InfoNCE temperature tau")
+    nsp_start: int = flag(300, "iterations of NTP alone before L_NSP joins (the token space "
+                               "first: experiments/README.md, The default recipe)")
+    temperature: float = flag(0.1, "InfoNCE temperature tau")
     hard_negatives: int = flag(2, "hard negatives per marker (confusable sequences) in L_NSP")
     transductive: bool = flag(False, "let val sequences be hard negatives in training (default: "
                                      "strictly held out, training never sees a val sequence)")
@@ -60,7 +61,8 @@ class Config:
     beta2: float = flag(0.99, "AdamW beta2")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
     # evaluation and i/o
-    eval_interval: int = flag(400, "iterations between evaluations and checkpoints")
+    eval_interval: int = flag(300, "iterations between evaluations and checkpoints (a quarter of "
+                                   "the default run: its last quarter's gain is read off them)")
     eval_iters: int = flag(10, "batches per split for the loss estimates")
     out_dir: str = flag("out", "where ckpt.pt and log.jsonl go")
     seed: int = flag(1337, "random seed (weights, batches)")

@@ -10,7 +10,8 @@ from machinery.config import Config
 # A world and models small enough that a training run takes seconds on 2 CPU cores.
 TINY = ["--facts_people", "60", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
         "--emb_layer", "1", "--emb_head", "2", "--emb_embd", "32", "--seq_dim", "32",
-        "--block_size", "96", "--batch_size", "8", "--eval_iters", "2", "--warmup_iters", "5"]
+        "--block_size", "96", "--batch_size", "8", "--eval_iters", "2", "--warmup_iters", "5",
+        "--nsp_start", "0"]  # a few steps: L_NSP from the first (the default waits 300)
 
 
 @pytest.fixture

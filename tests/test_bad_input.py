@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from experiments import bench, memory
+from experiments import band, bench, memory
 import evaluate as eval_script
 from experiments import grid as experiments
 from experiments import report
@@ -16,7 +16,7 @@ from machinery.cli import main_guard
 from conftest import TINY, write_tiktoken
 
 SCRIPTS = {"train": train, "sample": sample, "eval": eval_script, "experiments": experiments,
-           "report": report, "bench": bench, "memory": memory}
+           "report": report, "bench": bench, "memory": memory, "band": band}
 
 
 @pytest.fixture(scope="module")
@@ -149,6 +149,8 @@ CASES = [
     ("bench", ["--out", "{d}/nowhere/bench.json"], "no directory"),
     ("bench", ["--parts", "search,speed"], "--parts takes all or some of ntp_step"),
     ("memory", ["--parts", "demo,speed"], "--parts takes all or some of demo"),
+    ("band", ["--seeds", "1,x"], "--seeds takes comma-separated whole numbers"),
+    ("band", ["--threads", "0"], "--threads must be positive"),
 ]
 
 

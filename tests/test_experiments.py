@@ -115,3 +115,18 @@ def test_numbered_text_has_no_sentence_twice(tmp_path):
     assert len(text.encode()) >= 1_200_000
     numbers = [int(n) for n in re.findall(r" \(s(\d+)\)[.!?]\s", text)]
     assert len(numbers) > 5_000 and numbers == list(range(len(numbers)))  # every end, once
+
+
+def test_band_reads_the_last_quarter_and_the_spread():
+    from experiments import band
+    # evaluations at 0, 400, 800, 1200: three quarters is step 900, a quarter of the way from
+    # 800 (0.6) to 1200 (1.0), 0.7: the last quarter added 0.3
+    curve = [{"iter": i, "recall@1": v} for i, v in ((0, 0.0), (400, 0.2), (800, 0.6), (1200, 1.0))]
+    assert band.last_quarter_gain(curve) == pytest.approx(0.3)
+    runs = [{"seed": s, "threads": 1, "cpu": "avx2", **{k: 0.0 for k in band.METRICS},
+             "recall@1": v} for s, v in ((1, 0.90), (2, 0.94), (3, 0.98))]
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")
+            for line in band.table(runs).splitlines()}
+    col = band.METRICS.index("recall@1") + 3
+    assert [rows[s][col] for s in ("mean", "sd", "min", "max", "max - min")] == \
+        ["0.940", "0.040", "0.900", "0.980", "0.080"]

@@ -1,0 +1,159 @@
+"""
+A training recipe's band: the same run over several seeds and thread counts, and how far its
+numbers spread. One run's digits are not a result: the seed, the thread count, the instruction set
+and the BLAS kernel all move float rounding, and rounding moves a trajectory (experiments/README.md,
+The default recipe).
+
+    python -m experiments.band                      # the default run, 5 seeds x 1 and 2 threads
+    python -m experiments.band --name clip0 --seeds 1337 --threads 2 --train_args "--grad_clip 0"
+
+Each run is `python train.py --lambda_seq 0.5 --seed S` with the defaults (plus --train_args),
+OMP_NUM_THREADS threads, then `python evaluate.py` for the held-out answers. For each it records
+held-out recall@1, recall@10 and MRR, val NTP loss, answer exact match with retrieval, the
+wall time of training, and the last quarter's gain (recall@1 at the end minus at three quarters
+of the steps, read off the learning curve: how flat the curve has become). It prints one row per
+run and the band: mean, standard deviation (ddof 1), min, max and max - min.
+
+Records go to --results/<name>.jsonl, one line per finished run (a run already there, with the
+same flags, is not redone: an interrupted band goes on where it stopped); the table to
+--results/<name>.md. Checkpoints go to --work_dir.
+"""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from machinery.checkpoint import read_jsonl
+from machinery.cli import UserError, flag, main_guard, parse_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+METRICS = ("recall@1", "recall@10", "mrr", "val_ntp", "answer_em_retrieval", "last_quarter_gain",
+           "train_s")
+
+
+@dataclass
+class BandConfig:
+    name: str = flag("default", "the recipe's name: its records are RESULTS/NAME.jsonl")
+    train_args: str = flag("", "train.py flags beside --lambda_seq 0.5 and the defaults")
+    seeds: str = flag("1337,1338,1339,1340,1341", "comma-separated seeds")
+    threads: str = flag("1,2", "comma-separated thread counts; every seed runs at each")
+    questions: int = flag(480, "held-out questions for answer exact match (evaluate.py)")
+    results: str = flag(os.path.join("experiments", "results", "band"), "where records go")
+    work_dir: str = flag("out_band", "where the runs' checkpoints and logs go")
+
+
+def _ints(text, name):
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise UserError(f"--{name} takes comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UserError(f"--{name} must be positive, got {text!r}")
+    return values
+
+
+def instruction_set():
+    """The widest x86 vector extension of this CPU (what BLAS kernels are chosen by), or the
+    machine's architecture elsewhere."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        flags = []
+    for ext in ("avx512f", "avx2", "avx"):
+        if ext in flags:
+            return ext
+    return platform.machine()
+
+
+def last_quarter_gain(curve, metric="recall@1"):
+    """metric at the last evaluation minus its value (interpolated) at three quarters of the
+    steps: what the last quarter of training added."""
+    steps = np.array([r["iter"] for r in curve], dtype=float)
+    values = np.array([r[metric] for r in curve], dtype=float)
+    return float(values[-1] - np.interp(0.75 * steps[-1], steps, values))
+
+
+def run(cfg, seed, threads):
+    """Train and evaluate one run in fresh processes with `threads` threads; its record."""
+    out = os.path.join(cfg.work_dir, f"{cfg.name}-s{seed}-t{threads}")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    argv = [sys.executable, os.path.join(ROOT, "train.py"), "--lambda_seq", "0.5",
+            "--seed", str(seed), "--out_dir", out, "--overwrite", *cfg.train_args.split()]
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "train.out"), "w") as log:
+        t0 = time.perf_counter()
+        failed = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        train_s = time.perf_counter() - t0
+        if not failed:
+            failed = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"),
+                                     "--out_dir", out, "--questions", str(cfg.questions)],
+                                    stdout=subprocess.DEVNULL, stderr=log, env=env).returncode
+    if failed:
+        raise UserError(f"seed {seed}, {threads} threads failed: see {out}/train.out")
+    curve, _ = read_jsonl(os.path.join(out, "log.jsonl"))
+    with open(os.path.join(out, "eval.json")) as f:
+        answers = json.load(f)["val"]
+    last = curve[-1]
+    return {"name": cfg.name, "train_args": cfg.train_args, "seed": seed, "threads": threads,
+            "cpu": instruction_set(), "torch": torch.__version__,
+            **{k: last[k] for k in ("recall@1", "recall@10", "mrr", "val_ntp", "val_nsp")},
+            "answer_em_retrieval": answers.get("answer_em_retrieval"),
+            "last_quarter_gain": last_quarter_gain(curve), "train_s": round(train_s, 1),
+            "curve": [{"iter": r["iter"], "recall@1": r["recall@1"]} for r in curve]}
+
+
+def table(records):
+    """The runs, one row each, then the band of each metric."""
+    head = ["seed", "threads", "cpu", *METRICS]
+    rows = [" | ".join(head), " | ".join("---" for _ in head)]
+    for r in records:
+        rows.append(" | ".join([str(r["seed"]), str(r["threads"]), r["cpu"]] +
+                               [_fmt(r[k], k) for k in METRICS]))
+    for stat, f in (("mean", np.mean), ("sd", lambda v: np.std(v, ddof=1) if len(v) > 1 else 0),
+                    ("min", np.min), ("max", np.max), ("max - min", np.ptp)):
+        rows.append(" | ".join([stat, "", ""] + [_fmt(f([r[k] for r in records]), k)
+                                                for k in METRICS]))
+    return "\n".join(f"| {row} |" for row in rows) + "\n"
+
+
+def _fmt(v, key):
+    return f"{v:.0f}" if key == "train_s" else f"{v:.3f}"
+
+
+def main(argv=None):
+    cfg, _ = parse_config(BandConfig, __doc__, argv)
+    seeds = _ints(cfg.seeds, "seeds")
+    threads = _ints(cfg.threads, "threads")
+    os.makedirs(cfg.results, exist_ok=True)
+    path = os.path.join(cfg.results, f"{cfg.name}.jsonl")
+    records = read_jsonl(path)[0] if os.path.exists(path) else []
+    if any(r["train_args"] != cfg.train_args for r in records):
+        raise UserError(f"{path} holds runs with other --train_args: give another --name")
+    done = {(r["seed"], r["threads"]) for r in records}
+    for seed in seeds:
+        for n in threads:
+            if (seed, n) in done:
+                continue
+            print(f"{cfg.name}: seed {seed}, {n} threads", file=sys.stderr, flush=True)
+            record = run(cfg, seed, n)
+            with open(path, "a") as f:  # one line per finished run: an interrupted band resumes
+                f.write(json.dumps(record) + "\n")
+            records.append(record)
+    mine = [r for r in records if r["seed"] in seeds and r["threads"] in threads]
+    text = table(sorted(mine, key=lambda r: (r["threads"], r["seed"])))
+    with open(os.path.join(cfg.results, f"{cfg.name}.md"), "w") as f:
+        f.write(f"`python -m experiments.band --name {cfg.name}"
+                + (f' --train_args "{cfg.train_args}"' if cfg.train_args else "") + "`\n\n" + text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main_guard(main)
