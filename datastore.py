@@ -104,6 +104,8 @@ def _ranks(score_chunks, targets, tolerance):
     An entry ties the target when it scores at least the target's score minus tolerance (a
     number, or (Q, 1)). Two passes, so that only one chunk of scores is held at a time."""
     rows = torch.arange(len(targets))
+    # the target's score from the same product as the others' (another order of summation
+    # rounds it differently again)
     target_scores = None                                                  # (Q, 1)
     for s, scores in score_chunks():
         if target_scores is None:
