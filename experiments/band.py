@@ -9,10 +9,11 @@ The default recipe).
 
 Each run is `python train.py --lambda_seq 0.5 --seed S` with the defaults (plus --train_args),
 OMP_NUM_THREADS threads, then `python evaluate.py` for the held-out answers. For each it records
-held-out recall@1, recall@10 and MRR, val NTP loss, answer exact match with retrieval, the
-wall time of training, and the last quarter's gain (recall@1 at the end minus at three quarters
-of the steps, read off the learning curve: how flat the curve has become). It prints one row per
-run and the band: mean, standard deviation (ddof 1), min, max and max - min.
+held-out recall@1, recall@10 and MRR, val NTP loss, answer exact match with retrieval (and the
+rest of evaluate.py's val and val_reworded figures), the wall time of training, and the last
+quarter's gain (recall@1 at the end minus at three quarters of the steps, read off the learning
+curve: how flat the curve has become). It prints one row per run and the band: mean, standard
+deviation (ddof 1), min, max and max - min.
 
 Records go to --results/<name>.jsonl, one line per finished run (a run already there, with the
 same flags, is not redone: an interrupted band goes on where it stopped); the table to
@@ -100,14 +101,15 @@ def run(cfg, seed, threads):
         raise UserError(f"seed {seed}, {threads} threads failed: see {out}/train.out")
     curve, _ = read_jsonl(os.path.join(out, "log.jsonl"))
     with open(os.path.join(out, "eval.json")) as f:
-        answers = json.load(f)["val"]
+        evaluation = json.load(f)
     last = curve[-1]
     return {"name": cfg.name, "train_args": cfg.train_args, "seed": seed, "threads": threads,
             "cpu": instruction_set(), "torch": torch.__version__,
             **{k: last[k] for k in ("recall@1", "recall@10", "mrr", "val_ntp", "val_nsp")},
-            "answer_em_retrieval": answers.get("answer_em_retrieval"),
+            "answer_em_retrieval": evaluation["val"].get("answer_em_retrieval"),
             "last_quarter_gain": last_quarter_gain(curve), "train_s": round(train_s, 1),
-            "curve": [{"iter": r["iter"], "recall@1": r["recall@1"]} for r in curve]}
+            "curve": [{"iter": r["iter"], "recall@1": r["recall@1"]} for r in curve],
+            "eval": {k: evaluation.get(k) for k in ("val", "val_reworded")}}
 
 
 def table(records):
@@ -150,8 +152,9 @@ def main(argv=None):
     mine = [r for r in records if r["seed"] in seeds and r["threads"] in threads]
     text = table(sorted(mine, key=lambda r: (r["threads"], r["seed"])))
     with open(os.path.join(cfg.results, f"{cfg.name}.md"), "w") as f:
-        f.write(f"`python -m experiments.band --name {cfg.name}"
-                + (f' --train_args "{cfg.train_args}"' if cfg.train_args else "") + "`\n\n" + text)
+        f.write(f"`python -m experiments.band --name {cfg.name} --seeds {cfg.seeds} --threads "
+                f"{cfg.threads}" + (f' --train_args "{cfg.train_args}"' if cfg.train_args else "")
+                + "`\n\n" + text)
     print(text)
 
 
