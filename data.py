@@ -25,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from datastore import lexical_index
 from machinery.cli import UserError
 from machinery.corpora import load_corpus
 from machinery.prepare import prepare
@@ -52,7 +53,7 @@ class Data:
     def __init__(self, path, block_size, transductive=False):
         with open(os.path.join(path, "meta.json")) as f:
             self.meta = json.load(f)
-        self.fingerprint = self.meta["key"]
+        self.path, self.fingerprint, self.transductive = path, self.meta["key"], transductive
         self.train, self.val = (Split(path, s, self.meta["dtype"]) for s in ("train", "val"))
         seqs = np.load(os.path.join(path, "sequences.npz"))
         # the tokens of all sequences end to end: sequence i is seq_tokens[offsets[i]:offsets[i+1]]
@@ -103,6 +104,35 @@ class Data:
         positive = np.searchsorted(candidate_ids, targets)                    # (M,)
         return Batch(x, y, (torch.from_numpy(rows), torch.from_numpy(cols)), candidates, mask,
                      torch.from_numpy(positive), torch.from_numpy(candidate_ids))
+
+    def use_lexical_negatives(self, tok, lexical, h=8, near=2):
+        """Replace each split's hard negatives by lexical ones: for the target of each marker,
+        the first stage's best candidates for the marker's context (lexical: a
+        datastore.Lexical of this corpus), so that L_NSP learns what words cannot tell: which of
+        the sequences that share the context's words comes next. Left out: the target, the
+        targets of the `near` markers before and after it (the text around the target, likely
+        false negatives) and, in train unless transductive, every val sequence. Cached beside
+        the prepared corpus; a sequence that is the target of several markers keeps its first."""
+        from datastore import marker_texts  # the first stage's queries: the text at the marker
+        path = os.path.join(self.path, f"lexical_negatives_{self.block_size}_{h}_{near}.npz")
+        if os.path.exists(path):
+            self.negatives = dict(np.load(path))
+            return
+        for name in ("train", "val"):
+            queries, targets = marker_texts(self, tok, name)
+            _, top = lexical.top(queries, 3 * h + 2 * near + 1)               # (M, depth)
+            allowed = (self.n_sequences if name == "val" or self.transductive
+                       else self.meta["n_train_sequences"])
+            negatives = np.full((self.n_sequences, h), -1, dtype=np.int64)    # (n_sequences, h)
+            for m, (target, row) in enumerate(zip(targets, top.tolist())):
+                if negatives[target, 0] >= 0:
+                    continue
+                nearby = set(targets[max(0, m - near):m + near + 1].tolist())
+                picks = [j for j in row if j not in nearby and j < allowed][:h]
+                negatives[target, :len(picks)] = picks
+            self.negatives[name] = negatives
+        np.savez(path + ".tmp.npz", **self.negatives)
+        os.replace(path + ".tmp.npz", path)
 
     def pick_negatives(self, split_name, targets, h, rng):
         """For each target (M,), h of its hard negatives at random, distinct: (M, h), -1 where it
@@ -178,4 +208,7 @@ def load_data(cfg):
         if not any(s.text.strip() for d in docs for s in d):
             raise UserError(f"{cfg.dataset}: its {name} split has no text; the corpus is too "
                             "small to split into train and val")
-    return Data(prepare(corpus, tok, cfg.cache_dir), cfg.block_size, cfg.transductive), tok
+    data = Data(prepare(corpus, tok, cfg.cache_dir), cfg.block_size, cfg.transductive)
+    if cfg.negatives == "lexical" or (cfg.negatives == "auto" and cfg.dataset != "facts"):
+        data.use_lexical_negatives(tok, lexical_index(data, tok))
+    return data, tok

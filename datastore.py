@@ -7,12 +7,14 @@ entry returned is
     argmax_j  q . e_j        over every sequence j of the corpus, e_j = Emb_seq(sequence j)
 
 Queries and embeddings are unit vectors, so this is also the nearest neighbour by cosine. Past
-about 1M sequences an approximate index (faiss, optional: FaissIndex) can stand in for the search
-of generation; evaluation's ranks are always exact.
+about 1M sequences an approximate index (faiss, optional: machinery/faiss_index.py) can stand in
+for the search of generation; evaluation's ranks are always exact.
 Evaluation asks where each marker's true target lands in that ranking: recall@k (target in the top
 k) and MRR (mean of 1 / rank), against the whole datastore, not just a batch. Beside chance, a
-training-free lexical retriever (TF-IDF, end of this file) is scored on exactly the same markers,
-contexts and datastore: the learned sequence space earns its keep only where it beats words alone.
+training-free lexical retriever (TF-IDF, below) is scored on exactly the same markers, contexts
+and datastore: the learned sequence space earns its keep only where it beats words alone.
+The paper evaluates otherwise: a first stage retrieves each question's top K candidates and the
+learned score only re-ranks those (two-stage retrieval, end of this file); both are reported.
 """
 
 import hashlib
@@ -21,14 +23,13 @@ import os
 import re
 import sys
 from collections import Counter
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from machinery.cli import UserError
-
-INDEXES = ("exact", "faiss")   # Datastore.use_index
-
+from machinery.faiss_index import FaissIndex, load_faiss
 
 def _scores(queries, keys):
     """The scores q . e_j of queries (Q, d) against keys (n, d): (Q, n). On a CPU numpy computes
@@ -84,11 +85,16 @@ def target_ranks(queries, embeddings, targets, chunk=None):
         raise ValueError("a query or datastore embedding is not finite (NaN or inf): retrieval "
                          "cannot be scored")
     chunk = chunk or max(1, 2**22 // max(1, len(queries)))
+    tolerance = score_tolerance(queries, embeddings)                                 # (Q, 1)
+    return _ranks(lambda: _chunk_scores(queries, embeddings, chunk), targets, tolerance)
+
+
+def score_tolerance(queries, embeddings):
+    """The tie tolerance of target_ranks for each query (Q, 1): d * eps * |q| * max|e|."""
     norms = (queries.double().norm(dim=1, keepdim=True)
              * embeddings.double().norm(dim=1).max(dim=0, keepdim=True).values)     # (Q, 1)
     dtype = torch.promote_types(queries.dtype, embeddings.dtype)
-    tolerance = tie_tolerance(queries.shape[1], dtype, norms).to(dtype)              # (Q, 1)
-    return _ranks(lambda: _chunk_scores(queries, embeddings, chunk), targets, tolerance)
+    return tie_tolerance(queries.shape[1], dtype, norms).to(dtype)                  # (Q, 1)
 
 
 def tie_tolerance(width, dtype, scale=1.0):
@@ -152,24 +158,32 @@ def marker_queries(gen, contexts, device, batch_size=64):
 
 
 @torch.no_grad()
-def retrieval_quality(gen, embeddings, data, split, device, ctx, limit=None):
-    """recall@1, recall@10 and MRR of a split's markers (the first `limit`) against the whole
-    datastore `embeddings`: every sequence of the corpus, embedded. Each marker's context is cut
-    to what this Gen can read: its own block_size."""
+def split_queries(gen, data, split, device, ctx, limit=None):
+    """Gen's query at each marker of a split (the first `limit`), (Q, d), and each marker's
+    target id (Q,). Each marker's context is cut to what this Gen can read: its own block_size."""
     contexts, targets = data.marker_contexts(split, limit, gen.config.block_size)
+    with ctx:
+        queries = marker_queries(gen, contexts, device)                     # (Q, d)
+    return queries, torch.from_numpy(targets)
+
+
+def retrieval_quality(gen, embeddings, data, split, device, ctx, limit=None, stage=None):
+    """recall@1, recall@10 and MRR of a split's markers (the first `limit`) against the whole
+    datastore `embeddings`: every sequence of the corpus, embedded. With a FirstStage of the
+    same markers, also reranked_*: the learned score re-ranking the first stage's K (two-stage
+    retrieval, below)."""
+    queries, targets = split_queries(gen, data, split, device, ctx, limit)
     if not len(targets):
         return {"recall@1": None, "recall@10": None, "mrr": None}
-    with ctx:
-        queries = marker_queries(gen, contexts, device)
-    return retrieval_metrics(target_ranks(queries, embeddings, torch.from_numpy(targets)))
+    out = retrieval_metrics(target_ranks(queries, embeddings, targets))
+    if stage is not None:
+        learned = candidate_scores(queries, embeddings, stage.ids)          # (Q, K)
+        m = rerank_metrics(learned, stage, score_tolerance(queries, embeddings))
+        out.update({f"reranked_{k}": v for k, v in m.items()})
+    return out
 
 
-def _faiss():
-    try:
-        import faiss
-    except ImportError:  # an optional install
-        raise UserError("--index faiss needs faiss: pip install faiss-cpu") from None
-    return faiss
+INDEXES = ("auto", "exact", "faiss", "first_stage")   # how generation searches: use_search
 
 
 def require_index(kind):
@@ -178,40 +192,19 @@ def require_index(kind):
     if kind not in INDEXES:
         raise UserError(f"--index must be one of {', '.join(INDEXES)}, got {kind!r}")
     if kind == "faiss":
-        _faiss()
+        load_faiss()
 
 
-class FaissIndex:
-    """Approximate top-k by inner product through faiss (an optional install: pip install
-    faiss-cpu), for datastores past about 1M sequences, where exact search reads every key for
-    every query. IVF-Flat: k-means (on the unit sphere) splits the N keys into nlist = sqrt(N)
-    lists; a query scores exactly (Flat: keys kept whole) the keys of the nprobe lists whose
-    centroids score highest for it, about nprobe / nlist of the datastore:
-
-        top-k_j  q . e_j        over j in the nprobe lists nearest q
-
-    Its scores are the same q . e_j as exact search; what it can miss is a best key in a list it
-    did not probe. A datastore of up to about 1,300 entries has nlist <= nprobe: every list is
-    probed, and the search is exact."""
-
-    def __init__(self, embeddings, nprobe=32):
-        faiss = _faiss()
-        keys = embeddings.detach().float().cpu().numpy()                  # (N, d)
-        n, d = keys.shape
-        nlist = max(1, min(int(math.sqrt(n)), n // 39))  # k-means wants 39 keys per list or more
-        self.index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        self.index.cp.spherical = True   # unit centroids: a list is probed for its direction only
-        self.index.cp.min_points_per_centroid = 1  # under 39 keys: one list, without a warning
-        self.index.train(keys)
-        self.index.add(keys)
-        self.index.nprobe = min(nprobe, nlist)
-
-    def search(self, queries, k):
-        """Scores (Q, k) and ids (Q, k), best first, as search() (k at most N); where the probed
-        lists hold fewer than k keys, faiss pads a row with id -1 and score -3.4e38."""
-        k = min(k, self.index.ntotal)
-        scores, ids = self.index.search(queries.detach().float().cpu().numpy(), k)
-        return torch.from_numpy(scores), torch.from_numpy(ids)
+def use_search(datastore, kind, cfg, data, tok):
+    """Set how generation searches a run's datastore (sample.py, evaluate.py's --index): exact
+    (every entry), faiss (approximate), first_stage (two-stage: the learned score re-ranks TF-IDF's
+    top cfg.first_stage), or auto: first_stage on a text corpus, where the learned score alone
+    is far below words against the whole datastore, exact on facts, where it is far above."""
+    if kind == "auto":
+        kind = "exact" if cfg.dataset == "facts" else "first_stage"
+    if kind == "first_stage":
+        return datastore.use_first_stage(lexical_index(data, tok), cfg.first_stage, tok)
+    return datastore.use_index(kind)
 
 
 class Datastore:
@@ -223,6 +216,7 @@ class Datastore:
         self.embeddings, self.offsets, self.seq_tokens = embeddings, offsets, seq_tokens
         self.fingerprint = fingerprint
         self.index = None   # None: exact search; else an approximate index (use_index)
+        self.first = None   # None: search every entry; else (Lexical, K, tok): use_first_stage
 
     def __len__(self):
         return len(self.embeddings)
@@ -233,8 +227,15 @@ class Datastore:
     def use_index(self, kind):
         """How search() finds the best entries: "exact" (search()) or "faiss" (FaissIndex, built
         here, over the whole datastore)."""
-        require_index(kind)
+        if kind not in ("exact", "faiss"):
+            raise ValueError(f"unknown index {kind!r}")
         self.index = FaissIndex(self.embeddings) if kind == "faiss" else None
+        return self
+
+    def use_first_stage(self, lexical, k, tok):
+        """Two-stage search from now on (rerank): the learned score re-ranks the top k of lexical
+        (a Lexical of this datastore's texts) for the query text of each context; k = 0: off."""
+        self.first = (lexical, k, tok) if k else None
         return self
 
     def search(self, queries, k=1):
@@ -242,6 +243,17 @@ class Datastore:
         if self.index is not None:
             return self.index.search(queries, k)
         return search(queries, self.embeddings, k)
+
+    def rerank(self, queries, contexts, k=1):
+        """Two-stage search (use_first_stage): the top-k entries for queries (Q, d) among the
+        first stage's K for the texts of contexts (the ids Gen sees at each marker): scores
+        (Q, k), ids (Q, k), best first, and where the first stage ranked each of them (Q, k),
+        1 = its own best."""
+        lexical, K, tok = self.first
+        _, ids = lexical.top([query_text(tok, c) for c in contexts], K)        # (Q, K)
+        scores, order = candidate_scores(queries, self.embeddings, ids).topk(
+            min(k, ids.shape[1]), dim=1)                                       # (Q, k) each
+        return scores, ids.gather(1, order), order + 1
 
     @staticmethod
     def fingerprint_of(embedder, data):
@@ -296,7 +308,7 @@ class Datastore:
 
 
 # -----------------------------------------------------------------------------------------------
-# The lexical baseline: TF-IDF, no training
+# The lexical baseline and first stage: TF-IDF, no training
 #
 # Words are lowercase \w+ runs. Over the N datastore sequences, with n(w, d) the count of word w
 # in text d and df(w) the number of sequences holding w (sublinear tf, smoothed idf):
@@ -306,7 +318,9 @@ class Datastore:
 #     s(q, j) = v_q . v_j / (|v_q| |v_j|)          (0 where either vector is all zero)
 #
 # The query is the text Gen sees at the marker (data.marker_contexts); a tie counts against
-# the target.
+# the target. Used two ways: as the baseline every learned number stands beside (its ranks over
+# the whole datastore), and as the paper's first stage (its top K, which the learned score
+# re-ranks: the two-stage retrieval below).
 
 WORD = re.compile(r"\w+")
 
@@ -327,32 +341,130 @@ def tfidf_vectors(texts, vocab, idf):
                                    (len(texts), len(vocab)), check_invariants=True)
 
 
+class Lexical:
+    """TF-IDF over the datastore's texts: s(q, j) for query strings against every entry j."""
+
+    def __init__(self, texts):
+        df = Counter(w for t in texts for w in set(WORD.findall(t.lower())))
+        self.vocab = {w: i for i, w in enumerate(df)}
+        self.idf = [1 + math.log((1 + len(texts)) / (1 + df[w])) for w in self.vocab]
+        self.rows = tfidf_vectors(texts, self.vocab, self.idf)               # (N, vocabulary)
+        self.tolerance = tie_tolerance(len(self.vocab), torch.float64)       # unit rows
+
+    def score_chunks(self, queries, chunk=256):
+        """(s, the cosines (c, N) of queries s .. s+c-1 against every entry), `chunk` queries at a
+        time: a dense (Q, vocabulary) or (Q, N) table of a whole split would take gigabytes on a
+        novel."""
+        for s in range(0, len(queries), chunk):
+            q = tfidf_vectors(queries[s:s + chunk], self.vocab, self.idf).to_dense()  # (c, vocab)
+            yield s, torch.sparse.mm(self.rows, q.T).T                              # (c, N)
+
+    def ranks(self, queries, targets, chunk=256):
+        """Rank (1 = best) of each query's target (Q,) among all entries, ties against it."""
+        targets = torch.as_tensor(targets)
+        ranks = [_ranks(lambda: [(0, scores)], targets[s:s + len(scores)], self.tolerance)
+                 for s, scores in self.score_chunks(queries, chunk)]
+        return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+
+    def top(self, queries, k, chunk=256):
+        """The first stage: each query's k best entries by TF-IDF, scores (Q, k) and ids (Q, k),
+        best first (k at most N)."""
+        k = min(k, self.rows.shape[0])
+        scores, ids = [torch.zeros(0, k, dtype=torch.float64)], [torch.zeros(0, k, dtype=torch.long)]
+        for _, chunk_scores in self.score_chunks(queries, chunk):
+            top = chunk_scores.topk(k, dim=1)            # ties at the K-th place: either may stay
+            scores.append(top.values), ids.append(top.indices)
+        return torch.cat(scores), torch.cat(ids)
+
+
 def lexical_ranks(queries, texts, targets, chunk=256):
     """Rank (1 = best) of each query's target among the texts by TF-IDF cosine, ties counted
     against the target. queries: strings, texts: the datastore's strings, targets (Q,) ids."""
-    df = Counter(w for t in texts for w in set(WORD.findall(t.lower())))
-    vocab = {w: i for i, w in enumerate(df)}
-    idf = [1 + math.log((1 + len(texts)) / (1 + df[w])) for w in vocab]
-    e, targets = tfidf_vectors(texts, vocab, idf), torch.as_tensor(targets)
-    ranks = []
-    # queries a chunk at a time: a dense (Q, vocabulary) or (Q, N) table of a whole split would
-    # take gigabytes on a novel
-    for s in range(0, len(queries), chunk):
-        q = tfidf_vectors(queries[s:s + chunk], vocab, idf).to_dense()  # (chunk, vocabulary)
-        scores = torch.sparse.mm(e, q.T).T                                 # (chunk, N) cosines
-        ranks.append(_ranks(lambda: [(0, scores)], targets[s:s + chunk],
-                            tie_tolerance(len(vocab), scores.dtype)))  # unit rows
-    return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+    return Lexical(texts).ranks(queries, targets, chunk)
 
 
-def lexical_metrics(data, tok, split, limit=None):
-    """retrieval_metrics of TF-IDF for a split's markers (the first limit), named lexical_*."""
+def query_text(tok, ids):
+    """The lexical query of a context: its text, special tokens (marker, end of document) left
+    out."""
+    return tok.decode([t for t in ids if t not in (tok.marker, tok.eod)])
+
+
+def marker_texts(data, tok, split, limit=None):
+    """The lexical query of each marker of a split (the first limit): the text Gen sees there.
+    Returns (strings, target ids (Q,))."""
     contexts, targets = data.marker_contexts(split, limit)
+    return [query_text(tok, c) for c in contexts], targets
+
+
+def lexical_index(data, tok):
+    """The Lexical of a corpus's datastore: every sequence's text."""
+    return Lexical([tok.decode(data.sequence(i)) for i in range(data.n_sequences)])
+
+
+def lexical_metrics(data, tok, split, limit=None, lexical=None):
+    """retrieval_metrics of TF-IDF for a split's markers (the first limit), named lexical_*."""
+    queries, targets = marker_texts(data, tok, split, limit)
     if not len(targets):
         return {"lexical_recall@1": None, "lexical_recall@10": None, "lexical_mrr": None}
-    special = {tok.marker, tok.eod}
-    queries = [tok.decode([t for t in c if t not in special]) for c in contexts]
-    texts = [tok.decode(data.sequence(i)) for i in range(data.n_sequences)]
-    ranks = lexical_ranks(queries, texts, targets)
+    ranks = (lexical or lexical_index(data, tok)).ranks(queries, targets)
     return {f"lexical_{k}": v for k, v in retrieval_metrics(ranks).items()}
 
+
+# -----------------------------------------------------------------------------------------------
+# Two-stage retrieval, as the paper evaluates: a first stage (TF-IDF) returns each query's top K
+# candidates C_K(q); the learned score re-ranks only those,
+#
+#     j* = argmax_{j in C_K(q)}  q . e_j
+#
+# A target outside C_K(q) is a miss (rank infinite: recall 0, reciprocal rank 0), so the first
+# stage's recall@K is the ceiling of every re-ranked number. TF-IDF's own order of the same K is
+# the line the learned order must beat.
+
+class FirstStage(NamedTuple):
+    ids: torch.Tensor       # (Q, K) each query's candidates, TF-IDF's best first
+    scores: torch.Tensor    # (Q, K) their TF-IDF cosines s(q, j)
+    targets: torch.Tensor   # (Q,) each query's target id
+
+
+def first_stage(lexical, data, tok, split, k, limit=None):
+    """The first stage's top k for each marker of a split (the first limit)."""
+    queries, targets = marker_texts(data, tok, split, limit)
+    scores, ids = lexical.top(queries, k)
+    return FirstStage(ids, scores, torch.as_tensor(targets))
+
+
+def candidate_scores(queries, embeddings, ids, chunk=512):
+    """The learned score q . e_j of each query (Q, d) for its own candidates ids (Q, K):
+    (Q, K). Queries a chunk at a time: the gathered embeddings are (chunk, K, d)."""
+    out = [torch.zeros(0, ids.shape[1])]
+    for s in range(0, len(queries), chunk):
+        e = embeddings[ids[s:s + chunk]].float()                           # (c, K, d)
+        out.append(torch.einsum("cd,ckd->ck", queries[s:s + chunk].float(), e))  # (c, K)
+    return torch.cat(out)
+
+
+def candidate_ranks(scores, ids, targets, tolerance=0.0):
+    """Rank (1 = best) of each target among its own candidates ids (Q, K) under scores (Q, K):
+    1 + the number of other candidates scoring at least the target's minus tolerance (a tie
+    counts against it); inf where the target is not a candidate. Returns (Q,) float64."""
+    hit = ids == targets[:, None]                                          # (Q, K)
+    target_scores = scores.gather(1, hit.double().argmax(dim=1, keepdim=True))  # (Q, 1)
+    ranks = (scores >= target_scores - tolerance).sum(dim=1).double()      # (Q,)
+    return torch.where(hit.any(dim=1), ranks, torch.full_like(ranks, math.inf))
+
+
+def rerank_metrics(scores, stage, tolerance=0.0):
+    """recall@1, recall@10 and MRR of stage's targets when scores (Q, K) order its candidates."""
+    if not len(stage.targets):
+        return {"recall@1": None, "recall@10": None, "mrr": None}
+    return retrieval_metrics(candidate_ranks(scores, stage.ids, stage.targets, tolerance))
+
+
+def first_stage_metrics(stage, lexical):
+    """The first stage alone, named first_stage_*: recall@K (the share of targets among the K:
+    the ceiling of every re-ranked number) and TF-IDF's own order of the K."""
+    m = rerank_metrics(stage.scores, stage, lexical.tolerance)
+    ceiling = (stage.ids == stage.targets[:, None]).any(dim=1).double().mean().item()
+    return {"first_stage_k": stage.ids.shape[1],
+            "first_stage_recall@K": ceiling if len(stage.targets) else None,
+            **{f"first_stage_{k}": v for k, v in m.items()}}

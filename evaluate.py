@@ -30,8 +30,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from datastore import (Datastore, chance_metrics, lexical_metrics, marker_queries, require_index,
-                       retrieval_metrics, retrieval_quality, target_ranks)
+from datastore import (Datastore, candidate_scores, chance_metrics, first_stage,
+                       first_stage_metrics, lexical_index, lexical_metrics, marker_queries,
+                       require_index, rerank_metrics, retrieval_metrics, score_tolerance,
+                       split_queries, target_ranks, use_search)
 from generate import generate_batch
 from machinery.checkpoint import load_run
 from machinery.cli import UserError, flag, main_guard, parse_config
@@ -48,9 +50,11 @@ class EvalConfig:
     questions: int = flag(480, "documents per split for the answer metrics (0: none)")
     batch_size: int = flag(256, "questions answered at once (batched greedy decoding)")
     device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
-    index: str = flag("exact", "how generation searches the datastore: exact, or faiss "
-                               "(approximate, for datastores past about 1M sequences; pip install "
-                               "faiss-cpu); ranks (recall, MRR) are always exact")
+    index: str = flag("auto", "how retrieval searches the datastore: exact (every entry), faiss "
+                              "(approximate, for datastores past about 1M sequences; pip install "
+                              "faiss-cpu), first_stage (the learned score re-ranks TF-IDF's top "
+                              "K, the run's --first_stage), or auto (first_stage on a text "
+                              "corpus, exact on facts)")
 
 
 def _answer(tok, ids):
@@ -171,6 +175,38 @@ def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
     return out
 
 
+WEIGHTS = (0, 0.05, 0.1, 0.25, 0.5, 1, 2, 4)   # the combined score's w, chosen on train markers
+
+
+def retrieval(gen, datastore, data, tok, lexical, k, device, ctx):
+    """Every retrieval number of train's first 480 markers and all of val's: against the whole
+    datastore (learned and TF-IDF), and two-stage (datastore.py): the first stage's ceiling and
+    its own order of its k candidates, the learned score re-ranking them (reranked_*: at a
+    marker, how often the sequence that retrieval would insert is the true next one), and the
+    combined score learned + w * TF-IDF (combined_*), w chosen on the train markers, never on
+    val. Returns {split: metrics}."""
+    out, weight = {}, None
+    for split, limit in (("train", 480), ("val", None)):
+        queries, targets = split_queries(gen, data, split, device, ctx, limit)
+        if not len(targets):
+            out[split] = {"recall@1": None, "recall@10": None, "mrr": None}
+            continue
+        m = retrieval_metrics(target_ranks(queries, datastore.embeddings, targets))
+        m.update(lexical_metrics(data, tok, split, limit, lexical))
+        stage = first_stage(lexical, data, tok, split, k, limit)
+        m.update(first_stage_metrics(stage, lexical))
+        learned = candidate_scores(queries, datastore.embeddings, stage.ids).double()  # (Q, K)
+        tolerance = score_tolerance(queries, datastore.embeddings)
+        m.update({f"reranked_{n}": v for n, v in rerank_metrics(learned, stage, tolerance).items()})
+        if weight is None:  # train's markers choose w
+            weight = max(WEIGHTS, key=lambda w: rerank_metrics(learned + w * stage.scores, stage,
+                                                               tolerance)["mrr"])
+        combined = rerank_metrics(learned + weight * stage.scores, stage, tolerance)
+        m.update({f"combined_{n}": v for n, v in combined.items()}, combined_weight=weight)
+        out[split] = m
+    return out
+
+
 @torch.inference_mode()
 def main(argv=None):
     args, _ = parse_config(EvalConfig, __doc__, argv)
@@ -195,15 +231,15 @@ def main(argv=None):
     else:
         datastore = Datastore.load_or_build(os.path.join(args.out_dir, "datastore.pt"), embedder,
                                             data)
-    datastore.use_index(args.index)
+    use_search(datastore, args.index, cfg, data, tok)
+    lexical = lexical_index(data, tok)
     result = {"out_dir": args.out_dir, "query_from": args.query_from or None,
               "datastore": len(datastore), "chance": chance_metrics(len(datastore))}
-    for split, limit in (("val", None), ("train", 480)):  # all of val, a sample of train
+    found = retrieval(query_gen or gen, datastore, data, tok, lexical, cfg.first_stage, device,
+                      ctx)
+    for split in ("val", "train"):
         ntp, _ = loss_estimates(gen, embedder, data, cfg, device, ctx, split, with_nsp=False)
-        m = {"ntp": ntp, "ppl": float(np.exp(ntp))}
-        m.update(retrieval_quality(query_gen or gen, datastore.embeddings, data, split, device,
-                                   ctx, limit))
-        m.update(lexical_metrics(data, tok, split, limit))  # the TF-IDF baseline, same markers
+        m = {"ntp": ntp, "ppl": float(np.exp(ntp)), **found[split]}
         if args.questions and cfg.split != "none":
             m.update(answer_metrics(gen, datastore, data, tok, split, args.questions, query_gen,
                                     batch_size=args.batch_size))

@@ -28,6 +28,7 @@ class Retrieval:
     id: int                 # datastore entry
     score: float            # q . e of that entry
     alternatives: list = field(default_factory=list)   # (id, score) of the next best entries
+    first_stage_rank: int = None  # two-stage search: where the first stage ranked the entry
 
 
 class KVCache:
@@ -150,15 +151,20 @@ def _queries(gen, query_gen, h, windows, device):
                           device)
 
 
-def _retrieve(datastore, queries, positions, room, alternatives=0):
-    """The retrieval step of R markers: search the datastore with queries (R, d). For each, its
+def _retrieve(datastore, queries, positions, room, windows, alternatives=0):
+    """The retrieval step of R markers: search the datastore with queries (R, d) (with a first
+    stage, among its candidates for the windows' texts: Datastore.rerank). For each, its
     Retrieval (inserted at positions[r]) and the tokens to insert, cut to room[r] (what is left
     of its budget)."""
-    scores, top = datastore.search(queries, k=1 + alternatives)
+    if datastore.first is not None:
+        scores, top, stage = datastore.rerank(queries, windows, k=1 + alternatives)
+        stage = stage[:, 0].tolist()
+    else:
+        (scores, top), stage = datastore.search(queries, k=1 + alternatives), [None] * len(queries)
     out = []
-    for position, left, s, t in zip(positions, room, scores.tolist(), top.tolist()):
+    for position, left, s, t, r in zip(positions, room, scores.tolist(), top.tolist(), stage):
         inserted = [int(x) for x in datastore.sequence(t[0])][:left]
-        out.append((Retrieval(position, t[0], s[0], list(zip(t[1:], s[1:]))), inserted))
+        out.append((Retrieval(position, t[0], s[0], list(zip(t[1:], s[1:])), r), inserted))
     return out
 
 
@@ -209,7 +215,8 @@ def generate(gen, prompt, max_new_tokens, marker, stop=None, datastore=None, tem
         if token == marker and datastore is not None:
             query = _queries(gen, query_gen, h[None], [ids[start:]], device)
             (retrieval, inserted), = _retrieve(datastore, query, [len(ids)],
-                                               [max_new_tokens - n_new], alternatives)
+                                               [max_new_tokens - n_new], [ids[start:]],
+                                               alternatives)
             retrievals.append(retrieval)
             if not inserted:
                 break
@@ -268,10 +275,10 @@ def generate_batch(gen, prompts, max_new_tokens, marker, stop=None, datastore=No
             at_marker = [i for i, b in enumerate(live) if asking[b]]
             if at_marker:
                 rows = [live[i] for i in at_marker]
-                queries = _queries(gen, query_gen, h[at_marker],
-                                   [ids[b][start[b]:] for b in rows], device)
+                windows = [ids[b][start[b]:] for b in rows]
+                queries = _queries(gen, query_gen, h[at_marker], windows, device)
                 found = _retrieve(datastore, queries, [len(ids[b]) for b in rows],
-                                  [budget[b] - n_new[b] for b in rows])
+                                  [budget[b] - n_new[b] for b in rows], windows)
                 for b, (retrieval, inserted) in zip(rows, found):
                     retrievals[b].append(retrieval)
                     ids[b].extend(inserted)

@@ -6,16 +6,18 @@ fetches the best sequence from the datastore, which is inserted verbatim (genera
     python sample.py --out_dir out --prompt "Q: Where does Vok Droulki live?\n"
 
 Each inserted sequence is shown as [#id score: text], with the runners-up under
---show_retrieval K.
+--show_retrieval K; under two-stage search (--index first_stage, a text run's default) as
+[#id score TF-IDF #r: text], r being where the first stage ranked it (1: TF-IDF's own choice).
 """
 
 import os
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from datastore import Datastore, require_index
+from datastore import Datastore, require_index, use_search
 from generate import generate
 from machinery.checkpoint import load_run
 from machinery.cli import UserError, flag, main_guard, parse_config
@@ -36,20 +38,25 @@ class SampleConfig:
     device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
     retrieve: bool = flag(True, "retrieval in the loop (default: on if the run trained L_NSP)")
     show_retrieval: int = flag(0, "also list the next K datastore entries at each retrieval")
-    index: str = flag("exact", "how retrieval searches the datastore: exact, or faiss "
-                               "(approximate, for datastores past about 1M sequences; pip install "
-                               "faiss-cpu)")
+    index: str = flag("auto", "how retrieval searches the datastore: exact (every entry), faiss "
+                              "(approximate, for datastores past about 1M sequences; pip install "
+                              "faiss-cpu), first_stage (the learned score re-ranks TF-IDF's top "
+                              "K, the run's --first_stage), or auto (first_stage on a text "
+                              "corpus, exact on facts)")
 
 
 def default_prompt(data, tok):
-    """The first val document up to its first marker (without markers: its first 64 tokens). A
-    document that starts with its marker gives the end-of-document token, which is what comes
-    before a document in the token stream."""
+    """A held-out document up to its first marker with text before it (a question, a sentence),
+    where Gen should write the marker next and retrieve: the val split's first such marker, else
+    its first document up to its first marker (the end-of-document token where that is the
+    document's start: what comes before a document in the token stream). Without markers: the
+    first 64 tokens."""
     s = data.val
-    if len(s.marker_pos):
-        start = s.doc_starts[s.doc_starts <= s.marker_pos[0]][-1]
-        return [int(t) for t in s.ids[start:s.marker_pos[0]]] or [tok.eod]
-    return [int(t) for t in s.ids[:min(64, len(s.ids))]]
+    if not len(s.marker_pos):
+        return [int(t) for t in s.ids[:min(64, len(s.ids))]]
+    doc = s.doc_starts[np.searchsorted(s.doc_starts, s.marker_pos, "right") - 1]  # (M,) each's doc
+    i = int(np.argmax(s.marker_pos > doc)) if (s.marker_pos > doc).any() else 0
+    return [int(t) for t in s.ids[doc[i]:s.marker_pos[i]]] or [tok.eod]
 
 
 def render(tok, ids, retrievals, n_prompt, datastore, show):
@@ -58,7 +65,11 @@ def render(tok, ids, retrievals, n_prompt, datastore, show):
     for r in retrievals:
         seq = [int(t) for t in datastore.sequence(r.id)]
         out.append(tok.decode(ids[pos:r.position]).replace("<|ret|>", ""))
-        out.append(f"[#{r.id} {r.score:.3f}: {tok.decode(ids[r.position:r.position + len(seq)])}]")
+        # two-stage search: where TF-IDF ranked the entry (1: the first stage chose it, else the
+        # learned score moved it up)
+        stage = "" if r.first_stage_rank is None else f" TF-IDF #{r.first_stage_rank}"
+        out.append(f"[#{r.id} {r.score:.3f}{stage}: "
+                   f"{tok.decode(ids[r.position:r.position + len(seq)])}]")
         for i, score in r.alternatives[:show]:
             out.append(f"\n    (#{i} {score:.3f}: {tok.decode(datastore.sequence(i))})")
         pos = r.position + len(seq)
@@ -84,8 +95,9 @@ def main(argv=None):
         print(f"note: the prompt has {len(prompt)} tokens; Gen sees its last {cfg.block_size}",
               file=sys.stderr)
     retrieve = args.retrieve and cfg.lambda_seq > 0
-    datastore = (Datastore.load_or_build(os.path.join(args.out_dir, "datastore.pt"), embedder,
-                                         data).use_index(args.index) if retrieve else None)
+    datastore = (use_search(Datastore.load_or_build(os.path.join(args.out_dir, "datastore.pt"),
+                                                    embedder, data), args.index, cfg, data, tok)
+                 if retrieve else None)
     generator = torch.Generator(device=next(gen.parameters()).device).manual_seed(args.seed)
     for _ in range(args.num_samples):
         ids, retrievals = generate(gen, prompt, args.max_new_tokens, tok.marker, tok.eod,

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from data import load_data
-from datastore import lexical_metrics, retrieval_quality
+from datastore import (first_stage, first_stage_metrics, lexical_index, lexical_metrics,
+                       retrieval_quality)
 from losses import co_supervision_loss
 from machinery import distributed
 from machinery.cli import main_guard, parse_config
@@ -112,10 +113,11 @@ def loss_estimates(gen, embedder, data, cfg, device, ctx, split, with_nsp=True):
     return float(np.mean(ntp)), (float(np.mean(nsp)) if nsp else None)
 
 
-def evaluate(gen, embedder, data, cfg, device, ctx, lexical):
+def evaluate(gen, embedder, data, cfg, device, ctx, baseline, stage):
     """The training loop's evaluation: losses on both splits, retrieval of val's markers (and of
-    train's first 500) against the whole datastore (datastore.py), and beside it `lexical`: the
-    TF-IDF baseline's on the same val markers."""
+    train's first 500) against the whole datastore (datastore.py), and re-ranking the first
+    stage's candidates for the same val markers (stage); beside them `baseline`: TF-IDF's
+    numbers on the same markers."""
     gen.eval(), embedder.eval()
     out = {}
     for split in ("train", "val"):
@@ -123,12 +125,12 @@ def evaluate(gen, embedder, data, cfg, device, ctx, lexical):
                                                                   device, ctx, split)
     with ctx:
         embeddings = embedder.embed(data)                                 # (n_sequences, d)
-    out.update(retrieval_quality(gen, embeddings, data, "val", device, ctx))
+    out.update(retrieval_quality(gen, embeddings, data, "val", device, ctx, stage=stage))
     # the same for train's first markers: how far the val numbers are from what training fits
     train = retrieval_quality(gen, embeddings, data, "train", device, ctx, limit=500)
     out.update({f"train_{k}": v for k, v in train.items()})
     gen.train(), embedder.train()
-    return {**out, **lexical}
+    return {**out, **baseline}
 
 
 def main(argv=None):
@@ -142,11 +144,17 @@ def main(argv=None):
     optimizer = make_optimizer(cfg, gen, embedder, run.device)
     start = run.begin(gen, embedder, optimizer, params, data, tok)  # --resume, --init_from
     step_gen, step_embedder = run.step_models(gen, embedder)        # --compile, DDP
-    lexical = lexical_metrics(data, tok, "val") if run.main else {}  # no training: once
+    baseline, stage = {}, None
+    if run.main:  # TF-IDF's numbers and the first stage's candidates: no training, so once
+        lexical = lexical_index(data, tok)
+        stage = first_stage(lexical, data, tok, "val", cfg.first_stage)
+        baseline = {**lexical_metrics(data, tok, "val", lexical=lexical),
+                    **first_stage_metrics(stage, lexical)}
     for it in run.iterations(start):  # the progress bar; Ctrl-C and divergence stop it
         lr = learning_rate(it, cfg)
         if run.due(it):  # every eval_interval, and at the end: log and checkpoint
-            run.save(it, lr, evaluate(gen, embedder, data, cfg, run.device, run.ctx, lexical)
+            run.save(it, lr, evaluate(gen, embedder, data, cfg, run.device, run.ctx, baseline,
+                                       stage)
                      if run.main else None)
         if it == cfg.max_iters:
             break

@@ -48,6 +48,13 @@ class Config:
                                "first: experiments/README.md, The default recipe)")
     temperature: float = flag(0.1, "InfoNCE temperature tau")
     hard_negatives: int = flag(2, "hard negatives per marker (confusable sequences) in L_NSP")
+    negatives: str = flag("auto", "where hard negatives come from: corpus (facts: the "
+                                  "same fact of look-alike people; text: the sequences next to "
+                                  "it), lexical (the first stage's best "
+                                  "candidates for the marker's context), or auto (lexical for "
+                                  "text, corpus for facts)")
+    first_stage: int = flag(100, "K of the lexical first stage (TF-IDF's top K) whose candidates "
+                                 "the learned score re-ranks in the reranked_* metrics")
     transductive: bool = flag(False, "let val sequences be hard negatives in training (default: "
                                      "strictly held out, training never sees a val sequence)")
     # optimisation
@@ -97,6 +104,10 @@ def check_config(cfg):
             raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if not cfg.temperature > 0:
         raise UserError(f"--temperature must be positive, got {cfg.temperature}")
+    if cfg.negatives not in ("auto", "corpus", "lexical"):
+        raise UserError(f"--negatives must be auto, corpus or lexical, got {cfg.negatives!r}")
+    if cfg.first_stage < 1:
+        raise UserError(f"--first_stage must be >= 1, got {cfg.first_stage}")
     if cfg.split not in ("sentence", "line", "none"):
         raise UserError(f"--split must be sentence, line or none, got {cfg.split!r}")
     if not 0 < cfg.val_fraction < 1 or not 0 < cfg.facts_heldout < 1:

@@ -2,9 +2,11 @@
 The picture of one training run: out_dir/curves.png, redrawn from log.jsonl at every evaluation,
 so a user looks at the run instead of reading its log.
 
-Left: L_NTP and L_NSP on train and val against the iteration. Right: val recall@1 and MRR of the
-learned retrieval (train's too, dotted: how far val is from what training fits), with the two
-lines every learned number must beat: the training-free TF-IDF baseline and chance.
+Left: L_NTP and L_NSP on train and val against the iteration. Middle: val recall@1 and MRR of
+the learned retrieval against the whole datastore (train's too, dotted: how far val is from what
+training fits), with the two lines every learned number must beat: the training-free TF-IDF
+baseline and chance. Right: the learned score re-ranking TF-IDF's top K (two-stage retrieval),
+with TF-IDF's own order of the same K and its ceiling, recall@K.
 """
 
 import os
@@ -26,7 +28,9 @@ def plot_run(log_path, png_path, chance):
     def series(key):  # None (a split without markers, a run without L_NSP) left as gaps
         return [float("nan") if r.get(key) is None else r[key] for r in records]
 
-    fig, (loss, ret) = plt.subplots(1, 2, figsize=(10, 3.6))
+    two_stage = records[-1].get("first_stage_recall@K") is not None
+    fig, axes = plt.subplots(1, 3 if two_stage else 2, figsize=(15 if two_stage else 10, 3.6))
+    loss, ret = axes[0], axes[1]
     for i, term in enumerate(("ntp", "nsp")):
         for split, style in (("train", ":"), ("val", "-")):
             loss.plot(its, series(f"{split}_{term}"), style, marker=".", color=f"C{i}",
@@ -47,6 +51,19 @@ def plot_run(log_path, png_path, chance):
     ret.set_xlabel("iteration")
     ret.set_title("retrieval against the whole datastore")
     ret.legend(fontsize=7)
+    if two_stage:  # the learned score re-ranking TF-IDF's top K, beside TF-IDF's own order
+        rerank, last = axes[2], records[-1]
+        for i, metric in enumerate(("recall@1", "mrr")):
+            color = f"C{i + 2}"
+            rerank.plot(its, series(f"reranked_{metric}"), "-", marker=".", color=color,
+                        label=f"{metric} val, learned")
+            rerank.axhline(last[f"first_stage_{metric}"], ls="--", color=color, lw=0.8,
+                           label=f"{metric} TF-IDF's order")
+        rerank.axhline(last["first_stage_recall@K"], ls="-.", color="grey", lw=0.8,
+                       label=f"recall@{last['first_stage_k']}: the ceiling")
+        rerank.set_xlabel("iteration")
+        rerank.set_title(f"re-ranking TF-IDF's top {last['first_stage_k']}")
+        rerank.legend(fontsize=7)
     fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(log_path))))
     fig.tight_layout()
     tmp = png_path + ".tmp"  # written whole, then renamed: a viewer never sees half a file

@@ -210,4 +210,11 @@ class Run:
         for k in ("recall@1", "recall@10", "mrr"):
             print(f"    {k:<10} {f(m[k]):>8} {f(m.get('lexical_' + k)):>8} {f(chance[k]):>8}"
                   f"   (train markers: {f(m.get('train_' + k))})")
+        if m.get("first_stage_recall@K") is not None:
+            print(f"  val retrieval re-ranking TF-IDF's top {m['first_stage_k']} (which hold the "
+                  f"target for {m['first_stage_recall@K']:.1%} of markers: the ceiling):")
+            print(f"    {'':<10} {'learned':>8} {'TF-IDF':>8}")
+            for k in ("recall@1", "recall@10", "mrr"):
+                print(f"    {k:<10} {f(m.get('reranked_' + k)):>8} "
+                      f"{f(m.get('first_stage_' + k)):>8}")
         print(f"  checkpoint {self.ckpt_path}, log {self.log_path}")

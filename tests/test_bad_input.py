@@ -98,6 +98,8 @@ CASES = [
                                                             "--n_head 3"),
     ("train", TRAIN + ["--emb_embd", "30", "--emb_head", "4"], "not divisible"),
     ("train", TRAIN + ["--dataset", "wikipedia"], "unknown dataset 'wikipedia'"),
+    ("train", TRAIN + ["--negatives", "bm25"], "--negatives must be auto, corpus or lexical"),
+    ("train", TRAIN + ["--first_stage", "0"], "--first_stage must be >= 1, got 0"),
     ("train", TRAIN + ["--tokenizer", "sentencepiece"], "unknown tokenizer 'sentencepiece'"),
     ("train", TRAIN + ["--device", "tpu"], "unknown device 'tpu'"),
     ("train", TRAIN + ["--tokenizer", "gpt2"], "pass --gpt2_file"),  # offline, no cache
@@ -126,7 +128,7 @@ CASES = [
                             ("foreign", "is not a readable checkpoint"))],
     ("eval", ["--out_dir", "{d}/run", "--query_from", "{d}/nothing"], "no checkpoint at"),
     ("sample", ["--out_dir", "{d}/run", "--device", "tpu"], "unknown device 'tpu'"),
-    *[(script, ["--out_dir", "{d}/run", "--index", "hnsw"], "--index must be one of exact, faiss")
+    *[(script, ["--out_dir", "{d}/run", "--index", "hnsw"], "--index must be one of auto, exact, faiss, first_stage")
       for script in ("sample", "eval")],
     # prompts
     ("sample", ["--out_dir", "{d}/run", "--prompt", ""], "--prompt is empty"),

@@ -1,0 +1,156 @@
+"""Two-stage retrieval (datastore.py): TF-IDF's top K, re-ranked by the learned score; and the
+lexical hard negatives that train for it (data.py)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import evaluate as evaluate_script
+import sample
+from conftest import TINY, write
+from data import load_data
+from datastore import (Datastore, FirstStage, Lexical, candidate_ranks, candidate_scores,
+                       first_stage, first_stage_metrics, lexical_index, marker_texts,
+                       rerank_metrics)
+from machinery.config import Config
+
+
+def test_candidate_ranks_by_hand():
+    scores = torch.tensor([[0.9, 0.1, 0.5], [0.2, 0.2, 0.7], [0.3, 0.2, 0.1]])
+    ids = torch.tensor([[4, 7, 2], [1, 3, 5], [0, 1, 2]])
+    # 0: target 2 scores 0.5, below 0.9: rank 2
+    # 1: target 3 ties with 1 (0.2): the tie counts against it, and 5 is above: rank 3
+    # 2: target 9 is not a candidate: a miss
+    ranks = candidate_ranks(scores, ids, torch.tensor([2, 3, 9]))
+    assert ranks.tolist() == [2, 3, math.inf]
+    m = rerank_metrics(scores, FirstStage(ids, scores, torch.tensor([2, 3, 9])))
+    assert m == {"recall@1": 0.0, "recall@10": 2 / 3, "mrr": (1 / 2 + 1 / 3 + 0) / 3}
+
+
+def test_reranking_is_a_full_sort_restricted_to_the_candidates():
+    g = torch.Generator().manual_seed(0)
+    embeddings = F.normalize(torch.randn(200, 16, generator=g), dim=1)     # (N, d)
+    queries = F.normalize(torch.randn(30, 16, generator=g), dim=1)         # (Q, d)
+    ids = torch.stack([torch.randperm(200, generator=g)[:20] for _ in range(30)])  # (Q, K)
+    targets = torch.where(torch.arange(30) % 3 == 0, torch.tensor(-1), ids[:, 7])  # a third miss
+    learned = candidate_scores(queries, embeddings, ids)
+    full = queries @ embeddings.T                                          # (Q, N)
+    assert torch.allclose(learned, full.gather(1, ids), atol=1e-6)
+    ranks = candidate_ranks(learned, ids, targets)
+    for i in range(30):
+        if targets[i] < 0:
+            assert ranks[i] == math.inf
+            continue
+        # the rank in a full sort of all N entries, counting only those among the K
+        order = full[i].argsort(descending=True).tolist()
+        kept = [j for j in order if j in set(ids[i].tolist())]
+        assert ranks[i] == kept.index(int(targets[i])) + 1
+
+
+def test_a_target_outside_the_first_stage_is_a_miss():
+    texts = ["red apple pie", "green apple", "red car wash", "blue sky", "apple tree", "pie crust"]
+    lexical = Lexical(texts)
+    queries = ["red apple", "apple", "blue sky", "wash"]
+    scores, ids = lexical.top(queries, 2)
+    whole = lexical.ranks(queries, torch.tensor([0, 0, 0, 2]))
+    stage = FirstStage(ids, scores, torch.tensor([0, 0, 0, 2]))
+    within = candidate_ranks(stage.scores, stage.ids, stage.targets, lexical.tolerance)
+    # TF-IDF's own order of its top 2: the whole-datastore rank where that is 1 or 2, else a miss
+    assert whole.tolist() == [1, 3, 6, 1]
+    assert within.tolist() == [1, math.inf, math.inf, 1]
+    m = first_stage_metrics(stage, lexical)
+    assert m["first_stage_recall@K"] == 0.5 and m["first_stage_mrr"] == 0.5
+    # the top k are the k best of the scores, best first
+    full = torch.cat([s for _, s in lexical.score_chunks(queries)])
+    assert torch.equal(scores, full.sort(dim=1, descending=True).values[:, :2])
+
+
+def _text(tmp_path):
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghij"), 5)) for _ in range(150)]   # few ties
+    sentences = [" ".join(rng.choice(words, 6)).capitalize() + "." for _ in range(300)]
+    return write(str(tmp_path / "t.txt"), " ".join(sentences))
+
+
+@pytest.mark.parametrize("transductive", [False, True])
+def test_lexical_negatives_leave_out_the_target_its_neighbours_and_val(tmp_path, transductive):
+    cfg = Config(dataset=_text(tmp_path), block_size=64, cache_dir=str(tmp_path / "cache"),
+                 transductive=transductive)
+    data, tok = load_data(cfg)   # a text corpus: lexical negatives by default
+    n_train = data.meta["n_train_sequences"]
+    lexical = lexical_index(data, tok)
+    for split in ("train", "val"):
+        negatives = data.negatives[split]
+        queries, targets = marker_texts(data, tok, split)
+        _, top = lexical.top(queries, 29)   # the depth use_lexical_negatives reads
+        seen, filled = set(), 0
+        for m, t in enumerate(targets):
+            row = [j for j in negatives[t].tolist() if j >= 0]
+            assert t not in row and len(set(row)) == len(row)
+            if split == "train" and not transductive:
+                assert all(j < n_train for j in row)   # strictly held out: never a val sequence
+            if t in seen:
+                continue
+            seen.add(t)
+            near = set(targets[max(0, m - 2):m + 3].tolist())
+            assert not near & set(row)
+            # the first stage's best candidates for the marker's context, in its order
+            allowed = [j for j in top[m].tolist() if j not in near
+                       and (split == "val" or transductive or j < n_train)]
+            assert row == allowed[:len(row)]
+            filled += len(row) == 8
+        assert filled > 0.9 * len(seen)
+    assert transductive == any(j >= n_train for j in data.negatives["train"].ravel())
+
+
+def test_rerank_searches_the_first_stage_candidates(tiny_data):
+    data, tok = tiny_data
+    g = torch.Generator().manual_seed(1)
+    embeddings = F.normalize(torch.randn(data.n_sequences, 8, generator=g), dim=1)
+    store = Datastore(embeddings, data.offsets, data.seq_tokens, "x")
+    lexical = lexical_index(data, tok)
+    store.use_first_stage(lexical, 30, tok)
+    contexts, _ = data.marker_contexts("val", 20)
+    queries = F.normalize(torch.randn(20, 8, generator=g), dim=1)
+    scores, ids, stage_ranks = store.rerank(queries, contexts, k=3)
+    _, candidates = lexical.top(marker_texts(data, tok, "val", 20)[0], 30)
+    for i in range(20):
+        learned = queries[i] @ embeddings[candidates[i]].T                  # (K,)
+        best = learned.topk(3)
+        assert ids[i].tolist() == candidates[i][best.indices].tolist()
+        assert torch.allclose(scores[i], best.values)
+        assert stage_ranks[i].tolist() == (best.indices + 1).tolist()
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl", "pydoc"])
+def test_sample_and_evaluate_with_the_first_stage(tmp_path, capsys, kind):
+    """Every corpus kind (facts: test_scripts.py) trains, samples and evaluates under two-stage
+    search, its default on text."""
+    import train
+    if kind == "txt":
+        dataset = _text(tmp_path)
+    elif kind == "jsonl":
+        lines = [f'{{"segments": [{{"text": "Q: about {i}? "}}, {{"sequence": "Fact {i} is '
+                 f'{i % 7}."}}, {{"text": " A: {i % 7}"}}]}}' for i in range(80)]
+        dataset = write(str(tmp_path / "d.jsonl"), "\n".join(lines))
+    else:
+        dataset = "pydoc"
+    out = str(tmp_path / "run")
+    train.main(TINY + ["--dataset", dataset, "--out_dir", out, "--cache_dir",
+                       str(tmp_path / "cache"), "--max_iters", "4", "--eval_interval", "4",
+                       "--eval_iters", "1", "--block_size", "64"])
+    capsys.readouterr()
+    sample.main(["--out_dir", out, "--max_new_tokens", "40", "--index", "first_stage",
+                 "--prompt", "Fact 3 is 3. The river and the stone."])
+    assert capsys.readouterr().out.startswith("Fact 3 is 3.")
+    evaluate_script.main(["--out_dir", out, "--questions", "4"])
+    result = json.loads(open(f"{out}/eval.json").read())
+    val = result["val"]
+    assert val["first_stage_k"] == min(100, result["datastore"])   # K is at most N
+    for name in ("reranked_mrr", "first_stage_mrr", "combined_mrr", "first_stage_recall@K"):
+        assert 0 <= val[name] <= 1
+    # every re-ranked number is bounded by the first stage's ceiling
+    assert val["reranked_recall@10"] <= val["first_stage_recall@K"]
