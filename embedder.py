@@ -48,6 +48,16 @@ class SeqEmbedder(nn.Module):
         self.proj = nn.Linear(c.n_embd, c.seq_dim, bias=False)
         init_weights(self, c.n_layer)
 
+    @torch.no_grad()
+    def start_from(self, gen):
+        """Copy Gen's trunk into this one (token and position embeddings, the first n_layer
+        blocks, the final norm), as the paper starts both networks from one pretrained LM: the
+        token space Gen has learned becomes Emb_seq's start. Attention here stays bidirectional.
+        Needs the same width and heads, at most Gen's layers, seq_len at most Gen's block_size."""
+        theirs = gen.transformer.state_dict()
+        for name, p in self.transformer.state_dict().items():
+            p.copy_(theirs[name][:p.shape[0]] if name == "wpe.weight" else theirs[name])
+
     def forward(self, tokens, mask, buckets=BUCKETS):
         """tokens (N, L) right-padded, mask (N, L) True on real tokens -> unit vectors
         (N, seq_dim). The rows are embedded in `buckets` groups of similar length, each cut to its

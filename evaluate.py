@@ -11,6 +11,12 @@ OUT_DIR/eval_query_from_<OTHER's folder name>.json; OTHER's folder is only read)
   ntp, ppl                 L_NTP on fixed batches, and exp of it
   recall@1, recall@10, mrr every marker's query ranked against the whole datastore
   lexical_recall@1, ...    the same for the training-free TF-IDF baseline (datastore.py)
+  first_stage_recall@K     two-stage retrieval, as the paper evaluates: the share of targets in
+                           TF-IDF's top K (the run's --first_stage), the ceiling of what follows;
+  first_stage_recall@1,... TF-IDF's own order of those K;
+  reranked_recall@1, ...   the learned score alone re-ranking them: at a marker, how often the
+                           sequence retrieval inserts is the true next one (--index first_stage);
+  combined_recall@1, ...   learned + w * TF-IDF, w (combined_weight) chosen on train's markers
   answer_em_retrieval      greedy generation from the question, retrieval in the loop: the answer
                            (the document's last line) equals the gold one
   answer_em_no_retrieval   the same, Gen writing the sequence itself

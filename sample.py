@@ -103,7 +103,9 @@ def main(argv=None):
         ids, retrievals = generate(gen, prompt, args.max_new_tokens, tok.marker, tok.eod,
                                    datastore, args.temperature, args.top_k or None,
                                    args.show_retrieval, generator=generator)
-        shown = [t for t in prompt if t != tok.eod]  # a document's start, not a text to show
+        # a document's start is not text to show, nor is a marker the prompt holds (its sequence
+        # follows it as text)
+        shown = [t for t in prompt if t not in (tok.eod, tok.marker)]
         print(tok.decode(shown) + render(tok, ids, retrievals, len(prompt), datastore,
                                           args.show_retrieval))
         print("-" * 40)

@@ -158,6 +158,8 @@ def main(argv=None):
                      if run.main else None)
         if it == cfg.max_iters:
             break
+        if it == cfg.nsp_start and cfg.emb_from_gen:  # Gen's token space starts Emb_seq
+            embedder.start_from(gen)
         lambda_seq = cfg.lambda_seq if it >= cfg.nsp_start else 0.0
         batch = data.get_batch("train", cfg.batch_size, run.rng, cfg.hard_negatives, cfg.seq_len)
         loss, stats = train_step(step_gen, step_embedder, optimizer, params, batch.to(run.device),

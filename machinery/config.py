@@ -41,6 +41,9 @@ class Config:
     emb_embd: int = flag(64, "Emb_seq: width")
     seq_len: int = flag(64, "Emb_seq: longest sequence it reads (longer ones are cut)")
     seq_dim: int = flag(128, "width of queries and sequence embeddings")
+    emb_from_gen: bool = flag(False, "when L_NSP joins, start Emb_seq from Gen's trunk (needs "
+                                     "--emb_embd = --n_embd, --emb_head = --n_head, --emb_layer <= "
+                                     "--n_layer, --seq_len <= --block_size)")
     # objective
     lambda_tok: float = flag(1.0, "weight of L_NTP (0: NSP-only training)")
     lambda_seq: float = flag(0.5, "weight of L_NSP (0: NTP-only training)")
@@ -104,6 +107,10 @@ def check_config(cfg):
             raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if not cfg.temperature > 0:
         raise UserError(f"--temperature must be positive, got {cfg.temperature}")
+    if cfg.emb_from_gen and (cfg.emb_embd != cfg.n_embd or cfg.emb_head != cfg.n_head
+                             or cfg.emb_layer > cfg.n_layer or cfg.seq_len > cfg.block_size):
+        raise UserError("--emb_from_gen needs --emb_embd = --n_embd, --emb_head = --n_head, "
+                        "--emb_layer <= --n_layer and --seq_len <= --block_size")
     if cfg.negatives not in ("auto", "corpus", "lexical"):
         raise UserError(f"--negatives must be auto, corpus or lexical, got {cfg.negatives!r}")
     if cfg.first_stage < 1:

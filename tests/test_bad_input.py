@@ -100,6 +100,7 @@ CASES = [
     ("train", TRAIN + ["--dataset", "wikipedia"], "unknown dataset 'wikipedia'"),
     ("train", TRAIN + ["--negatives", "bm25"], "--negatives must be auto, corpus or lexical"),
     ("train", TRAIN + ["--first_stage", "0"], "--first_stage must be >= 1, got 0"),
+    ("train", TRAIN + ["--emb_from_gen", "--emb_embd", "16"], "--emb_from_gen needs --emb_embd"),
     ("train", TRAIN + ["--tokenizer", "sentencepiece"], "unknown tokenizer 'sentencepiece'"),
     ("train", TRAIN + ["--device", "tpu"], "unknown device 'tpu'"),
     ("train", TRAIN + ["--tokenizer", "gpt2"], "pass --gpt2_file"),  # offline, no cache

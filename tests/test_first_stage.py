@@ -154,3 +154,8 @@ def test_sample_and_evaluate_with_the_first_stage(tmp_path, capsys, kind):
         assert 0 <= val[name] <= 1
     # every re-ranked number is bounded by the first stage's ceiling
     assert val["reranked_recall@10"] <= val["first_stage_recall@K"]
+    # the combined score's weight is chosen on train's markers (one of which is w = 0: the
+    # learned score alone), and val uses it
+    train = result["train"]
+    assert train["combined_weight"] == val["combined_weight"] in evaluate_script.WEIGHTS
+    assert train["combined_mrr"] >= train["reranked_mrr"]

@@ -42,3 +42,22 @@ def test_queries_are_unit_vectors_at_the_markers():
     assert q.shape == (3, 8)
     assert torch.allclose(q.norm(dim=-1), torch.ones(3), atol=1e-6)
     assert torch.allclose(q, gen.query(gen.hidden(x))[rows, cols])
+
+
+def test_emb_seq_can_start_from_gens_trunk():
+    torch.manual_seed(0)
+    gen = Gen(GenConfig(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=16, seq_dim=8))
+    emb = SeqEmbedder(EmbedderConfig(vocab_size=50, seq_len=12, n_layer=2, n_head=2, n_embd=16,
+                                     seq_dim=8))
+    proj = emb.proj.weight.clone()
+    emb.start_from(gen)
+    g, e = gen.transformer, emb.transformer
+    assert torch.equal(e.wte.weight, g.wte.weight) and torch.equal(e.wpe.weight, g.wpe.weight[:12])
+    assert torch.equal(e.ln_f.weight, g.ln_f.weight)
+    for a, b in zip(e.blocks, g.blocks):  # Emb_seq's 2 blocks are Gen's first 2
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert torch.equal(emb.proj.weight, proj)      # the projection is Emb_seq's own
+    # a copy, not a share: training one leaves the other
+    with torch.no_grad():
+        e.wte.weight.add_(1)
+    assert not torch.equal(e.wte.weight, g.wte.weight)
