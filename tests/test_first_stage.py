@@ -1,6 +1,5 @@
 """Two-stage retrieval (datastore.py): TF-IDF's top K, re-ranked by the learned score; and the
 lexical hard negatives that train for it (data.py)."""
-import json
 import math
 
 import numpy as np
@@ -8,9 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import evaluate as evaluate_script
-import sample
-from conftest import TINY, write
+from conftest import write
 from data import load_data
 from datastore import (Datastore, FirstStage, Lexical, candidate_ranks, candidate_scores,
                        first_stage, first_stage_metrics, lexical_index, marker_texts,
@@ -116,46 +113,12 @@ def test_rerank_searches_the_first_stage_candidates(tiny_data):
     contexts, _ = data.marker_contexts("val", 20)
     queries = F.normalize(torch.randn(20, 8, generator=g), dim=1)
     scores, ids, stage_ranks = store.rerank(queries, contexts, k=3)
-    _, candidates = lexical.top(marker_texts(data, tok, "val", 20)[0], 30)
+    stage = first_stage(lexical, data, tok, "val", 30, limit=20)  # the same first stage
+    candidates = stage.ids
+    assert torch.equal(stage.targets, torch.from_numpy(data.marker_contexts("val", 20)[1]))
     for i in range(20):
         learned = queries[i] @ embeddings[candidates[i]].T                  # (K,)
         best = learned.topk(3)
         assert ids[i].tolist() == candidates[i][best.indices].tolist()
         assert torch.allclose(scores[i], best.values)
         assert stage_ranks[i].tolist() == (best.indices + 1).tolist()
-
-
-@pytest.mark.parametrize("kind", ["txt", "jsonl", "pydoc"])
-def test_sample_and_evaluate_with_the_first_stage(tmp_path, capsys, kind):
-    """Every corpus kind (facts: test_scripts.py) trains, samples and evaluates under two-stage
-    search, its default on text."""
-    import train
-    if kind == "txt":
-        dataset = _text(tmp_path)
-    elif kind == "jsonl":
-        lines = [f'{{"segments": [{{"text": "Q: about {i}? "}}, {{"sequence": "Fact {i} is '
-                 f'{i % 7}."}}, {{"text": " A: {i % 7}"}}]}}' for i in range(80)]
-        dataset = write(str(tmp_path / "d.jsonl"), "\n".join(lines))
-    else:
-        dataset = "pydoc"
-    out = str(tmp_path / "run")
-    train.main(TINY + ["--dataset", dataset, "--out_dir", out, "--cache_dir",
-                       str(tmp_path / "cache"), "--max_iters", "4", "--eval_interval", "4",
-                       "--eval_iters", "1", "--block_size", "64"])
-    capsys.readouterr()
-    sample.main(["--out_dir", out, "--max_new_tokens", "40", "--index", "first_stage",
-                 "--prompt", "Fact 3 is 3. The river and the stone."])
-    assert capsys.readouterr().out.startswith("Fact 3 is 3.")
-    evaluate_script.main(["--out_dir", out, "--questions", "4"])
-    result = json.loads(open(f"{out}/eval.json").read())
-    val = result["val"]
-    assert val["first_stage_k"] == min(100, result["datastore"])   # K is at most N
-    for name in ("reranked_mrr", "first_stage_mrr", "combined_mrr", "first_stage_recall@K"):
-        assert 0 <= val[name] <= 1
-    # every re-ranked number is bounded by the first stage's ceiling
-    assert val["reranked_recall@10"] <= val["first_stage_recall@K"]
-    # the combined score's weight is chosen on train's markers (one of which is w = 0: the
-    # learned score alone), and val uses it
-    train = result["train"]
-    assert train["combined_weight"] == val["combined_weight"] in evaluate_script.WEIGHTS
-    assert train["combined_mrr"] >= train["reranked_mrr"]

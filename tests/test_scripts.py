@@ -177,9 +177,23 @@ def test_sample_and_evaluate_work_on_every_corpus(run_train, tmp_path, capsys, d
     out, _ = run_train("--dataset", path, "--split", split, "--max_iters", "2",
                        "--eval_interval", "2", "--eval_iters", "1")
     capsys.readouterr()
-    sample.main(["--out_dir", str(out), "--max_new_tokens", "20"])
-    assert capsys.readouterr().out.strip()
+    # --index auto: two-stage search on a text corpus, exact search on facts; and the other way
+    for index in ("auto", "exact" if dataset != "facts" else "first_stage"):
+        sample.main(["--out_dir", str(out), "--max_new_tokens", "20", "--index", index])
+        assert capsys.readouterr().out.strip()
     # pydoc's questions are whole topics, thousands of tokens to generate: its sample must do
     evaluate_script.main(["--out_dir", str(out), "--questions", "0" if dataset == "pydoc" else "2"])
     result = json.loads((out / "eval.json").read_text())
     assert all(math.isfinite(result[s]["ntp"]) for s in ("val", "train"))
+    if split == "none":   # no markers: no retrieval to score
+        return
+    val, train = result["val"], result["train"]
+    assert val["first_stage_k"] == min(100, result["datastore"])   # K is at most N
+    for name in ("reranked_mrr", "first_stage_mrr", "combined_mrr", "first_stage_recall@K"):
+        assert 0 <= val[name] <= 1
+    # every re-ranked number is bounded by the first stage's ceiling
+    assert val["reranked_recall@10"] <= val["first_stage_recall@K"]
+    # the combined score's weight is chosen on train's markers (one of which is w = 0: the
+    # learned score alone), and val uses it
+    assert train["combined_weight"] == val["combined_weight"] in evaluate_script.WEIGHTS
+    assert train["combined_mrr"] >= train["reranked_mrr"]
