@@ -19,9 +19,7 @@ learned score only re-ranks those (two-stage retrieval, end of this file); both 
 
 import hashlib
 import math
-import os
 import re
-import sys
 from collections import Counter
 from typing import NamedTuple
 
@@ -270,41 +268,8 @@ class Datastore:
         embeddings = embedder.embed(data, progress=progress)
         return cls(embeddings, data.offsets, data.seq_tokens, cls.fingerprint_of(embedder, data))
 
-    def save(self, path):
-        tmp = path + ".tmp"
-        torch.save({"embeddings": self.embeddings, "offsets": torch.from_numpy(self.offsets),
-                    "seq_tokens": torch.from_numpy(self.seq_tokens.astype(np.int64)),
-                    "fingerprint": self.fingerprint}, tmp)
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path, embedder, data):
-        """The datastore saved at path if it was built by this Emb_seq from this data; None if
-        there is none, or it is stale or unreadable (said on stderr). A stale one is never used."""
-        if not os.path.exists(path):
-            return None
-        fingerprint = cls.fingerprint_of(embedder, data)
-        try:
-            saved = torch.load(path, weights_only=True)
-            if saved["fingerprint"] == fingerprint and "embeddings" in saved:
-                return cls(saved["embeddings"], saved["offsets"].numpy(),
-                           saved["seq_tokens"].numpy(), fingerprint)
-        except Exception:  # cut short, or not a datastore: as good as stale
-            pass
-        print(f"{path} is stale or unreadable (another Emb_seq or other data): not used",
-              file=sys.stderr)
-        return None
-
-    @classmethod
-    def load_or_build(cls, path, embedder, data):
-        """The datastore saved at path if it is fresh (load); else build it (and say so) and
-        save it there."""
-        store = cls.load(path, embedder, data)
-        if store is None:
-            print(f"building the datastore: {data.n_sequences:,} sequences", file=sys.stderr)
-            store = cls.build(embedder, data)
-            store.save(path)
-        return store
+    # saving and loading (out_dir/datastore.pt, checked against the fingerprint):
+    # machinery/datastore_file.py
 
 
 # -----------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from datastore import (Datastore, candidate_scores, chance_metrics, first_stage,
                        require_index, rerank_metrics, retrieval_metrics, score_tolerance,
                        split_queries, target_ranks, use_search)
 from generate import generate_batch
+from machinery import datastore_file
 from machinery.checkpoint import load_run
 from machinery.cli import UserError, flag, main_guard, parse_config
 from machinery.config import autocast
@@ -230,12 +231,12 @@ def main(argv=None):
         if other_data.fingerprint != data.fingerprint:
             raise UserError(f"{args.query_from} was trained on other data than {args.out_dir}")
         # OTHER's own datastore if it is fresh, else one in memory: OTHER's folder is not written
-        datastore = (Datastore.load(os.path.join(args.query_from, "datastore.pt"), retriever, data)
+        datastore = (datastore_file.load(os.path.join(args.query_from, "datastore.pt"), retriever, data)
                      or Datastore.build(retriever, data))
         name = os.path.basename(os.path.normpath(args.query_from))
         path = os.path.join(args.out_dir, f"eval_query_from_{name}.json")
     else:
-        datastore = Datastore.load_or_build(os.path.join(args.out_dir, "datastore.pt"), embedder,
+        datastore = datastore_file.load_or_build(os.path.join(args.out_dir, "datastore.pt"), embedder,
                                             data)
     use_search(datastore, args.index, cfg, data, tok)
     lexical = lexical_index(data, tok)

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from datastore import Datastore, require_index, use_search
+from datastore import require_index, use_search
 from generate import generate
+from machinery import datastore_file
 from machinery.checkpoint import load_run
 from machinery.cli import UserError, flag, main_guard, parse_config
 from machinery.corpora import read_text
@@ -95,7 +96,7 @@ def main(argv=None):
         print(f"note: the prompt has {len(prompt)} tokens; Gen sees its last {cfg.block_size}",
               file=sys.stderr)
     retrieve = args.retrieve and cfg.lambda_seq > 0
-    datastore = (use_search(Datastore.load_or_build(os.path.join(args.out_dir, "datastore.pt"),
+    datastore = (use_search(datastore_file.load_or_build(os.path.join(args.out_dir, "datastore.pt"),
                                                     embedder, data), args.index, cfg, data, tok)
                  if retrieve else None)
     generator = torch.Generator(device=next(gen.parameters()).device).manual_seed(args.seed)

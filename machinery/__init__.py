@@ -10,4 +10,7 @@ What the tutorial's files lean on, kept out of their way. Nothing here is the me
     checkpoint.py   ckpt.pt: written whole or not at all, resumed exactly; loading a finished run
     distributed.py  several processes (torchrun): DDP, L_NSP's candidates gathered from all
     run.py          the training loop's bookkeeping: log, checkpoints, Ctrl-C, divergence, summary
+    datastore_file.py  out_dir/datastore.pt: saved with a fingerprint, loaded only when fresh
+    faiss_index.py  an approximate index (faiss, optional) for generation's search
+    plots.py        curves.png, redrawn from log.jsonl at every evaluation
 """

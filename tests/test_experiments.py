@@ -45,7 +45,7 @@ def test_primary_comparison_pairs_by_seed():
 
 def test_protocol_runs_from_one_pretrained_start_reports_and_resumes(tmp_path, capsys):
     argv = ["--datasets", "facts", "--seeds", "1", "--pretrain_iters", "4", "--iters", "4",
-            "--questions", "2", "--lambdas", "0.5", "--jobs", "1",
+            "--questions", "2", "--lambdas", "0.5", "--jobs", "2",
             "--results", str(tmp_path / "results"), "--work_dir", str(tmp_path / "work"),
             "--train_args", " ".join(TINY + ["--cache_dir", str(tmp_path / "cache")])]
     grid.main(argv)

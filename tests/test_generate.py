@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from datastore import Datastore, search
+from machinery import datastore_file
 from embedder import EmbedderConfig, SeqEmbedder
 import generate as generate_module
 from generate import generate, generate_batch, new_caches
@@ -129,14 +130,14 @@ def test_datastore_round_trip_and_staleness(tmp_path, tiny_data):
     torch.manual_seed(0)
     emb = SeqEmbedder(EmbedderConfig(tok.vocab_size, 64, 1, 2, 16, 8)).eval()
     path = str(tmp_path / "datastore.pt")
-    built = Datastore.load_or_build(path, emb, data)
-    loaded = Datastore.load_or_build(path, emb, data)
+    built = datastore_file.load_or_build(path, emb, data)
+    loaded = datastore_file.load_or_build(path, emb, data)
     assert torch.equal(built.embeddings, loaded.embeddings) and loaded.fingerprint == built.fingerprint
     assert np.array_equal(loaded.sequence(5), data.sequence(5))
     with torch.no_grad():
         emb.proj.weight[0, 0] += 1e-3  # any change to Emb_seq makes the saved datastore stale
     assert Datastore.fingerprint_of(emb, data) != built.fingerprint
-    rebuilt = Datastore.load_or_build(path, emb, data)
+    rebuilt = datastore_file.load_or_build(path, emb, data)
     assert rebuilt.fingerprint != built.fingerprint
     assert not torch.equal(rebuilt.embeddings, built.embeddings)
 

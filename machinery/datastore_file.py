@@ -1,0 +1,51 @@
+"""
+The datastore on disk, out_dir/datastore.pt: saved with the fingerprint of the Emb_seq and data
+that built it (datastore.Datastore.fingerprint_of), used again only when both match, else built
+afresh. Persistence only: the datastore itself is datastore.Datastore.
+"""
+
+import os
+import sys
+
+import numpy as np
+import torch
+
+from datastore import Datastore
+
+
+def save(store, path):
+    """Write a Datastore to path whole (a temporary file, then a rename)."""
+    tmp = path + ".tmp"
+    torch.save({"embeddings": store.embeddings, "offsets": torch.from_numpy(store.offsets),
+                "seq_tokens": torch.from_numpy(store.seq_tokens.astype(np.int64)),
+                "fingerprint": store.fingerprint}, tmp)
+    os.replace(tmp, path)
+
+
+def load(path, embedder, data):
+    """The datastore saved at path if it was built by this Emb_seq from this data; None if there
+    is none, or it is stale or unreadable (said on stderr). A stale one is never used."""
+    if not os.path.exists(path):
+        return None
+    fingerprint = Datastore.fingerprint_of(embedder, data)
+    try:
+        saved = torch.load(path, weights_only=True)
+        if saved["fingerprint"] == fingerprint and "embeddings" in saved:
+            return Datastore(saved["embeddings"], saved["offsets"].numpy(),
+                             saved["seq_tokens"].numpy(), fingerprint)
+    except Exception:  # cut short, or not a datastore: as good as stale
+        pass
+    print(f"{path} is stale or unreadable (another Emb_seq or other data): not used",
+          file=sys.stderr)
+    return None
+
+
+def load_or_build(path, embedder, data):
+    """The datastore saved at path if it is fresh (load); else build it (and say so) and save it
+    there."""
+    store = load(path, embedder, data)
+    if store is None:
+        print(f"building the datastore: {data.n_sequences:,} sequences", file=sys.stderr)
+        store = Datastore.build(embedder, data)
+        save(store, path)
+    return store
