@@ -15,7 +15,10 @@ The datastore is the set of all distinct sequences of the corpus, train and val.
 
 A batch is B windows of T + 1 tokens. Its markers give M queries; its candidates are the N
 distinct sequences that L_NSP scores each query against: every marker's target once, plus
-`hard_negatives` confusable sequences per marker.
+`hard_negatives` confusable sequences per marker: the corpus's own (facts: look-alike people's)
+or, on text, what the lexical first stage returns for the marker's context
+(use_lexical_negatives), the sequences that two-stage retrieval asks the learned score to tell
+apart.
 """
 
 import json
@@ -25,7 +28,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from datastore import lexical_index
+from datastore import lexical_index, marker_texts
 from machinery.cli import UserError
 from machinery.corpora import load_corpus
 from machinery.prepare import prepare
@@ -113,7 +116,6 @@ class Data:
         targets of the `near` markers before and after it (the text around the target, likely
         false negatives) and, in train unless transductive, every val sequence. Cached beside
         the prepared corpus; a sequence that is the target of several markers keeps its first."""
-        from datastore import marker_texts  # the first stage's queries: the text at the marker
         path = os.path.join(self.path, f"lexical_negatives_{self.block_size}_{h}_{near}.npz")
         if os.path.exists(path):
             self.negatives = dict(np.load(path))

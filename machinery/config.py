@@ -57,7 +57,8 @@ class Config:
                                   "candidates for the marker's context), or auto (lexical for "
                                   "text, corpus for facts)")
     first_stage: int = flag(100, "K of the lexical first stage (TF-IDF's top K) whose candidates "
-                                 "the learned score re-ranks in the reranked_* metrics")
+                                 "the learned score re-ranks: the reranked_* metrics, and "
+                                 "generation's two-stage search (sample.py, evaluate.py)")
     transductive: bool = flag(False, "let val sequences be hard negatives in training (default: "
                                      "strictly held out, training never sees a val sequence)")
     # optimisation
