@@ -193,15 +193,17 @@ def require_index(kind):
         load_faiss()
 
 
-def use_search(datastore, kind, cfg, data, tok):
+def use_search(datastore, kind, cfg, data, tok, lexical=None):
     """Set how generation searches a run's datastore (sample.py, evaluate.py's --index): exact
     (every entry), faiss (approximate), first_stage (two-stage: the learned score re-ranks TF-IDF's
     top cfg.first_stage), or auto: first_stage on a text corpus, where the learned score alone
-    is far below words against the whole datastore, exact on facts, where it is far above."""
+    is far below words against the whole datastore, exact on facts, where it is far above.
+    lexical: the corpus's Lexical, if the caller has built it already."""
     if kind == "auto":
         kind = "exact" if cfg.dataset == "facts" else "first_stage"
     if kind == "first_stage":
-        return datastore.use_first_stage(lexical_index(data, tok), cfg.first_stage, tok)
+        return datastore.use_first_stage(lexical or lexical_index(data, tok), cfg.first_stage,
+                                         tok)
     return datastore.use_index(kind)
 
 

@@ -238,8 +238,8 @@ def main(argv=None):
     else:
         datastore = datastore_file.load_or_build(os.path.join(args.out_dir, "datastore.pt"), embedder,
                                             data)
-    use_search(datastore, args.index, cfg, data, tok)
-    lexical = lexical_index(data, tok)
+    lexical = lexical_index(data, tok)   # TF-IDF: the baseline and the first stage
+    use_search(datastore, args.index, cfg, data, tok, lexical)
     result = {"out_dir": args.out_dir, "query_from": args.query_from or None,
               "datastore": len(datastore), "chance": chance_metrics(len(datastore))}
     found = retrieval(query_gen or gen, datastore, data, tok, lexical, cfg.first_stage, device,
