@@ -108,11 +108,11 @@ class Data:
         return Batch(x, y, (torch.from_numpy(rows), torch.from_numpy(cols)), candidates, mask,
                      torch.from_numpy(positive), torch.from_numpy(candidate_ids))
 
-    def use_lexical_negatives(self, tok, lexical, h=8, near=2):
+    def use_lexical_negatives(self, tok, h=8, near=2):
         """Replace each split's hard negatives by lexical ones: for the target of each marker,
-        the first stage's best candidates for the marker's context (lexical: a
-        datastore.Lexical of this corpus), so that L_NSP learns what words cannot tell: which of
-        the sequences that share the context's words comes next. Left out: the target, the
+        the first stage's best candidates for the marker's context (TF-IDF over this corpus's
+        sequences, built only when the cache lacks them), so that L_NSP learns what words cannot
+        tell: which of the sequences that share the context's words comes next. Left out: the target, the
         targets of the `near` markers before and after it (the text around the target, likely
         false negatives) and, in train unless transductive, every val sequence. Cached beside
         the prepared corpus; a sequence that is the target of several markers keeps its first."""
@@ -120,6 +120,7 @@ class Data:
         if os.path.exists(path):
             self.negatives = dict(np.load(path))
             return
+        lexical = lexical_index(self, tok)
         for name in ("train", "val"):
             queries, targets = marker_texts(self, tok, name)
             _, top = lexical.top(queries, 3 * h + 2 * near + 1)               # (M, depth)
@@ -212,5 +213,5 @@ def load_data(cfg):
                             "small to split into train and val")
     data = Data(prepare(corpus, tok, cfg.cache_dir), cfg.block_size, cfg.transductive)
     if cfg.negatives == "lexical" or (cfg.negatives == "auto" and cfg.dataset != "facts"):
-        data.use_lexical_negatives(tok, lexical_index(data, tok))
+        data.use_lexical_negatives(tok)
     return data, tok
