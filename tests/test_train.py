@@ -95,3 +95,16 @@ def test_trains_with_a_local_gpt2_file(run_train, tmp_path, monkeypatch):
     assert [r["iter"] for r in log] == [0, 2]
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     assert ckpt["tokenizer"]["name"] == "gpt2" and ckpt["gen_config"]["vocab_size"] == 261
+
+
+@pytest.mark.parametrize("args, iters, interval", [
+    ([], 1200, 300), (["--dataset", "pydoc"], 2400, 600), (["--dataset", "pydoc", "--max_iters",
+     "100"], 100, 600), (["--max_iters", "40", "--eval_interval", "7"], 40, 7)])
+def test_steps_default_to_the_corpus_kind(args, iters, interval):
+    """-1 settles to 1200 steps on facts and 2400 on text (which needs twice the steps), and the
+    evaluations to a quarter of those; a value the user gives is kept."""
+    from machinery.cli import parse_config
+    from machinery.config import check_config
+    cfg, _ = parse_config(Config, "", args)
+    check_config(cfg)
+    assert (cfg.max_iters, cfg.eval_interval) == (iters, interval)
