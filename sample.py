@@ -17,12 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from datastore import require_index, use_search
 from generate import generate
 from machinery import datastore_file
 from machinery.checkpoint import load_run
 from machinery.cli import UserError, flag, main_guard, parse_config
 from machinery.corpora import read_text
+from machinery.search import INDEX_HELP, require_index, use_search
 
 
 @dataclass
@@ -39,11 +39,7 @@ class SampleConfig:
     device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
     retrieve: bool = flag(True, "retrieval in the loop (default: on if the run trained L_NSP)")
     show_retrieval: int = flag(0, "also list the next K datastore entries at each retrieval")
-    index: str = flag("auto", "how retrieval searches the datastore: exact (every entry), faiss "
-                              "(approximate, for datastores past about 1M sequences; pip install "
-                              "faiss-cpu), first_stage (the learned score re-ranks TF-IDF's top "
-                              "K, the run's --first_stage), or auto (first_stage on a text "
-                              "corpus, exact on facts)")
+    index: str = flag("auto", INDEX_HELP)
 
 
 def default_prompt(data, tok):

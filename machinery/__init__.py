@@ -10,7 +10,12 @@ What the tutorial's files lean on, kept out of their way. Nothing here is the me
     checkpoint.py   ckpt.pt: written whole or not at all, resumed exactly; loading a finished run
     distributed.py  several processes (torchrun): DDP, L_NSP's candidates gathered from all
     run.py          the training loop's bookkeeping: log, checkpoints, Ctrl-C, divergence, summary
-    datastore_file.py  out_dir/datastore.pt: saved with a fingerprint, loaded only when fresh
+    datastore_file.py  building the datastore; out_dir/datastore.pt, saved with a fingerprint,
+                    loaded only when fresh
+    buckets.py      Emb_seq over a batch's candidates in length buckets: less padding, same vectors
+    lexical.py      TF-IDF: the training-free baseline and the first stage of two-stage retrieval
+    search.py       how generation searches the datastore (--index): exact, faiss or two-stage
+    batch_generate.py  many prompts decoded at once (evaluation's answers), to generate()'s tokens
     faiss_index.py  an approximate index (faiss, optional) for generation's search
     plots.py        curves.png, redrawn from log.jsonl at every evaluation
 """

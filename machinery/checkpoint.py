@@ -71,7 +71,7 @@ def check_same_data(ckpt, path, data, tok):
 
 
 MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "emb_layer", "emb_head", "emb_embd",
-               "seq_len", "seq_dim")
+               "emb_block_size", "seq_dim")
 CHECKPOINT_KEYS = ("gen", "embedder", "optimizer", "config", "gen_config", "embedder_config",
                    "tokenizer", "data_fingerprint", "iter", "metrics", "rng")
 
@@ -85,6 +85,9 @@ def read_checkpoint(path, missing):
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         for key in CHECKPOINT_KEYS:
             ckpt[key]
+        if "seq_len" in ckpt["config"]:  # written when --emb_block_size was called --seq_len
+            ckpt["config"]["emb_block_size"] = ckpt["config"].pop("seq_len")
+            ckpt["embedder_config"]["block_size"] = ckpt["embedder_config"].pop("seq_len")
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): it is cut "
                         "short or not from train.py; train again (--overwrite)") from None

@@ -39,11 +39,12 @@ class Config:
     emb_layer: int = flag(2, "Emb_seq: transformer layers")
     emb_head: int = flag(4, "Emb_seq: attention heads")
     emb_embd: int = flag(64, "Emb_seq: width")
-    seq_len: int = flag(64, "Emb_seq: longest sequence it reads (longer ones are cut)")
+    emb_block_size: int = flag(64, "Emb_seq: longest sequence it reads, in tokens (longer ones are "
+                                   "cut)")
     seq_dim: int = flag(128, "width of queries and sequence embeddings")
     emb_from_gen: bool = flag(False, "when L_NSP joins, start Emb_seq from Gen's trunk (needs "
                                      "--emb_embd = --n_embd, --emb_head = --n_head, --emb_layer <= "
-                                     "--n_layer, --seq_len <= --block_size)")
+                                     "--n_layer, --emb_block_size <= --block_size)")
     # objective
     lambda_tok: float = flag(1.0, "weight of L_NTP (0: NSP-only training)")
     lambda_seq: float = flag(0.5, "weight of L_NSP (0: NTP-only training)")
@@ -96,7 +97,7 @@ def check_config(cfg):
     if cfg.lambda_tok == 0 and cfg.lambda_seq == 0:
         raise UserError("--lambda_tok and --lambda_seq are both 0: nothing to train")
     for name in ("block_size", "batch_size", "n_layer", "n_head", "n_embd", "emb_layer", "emb_head",
-                 "emb_embd", "seq_len", "seq_dim", "eval_interval", "eval_iters"):
+                 "emb_embd", "emb_block_size", "seq_dim", "eval_interval", "eval_iters"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
     for width, heads in (("n_embd", "n_head"), ("emb_embd", "emb_head")):
@@ -109,9 +110,10 @@ def check_config(cfg):
     if not cfg.temperature > 0:
         raise UserError(f"--temperature must be positive, got {cfg.temperature}")
     if cfg.emb_from_gen and (cfg.emb_embd != cfg.n_embd or cfg.emb_head != cfg.n_head
-                             or cfg.emb_layer > cfg.n_layer or cfg.seq_len > cfg.block_size):
+                             or cfg.emb_layer > cfg.n_layer
+                             or cfg.emb_block_size > cfg.block_size):
         raise UserError("--emb_from_gen needs --emb_embd = --n_embd, --emb_head = --n_head, "
-                        "--emb_layer <= --n_layer and --seq_len <= --block_size")
+                        "--emb_layer <= --n_layer and --emb_block_size <= --block_size")
     if cfg.negatives not in ("auto", "corpus", "lexical"):
         raise UserError(f"--negatives must be auto, corpus or lexical, got {cfg.negatives!r}")
     if cfg.first_stage < 1:
@@ -156,6 +158,6 @@ def build_models(cfg, vocab_size):
     """Gen and Emb_seq of the sizes a config gives, freshly initialised."""
     gen = Gen(GenConfig(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
                         cfg.seq_dim, cfg.dropout))
-    embedder = SeqEmbedder(EmbedderConfig(vocab_size, cfg.seq_len, cfg.emb_layer, cfg.emb_head,
-                                          cfg.emb_embd, cfg.seq_dim, cfg.dropout))
+    embedder = SeqEmbedder(EmbedderConfig(vocab_size, cfg.emb_block_size, cfg.emb_layer,
+                                          cfg.emb_head, cfg.emb_embd, cfg.seq_dim, cfg.dropout))
     return gen, embedder
