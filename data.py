@@ -39,10 +39,10 @@ import numpy as np
 import torch
 
 from datastore import marker_texts
+from machinery import prepare  # the prepared corpus, cached on disk
 from machinery.cli import UserError
 from machinery.corpora import load_corpus
 from machinery.lexical import lexical_index
-from machinery import prepare  # the prepared corpus, cached on disk
 from machinery.tokenizer import Tokenizer
 
 

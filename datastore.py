@@ -23,45 +23,24 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-def _scores(queries, keys):
-    """The scores q . e_j of queries (Q, d) against keys (n, d): (Q, n). On a CPU numpy computes
-    the product, on the same memory (.numpy() copies nothing): this torch build's product over 1M
-    x 128 float32 keys took about twice numpy's time here, and the product is the whole cost of
-    exact search. On a GPU, torch."""
-    if keys.device.type == "cpu":
-        return torch.from_numpy(queries.detach().numpy() @ keys.detach().numpy().T)  # (Q, n)
-    return queries.to(keys.device) @ keys.T                                        # (Q, n)
-
-
-def _chunk_scores(queries, embeddings, chunk):
-    """Each chunk's start s and the scores queries @ embeddings[s:s + chunk].T, (Q, chunk)."""
-    for s in range(0, len(embeddings), chunk):
-        yield s, _scores(queries, embeddings[s:s + chunk])                  # (Q, chunk)
+from machinery import exact_search  # the same products, a chunk at a time
 
 
 def search(queries, embeddings, k=10, chunk=65536):
-    """Exact top-k by inner product of queries (Q, d) over embeddings (N, d),
+    """Exact top-k by inner product of queries (Q, d) over embeddings (n, d),
 
         top-k_j  q . e_j        over every entry j,
 
-    in chunks of embeddings so that memory stays bounded (a chunk costs no speed: the product
-    streams the keys either way). Returns scores (Q, k) and ids (Q, k), best first, on the
-    embeddings' device."""
-    best_scores = torch.full((len(queries), 0), -math.inf, device=embeddings.device)
-    best_ids = torch.zeros((len(queries), 0), dtype=torch.long, device=embeddings.device)
-    for s, scores in _chunk_scores(queries, embeddings, chunk):
-        top = scores.topk(min(k, scores.shape[1]), dim=1)
-        best_scores = torch.cat([best_scores, top.values], dim=1)
-        best_ids = torch.cat([best_ids, top.indices + s], dim=1)
-        keep = best_scores.topk(min(k, best_scores.shape[1]), dim=1).indices
-        best_scores, best_ids = best_scores.gather(1, keep), best_ids.gather(1, keep)
-    return best_scores, best_ids
+    as (queries @ embeddings.T).topk(k) would give, computed a chunk of entries at a time so that
+    memory stays bounded (machinery/exact_search.py). Returns scores (Q, k) and ids (Q, k), best
+    first, on the embeddings' device."""
+    return exact_search.top_k(queries, embeddings, k, chunk)
 
 
 def target_ranks(queries, embeddings, targets, chunk=None):
     """Rank (1 = best) of each query's target among all embeddings: 1 + the number of OTHER
-    entries scoring at least as high as the target (a tie counts against it, so N identical
-    embeddings rank every target N-th, not first). queries (Q, d), embeddings (N, d), targets
+    entries scoring at least as high as the target (a tie counts against it, so n identical
+    embeddings rank every target n-th, not first). queries (Q, d), embeddings (n, d), targets
     (Q,) ids; returns (Q,). A query or embedding that is not finite is an error: it would make
     the ranking, and every number from it, meaningless. chunk: entries scored at a time, by
     default as many as keep one (Q, chunk) table of scores within 16 MB.
@@ -78,8 +57,8 @@ def target_ranks(queries, embeddings, targets, chunk=None):
                          "cannot be scored")
     chunk = chunk or max(1, 2**22 // max(1, len(queries)))
     tolerance = score_tolerance(queries, embeddings)                                 # (Q, 1)
-    return ranks_from_chunks(lambda: _chunk_scores(queries, embeddings, chunk), targets,
-                             tolerance)
+    return exact_search.ranks_from_chunks(
+        lambda: exact_search.chunk_scores(queries, embeddings, chunk), targets, tolerance)
 
 
 def score_tolerance(queries, embeddings):
@@ -95,26 +74,6 @@ def tie_tolerance(width, dtype, scale=1.0):
     in exact arithmetic (target_ranks): width * eps * scale, scale bounding |q| |e| (1 for unit
     vectors)."""
     return width * torch.finfo(dtype).eps * scale
-
-
-def ranks_from_chunks(score_chunks, targets, tolerance):
-    """The rank of each query's target, a tie counted against it, from score_chunks(): the
-    scores of the queries against every entry, as (start s, scores (Q, c) of entries s .. s+c-1).
-    An entry ties the target when it scores at least the target's score minus tolerance (a
-    number, or (Q, 1)). Two passes, so that only one chunk of scores is held at a time."""
-    rows = torch.arange(len(targets))
-    # the target's score from the same product as the others' (another order of summation
-    # rounds it differently again)
-    target_scores = None                                                  # (Q, 1)
-    for s, scores in score_chunks():
-        if target_scores is None:
-            target_scores = scores.new_empty(len(targets), 1)
-        inside = (targets >= s) & (targets < s + scores.shape[1])
-        target_scores[inside, 0] = scores[rows[inside], targets[inside] - s]
-    at_least = torch.zeros(len(targets), dtype=torch.long)  # the target itself, and every tie
-    for s, scores in score_chunks():
-        at_least += (scores >= target_scores - tolerance).sum(dim=1)
-    return at_least
 
 
 def retrieval_metrics(ranks):
@@ -178,7 +137,7 @@ def retrieval_quality(gen, embeddings, data, split, device, ctx, limit=None, sta
 
 class Datastore:
     """The nonparametric sequence space: every sequence of a corpus embedded by Emb_seq, in one
-    contiguous (N, d) tensor, with the token ids of each entry (what retrieval inserts):
+    contiguous (n, d) tensor, with the token ids of each entry (what retrieval inserts):
     entry i is seq_tokens[offsets[i]:offsets[i + 1]], as in data.Data."""
 
     def __init__(self, embeddings, offsets, seq_tokens, fingerprint):

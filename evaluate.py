@@ -10,7 +10,7 @@ OUT_DIR/eval_query_from_<OTHER's folder name>.json; OTHER's folder is only read)
 (held-out people for `facts`) and a sample of train:
   ntp, ppl                 L_NTP on fixed batches, and exp of it
   recall@1, recall@10, mrr every marker's query ranked against the whole datastore
-  lexical_recall@1, ...    the same for the training-free TF-IDF baseline (datastore.py)
+  lexical_recall@1, ...    the same for the training-free TF-IDF baseline (machinery/lexical.py)
   first_stage_recall@K     two-stage retrieval, as the paper evaluates: the share of targets in
                            TF-IDF's top K (the run's --first_stage), the ceiling of what follows;
   first_stage_recall@1,... TF-IDF's own order of those K;
@@ -31,7 +31,6 @@ of Gen's query at a marker placed after each reworded question.
 import json
 import os
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,24 +40,13 @@ from datastore import (candidate_scores, chance_metrics, first_stage, first_stag
                        split_queries, target_ranks)
 from machinery import datastore_file
 from machinery.batch_generate import already_decoded, decode_prompts
-from machinery.checkpoint import load_run
-from machinery.cli import UserError, flag, main_guard, parse_config
-from machinery.config import autocast
+from machinery.checkpoint import load_query_from, load_run
+from machinery.cli import main_guard, parse_config
+from machinery.config import EvalConfig, autocast, check_eval_config
 from machinery.facts import reword
 from machinery.lexical import lexical_index, lexical_metrics
-from machinery.search import INDEX_HELP, require_index, use_search
+from machinery.search import use_search
 from train import loss_estimates
-
-
-@dataclass
-class EvalConfig:
-    out_dir: str = flag("out", "the run to evaluate")
-    query_from: str = flag("", "another run whose Gen makes the queries and whose Emb_seq "
-                               "embeds the datastore (separate supervision)")
-    questions: int = flag(480, "documents per split for the answer metrics (0: none)")
-    batch_size: int = flag(256, "questions answered at once (batched greedy decoding)")
-    device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
-    index: str = flag("auto", INDEX_HELP)
 
 
 def _answer(tok, ids):
@@ -198,27 +186,17 @@ def retrieval(gen, datastore, data, tok, lexical, k, device, ctx):
 @torch.inference_mode()
 def main(argv=None):
     args, _ = parse_config(EvalConfig, __doc__, argv)
-    if args.questions < 0:
-        raise UserError(f"--questions must be >= 0, got {args.questions}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
-    require_index(args.index)
+    check_eval_config(args)  # and --index (machinery/config.py)
     cfg, gen, embedder, data, tok = load_run(args.out_dir, args.device)
     device = next(gen.parameters()).device.type
     ctx = autocast(device, cfg.dtype)
     query_gen, path = None, os.path.join(args.out_dir, "eval.json")
-    if args.query_from:
-        _, query_gen, retriever, other_data, _ = load_run(args.query_from, args.device)
-        if other_data.fingerprint != data.fingerprint:
-            raise UserError(f"{args.query_from} was trained on other data than {args.out_dir}")
-        # OTHER's own datastore if it is fresh, else one in memory: OTHER's folder is not written
-        datastore = (datastore_file.load(os.path.join(args.query_from, "datastore.pt"), retriever, data)
-                     or datastore_file.build(retriever, data))
-        name = os.path.basename(os.path.normpath(args.query_from))
-        path = os.path.join(args.out_dir, f"eval_query_from_{name}.json")
+    if args.query_from:  # OTHER's Gen queries a datastore of OTHER's Emb_seq
+        query_gen, datastore, path = load_query_from(args.query_from, args.out_dir, data,
+                                                     args.device)
     else:
-        datastore = datastore_file.load_or_build(os.path.join(args.out_dir, "datastore.pt"), embedder,
-                                            data)
+        datastore = datastore_file.load_or_build(os.path.join(args.out_dir, "datastore.pt"),
+                                                 embedder, data)
     lexical = lexical_index(data, tok)   # TF-IDF: the baseline and the first stage
     use_search(datastore, args.index, cfg, data, tok, lexical)
     result = {"out_dir": args.out_dir, "query_from": args.query_from or None,

@@ -7,10 +7,10 @@ marker searches the datastore and the best sequence is appended verbatim (the pa
         j* = argmax_j  q_{t+1} . e_j                          the retrieval step (seq_head, datastore)
         x_{t+2} .. x_{t+1+|s_j*|} = the tokens of sequence j*   appended, not written token by token
 
-A KV cache keeps every token's keys and values, so each token, and each inserted sequence, runs
-through Gen once: a retrieval does not re-encode the prefix (the paper's code does). The one
-exception is the window: positions are absolute, so when the context outgrows block_size its last
-half is encoded again from position 0 (window_start).
+A KV cache keeps every token's keys and values, so a retrieval does not re-encode the prefix (the
+paper's code does): each token, and each inserted sequence, runs through Gen once, except when the
+context outgrows block_size: positions are absolute, so its last half is then encoded again from
+position 0 (window_start).
 
 generate() continues one prompt and is the reference; evaluation decodes many prompts at once,
 greedily, to the same tokens (machinery/batch_generate.py).

@@ -12,7 +12,7 @@ import os
 import torch
 
 from data import load_data
-from machinery import distributed
+from machinery import datastore_file, distributed
 from machinery.cli import UserError
 from machinery.config import Config, build_models, pick_device
 
@@ -153,3 +153,16 @@ def load_run(out_dir, device="auto"):
     gen.load_state_dict(ckpt["gen"])
     embedder.load_state_dict(ckpt["embedder"])
     return cfg, gen.to(device).eval(), embedder.to(device).eval(), data, tok
+
+
+def load_query_from(other, out_dir, data, device="auto"):
+    """evaluate.py --query_from OTHER (separate supervision): OTHER's Gen, which makes the
+    queries, and a datastore of OTHER's Emb_seq: OTHER's own if it is fresh, else one in memory
+    (OTHER's folder is only read). Returns (that Gen, the datastore, the path of the result)."""
+    _, query_gen, retriever, other_data, _ = load_run(other, device)
+    if other_data.fingerprint != data.fingerprint:
+        raise UserError(f"{other} was trained on other data than {out_dir}")
+    datastore = (datastore_file.load(os.path.join(other, "datastore.pt"), retriever, data)
+                 or datastore_file.build(retriever, data))
+    name = os.path.basename(os.path.normpath(other))
+    return query_gen, datastore, os.path.join(out_dir, f"eval_query_from_{name}.json")

@@ -2,7 +2,7 @@
 train.py's configuration: every flag with its default and help (`python train.py --help`), the
 checks that turn a bad value into a one-line error, the device and precision, and the two models
 a config describes. sample.py and evaluate.py rebuild a finished run from the Config saved in its
-checkpoint.
+checkpoint; their own flags (SampleConfig, EvalConfig) are at the end.
 """
 
 import math
@@ -14,6 +14,7 @@ import torch
 from embedder import EmbedderConfig, SeqEmbedder
 from machinery.cli import UserError, flag
 from machinery.corpora import check_dataset
+from machinery.search import require_index
 from model import Gen, GenConfig
 
 
@@ -161,3 +162,57 @@ def build_models(cfg, vocab_size):
     embedder = SeqEmbedder(EmbedderConfig(vocab_size, cfg.emb_block_size, cfg.emb_layer,
                                           cfg.emb_head, cfg.emb_embd, cfg.seq_dim, cfg.dropout))
     return gen, embedder
+
+
+INDEX_HELP = ("how retrieval searches the datastore: exact (every entry), faiss (approximate, for "
+              "datastores past about 1M sequences; pip install faiss-cpu), first_stage (the "
+              "learned score re-ranks TF-IDF's top K, the run's --first_stage), or auto "
+              "(first_stage on a text corpus, exact on facts)")
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = flag("out", "the trained run")
+    prompt: str = flag(None, "text to continue (\\n for a newline); default: the first held-out "
+                             "document up to its first marker")
+    prompt_file: str = flag("", "read the prompt from this file instead")
+    num_samples: int = flag(1, "how many samples")
+    max_new_tokens: int = flag(200, "tokens to add, inserted sequences included")
+    temperature: float = flag(0.0, "sampling temperature (0: greedy)")
+    top_k: int = flag(0, "sample from the k most likely tokens only (0: all)")
+    seed: int = flag(1337, "random seed")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
+    retrieve: bool = flag(True, "retrieval in the loop (default: on where the run's --lambda_seq "
+                                     "is above 0)")
+    show_retrieval: int = flag(0, "also list the next K datastore entries at each retrieval")
+    index: str = flag("auto", INDEX_HELP)
+
+
+def check_sample_config(args):
+    if args.max_new_tokens <= 0 or args.num_samples <= 0:
+        raise UserError("--max_new_tokens and --num_samples must be positive")
+    if args.temperature < 0 or args.top_k < 0 or args.show_retrieval < 0:
+        raise UserError("--temperature, --top_k and --show_retrieval must be >= 0")
+    if args.prompt == "":
+        raise UserError("--prompt is empty: give some text, or leave --prompt out to continue a "
+                        "held-out document")
+    require_index(args.index)
+
+
+@dataclass
+class EvalConfig:
+    out_dir: str = flag("out", "the run to evaluate")
+    query_from: str = flag("", "another run whose Gen makes the queries and whose Emb_seq "
+                               "embeds the datastore (separate supervision)")
+    questions: int = flag(480, "documents per split for the answer metrics (0: none)")
+    batch_size: int = flag(256, "questions answered at once (batched greedy decoding)")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
+    index: str = flag("auto", INDEX_HELP)
+
+
+def check_eval_config(args):
+    if args.questions < 0:
+        raise UserError(f"--questions must be >= 0, got {args.questions}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
+    require_index(args.index)

@@ -2,7 +2,8 @@
 Preparation: a corpus's documents become, once, the arrays data.py reads (token streams as numpy
 memmaps, as nanoGPT does, each marker's position and target, every datastore sequence's tokens and
 hard negatives). They are cached under a key that hashes the documents and the tokenizer, so a
-changed input is prepared again, never reused.
+changed input is prepared again, never reused. What the stream holds, and which val sequences
+stay plain text, is data.py's (write_stream, seen_in_training); this is the cache around them.
 
 Tokens are written as they are made, a chunk at a time, never held as one Python list: memory
 stays within a small multiple of the text itself, however long it is.
@@ -15,7 +16,7 @@ import shutil
 
 import numpy as np
 
-import data  # the stream's few lines, and what val leaves out: data.py
+import data
 
 FORMAT_VERSION = 3        # bump when the prepared format changes, so old caches are not reused
 CHUNK = 1 << 20           # tokens (and characters of a long text) handled at a time
@@ -29,7 +30,7 @@ def _key(corpus, tok):
         h.update(b"split")
         for doc in docs:
             h.update(repr(doc).encode())
-    for item in corpus.hard_negatives.items():
+    for item in corpus.confusable.items():
         h.update(repr(item).encode())
     return h.hexdigest()[:16]
 
@@ -153,7 +154,7 @@ def prepare(corpus, tok, cache_dir, chunk=CHUNK):
     # each sequence's hard negatives: distinct, never itself, at most 8; -1 where none
     hard = np.full((len(texts), 8), -1, dtype=np.int64)                  # (n_sequences, 8)
     for i, t in enumerate(texts):
-        h = [seq_id[h] for h in dict.fromkeys(corpus.hard_negatives.get(t, []))
+        h = [seq_id[h] for h in dict.fromkeys(corpus.confusable.get(t, []))
              if h in seq_id and h != t][:8]
         hard[i, :len(h)] = h
     width = max(1, int((hard >= 0).sum(axis=1).max(initial=0)))

@@ -9,10 +9,6 @@ from machinery.faiss_index import FaissIndex, load_faiss
 from machinery.lexical import lexical_index
 
 INDEXES = ("auto", "exact", "faiss", "first_stage")
-INDEX_HELP = ("how retrieval searches the datastore: exact (every entry), faiss (approximate, for "
-              "datastores past about 1M sequences; pip install faiss-cpu), first_stage (the "
-              "learned score re-ranks TF-IDF's top K, the run's --first_stage), or auto "
-              "(first_stage on a text corpus, exact on facts)")
 
 
 def require_index(kind):
