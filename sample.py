@@ -67,10 +67,13 @@ def main(argv=None):
     if len(prompt) > cfg.block_size:
         print(f"note: the prompt has {len(prompt)} tokens; Gen sees its last {cfg.block_size}",
               file=sys.stderr)
+    # on where the run weighs L_NSP (--lambda_seq > 0), even one that stopped before nsp_start
     retrieve = args.retrieve and cfg.lambda_seq > 0
-    datastore = (use_search(datastore_file.load_or_build(os.path.join(args.out_dir, "datastore.pt"),
-                                                    embedder, data), args.index, cfg, data, tok)
-                 if retrieve else None)
+    datastore = None
+    if retrieve:  # built once, saved beside the run (machinery/datastore_file.py)
+        datastore = datastore_file.load_or_build(os.path.join(args.out_dir, "datastore.pt"),
+                                                 embedder, data)
+        use_search(datastore, args.index, cfg, data, tok)
     generator = torch.Generator(device=next(gen.parameters()).device).manual_seed(args.seed)
     for _ in range(args.num_samples):
         ids, retrievals = generate(gen, prompt, args.max_new_tokens, tok.marker, tok.eod,

@@ -1,7 +1,7 @@
 """
 The lexical baseline and first stage: TF-IDF, no training.
 
-Words are lowercase \w+ runs. Over the N datastore sequences, with n(w, d) the count of word w
+Words are lowercase \\w+ runs. Over the N datastore sequences, with n(w, d) the count of word w
 in text d and df(w) the number of sequences holding w (sublinear tf, smoothed idf):
 
     v_d[w] = tf(w, d) * idf(w),   tf = 1 + log n(w, d)  (0 where n = 0),
