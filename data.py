@@ -4,21 +4,31 @@ of one training step.
 
 Every corpus (machinery/corpora.py) is documents of plain text and *sequences* (a fact, a
 sentence): the datastore entries. In the token stream each sequence is written right after a
-retrieval marker,
+retrieval marker (write_stream),
 
     ... text  <marker> sequence tokens  text ... <eod>
 
 so every marker has exactly one target: the sequence that follows it. L_NTP trains on every token
 of a window (markers and sequence tokens included, as the paper's code does); L_NSP trains Gen's
 query at each marker of the window to pick that target out of the batch's candidate sequences.
-The datastore is the set of all distinct sequences of the corpus, train and val.
+The datastore is every distinct sequence of the corpus: train's first, then those of val that
+training has not seen (as a sequence, or inside its text: seen_in_training); a val sequence that
+training has seen stays plain text in val, never a target.
 
 A batch is B windows of T + 1 tokens. Its markers give M queries; its candidates are the N
-distinct sequences that L_NSP scores each query against: every marker's target once, plus
-`hard_negatives` confusable sequences per marker: the corpus's own (facts: look-alike people's)
-or, on text, what the lexical first stage returns for the marker's context
-(use_lexical_negatives), the sequences that two-stage retrieval asks the learned score to tell
-apart.
+distinct sequences that L_NSP scores each query against: every marker's target once, plus at most
+h = hard_negatives confusable sequences per marker (fewer where they repeat): the corpus's own
+(facts: look-alike people's) or, on text, what the lexical first stage returns for the marker's
+context (use_lexical_negatives), the sequences that two-stage retrieval asks the learned score to
+tell apart. The default run's first batch (B = 24, T = 128), its first window decoded:
+
+    Q: Which instrument does Doubrour Piltreimdrouk play?
+    <|ret|>Doubrour Piltreimdrouk plays the tuba.
+    A: tuba.
+    <|endoftext|>Q: When was Doubrour Pil
+
+M = 36 markers over the 24 windows, N = 105 candidates (the markers' targets and up to 2 hard
+negatives each, every sequence once), the longest L = 49 tokens.
 """
 
 import json
@@ -28,10 +38,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from datastore import lexical_index, marker_texts
+from datastore import marker_texts
+from machinery import prepare  # the prepared corpus, cached on disk
 from machinery.cli import UserError
 from machinery.corpora import load_corpus
-from machinery.prepare import prepare
+from machinery.lexical import lexical_index
 from machinery.tokenizer import Tokenizer
 
 
@@ -41,7 +52,7 @@ class Batch(NamedTuple):
     marker_index: tuple           # (rows, cols), each (M,): the markers in x, Gen's queries
     candidates: torch.Tensor      # (N, L) the candidate sequences' tokens, each once, right-padded
     candidate_mask: torch.Tensor  # (N, L) True on real tokens
-    positive: torch.Tensor        # (M,) for each marker, the row of its target in candidates
+    target_row: torch.Tensor      # (M,) for each marker, the row of its target in candidates
     candidate_ids: torch.Tensor   # (N,) the datastore id of each candidate
 
     def to(self, device):
@@ -68,20 +79,21 @@ class Data:
                 raise UserError(f"the {name} split has {len(split.ids)} tokens, fewer than one "
                                 f"block ({block_size + 1}): use a larger corpus or a smaller "
                                 "--block_size")
-        # Each sequence's hard negatives (n_sequences, H), distinct, -1 where none. Strictly
+        # Each sequence's hard negatives (n_sequences, h_max), distinct, -1 where none. Strictly
         # held out, training batches draw only from train's sequences (ids below
         # n_train_sequences): Emb_seq never meets a val sequence before it is evaluated on it.
-        hard = seqs["hard_negatives"]
+        negatives = seqs["hard_negatives"]
         if not transductive:
-            hard = _first(np.where(hard < self.meta["n_train_sequences"], hard, -1))
-        self.negatives = {"train": hard, "val": seqs["hard_negatives"]}
+            train_only = negatives < self.meta["n_train_sequences"]
+            negatives = _first(np.where(train_only, negatives, -1))
+        self.negatives = {"train": negatives, "val": seqs["hard_negatives"]}
         # allowed window starts: anywhere in a stream of text; in a corpus of self-contained
         # documents, each document's start, and more starts inside a document longer than a window
         self.starts = {name: _document_windows(s.doc_starts, len(s.ids), block_size)
                        if self.meta["aligned"] else None
                        for name, s in (("train", self.train), ("val", self.val))}
 
-    def get_batch(self, split_name, batch_size, rng, hard_negatives=0, seq_len=64):
+    def get_batch(self, split_name, batch_size, rng, hard_negatives=0, emb_block_size=64):
         """B = batch_size random windows of a split, their markers, and L_NSP's candidates."""
         split, T = getattr(self, split_name), self.block_size
         starts = self.starts[split_name]
@@ -97,63 +109,64 @@ class Data:
         cols = split.marker_pos[sel] - i[rows]                     # (M,) its position in x
         targets = split.marker_target[sel]                         # (M,) its target's datastore id
         # candidates: each target once (two markers with the same target share its row, so neither
-        # counts it as a negative) plus `hard_negatives` confusable sequences per marker
+        # counts it as a negative) plus up to `hard_negatives` confusable sequences per marker
         negatives = np.zeros(0, dtype=np.int64)
         if hard_negatives and len(targets):
             negatives = self.pick_negatives(split_name, targets, hard_negatives, rng).ravel()
             negatives = negatives[negatives >= 0]                              # (<= M * h,)
         candidate_ids = np.unique(np.concatenate([targets, negatives]))       # (N,) sorted
-        candidates, mask = self.pad_sequences(candidate_ids, seq_len)         # (N, L) each
-        positive = np.searchsorted(candidate_ids, targets)                    # (M,)
+        candidates, mask = self.pad_sequences(candidate_ids, emb_block_size)  # (N, L) each
+        target_row = np.searchsorted(candidate_ids, targets)                  # (M,)
         return Batch(x, y, (torch.from_numpy(rows), torch.from_numpy(cols)), candidates, mask,
-                     torch.from_numpy(positive), torch.from_numpy(candidate_ids))
+                     torch.from_numpy(target_row), torch.from_numpy(candidate_ids))
 
-    def use_lexical_negatives(self, tok, h=8, near=2):
+    def pick_negatives(self, split_name, targets, h, rng):
+        """For each target (M,), h of its hard negatives at random, distinct: (M, h), -1 where it
+        has fewer than h."""
+        choices = self.negatives[split_name][targets]                   # (M, h_max), -1: none
+        keys = rng.random(choices.shape)                                # (M, h_max)
+        keys[choices < 0] = 2.0              # above every random key: padding is picked last
+        pick = keys.argsort(axis=1)[:, :h]                              # (M, h)
+        return np.take_along_axis(choices, pick, axis=1)
+
+    def use_lexical_negatives(self, tok, width=8, near=2):
         """Replace each split's hard negatives by lexical ones: for the target of each marker,
         the first stage's best candidates for the marker's context (TF-IDF over this corpus's
         sequences, built only when the cache lacks them), so that L_NSP learns what words cannot
-        tell: which of the sequences that share the context's words comes next. Left out: the target, the
-        targets of the `near` markers before and after it (the text around the target, likely
-        false negatives) and, in train unless transductive, every val sequence. Cached beside
-        the prepared corpus; a sequence that is the target of several markers keeps its first."""
-        path = os.path.join(self.path, f"lexical_negatives_{self.block_size}_{h}_{near}.npz")
+        tell: which of the sequences that share the context's words comes next. Left out: the
+        target, the targets of the `near` markers before and after it (the text around the
+        target, likely false negatives) and, in train unless transductive, every val sequence.
+        Cached beside the prepared corpus; a sequence that is the target of several markers keeps
+        its first."""
+        path = os.path.join(self.path, f"lexical_negatives_{self.block_size}_{width}_{near}.npz")
         if os.path.exists(path):
             self.negatives = dict(np.load(path))
             return
         lexical = lexical_index(self, tok)
         for name in ("train", "val"):
             queries, targets = marker_texts(self, tok, name)
-            _, top = lexical.top(queries, 3 * h + 2 * near + 1)               # (M, depth)
+            _, top = lexical.top(queries, 3 * width + 2 * near + 1)           # (M, depth)
             allowed = (self.n_sequences if name == "val" or self.transductive
                        else self.meta["n_train_sequences"])
-            negatives = np.full((self.n_sequences, h), -1, dtype=np.int64)    # (n_sequences, h)
+            negatives = np.full((self.n_sequences, width), -1, np.int64)  # (n_sequences, width)
             for m, (target, row) in enumerate(zip(targets, top.tolist())):
                 if negatives[target, 0] >= 0:
                     continue
                 nearby = set(targets[max(0, m - near):m + near + 1].tolist())
-                picks = [j for j in row if j not in nearby and j < allowed][:h]
+                picks = [j for j in row if j not in nearby and j < allowed][:width]
                 negatives[target, :len(picks)] = picks
             self.negatives[name] = negatives
         np.savez(path + ".tmp.npz", **self.negatives)
         os.replace(path + ".tmp.npz", path)
 
-    def pick_negatives(self, split_name, targets, h, rng):
-        """For each target (M,), h of its hard negatives at random, distinct: (M, h), -1 where it
-        has fewer than h."""
-        pool = self.negatives[split_name][targets]                           # (M, H), -1: none
-        keys = rng.random(pool.shape)                                        # (M, H)
-        keys[pool < 0] = 2.0                 # above every random key: padding is picked last
-        pick = keys.argsort(axis=1)[:, :h]                                   # (M, h)
-        return np.take_along_axis(pool, pick, axis=1)
-
     def sequence(self, i):
         """The token ids of datastore sequence i."""
         return self.seq_tokens[self.offsets[i]:self.offsets[i + 1]]
 
-    def pad_sequences(self, ids, seq_len):
-        """Token ids (len(ids), L) of the given sequences, cut to seq_len and right-padded, and
-        their mask (True on real tokens)."""
-        lengths = np.minimum(self.offsets[ids + 1] - self.offsets[ids], seq_len)  # (len(ids),)
+    def pad_sequences(self, ids, emb_block_size):
+        """Token ids (len(ids), L) of the given sequences, each cut to Emb_seq's emb_block_size
+        and right-padded to the longest, L, and their mask (True on real tokens)."""
+        lengths = np.minimum(self.offsets[ids + 1] - self.offsets[ids], emb_block_size)  # (n,)
         tokens = np.zeros((len(ids), max(1, lengths.max(initial=1))), dtype=np.int64)
         for row, (i, n) in enumerate(zip(ids, lengths)):
             tokens[row, :n] = self.seq_tokens[self.offsets[i]:self.offsets[i] + n]
@@ -173,6 +186,38 @@ class Data:
         return contexts, split.marker_target[:n]
 
 
+def write_stream(stream, docs, leaked, tok, seq_id, sequence_tokens, encode):
+    """Write a split's documents to stream (its .append(ids) adds tokens, its .n counts them),
+    each datastore sequence right after a marker, a `leaked` one as plain text, and the
+    end-of-document token after each. Returns where its documents start, and each marker's
+    position and target sequence id. sequence_tokens(i): sequence i's tokens; encode(text): its
+    tokens, a piece at a time (machinery/prepare.py writes the file, a chunk at a time)."""
+    doc_starts, marker_pos, marker_target = [], [], []
+    for doc in docs:
+        doc_starts.append(stream.n)
+        for seg in doc:
+            if seg.sequence and seg.text not in leaked:    # <marker> sequence tokens
+                i = seq_id[seg.text]
+                marker_pos.append(stream.n), marker_target.append(i)
+                stream.append(np.array([tok.marker]))
+                stream.append(sequence_tokens(i))
+            else:                                           # plain text
+                for ids in encode(seg.text):
+                    stream.append(ids)
+        stream.append(np.array([tok.eod]))
+    return doc_starts, marker_pos, marker_target
+
+
+def seen_in_training(corpus):
+    """The val sequences that training has seen, as a sequence or anywhere inside its text: a
+    leak, so in val they stay plain text, never a retrieval target."""
+    train_seqs = {s.text for d in corpus.train for s in d if s.sequence}
+    val_seqs = {s.text for d in corpus.val for s in d if s.sequence}
+    seen = val_seqs & train_seqs
+    train_text = "\n".join(s.text for d in corpus.train for s in d)
+    return seen | prepare.found_in(val_seqs - seen, train_text)   # a fast `t in train_text`
+
+
 class Split:
     """One split's token stream (a memmap), where its documents start, and its markers."""
 
@@ -183,10 +228,10 @@ class Split:
         self.marker_target = arrays["marker_target"]
 
 
-def _first(pools):
+def _first(ids):
     """Each row's ids (>= 0) moved to its front, in their order; -1 after them."""
-    order = np.argsort(pools < 0, axis=1, kind="stable")
-    return np.take_along_axis(pools, order, axis=1)
+    order = np.argsort(ids < 0, axis=1, kind="stable")
+    return np.take_along_axis(ids, order, axis=1)
 
 
 def _document_windows(doc_starts, n_tokens, T):
@@ -211,7 +256,7 @@ def load_data(cfg):
         if not any(s.text.strip() for d in docs for s in d):
             raise UserError(f"{cfg.dataset}: its {name} split has no text; the corpus is too "
                             "small to split into train and val")
-    data = Data(prepare(corpus, tok, cfg.cache_dir), cfg.block_size, cfg.transductive)
+    data = Data(prepare.prepare(corpus, tok, cfg.cache_dir), cfg.block_size, cfg.transductive)
     if cfg.negatives == "lexical" or (cfg.negatives == "auto" and cfg.dataset != "facts"):
         data.use_lexical_negatives(tok)
     return data, tok

@@ -11,63 +11,36 @@ about 1M sequences an approximate index (faiss, optional: machinery/faiss_index.
 for the search of generation; evaluation's ranks are always exact.
 Evaluation asks where each marker's true target lands in that ranking: recall@k (target in the top
 k) and MRR (mean of 1 / rank), against the whole datastore, not just a batch. Beside chance, a
-training-free lexical retriever (TF-IDF, below) is scored on exactly the same markers, contexts
-and datastore: the learned sequence space earns its keep only where it beats words alone.
+training-free lexical retriever (TF-IDF, machinery/lexical.py) is scored on exactly the same
+markers, contexts and datastore: the learned sequence space earns its keep only where it beats words alone.
 The paper evaluates otherwise: a first stage retrieves each question's top K candidates and the
 learned score only re-ranks those (two-stage retrieval, end of this file); both are reported.
 """
 
-import hashlib
 import math
-import re
-from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from machinery.cli import UserError
-from machinery.faiss_index import FaissIndex, load_faiss
-
-def _scores(queries, keys):
-    """The scores q . e_j of queries (Q, d) against keys (n, d): (Q, n). On a CPU numpy computes
-    the product, on the same memory (.numpy() copies nothing): this torch build's product over 1M
-    x 128 float32 keys took about twice numpy's time here, and the product is the whole cost of
-    exact search. On a GPU, torch."""
-    if keys.device.type == "cpu":
-        return torch.from_numpy(queries.detach().numpy() @ keys.detach().numpy().T)  # (Q, n)
-    return queries.to(keys.device) @ keys.T                                        # (Q, n)
-
-
-def _chunk_scores(queries, embeddings, chunk):
-    """Each chunk's start s and the scores queries @ embeddings[s:s + chunk].T, (Q, chunk)."""
-    for s in range(0, len(embeddings), chunk):
-        yield s, _scores(queries, embeddings[s:s + chunk])                  # (Q, chunk)
+from machinery import exact_search  # the same products, a chunk at a time
 
 
 def search(queries, embeddings, k=10, chunk=65536):
-    """Exact top-k by inner product of queries (Q, d) over embeddings (N, d),
+    """Exact top-k by inner product of queries (Q, d) over embeddings (n, d),
 
         top-k_j  q . e_j        over every entry j,
 
-    in chunks of embeddings so that memory stays bounded (a chunk costs no speed: the product
-    streams the keys either way). Returns scores (Q, k) and ids (Q, k), best first, on the
-    embeddings' device."""
-    best_scores = torch.full((len(queries), 0), -math.inf, device=embeddings.device)
-    best_ids = torch.zeros((len(queries), 0), dtype=torch.long, device=embeddings.device)
-    for s, scores in _chunk_scores(queries, embeddings, chunk):
-        top = scores.topk(min(k, scores.shape[1]), dim=1)
-        best_scores = torch.cat([best_scores, top.values], dim=1)
-        best_ids = torch.cat([best_ids, top.indices + s], dim=1)
-        keep = best_scores.topk(min(k, best_scores.shape[1]), dim=1).indices
-        best_scores, best_ids = best_scores.gather(1, keep), best_ids.gather(1, keep)
-    return best_scores, best_ids
+    as (queries @ embeddings.T).topk(k) would give, computed a chunk of entries at a time so that
+    memory stays bounded (machinery/exact_search.py). Returns scores (Q, k) and ids (Q, k), best
+    first, on the embeddings' device."""
+    return exact_search.top_k(queries, embeddings, k, chunk)
 
 
 def target_ranks(queries, embeddings, targets, chunk=None):
     """Rank (1 = best) of each query's target among all embeddings: 1 + the number of OTHER
-    entries scoring at least as high as the target (a tie counts against it, so N identical
-    embeddings rank every target N-th, not first). queries (Q, d), embeddings (N, d), targets
+    entries scoring at least as high as the target (a tie counts against it, so n identical
+    embeddings rank every target n-th, not first). queries (Q, d), embeddings (n, d), targets
     (Q,) ids; returns (Q,). A query or embedding that is not finite is an error: it would make
     the ranking, and every number from it, meaningless. chunk: entries scored at a time, by
     default as many as keep one (Q, chunk) table of scores within 16 MB.
@@ -84,7 +57,8 @@ def target_ranks(queries, embeddings, targets, chunk=None):
                          "cannot be scored")
     chunk = chunk or max(1, 2**22 // max(1, len(queries)))
     tolerance = score_tolerance(queries, embeddings)                                 # (Q, 1)
-    return _ranks(lambda: _chunk_scores(queries, embeddings, chunk), targets, tolerance)
+    return exact_search.ranks_from_chunks(
+        lambda: exact_search.chunk_scores(queries, embeddings, chunk), targets, tolerance)
 
 
 def score_tolerance(queries, embeddings):
@@ -100,26 +74,6 @@ def tie_tolerance(width, dtype, scale=1.0):
     in exact arithmetic (target_ranks): width * eps * scale, scale bounding |q| |e| (1 for unit
     vectors)."""
     return width * torch.finfo(dtype).eps * scale
-
-
-def _ranks(score_chunks, targets, tolerance):
-    """The rank of each query's target, a tie counted against it, from score_chunks(): the
-    scores of the queries against every entry, as (start s, scores (Q, c) of entries s .. s+c-1).
-    An entry ties the target when it scores at least the target's score minus tolerance (a
-    number, or (Q, 1)). Two passes, so that only one chunk of scores is held at a time."""
-    rows = torch.arange(len(targets))
-    # the target's score from the same product as the others' (another order of summation
-    # rounds it differently again)
-    target_scores = None                                                  # (Q, 1)
-    for s, scores in score_chunks():
-        if target_scores is None:
-            target_scores = scores.new_empty(len(targets), 1)
-        inside = (targets >= s) & (targets < s + scores.shape[1])
-        target_scores[inside, 0] = scores[rows[inside], targets[inside] - s]
-    at_least = torch.zeros(len(targets), dtype=torch.long)  # the target itself, and every tie
-    for s, scores in score_chunks():
-        at_least += (scores >= target_scores - tolerance).sum(dim=1)
-    return at_least
 
 
 def retrieval_metrics(ranks):
@@ -181,41 +135,15 @@ def retrieval_quality(gen, embeddings, data, split, device, ctx, limit=None, sta
     return out
 
 
-INDEXES = ("auto", "exact", "faiss", "first_stage")   # how generation searches: use_search
-
-
-def require_index(kind):
-    """Refuse, in one line, an --index that is unknown, or faiss where it is not installed (a
-    script checks this before it loads or builds anything)."""
-    if kind not in INDEXES:
-        raise UserError(f"--index must be one of {', '.join(INDEXES)}, got {kind!r}")
-    if kind == "faiss":
-        load_faiss()
-
-
-def use_search(datastore, kind, cfg, data, tok, lexical=None):
-    """Set how generation searches a run's datastore (sample.py, evaluate.py's --index): exact
-    (every entry), faiss (approximate), first_stage (two-stage: the learned score re-ranks TF-IDF's
-    top cfg.first_stage), or auto: first_stage on a text corpus, where the learned score alone
-    is far below words against the whole datastore, exact on facts, where it is far above.
-    lexical: the corpus's Lexical, if the caller has built it already."""
-    if kind == "auto":
-        kind = "exact" if cfg.dataset == "facts" else "first_stage"
-    if kind == "first_stage":
-        return datastore.use_first_stage(lexical or lexical_index(data, tok), cfg.first_stage,
-                                         tok)
-    return datastore.use_index(kind)
-
-
 class Datastore:
     """The nonparametric sequence space: every sequence of a corpus embedded by Emb_seq, in one
-    contiguous (N, d) tensor, with the token ids of each entry (what retrieval inserts):
+    contiguous (n, d) tensor, with the token ids of each entry (what retrieval inserts):
     entry i is seq_tokens[offsets[i]:offsets[i + 1]], as in data.Data."""
 
     def __init__(self, embeddings, offsets, seq_tokens, fingerprint):
         self.embeddings, self.offsets, self.seq_tokens = embeddings, offsets, seq_tokens
         self.fingerprint = fingerprint
-        self.index = None   # None: exact search; else an approximate index (use_index)
+        self.index = None   # None: exact search; else faiss (machinery/search.py)
         self.first = None   # None: search every entry; else (Lexical, K, tok): use_first_stage
 
     def __len__(self):
@@ -223,14 +151,6 @@ class Datastore:
 
     def sequence(self, i):
         return self.seq_tokens[self.offsets[i]:self.offsets[i + 1]]
-
-    def use_index(self, kind):
-        """How search() finds the best entries: "exact" (search()) or "faiss" (FaissIndex, built
-        here, over the whole datastore)."""
-        if kind not in ("exact", "faiss"):
-            raise ValueError(f"unknown index {kind!r}")
-        self.index = FaissIndex(self.embeddings) if kind == "faiss" else None
-        return self
 
     def use_first_stage(self, lexical, k, tok):
         """Two-stage search from now on (rerank): the learned score re-ranks the top k of lexical
@@ -255,100 +175,14 @@ class Datastore:
             min(k, ids.shape[1]), dim=1)                                       # (Q, k) each
         return scores, ids.gather(1, order), order + 1
 
-    @staticmethod
-    def fingerprint_of(embedder, data):
-        """A hash of Emb_seq's weights and the data: a datastore built from either, changed, is
-        stale."""
-        h = hashlib.sha256(data.fingerprint.encode())
-        for name, t in sorted(embedder.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
-
-    @classmethod
-    def build(cls, embedder, data, progress=True):
-        embeddings = embedder.embed(data, progress=progress)
-        return cls(embeddings, data.offsets, data.seq_tokens, cls.fingerprint_of(embedder, data))
-
-    # saving and loading (out_dir/datastore.pt, checked against the fingerprint):
-    # machinery/datastore_file.py
+    # building it (Emb_seq over every sequence, with a fingerprint of the weights and data), and
+    # saving and loading it: machinery/datastore_file.py
 
 
 # -----------------------------------------------------------------------------------------------
-# The lexical baseline and first stage: TF-IDF, no training
-#
-# Words are lowercase \w+ runs. Over the N datastore sequences, with n(w, d) the count of word w
-# in text d and df(w) the number of sequences holding w (sublinear tf, smoothed idf):
-#
-#     v_d[w] = tf(w, d) * idf(w),   tf = 1 + log n(w, d)  (0 where n = 0),
-#                                   idf(w) = 1 + log((1 + N) / (1 + df(w)))
-#     s(q, j) = v_q . v_j / (|v_q| |v_j|)          (0 where either vector is all zero)
-#
-# The query is the text Gen sees at the marker (data.marker_contexts); a tie counts against
-# the target. Used two ways: as the baseline every learned number stands beside (its ranks over
-# the whole datastore), and as the paper's first stage (its top K, which the learned score
-# re-ranks: the two-stage retrieval below).
-
-WORD = re.compile(r"\w+")
-
-
-def tfidf_vectors(texts, vocab, idf):
-    """Unit TF-IDF rows (len(texts), len(vocab)), a sparse tensor; words outside vocab (the
-    datastore's words) are dropped, since they match nothing."""
-    rows, cols, vals = [], [], []
-    for row, text in enumerate(texts):
-        for w, n in Counter(WORD.findall(text.lower())).items():
-            if w in vocab:
-                rows.append(row), cols.append(vocab[w])
-                vals.append((1 + math.log(n)) * idf[vocab[w]])
-    rows, cols = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
-    vals = torch.tensor(vals, dtype=torch.float64)
-    norms = torch.zeros(len(texts), dtype=torch.float64).index_add_(0, rows, vals ** 2).sqrt()
-    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals / norms[rows],
-                                   (len(texts), len(vocab)), check_invariants=True)
-
-
-class Lexical:
-    """TF-IDF over the datastore's texts: s(q, j) for query strings against every entry j."""
-
-    def __init__(self, texts):
-        df = Counter(w for t in texts for w in set(WORD.findall(t.lower())))
-        self.vocab = {w: i for i, w in enumerate(df)}
-        self.idf = [1 + math.log((1 + len(texts)) / (1 + df[w])) for w in self.vocab]
-        self.rows = tfidf_vectors(texts, self.vocab, self.idf)               # (N, vocabulary)
-        self.tolerance = tie_tolerance(len(self.vocab), torch.float64)       # unit rows
-
-    def score_chunks(self, queries, chunk=256):
-        """(s, the cosines (c, N) of queries s .. s+c-1 against every entry), `chunk` queries at a
-        time: a dense (Q, vocabulary) or (Q, N) table of a whole split would take gigabytes on a
-        novel."""
-        for s in range(0, len(queries), chunk):
-            q = tfidf_vectors(queries[s:s + chunk], self.vocab, self.idf).to_dense()  # (c, vocab)
-            yield s, torch.sparse.mm(self.rows, q.T).T                              # (c, N)
-
-    def ranks(self, queries, targets, chunk=256):
-        """Rank (1 = best) of each query's target (Q,) among all entries, ties against it."""
-        targets = torch.as_tensor(targets)
-        ranks = [_ranks(lambda: [(0, scores)], targets[s:s + len(scores)], self.tolerance)
-                 for s, scores in self.score_chunks(queries, chunk)]
-        return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
-
-    def top(self, queries, k, chunk=256):
-        """The first stage: each query's k best entries by TF-IDF, scores (Q, k) and ids (Q, k),
-        best first (k at most N)."""
-        k = min(k, self.rows.shape[0])
-        scores, ids = [torch.zeros(0, k, dtype=torch.float64)], [torch.zeros(0, k, dtype=torch.long)]
-        for _, chunk_scores in self.score_chunks(queries, chunk):
-            top = chunk_scores.topk(k, dim=1)            # ties at the K-th place: either may stay
-            scores.append(top.values), ids.append(top.indices)
-        return torch.cat(scores), torch.cat(ids)
-
-
-def lexical_ranks(queries, texts, targets, chunk=256):
-    """Rank (1 = best) of each query's target among the texts by TF-IDF cosine, ties counted
-    against the target. queries: strings, texts: the datastore's strings, targets (Q,) ids."""
-    return Lexical(texts).ranks(queries, targets, chunk)
-
+# The lexical query of a marker: the text Gen sees there. A training-free TF-IDF retriever reads
+# it (machinery/lexical.py, its equations there), as the baseline every learned number stands
+# beside and as the first stage of two-stage retrieval (below).
 
 def query_text(tok, ids):
     """The lexical query of a context: its text, special tokens (marker, end of document) left
@@ -361,20 +195,6 @@ def marker_texts(data, tok, split, limit=None):
     Returns (strings, target ids (Q,))."""
     contexts, targets = data.marker_contexts(split, limit)
     return [query_text(tok, c) for c in contexts], targets
-
-
-def lexical_index(data, tok):
-    """The Lexical of a corpus's datastore: every sequence's text."""
-    return Lexical([tok.decode(data.sequence(i)) for i in range(data.n_sequences)])
-
-
-def lexical_metrics(data, tok, split, limit=None, lexical=None):
-    """retrieval_metrics of TF-IDF for a split's markers (the first limit), named lexical_*."""
-    queries, targets = marker_texts(data, tok, split, limit)
-    if not len(targets):
-        return {"lexical_recall@1": None, "lexical_recall@10": None, "lexical_mrr": None}
-    ranks = (lexical or lexical_index(data, tok)).ranks(queries, targets)
-    return {f"lexical_{k}": v for k, v in retrieval_metrics(ranks).items()}
 
 
 # -----------------------------------------------------------------------------------------------

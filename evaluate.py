@@ -10,7 +10,7 @@ OUT_DIR/eval_query_from_<OTHER's folder name>.json; OTHER's folder is only read)
 (held-out people for `facts`) and a sample of train:
   ntp, ppl                 L_NTP on fixed batches, and exp of it
   recall@1, recall@10, mrr every marker's query ranked against the whole datastore
-  lexical_recall@1, ...    the same for the training-free TF-IDF baseline (datastore.py)
+  lexical_recall@1, ...    the same for the training-free TF-IDF baseline (machinery/lexical.py)
   first_stage_recall@K     two-stage retrieval, as the paper evaluates: the share of targets in
                            TF-IDF's top K (the run's --first_stage), the ceiling of what follows;
   first_stage_recall@1,... TF-IDF's own order of those K;
@@ -31,37 +31,22 @@ of Gen's query at a marker placed after each reworded question.
 import json
 import os
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from datastore import (Datastore, candidate_scores, chance_metrics, first_stage,
-                       first_stage_metrics, lexical_index, lexical_metrics, marker_queries,
-                       require_index, rerank_metrics, retrieval_metrics, score_tolerance,
-                       split_queries, target_ranks, use_search)
-from generate import generate_batch
+from datastore import (candidate_scores, chance_metrics, first_stage, first_stage_metrics,
+                       marker_queries, rerank_metrics, retrieval_metrics, score_tolerance,
+                       split_queries, target_ranks)
 from machinery import datastore_file
-from machinery.checkpoint import load_run
-from machinery.cli import UserError, flag, main_guard, parse_config
-from machinery.config import autocast
+from machinery.batch_generate import already_decoded, decode_prompts
+from machinery.checkpoint import load_query_from, load_run
+from machinery.cli import main_guard, parse_config
+from machinery.config import EvalConfig, autocast, check_eval_config
 from machinery.facts import reword
+from machinery.lexical import lexical_index, lexical_metrics
+from machinery.search import use_search
 from train import loss_estimates
-
-
-@dataclass
-class EvalConfig:
-    out_dir: str = flag("out", "the run to evaluate")
-    query_from: str = flag("", "another run whose Gen makes the queries and whose Emb_seq "
-                               "embeds the datastore (separate supervision)")
-    questions: int = flag(480, "documents per split for the answer metrics (0: none)")
-    batch_size: int = flag(256, "questions answered at once (batched greedy decoding)")
-    device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
-    index: str = flag("auto", "how retrieval searches the datastore: exact (every entry), faiss "
-                              "(approximate, for datastores past about 1M sequences; pip install "
-                              "faiss-cpu), first_stage (the learned score re-ranks TF-IDF's top "
-                              "K, the run's --first_stage), or auto (first_stage on a text "
-                              "corpus, exact on facts)")
 
 
 def _answer(tok, ids):
@@ -119,7 +104,7 @@ def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
     """The answer metrics of the first `limit` questions of a split, for each of `modes`:
     retrieval in the loop, Gen alone, Gen given the gold sequence; with reword_questions, of those
     questions reworded (the generalisation test), with their retrieval metrics too. Questions are
-    answered batch_size at a time (generate_batch)."""
+    answered batch_size at a time (machinery/batch_generate.py: generate() batched)."""
     qs = questions(data, tok, split, limit)
     if reword_questions:
         qs = reworded(qs, tok)
@@ -131,20 +116,11 @@ def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
     hits = {}
 
     def decode(given, retrieve, known=()):
-        """generate_batch() of the prompts `given` (question i % len(qs)'s), with retrieval in
-        the loop where `retrieve` says so; but those whose outcome `known` holds, {i: (ids,
-        retrievals)}. Batches of batch_size questions of about one length (little padding), a
-        question's prompts side by side (they share a pass through Gen)."""
-        outs = dict(known)
-        todo = sorted((i for i in range(len(given)) if i not in outs),
-                      key=lambda i: (len(given[i]), given[i]))
-        step = batch_size * max(1, len(given) // len(qs))
-        for s in range(0, len(todo), step):
-            batch = todo[s:s + step]
-            outs.update(zip(batch, generate_batch(
-                gen, [given[i] for i in batch], [budgets[i % len(qs)] for i in batch],
-                tok.marker, tok.eod, datastore, query_gen, [retrieve[i] for i in batch])))
-        return [outs[i] for i in range(len(given))]
+        """Greedy generation of the prompts `given` (question i % len(qs)'s), with retrieval in
+        the loop where `retrieve` says so; batch_size questions at a time (decode_prompts)."""
+        return decode_prompts(gen, given, [budgets[i % len(qs)] for i in range(len(given))],
+                              tok.marker, tok.eod, datastore, query_gen, retrieve,
+                              batch_size * max(1, len(given) // len(qs)), known)
 
     def count(name, outs):
         hits[name] = sum(_answer(tok, ids[len(prompt):]) == want
@@ -166,14 +142,7 @@ def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
     if "gold" in modes:
         given = [prompt + [tok.marker] + [int(t) for t in data.sequence(target)]
                  for prompt, (_, target, _) in zip(prompts, qs)]
-        # Greedy decoding is a function of the context. Where retrieval in the loop put the gold
-        # sequence right after the question (the context given here), then wrote to the end of
-        # the document with no other marker, inside one window, Gen given the gold sequence
-        # writes the same tokens: those questions are not decoded twice.
-        known = {i: (ids, []) for i, ((ids, retrievals), g)
-                 in enumerate(zip(outs.get("retrieval", []), given))
-                 if ids[:len(g)] == g and len(retrievals) == 1 and ids[-1] == tok.eod
-                 and len(ids) <= gen.config.block_size}
+        known = already_decoded(outs.get("retrieval", []), given, tok.eod, gen.config.block_size)
         count("answer_em_gold", decode(given, [False] * len(given), known))
     out = {k: v / len(qs) for k, v in hits.items()}
     if reword_questions:
@@ -217,27 +186,17 @@ def retrieval(gen, datastore, data, tok, lexical, k, device, ctx):
 @torch.inference_mode()
 def main(argv=None):
     args, _ = parse_config(EvalConfig, __doc__, argv)
-    if args.questions < 0:
-        raise UserError(f"--questions must be >= 0, got {args.questions}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
-    require_index(args.index)
+    check_eval_config(args)  # and --index (machinery/config.py)
     cfg, gen, embedder, data, tok = load_run(args.out_dir, args.device)
     device = next(gen.parameters()).device.type
     ctx = autocast(device, cfg.dtype)
     query_gen, path = None, os.path.join(args.out_dir, "eval.json")
-    if args.query_from:
-        _, query_gen, retriever, other_data, _ = load_run(args.query_from, args.device)
-        if other_data.fingerprint != data.fingerprint:
-            raise UserError(f"{args.query_from} was trained on other data than {args.out_dir}")
-        # OTHER's own datastore if it is fresh, else one in memory: OTHER's folder is not written
-        datastore = (datastore_file.load(os.path.join(args.query_from, "datastore.pt"), retriever, data)
-                     or Datastore.build(retriever, data))
-        name = os.path.basename(os.path.normpath(args.query_from))
-        path = os.path.join(args.out_dir, f"eval_query_from_{name}.json")
+    if args.query_from:  # OTHER's Gen queries a datastore of OTHER's Emb_seq
+        query_gen, datastore, path = load_query_from(args.query_from, args.out_dir, data,
+                                                     args.device)
     else:
-        datastore = datastore_file.load_or_build(os.path.join(args.out_dir, "datastore.pt"), embedder,
-                                            data)
+        datastore = datastore_file.load_or_build(os.path.join(args.out_dir, "datastore.pt"),
+                                                 embedder, data)
     lexical = lexical_index(data, tok)   # TF-IDF: the baseline and the first stage
     use_search(datastore, args.index, cfg, data, tok, lexical)
     result = {"out_dir": args.out_dir, "query_from": args.query_from or None,
@@ -245,7 +204,7 @@ def main(argv=None):
     found = retrieval(query_gen or gen, datastore, data, tok, lexical, cfg.first_stage, device,
                       ctx)
     for split in ("val", "train"):
-        ntp, _ = loss_estimates(gen, embedder, data, cfg, device, ctx, split, with_nsp=False)
+        ntp, _ = loss_estimates(gen, embedder, data, cfg, device, ctx, split, measure_nsp=False)
         m = {"ntp": ntp, "ppl": float(np.exp(ntp)), **found[split]}
         if args.questions and cfg.split != "none":
             m.update(answer_metrics(gen, datastore, data, tok, split, args.questions, query_gen,

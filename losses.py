@@ -3,19 +3,21 @@ The co-supervision objective, each term next to the code that computes it.
 
     L = lambda_tok * L_NTP + lambda_seq * L_NSP
 
-L_NTP, next-token prediction, over every position t of every window (markers and sequence tokens
-included):
+L_NTP, next-token prediction, over every position t of the B windows of T tokens (markers and
+sequence tokens included):
 
-    L_NTP = -(1/N) sum_t log p(x_{t+1} | x_<=t)
+    L_NTP = -(1/(B T)) sum_{b,t} log p(x_{b,t+1} | x_{b,<=t})
 
 L_NSP, next-sequence prediction, an InfoNCE over the M markers of a batch. At marker i Gen's query
 q_i (model.py) must score its target sequence's embedding e_{p(i)} (embedder.py) above every other
-candidate in the batch C (the other markers' targets and the hard negatives):
+candidate in the batch's candidate set C, N sequences (the other markers' targets and the hard
+negatives):
 
     L_NSP = -(1/M) sum_i log [ exp(q_i . e_{p(i)} / tau) / sum_{j in C} exp(q_i . e_j / tau) ]
 
 q and e are unit vectors, so q . e is a cosine in [-1, 1] and tau (the temperature) sets how sharp
-the softmax is. (The paper's code uses a raw dot product with no temperature; see README.)
+the softmax is. (The paper's code uses a raw dot product with no temperature: experiments/README.md,
+"Where cosup differs from the paper's official code".)
 """
 
 import torch.nn.functional as F
@@ -26,38 +28,36 @@ def ntp_loss(logits, targets):
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
 
 
-def nsp_loss(queries, embeddings, positive, temperature):
-    """L_NSP: InfoNCE of queries (M, d) against the candidates' embeddings (N, d); positive (M,)
-    is the row of each query's target. Returns the loss and the in-batch top-1 accuracy."""
+def nsp_loss(queries, embeddings, target_row, temperature):
+    """L_NSP: InfoNCE of queries (M, d) against the candidates' embeddings (N, d); target_row
+    (M,) is p(i), the row of each query's target. Returns the loss and the in-batch top-1
+    accuracy."""
     scores = queries.float() @ embeddings.float().T / temperature  # (M, N): q_i . e_j / tau
-    loss = F.cross_entropy(scores, positive)                      # -log softmax at the target
-    accuracy = (scores.argmax(dim=1) == positive).float().mean()
+    loss = F.cross_entropy(scores, target_row)                    # -log softmax at the target
+    accuracy = (scores.argmax(dim=1) == target_row).float().mean()
     return loss, accuracy
 
 
-def co_supervision_loss(gen, embedder, batch, lambda_tok, lambda_seq, temperature, with_nsp=None,
-                        pool=None):
+def co_supervision_loss(gen, embedder, batch, lambda_tok, lambda_seq, temperature, gather=None):
     """L = lambda_tok * L_NTP + lambda_seq * L_NSP on one batch, and its parts for logging.
 
-    L_NSP is computed when lambda_seq > 0 (or with_nsp, to measure it) and the batch has a marker.
-    When it is not, Emb_seq does not run at all: with lambda_seq = 0 it gets no gradient and this
-    is exactly NTP training. pool (several processes, train.py): a function that widens the markers
-    and candidates to those of every process, so C is the union of all processes' candidates."""
-    with_nsp = lambda_seq > 0 if with_nsp is None else with_nsp
-    # pooled, L_NSP runs even on a batch without markers: the others' markers count here too
-    with_nsp = with_nsp and (len(batch.positive) > 0 or pool is not None)
+    L_NSP is computed when lambda_seq > 0 and there are markers. When it is not, Emb_seq does not
+    run at all: with lambda_seq = 0 it gets no gradient and this is exactly NTP training.
+    gather (several processes: train.py): widens the markers and candidates to those of every
+    process, so C is the union of all processes' candidates; L_NSP then runs even on a batch
+    without markers of its own, since the others' count here too."""
+    with_nsp = lambda_seq > 0 and (len(batch.target_row) > 0 or gather is not None)
     logits, queries = gen(batch.x, batch.marker_index if with_nsp else None)  # (B, T, V), (M, d)
     l_ntp = ntp_loss(logits, batch.y)
     stats = {"ntp": l_ntp.detach()}
     loss = lambda_tok * l_ntp
     if with_nsp:
         embeddings = embedder(batch.candidates, batch.candidate_mask)       # (N, d)
-        positive = batch.positive                                           # (M,)
-        if pool is not None:
-            queries, embeddings, positive = pool(queries, embeddings, positive,
-                                                 batch.candidate_ids)
-        l_nsp, accuracy = nsp_loss(queries, embeddings, positive, temperature)
+        target_row = batch.target_row                                       # (M,)
+        if gather is not None:
+            queries, embeddings, target_row = gather(queries, embeddings, target_row,
+                                                     batch.candidate_ids)
+        l_nsp, accuracy = nsp_loss(queries, embeddings, target_row, temperature)
         stats.update(nsp=l_nsp.detach(), nsp_acc=accuracy)
-        if lambda_seq > 0:
-            loss = loss + lambda_seq * l_nsp
+        loss = loss + lambda_seq * l_nsp
     return loss, stats

@@ -30,26 +30,26 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x, key_mask=None, cache=None):
-        """Multi-head self-attention of x (B, T, C). One forward serves three cases:
+        """Multi-head self-attention of x (B, T, n_embd). One forward serves three cases:
         - Gen in training (causal, no key_mask, no cache): token t attends to tokens 0..t;
         - Emb_seq (not causal, key_mask): every real token attends to every real token, never to
           padding;
         - Gen generating (cache, from generate.py): the new tokens continue those whose keys and
           values the cache holds; the cache says which keys each new token sees."""
-        B, T, C = x.shape
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for t in self.c_attn(x).split(C, dim=2))              # (B, H, T, C/H) each
+        B, T, n_embd = x.shape
+        q, k, v = (t.view(B, T, self.n_head, n_embd // self.n_head).transpose(1, 2)
+                   for t in self.c_attn(x).split(n_embd, dim=2))    # (B, H, T, n_embd/H) each
         mask, causal = None, self.causal
         if key_mask is not None:  # (B, T), True on real tokens: padding is never attended to
             mask = key_mask[:, None, None, :]                           # (B, 1, 1, T)
         if cache is not None:
-            k, v, mask = cache.extend(k, v)                             # (B, H, S, C/H) each
+            k, v, mask = cache.extend(k, v)                             # (B, H, S, n_embd/H) each
             # no mask: nothing past (the new tokens see each other causally), or one new token
             # that sees every key
             causal = mask is None and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(B, T, C)                          # heads side by side
+        y = y.transpose(1, 2).reshape(B, T, n_embd)                     # heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -113,7 +113,8 @@ class Transformer(nn.Module):
 
     def forward(self, idx, past=0, key_mask=None, caches=None):
         """Hidden states (B, T, n_embd) of token ids idx (B, T) at positions past .. past+T-1;
-        past is an int, or (B, 1): each row's own (rows of different lengths, generate.py)."""
+        past is an int, or (B, 1): each row's own (rows of different lengths,
+        machinery/batch_generate.py)."""
         T = idx.shape[1]
         pos = torch.arange(T, device=idx.device) + past                  # (T,) or (B, T)
         if torch.is_tensor(past):  # a short row's padding may run past the last position: its

@@ -12,38 +12,17 @@ Each inserted sequence is shown as [#id score: text], with the runners-up under
 
 import os
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from datastore import require_index, use_search
 from generate import generate
 from machinery import datastore_file
 from machinery.checkpoint import load_run
-from machinery.cli import UserError, flag, main_guard, parse_config
+from machinery.cli import main_guard, parse_config
+from machinery.config import SampleConfig, check_sample_config
 from machinery.corpora import read_text
-
-
-@dataclass
-class SampleConfig:
-    out_dir: str = flag("out", "the trained run")
-    prompt: str = flag(None, "text to continue (\\n for a newline); default: the first held-out "
-                             "document up to its first marker")
-    prompt_file: str = flag("", "read the prompt from this file instead")
-    num_samples: int = flag(1, "how many samples")
-    max_new_tokens: int = flag(200, "tokens to add, inserted sequences included")
-    temperature: float = flag(0.0, "sampling temperature (0: greedy)")
-    top_k: int = flag(0, "sample from the k most likely tokens only (0: all)")
-    seed: int = flag(1337, "random seed")
-    device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
-    retrieve: bool = flag(True, "retrieval in the loop (default: on if the run trained L_NSP)")
-    show_retrieval: int = flag(0, "also list the next K datastore entries at each retrieval")
-    index: str = flag("auto", "how retrieval searches the datastore: exact (every entry), faiss "
-                              "(approximate, for datastores past about 1M sequences; pip install "
-                              "faiss-cpu), first_stage (the learned score re-ranks TF-IDF's top "
-                              "K, the run's --first_stage), or auto (first_stage on a text "
-                              "corpus, exact on facts)")
+from machinery.search import use_search
 
 
 def default_prompt(data, tok):
@@ -80,14 +59,7 @@ def render(tok, ids, retrievals, n_prompt, datastore, show):
 
 def main(argv=None):
     args, _ = parse_config(SampleConfig, __doc__, argv)
-    if args.max_new_tokens <= 0 or args.num_samples <= 0:
-        raise UserError("--max_new_tokens and --num_samples must be positive")
-    if args.temperature < 0 or args.top_k < 0 or args.show_retrieval < 0:
-        raise UserError("--temperature, --top_k and --show_retrieval must be >= 0")
-    if args.prompt == "":
-        raise UserError("--prompt is empty: give some text, or leave --prompt out to continue a "
-                        "held-out document")
-    require_index(args.index)
+    check_sample_config(args)  # and --index (machinery/config.py)
     cfg, gen, embedder, data, tok = load_run(args.out_dir, args.device)
     text = (read_text(args.prompt_file) if args.prompt_file
             else args.prompt.replace("\\n", "\n") if args.prompt else None)
@@ -95,10 +67,13 @@ def main(argv=None):
     if len(prompt) > cfg.block_size:
         print(f"note: the prompt has {len(prompt)} tokens; Gen sees its last {cfg.block_size}",
               file=sys.stderr)
+    # on where the run weighs L_NSP (--lambda_seq > 0), even one that stopped before nsp_start
     retrieve = args.retrieve and cfg.lambda_seq > 0
-    datastore = (use_search(datastore_file.load_or_build(os.path.join(args.out_dir, "datastore.pt"),
-                                                    embedder, data), args.index, cfg, data, tok)
-                 if retrieve else None)
+    datastore = None
+    if retrieve:  # built once, saved beside the run (machinery/datastore_file.py)
+        datastore = datastore_file.load_or_build(os.path.join(args.out_dir, "datastore.pt"),
+                                                 embedder, data)
+        use_search(datastore, args.index, cfg, data, tok)
     generator = torch.Generator(device=next(gen.parameters()).device).manual_seed(args.seed)
     for _ in range(args.num_samples):
         ids, retrievals = generate(gen, prompt, args.max_new_tokens, tok.marker, tok.eod,

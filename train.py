@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from data import load_data
-from datastore import (first_stage, first_stage_metrics, lexical_index, lexical_metrics,
-                       retrieval_quality)
+from datastore import first_stage, first_stage_metrics, retrieval_quality
 from losses import co_supervision_loss
 from machinery import distributed
 from machinery.cli import main_guard, parse_config
-from machinery.config import Config, build_models, check_config
+from machinery.config import Config, autocast, build_models, check_config
+from machinery.lexical import lexical_index, lexical_metrics
 from machinery.run import Run
 
 
@@ -61,53 +61,34 @@ def nsp_lr_scale(it, cfg):
     return min(1.0, max(0, it - cfg.nsp_start + 1) / (cfg.warmup_iters + 1))
 
 
-def step_loss(gen, embedder, batch, lambda_tok, lambda_seq, temperature, world=1):
-    """L = lambda_tok L_NTP + lambda_seq L_NSP on a batch, as the training step takes it.
+def across_processes(batch, lambda_seq, world):
+    """With W > 1 processes, L_NSP is taken over the markers and candidates of all of them: the
+    gather co_supervision_loss applies (distributed.gather_candidates), and L_NSP's weight.
 
-    With W > 1 processes, L_NSP is taken over the markers and candidates of all of them
-    (distributed.gather_candidates). Each process then computes the whole L_NSP but its gradient
-    only through its own queries and embeddings, and DDP averages the W gradients: weighting L_NSP
-    by W makes that average the gradient of L_NSP. All processes must run L_NSP, or none (DDP
-    waits for every process's gradients): none only when no process's batch holds a marker."""
-    pool = None
-    if world > 1 and lambda_seq > 0:
-        if distributed.total(len(batch.positive), batch.x.device) > 0:
-            pool = distributed.gather_candidates
-        lambda_seq = lambda_seq * world
-    return co_supervision_loss(gen, embedder, batch, lambda_tok, lambda_seq, temperature,
-                               pool=pool)
-
-
-def train_step(gen, embedder, optimizer, params, batch, cfg, lambda_seq, lr, ctx, world=1,
-               nsp_lr=None):
-    """One optimisation step of L on a batch (AdamW, the gradient norm clipped to grad_clip), at
-    learning rate lr (nsp_lr, default lr, for the parts only L_NSP trains). Returns the loss and
-    its parts."""
-    for group in optimizer.param_groups:
-        group["lr"] = nsp_lr if group["nsp"] and nsp_lr is not None else lr
-    with ctx:
-        loss, stats = step_loss(gen, embedder, batch, cfg.lambda_tok, lambda_seq, cfg.temperature,
-                                world)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-    optimizer.step()
-    return loss, stats
+    Each process then computes the whole L_NSP but its gradient only through its own queries and
+    embeddings, and DDP averages the W gradients: weighting L_NSP by W makes that average the
+    gradient of L_NSP. All processes must run L_NSP, or none (DDP waits for every process's
+    gradients): none only when no process's batch holds a marker. One process: no gather."""
+    if world == 1 or lambda_seq == 0:
+        return None, lambda_seq
+    markers = distributed.total(len(batch.target_row), batch.x.device)
+    return (distributed.gather_candidates if markers > 0 else None), lambda_seq * world
 
 
 @torch.no_grad()
-def loss_estimates(gen, embedder, data, cfg, device, ctx, split, with_nsp=True):
+def loss_estimates(gen, embedder, data, cfg, device, ctx, split, measure_nsp=True):
     """Mean L_NTP and L_NSP over eval_iters fixed batches of a split (the same batches each time,
-    so the curves are smooth); L_NSP is None where the split has no marker, or without with_nsp
-    (then Emb_seq does not run)."""
+    so the curves are smooth); L_NSP is None where the split has no marker, or without
+    measure_nsp (then Emb_seq does not run). The parts do not depend on the weights: L_NSP is
+    measured at weight 1 even in a run that trains without it."""
     rng = np.random.default_rng(cfg.seed + 1)
     ntp, nsp = [], []
     for _ in range(cfg.eval_iters):
-        batch = data.get_batch(split, cfg.batch_size, rng, cfg.hard_negatives, cfg.seq_len)
+        batch = data.get_batch(split, cfg.batch_size, rng, cfg.hard_negatives,
+                               cfg.emb_block_size)
         with ctx:
             _, stats = co_supervision_loss(gen, embedder, batch.to(device), cfg.lambda_tok,
-                                           cfg.lambda_seq, cfg.temperature, with_nsp)
+                                           float(measure_nsp), cfg.temperature)
         ntp.append(stats["ntp"].item())
         nsp += [stats["nsp"].item()] if "nsp" in stats else []
     return float(np.mean(ntp)), (float(np.mean(nsp)) if nsp else None)
@@ -136,13 +117,18 @@ def evaluate(gen, embedder, data, cfg, device, ctx, baseline, stage):
 def main(argv=None):
     cfg, _ = parse_config(Config, __doc__, argv)
     check_config(cfg)
-    run = Run(cfg, argv)  # the out_dir, the processes, the device, the seeds (machinery/run.py)
+    run = Run(cfg, argv)  # the out_dir, log and checkpoints, the processes (machinery/run.py)
+    torch.manual_seed(cfg.seed)  # the same initial weights in every process
+    rng = np.random.default_rng(cfg.seed + run.rank)  # the batches: each process its own
+    ctx = autocast(run.device, cfg.dtype)  # bfloat16 on a GPU, plain float32 on a CPU
     data, tok = load_data(cfg)
-    gen, embedder = build_models(cfg, tok.vocab_size)
+    gen, embedder = build_models(cfg, tok.vocab_size)  # Gen and Emb_seq of the config's sizes
     gen.to(run.device), embedder.to(run.device)
+    if run.world > 1:  # the weights are built, the same everywhere: now each its own dropout
+        torch.manual_seed(cfg.seed + run.rank)
     params = list(gen.parameters()) + list(embedder.parameters())
     optimizer = make_optimizer(cfg, gen, embedder, run.device)
-    start = run.begin(gen, embedder, optimizer, params, data, tok)  # --resume, --init_from
+    start = run.begin(gen, embedder, optimizer, params, data, tok, rng)  # --resume, --init_from
     step_gen, step_embedder = run.step_models(gen, embedder)        # --compile, DDP
     baseline, stage = {}, None
     if run.main:  # TF-IDF's numbers and the first stage's candidates: no training, so once
@@ -153,18 +139,26 @@ def main(argv=None):
     for it in run.iterations(start):  # the progress bar; Ctrl-C and divergence stop it
         lr = learning_rate(it, cfg)
         if run.due(it):  # every eval_interval, and at the end: log and checkpoint
-            run.save(it, lr, evaluate(gen, embedder, data, cfg, run.device, run.ctx, baseline,
-                                       stage)
+            run.save(it, lr, evaluate(gen, embedder, data, cfg, run.device, ctx, baseline, stage)
                      if run.main else None)
         if it == cfg.max_iters:
             break
         if it == cfg.nsp_start and cfg.emb_from_gen:  # Gen's token space starts Emb_seq
             embedder.start_from(gen)
         lambda_seq = cfg.lambda_seq if it >= cfg.nsp_start else 0.0
-        batch = data.get_batch("train", cfg.batch_size, run.rng, cfg.hard_negatives, cfg.seq_len)
-        loss, stats = train_step(step_gen, step_embedder, optimizer, params, batch.to(run.device),
-                                 cfg, lambda_seq, lr, run.ctx, run.world,
-                                 nsp_lr=lr * nsp_lr_scale(it, cfg))
+        for group in optimizer.param_groups:  # the parts only L_NSP trains: their own warmup
+            group["lr"] = lr * nsp_lr_scale(it, cfg) if group["nsp"] else lr
+        batch = data.get_batch("train", cfg.batch_size, rng, cfg.hard_negatives,
+                               cfg.emb_block_size).to(run.device)
+        gather, lambda_seq = across_processes(batch, lambda_seq, run.world)
+        with ctx:
+            loss, stats = co_supervision_loss(step_gen, step_embedder, batch, cfg.lambda_tok,
+                                              lambda_seq, cfg.temperature, gather)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
         run.stepped(it, loss, stats)
     run.finish()
 

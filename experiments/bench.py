@@ -27,9 +27,11 @@ import torch
 
 import train
 from data import load_data
-from datastore import Datastore, search
+from datastore import search
+from machinery import datastore_file
 from machinery.faiss_index import FaissIndex
 from generate import generate
+from losses import co_supervision_loss
 from machinery.cli import UserError, flag, main_guard, parse_config
 from machinery.config import Config, autocast, build_models, pick_device
 
@@ -63,10 +65,17 @@ def stepper(cfg, data, device, lambda_seq):
     fwd_gen, fwd_embedder = (torch.compile(gen), torch.compile(embedder)) if cfg.compile else (
         gen, embedder)
 
-    def step(lam=lambda_seq):
-        batch = data.get_batch("train", cfg.batch_size, rng, cfg.hard_negatives, cfg.seq_len)
-        train.train_step(fwd_gen, fwd_embedder, optimizer, params, batch.to(device), cfg, lam,
-                         cfg.learning_rate, ctx)
+    def step(lam=lambda_seq):  # the body of train.py's loop, one process
+        batch = data.get_batch("train", cfg.batch_size, rng, cfg.hard_negatives,
+                               cfg.emb_block_size)
+        with ctx:
+            loss, _ = co_supervision_loss(fwd_gen, fwd_embedder, batch.to(device), cfg.lambda_tok,
+                                          lam, cfg.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
     return step, gen, embedder
@@ -119,7 +128,8 @@ def overhead(args, device):
     # the work Emb_seq adds, in FLOPs, over Gen's, padded (one width for all candidates) and
     # not: what the ratio cannot go below at equal speed
     rng = np.random.default_rng(args.seed)
-    batches = [data.get_batch("train", cfg.batch_size, rng, cfg.hard_negatives, cfg.seq_len)
+    batches = [data.get_batch("train", cfg.batch_size, rng, cfg.hard_negatives,
+                              cfg.emb_block_size)
                for _ in range(50)]
     emb_shape = np.mean([b.candidates.shape for b in batches], axis=0)
     emb_length = float(np.mean([b.candidate_mask.float().mean(1).mean() for b in batches])
@@ -168,7 +178,7 @@ def sampling(args):
         torch.manual_seed(args.seed)
         gen, embedder = build_models(cfg, tok.vocab_size)
         gen.eval(), embedder.eval()
-        store = Datastore.build(embedder, data, progress=False)
+        store = datastore_file.build(embedder, data, progress=False)
         prompt = [int(t) for t in data.val.ids[:64]]
         runs = {True: [], False: []}
         for _ in range(repeats):
@@ -294,8 +304,9 @@ def evaluation(args):
         return {"skipped": f"no trained run in {args.eval_run}"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sides = {"batched": ["evaluate.py"],
-             "one_at_a_time": ["-c", "import sys, evaluate, experiments.bench as b; "
-                                     "evaluate.generate_batch = b.one_at_a_time; "
+             "one_at_a_time": ["-c", "import sys, evaluate, experiments.bench as b, "
+                                     "machinery.batch_generate as g; "
+                                     "g.generate_batch = b.one_at_a_time; "
                                      "evaluate.main(sys.argv[1:])"]}
     with tempfile.TemporaryDirectory() as tmp:
         run = os.path.join(tmp, "run")

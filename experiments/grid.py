@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from datastore import Datastore
+from machinery import datastore_file
 from evaluate import answer_metrics
 from experiments import report
 from machinery.checkpoint import load_run, read_jsonl
@@ -123,7 +123,7 @@ class Grid:
         query_gen = None
         if query_from:
             _, query_gen, embedder, _, _ = load_run(query_from, "cpu")
-        store = Datastore.build(embedder, data, progress=False)
+        store = datastore_file.build(embedder, data, progress=False)
         n = self.cfg.questions
         asked = answer_metrics(gen, store, data, tok, "val", n, query_gen, modes)
         new = answer_metrics(gen, store, data, tok, "val", n, query_gen, modes,

@@ -12,7 +12,7 @@ import os
 import torch
 
 from data import load_data
-from machinery import distributed
+from machinery import datastore_file, distributed
 from machinery.cli import UserError
 from machinery.config import Config, build_models, pick_device
 
@@ -71,7 +71,7 @@ def check_same_data(ckpt, path, data, tok):
 
 
 MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "emb_layer", "emb_head", "emb_embd",
-               "seq_len", "seq_dim")
+               "emb_block_size", "seq_dim")
 CHECKPOINT_KEYS = ("gen", "embedder", "optimizer", "config", "gen_config", "embedder_config",
                    "tokenizer", "data_fingerprint", "iter", "metrics", "rng")
 
@@ -85,6 +85,9 @@ def read_checkpoint(path, missing):
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         for key in CHECKPOINT_KEYS:
             ckpt[key]
+        if "seq_len" in ckpt["config"]:  # written when --emb_block_size was called --seq_len
+            ckpt["config"]["emb_block_size"] = ckpt["config"].pop("seq_len")
+            ckpt["embedder_config"]["block_size"] = ckpt["embedder_config"].pop("seq_len")
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): it is cut "
                         "short or not from train.py; train again (--overwrite)") from None
@@ -150,3 +153,16 @@ def load_run(out_dir, device="auto"):
     gen.load_state_dict(ckpt["gen"])
     embedder.load_state_dict(ckpt["embedder"])
     return cfg, gen.to(device).eval(), embedder.to(device).eval(), data, tok
+
+
+def load_query_from(other, out_dir, data, device="auto"):
+    """evaluate.py --query_from OTHER (separate supervision): OTHER's Gen, which makes the
+    queries, and a datastore of OTHER's Emb_seq: OTHER's own if it is fresh, else one in memory
+    (OTHER's folder is only read). Returns (that Gen, the datastore, the path of the result)."""
+    _, query_gen, retriever, other_data, _ = load_run(other, device)
+    if other_data.fingerprint != data.fingerprint:
+        raise UserError(f"{other} was trained on other data than {out_dir}")
+    datastore = (datastore_file.load(os.path.join(other, "datastore.pt"), retriever, data)
+                 or datastore_file.build(retriever, data))
+    name = os.path.basename(os.path.normpath(other))
+    return query_gen, datastore, os.path.join(out_dir, f"eval_query_from_{name}.json")

@@ -2,7 +2,7 @@
 train.py's configuration: every flag with its default and help (`python train.py --help`), the
 checks that turn a bad value into a one-line error, the device and precision, and the two models
 a config describes. sample.py and evaluate.py rebuild a finished run from the Config saved in its
-checkpoint.
+checkpoint; their own flags (SampleConfig, EvalConfig) are at the end.
 """
 
 import math
@@ -14,6 +14,7 @@ import torch
 from embedder import EmbedderConfig, SeqEmbedder
 from machinery.cli import UserError, flag
 from machinery.corpora import check_dataset
+from machinery.search import require_index
 from model import Gen, GenConfig
 
 
@@ -39,11 +40,12 @@ class Config:
     emb_layer: int = flag(2, "Emb_seq: transformer layers")
     emb_head: int = flag(4, "Emb_seq: attention heads")
     emb_embd: int = flag(64, "Emb_seq: width")
-    seq_len: int = flag(64, "Emb_seq: longest sequence it reads (longer ones are cut)")
+    emb_block_size: int = flag(64, "Emb_seq: longest sequence it reads, in tokens (longer ones are "
+                                   "cut)")
     seq_dim: int = flag(128, "width of queries and sequence embeddings")
     emb_from_gen: bool = flag(False, "when L_NSP joins, start Emb_seq from Gen's trunk (needs "
                                      "--emb_embd = --n_embd, --emb_head = --n_head, --emb_layer <= "
-                                     "--n_layer, --seq_len <= --block_size)")
+                                     "--n_layer, --emb_block_size <= --block_size)")
     # objective
     lambda_tok: float = flag(1.0, "weight of L_NTP (0: NSP-only training)")
     lambda_seq: float = flag(0.5, "weight of L_NSP (0: NTP-only training)")
@@ -105,7 +107,7 @@ def check_config(cfg):
     if cfg.lambda_tok == 0 and cfg.lambda_seq == 0:
         raise UserError("--lambda_tok and --lambda_seq are both 0: nothing to train")
     for name in ("block_size", "batch_size", "n_layer", "n_head", "n_embd", "emb_layer", "emb_head",
-                 "emb_embd", "seq_len", "seq_dim", "eval_interval", "eval_iters"):
+                 "emb_embd", "emb_block_size", "seq_dim", "eval_interval", "eval_iters"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
     for width, heads in (("n_embd", "n_head"), ("emb_embd", "emb_head")):
@@ -118,9 +120,10 @@ def check_config(cfg):
     if not cfg.temperature > 0:
         raise UserError(f"--temperature must be positive, got {cfg.temperature}")
     if cfg.emb_from_gen and (cfg.emb_embd != cfg.n_embd or cfg.emb_head != cfg.n_head
-                             or cfg.emb_layer > cfg.n_layer or cfg.seq_len > cfg.block_size):
+                             or cfg.emb_layer > cfg.n_layer
+                             or cfg.emb_block_size > cfg.block_size):
         raise UserError("--emb_from_gen needs --emb_embd = --n_embd, --emb_head = --n_head, "
-                        "--emb_layer <= --n_layer and --seq_len <= --block_size")
+                        "--emb_layer <= --n_layer and --emb_block_size <= --block_size")
     if cfg.negatives not in ("auto", "corpus", "lexical"):
         raise UserError(f"--negatives must be auto, corpus or lexical, got {cfg.negatives!r}")
     if cfg.first_stage < 1:
@@ -165,6 +168,60 @@ def build_models(cfg, vocab_size):
     """Gen and Emb_seq of the sizes a config gives, freshly initialised."""
     gen = Gen(GenConfig(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
                         cfg.seq_dim, cfg.dropout))
-    embedder = SeqEmbedder(EmbedderConfig(vocab_size, cfg.seq_len, cfg.emb_layer, cfg.emb_head,
-                                          cfg.emb_embd, cfg.seq_dim, cfg.dropout))
+    embedder = SeqEmbedder(EmbedderConfig(vocab_size, cfg.emb_block_size, cfg.emb_layer,
+                                          cfg.emb_head, cfg.emb_embd, cfg.seq_dim, cfg.dropout))
     return gen, embedder
+
+
+INDEX_HELP = ("how retrieval searches the datastore: exact (every entry), faiss (approximate, for "
+              "datastores past about 1M sequences; pip install faiss-cpu), first_stage (the "
+              "learned score re-ranks TF-IDF's top K, the run's --first_stage), or auto "
+              "(first_stage on a text corpus, exact on facts)")
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = flag("out", "the trained run")
+    prompt: str = flag(None, "text to continue (\\n for a newline); default: the first held-out "
+                             "document up to its first marker")
+    prompt_file: str = flag("", "read the prompt from this file instead")
+    num_samples: int = flag(1, "how many samples")
+    max_new_tokens: int = flag(200, "tokens to add, inserted sequences included")
+    temperature: float = flag(0.0, "sampling temperature (0: greedy)")
+    top_k: int = flag(0, "sample from the k most likely tokens only (0: all)")
+    seed: int = flag(1337, "random seed")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
+    retrieve: bool = flag(True, "retrieval in the loop (default: on where the run's --lambda_seq "
+                                     "is above 0)")
+    show_retrieval: int = flag(0, "also list the next K datastore entries at each retrieval")
+    index: str = flag("auto", INDEX_HELP)
+
+
+def check_sample_config(args):
+    if args.max_new_tokens <= 0 or args.num_samples <= 0:
+        raise UserError("--max_new_tokens and --num_samples must be positive")
+    if args.temperature < 0 or args.top_k < 0 or args.show_retrieval < 0:
+        raise UserError("--temperature, --top_k and --show_retrieval must be >= 0")
+    if args.prompt == "":
+        raise UserError("--prompt is empty: give some text, or leave --prompt out to continue a "
+                        "held-out document")
+    require_index(args.index)
+
+
+@dataclass
+class EvalConfig:
+    out_dir: str = flag("out", "the run to evaluate")
+    query_from: str = flag("", "another run whose Gen makes the queries and whose Emb_seq "
+                               "embeds the datastore (separate supervision)")
+    questions: int = flag(480, "documents per split for the answer metrics (0: none)")
+    batch_size: int = flag(256, "questions answered at once (batched greedy decoding)")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
+    index: str = flag("auto", INDEX_HELP)
+
+
+def check_eval_config(args):
+    if args.questions < 0:
+        raise UserError(f"--questions must be >= 0, got {args.questions}")
+    if args.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
+    require_index(args.index)

@@ -25,7 +25,7 @@ class Segment(NamedTuple):
 class Corpus:
     train: list              # documents (lists of Segments)
     val: list
-    hard_negatives: dict     # sequence text -> texts easily confused with it
+    confusable: dict         # sequence text -> texts easily confused with it (hard negatives)
     aligned: bool            # windows start at document starts (short, self-contained documents)
 
 
@@ -137,8 +137,8 @@ def load_corpus(dataset, split="sentence", val_fraction=0.1, facts_people=400, f
     check_dataset(dataset)
     if dataset == "facts":
         from machinery.facts import build_facts
-        train, val, hard = build_facts(facts_people, facts_heldout)
-        return Corpus(train, val, hard, aligned=True)
+        train, val, confusable = build_facts(facts_people, facts_heldout)
+        return Corpus(train, val, confusable, aligned=True)
     if dataset == "pydoc":  # CPython's own documentation text: real prose, always present offline
         from pydoc_data.topics import topics
         docs = [d for key in sorted(topics) for d in _text_documents(topics[key].strip(), split)]

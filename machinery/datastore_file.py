@@ -1,9 +1,11 @@
 """
-The datastore on disk, out_dir/datastore.pt: saved with the fingerprint of the Emb_seq and data
-that built it (datastore.Datastore.fingerprint_of), used again only when both match, else built
-afresh. Persistence only: the datastore itself is datastore.Datastore.
+Building the datastore (Emb_seq over every sequence of the corpus) and keeping it on disk,
+out_dir/datastore.pt: saved with the fingerprint of the Emb_seq and data that built it, used again
+only when both match, else built afresh. Persistence only: the datastore itself is
+datastore.Datastore.
 """
 
+import hashlib
 import os
 import sys
 
@@ -11,6 +13,22 @@ import numpy as np
 import torch
 
 from datastore import Datastore
+
+
+def fingerprint(embedder, data):
+    """A hash of Emb_seq's weights and the data: a datastore built from either, changed, is
+    stale."""
+    h = hashlib.sha256(data.fingerprint.encode())
+    for name, t in sorted(embedder.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def build(embedder, data, progress=True):
+    """The Datastore of a corpus: every sequence embedded by this Emb_seq (SeqEmbedder.embed)."""
+    embeddings = embedder.embed(data, progress=progress)                 # (n_sequences, d)
+    return Datastore(embeddings, data.offsets, data.seq_tokens, fingerprint(embedder, data))
 
 
 def save(store, path):
@@ -27,12 +45,12 @@ def load(path, embedder, data):
     is none, or it is stale or unreadable (said on stderr). A stale one is never used."""
     if not os.path.exists(path):
         return None
-    fingerprint = Datastore.fingerprint_of(embedder, data)
+    current = fingerprint(embedder, data)
     try:
         saved = torch.load(path, weights_only=True)
-        if saved["fingerprint"] == fingerprint and "embeddings" in saved:
+        if saved["fingerprint"] == current and "embeddings" in saved:
             return Datastore(saved["embeddings"], saved["offsets"].numpy(),
-                             saved["seq_tokens"].numpy(), fingerprint)
+                             saved["seq_tokens"].numpy(), current)
     except Exception:  # cut short, or not a datastore: as good as stale
         pass
     print(f"{path} is stale or unreadable (another Emb_seq or other data): not used",
@@ -46,6 +64,6 @@ def load_or_build(path, embedder, data):
     store = load(path, embedder, data)
     if store is None:
         print(f"building the datastore: {data.n_sequences:,} sequences", file=sys.stderr)
-        store = Datastore.build(embedder, data)
+        store = build(embedder, data)
         save(store, path)
     return store

@@ -118,32 +118,32 @@ def _all_gather_rows(t):
     return [o[:int(n)] for o, n in zip(out, sizes)]
 
 
-def gather_candidates(queries, embeddings, positive, candidate_ids):
+def gather_candidates(queries, embeddings, target_row, candidate_ids):
     """The queries and candidates of all processes, for an L_NSP over the W batches together:
 
         L_NSP = -(1/M) sum_{i in all M markers} log softmax_{j in C}(q_i . e_j / tau)[p(i)],
         C = the union of every process's candidates, each sequence once
 
     queries (M_r, d) and embeddings (N_r, d) are this process's, candidate_ids (N_r,) the datastore
-    id of each candidate and positive (M_r,) each query's target row. Returns (queries, embeddings,
-    positive) of all processes. Only this process's own queries and embeddings carry gradient (the
+    id of each candidate and target_row (M_r,) each query's target row. Returns (queries, embeddings,
+    target_row) of all processes. Only this process's own queries and embeddings carry gradient (the
     others' come through all_gather, which has none): every process computes the same L_NSP, and
     the gradient of process r is dL_NSP/d(its own queries and embeddings). Summed over the
     processes, that is the whole gradient of L_NSP, so the training step weights L_NSP by W to
-    undo DDP's averaging (train.py).
+    undo DDP's averaging (train.across_processes).
 
     A sequence that is a candidate in several processes is kept once (its first copy), as one
     process keeps each candidate once: two markers with the same target never see it as a negative.
     The copies are the same embedding of the same weights, so the gradient through the first copy
     alone is the whole gradient. With one process this returns its arguments unchanged."""
     if world_size() == 1:
-        return queries, embeddings, positive
+        return queries, embeddings, target_row
     rank = dist.get_rank()
     all_queries = _all_gather_rows(queries.detach())
     all_embeddings = _all_gather_rows(embeddings.detach())
     all_queries[rank], all_embeddings[rank] = queries, embeddings  # this process's, with gradient
     all_ids = torch.cat(_all_gather_rows(candidate_ids))
-    targets = torch.cat(_all_gather_rows(candidate_ids[positive]))  # each query's target, as an id
+    targets = torch.cat(_all_gather_rows(candidate_ids[target_row]))  # each query's target, as an id
     ids, inverse = torch.unique(all_ids, return_inverse=True)
     # the first row of each distinct id: the smallest row index among those with that id
     rows = torch.arange(len(all_ids), device=all_ids.device)

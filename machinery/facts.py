@@ -69,7 +69,7 @@ def _word(rng, syllables):
                    for _ in range(syllables)).capitalize()
 
 
-def _pool(rng, size, syllables):
+def _distinct_words(rng, size, syllables):
     """`size` distinct made-up words; a small syllable stock makes many of them look alike."""
     words = []
     while len(words) < size:
@@ -97,15 +97,15 @@ def _similar_people(names):
 
 
 def build_facts(people, heldout):
-    """Returns (train_docs, val_docs, hard_negatives): questions about train / held-out people, and
+    """Returns (train_docs, val_docs, confusable): questions about train / held-out people, and
     for each fact the facts most easily confused with it: the same attribute of the people whose
     names look most like this one's."""
     rng = random.Random(WORLD_SEED)
     # few first names and surnames, each shared by many people: a held-out person is a new
     # combination of parts seen in training, and every name has look-alikes that share a part
-    firsts = _pool(rng, max(8, round(1.2 * people ** 0.5)), (1, 2))
-    lasts = _pool(rng, max(8, round(1.6 * people ** 0.5)), (2, 3))
-    towns = _pool(rng, N_TOWNS, (2,))
+    firsts = _distinct_words(rng, max(8, round(1.2 * people ** 0.5)), (1, 2))
+    lasts = _distinct_words(rng, max(8, round(1.6 * people ** 0.5)), (2, 3))
+    towns = _distinct_words(rng, N_TOWNS, (2,))
     names = []
     while len(names) < people:  # unique full names; first names and surnames are shared
         name = f"{rng.choice(firsts)} {rng.choice(lasts)}"
@@ -133,12 +133,12 @@ def build_facts(people, heldout):
     # share this person's value. The second kind matter: Gen knows a train person's values by
     # heart, and a query that leans on the value (not the name) fails for held-out people.
     similar = _similar_people(names)
-    hard_negatives = {}
+    confusable = {}
     for i in range(people):
         for a in ATTRIBUTES:
             same_value = [j for j in similar[i] if facts[j][a] == facts[i][a]][:3]
-            hard_negatives[fact(i, a)] = [fact(j, a) for j in similar[i][:3] + same_value]
-    return train_docs, val_docs, hard_negatives
+            confusable[fact(i, a)] = [fact(j, a) for j in similar[i][:3] + same_value]
+    return train_docs, val_docs, confusable
 
 
 def reword(question):

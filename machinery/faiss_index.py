@@ -1,5 +1,5 @@
 """
-An approximate index for the datastore's search (datastore.Datastore.use_index): faiss, an
+An approximate index for the datastore's search (machinery/search.py's use_index): faiss, an
 optional install, for datastores past about 1M sequences, where exact search reads every key for
 every query. Speed only: the exact search of datastore.py is the reference it is tested against.
 """

@@ -2,7 +2,8 @@
 Preparation: a corpus's documents become, once, the arrays data.py reads (token streams as numpy
 memmaps, as nanoGPT does, each marker's position and target, every datastore sequence's tokens and
 hard negatives). They are cached under a key that hashes the documents and the tokenizer, so a
-changed input is prepared again, never reused.
+changed input is prepared again, never reused. What the stream holds, and which val sequences
+stay plain text, is data.py's (write_stream, seen_in_training); this is the cache around them.
 
 Tokens are written as they are made, a chunk at a time, never held as one Python list: memory
 stays within a small multiple of the text itself, however long it is.
@@ -14,6 +15,8 @@ import os
 import shutil
 
 import numpy as np
+
+import data
 
 FORMAT_VERSION = 3        # bump when the prepared format changes, so old caches are not reused
 CHUNK = 1 << 20           # tokens (and characters of a long text) handled at a time
@@ -27,7 +30,7 @@ def _key(corpus, tok):
         h.update(b"split")
         for doc in docs:
             h.update(repr(doc).encode())
-    for item in corpus.hard_negatives.items():
+    for item in corpus.confusable.items():
         h.update(repr(item).encode())
     return h.hexdigest()[:16]
 
@@ -86,35 +89,14 @@ def _sequence_tokens(texts, tok, dtype):
 
 
 def _write_split(path, docs, leaked, tok, seq_id, tokens, offsets, chunk):
-    """Write a split's token stream to `path`, each sequence after a marker (a `leaked` one
-    stays plain text); return where its documents start, each marker's position and target
-    sequence id, and the stream's length."""
+    """data.write_stream of a split into the file `path`, `chunk` tokens at a time; also returns
+    the stream's length."""
     stream = _Stream(path, tokens.dtype, chunk)
-    doc_starts, marker_pos, marker_target = [], [], []
-    eod, marker = np.array([tok.eod]), np.array([tok.marker])
-    for doc in docs:
-        doc_starts.append(stream.n)
-        for seg in doc:
-            if seg.sequence and seg.text not in leaked:
-                i = seq_id[seg.text]
-                marker_pos.append(stream.n), marker_target.append(i)
-                stream.append(marker)
-                stream.append(tokens[offsets[i]:offsets[i + 1]])
-            else:
-                for ids in _encode(tok, seg.text, chunk):
-                    stream.append(ids)
-        stream.append(eod)
+    out = data.write_stream(stream, docs, leaked, tok, seq_id,
+                            lambda i: tokens[offsets[i]:offsets[i + 1]],
+                            lambda text: _encode(tok, text, chunk))
     stream.close()
-    return doc_starts, marker_pos, marker_target, stream.n
-
-
-def _seen_in_training(corpus):
-    """The val sequences that training has seen, as a sequence or anywhere inside its text: a
-    leak, so in val they stay plain text, never a retrieval target."""
-    train_seqs = {s.text for d in corpus.train for s in d if s.sequence}
-    val_seqs = {s.text for d in corpus.val for s in d if s.sequence}
-    seen = val_seqs & train_seqs
-    return seen | found_in(val_seqs - seen, "\n".join(s.text for d in corpus.train for s in d))
+    return (*out, stream.n)
 
 
 def found_in(needles, haystack):
@@ -149,7 +131,7 @@ def prepare(corpus, tok, cache_dir, chunk=CHUNK):
     path = os.path.join(cache_dir, key)
     if os.path.exists(os.path.join(path, "meta.json")):
         return path
-    leaked = _seen_in_training(corpus)
+    leaked = data.seen_in_training(corpus)
     # train's sequences first: ids below n_train are the ones training may use
     train_seqs = dict.fromkeys(s.text for d in corpus.train for s in d if s.sequence)
     texts = list(dict.fromkeys([*train_seqs, *(s.text for d in corpus.val for s in d
@@ -172,7 +154,7 @@ def prepare(corpus, tok, cache_dir, chunk=CHUNK):
     # each sequence's hard negatives: distinct, never itself, at most 8; -1 where none
     hard = np.full((len(texts), 8), -1, dtype=np.int64)                  # (n_sequences, 8)
     for i, t in enumerate(texts):
-        h = [seq_id[h] for h in dict.fromkeys(corpus.hard_negatives.get(t, []))
+        h = [seq_id[h] for h in dict.fromkeys(corpus.confusable.get(t, []))
              if h in seq_id and h != t][:8]
         hard[i, :len(h)] = h
     width = max(1, int((hard >= 0).sum(axis=1).max(initial=0)))

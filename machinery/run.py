@@ -17,7 +17,6 @@ import shlex
 import sys
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -25,7 +24,7 @@ from datastore import chance_metrics
 from machinery import distributed
 from machinery.checkpoint import init_from, keep_log_until, resume, rng_state, save_checkpoint
 from machinery.cli import Interrupted, UserError, interruptible, malloc_for
-from machinery.config import autocast, pick_device
+from machinery.config import pick_device
 from machinery.plots import plot_run
 
 # Every file a run has in its out_dir: train.py's, evaluate.py's, sample.py's, and the .tmp a save
@@ -37,7 +36,8 @@ RUN_FILES = ("ckpt.pt", "ckpt.pt.tmp", "log.jsonl", "log.jsonl.tmp", "curves.png
 
 class Run:
     def __init__(self, cfg, argv):
-        """Check the out_dir, join the other processes (if torchrun started several), seed."""
+        """Check the out_dir, join the other processes (if torchrun started several). The seeds,
+        the batches' generator and the autocast context are train.py's."""
         self.cfg, self.argv = cfg, argv
         self.ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
         self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
@@ -49,23 +49,18 @@ class Run:
                             "--overwrite to start over")
         self.rank, self.world, self.device = distributed.setup(pick_device(cfg.device))
         self.main = self.rank == 0  # evaluates, logs, saves
-        self.ctx = autocast(self.device, cfg.dtype)
-        torch.manual_seed(cfg.seed)  # the same initial weights in every process (see begin)
         malloc_for("transient")  # preparing the corpus, until begin()
-        self.rng = np.random.default_rng(cfg.seed + self.rank)  # each process its own batches
         self.metrics, self.saved, self.stop = {}, None, False
         self.steps, self.step_time, self.t0 = 0, 0.0, 0.0
 
-    def begin(self, gen, embedder, optimizer, params, data, tok):
-        """Each process's own torch stream, now that the models are built; the models and
-        optimizer from --resume or --init_from, if given; the log opened. Returns the first
+    def begin(self, gen, embedder, optimizer, params, data, tok, rng):
+        """The models, optimizer and batches' generator rng from --resume or --init_from, if
+        given (every checkpoint keeps rng's state); the log opened. Returns the first
         iteration."""
         cfg, start = self.cfg, 0
         malloc_for("training")  # and what preparing the corpus freed goes back to the system
         self.gen, self.embedder, self.optimizer, self.params = gen, embedder, optimizer, params
-        if self.world > 1:  # the weights are built, the same everywhere: now each its own dropout
-            torch.manual_seed(cfg.seed + self.rank)
-        self.data, self.tok = data, tok
+        self.data, self.tok, self.rng = data, tok, rng
         if cfg.resume:
             start, self.metrics = resume(self.ckpt_path, cfg, gen, embedder, optimizer, self.rng,
                                          data, tok, self.device)

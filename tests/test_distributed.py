@@ -19,6 +19,7 @@ import train
 from machinery.config import Config
 from data import Batch, load_data
 from embedder import EmbedderConfig, SeqEmbedder
+from losses import co_supervision_loss
 from conftest import TINY
 from model import Gen, GenConfig
 
@@ -33,7 +34,7 @@ def _models(vocab_size):
 
 def _without_markers(batch):
     empty = torch.zeros(0, dtype=torch.long)
-    return batch._replace(marker_index=(empty, empty), positive=empty, candidate_ids=empty,
+    return batch._replace(marker_index=(empty, empty), target_row=empty, candidate_ids=empty,
                           candidates=torch.zeros(0, 1, dtype=torch.long),
                           candidate_mask=torch.zeros(0, 1, dtype=torch.bool))
 
@@ -54,15 +55,17 @@ def _combine(data, batches):
     offsets = np.cumsum([0] + [len(b.x) for b in batches])
     rows = torch.cat([b.marker_index[0] + int(o) for b, o in zip(batches, offsets)])
     cols = torch.cat([b.marker_index[1] for b in batches])
-    positive = torch.cat([torch.searchsorted(ids, b.candidate_ids[b.positive]) for b in batches])
+    target_row = torch.cat([torch.searchsorted(ids, b.candidate_ids[b.target_row])
+                            for b in batches])
     return Batch(torch.cat([b.x for b in batches]), torch.cat([b.y for b in batches]),
-                 (rows, cols), tokens, mask, positive, ids)
+                 (rows, cols), tokens, mask, target_row, ids)
 
 
 def _step(gen, emb, batch, gather):
     """One forward and backward; the loss parts and every gradient."""
     gen.zero_grad(set_to_none=True), emb.zero_grad(set_to_none=True)
-    loss, stats = train.step_loss(gen, emb, batch, LAMBDA_TOK, LAMBDA_SEQ, TAU, 2 if gather else 1)
+    gather_fn, lambda_seq = train.across_processes(batch, LAMBDA_SEQ, 2 if gather else 1)
+    loss, stats = co_supervision_loss(gen, emb, batch, LAMBDA_TOK, lambda_seq, TAU, gather_fn)
     loss.backward()
     named = list(gen.module.named_parameters() if gather else gen.named_parameters())
     named += list(emb.module.named_parameters() if gather else emb.named_parameters())

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from conftest import write
 from data import load_data
-from datastore import (Datastore, FirstStage, Lexical, candidate_ranks, candidate_scores,
-                       first_stage, first_stage_metrics, lexical_index, marker_texts,
-                       rerank_metrics)
+from datastore import (Datastore, FirstStage, candidate_ranks, candidate_scores, first_stage,
+                       first_stage_metrics, marker_texts, rerank_metrics)
+from machinery.lexical import Lexical, lexical_index
 from machinery.config import Config
 
 

@@ -5,8 +5,9 @@ import torch
 from datastore import Datastore, search
 from machinery import datastore_file
 from embedder import EmbedderConfig, SeqEmbedder
-import generate as generate_module
-from generate import generate, generate_batch, new_caches
+from generate import generate, new_caches
+from machinery import batch_generate as batch_module
+from machinery.batch_generate import generate_batch
 from model import Gen, GenConfig
 
 MARKER, EOD = 9, 8
@@ -90,8 +91,8 @@ def test_rows_with_and_without_retrieval_share_their_prompt_pass(monkeypatch):
     gen, store = _gen(), _store(seed=11)
     prompts = [[1, 2, 3], [1, 2, 3], [4] * 30, [4] * 30, [5, 0]]
     retrieve = [True, False, True, False, True]
-    fed, feed = [], generate_module._feed
-    monkeypatch.setattr(generate_module, "_feed", lambda gen, caches, fresh, *rest:
+    fed, feed = [], batch_module._feed
+    monkeypatch.setattr(batch_module, "_feed", lambda gen, caches, fresh, *rest:
                         fed.append(len(fresh)) or feed(gen, caches, fresh, *rest))
     batched = generate_batch(gen, prompts, 40, MARKER, stop=4, datastore=store,
                              retrieve=retrieve)
@@ -136,7 +137,7 @@ def test_datastore_round_trip_and_staleness(tmp_path, tiny_data):
     assert np.array_equal(loaded.sequence(5), data.sequence(5))
     with torch.no_grad():
         emb.proj.weight[0, 0] += 1e-3  # any change to Emb_seq makes the saved datastore stale
-    assert Datastore.fingerprint_of(emb, data) != built.fingerprint
+    assert datastore_file.fingerprint(emb, data) != built.fingerprint
     rebuilt = datastore_file.load_or_build(path, emb, data)
     assert rebuilt.fingerprint != built.fingerprint
     assert not torch.equal(rebuilt.embeddings, built.embeddings)

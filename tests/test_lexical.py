@@ -1,10 +1,10 @@
-"""The lexical baseline (datastore.py): TF-IDF ranks by hand, ties against the target."""
+"""The lexical baseline (machinery/lexical.py): TF-IDF ranks by hand, ties against the target."""
 import math
 
 import numpy as np
 import torch
 
-from datastore import lexical_metrics, lexical_ranks
+from machinery.lexical import lexical_metrics, lexical_ranks
 
 
 def test_ranks_by_hand_with_ties_counted_against_the_target():

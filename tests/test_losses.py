@@ -41,9 +41,9 @@ def test_duplicate_targets_are_not_negatives(tiny_data):
     batch = data.get_batch("train", 2, rng, hard_negatives=2)
     rows = batch.marker_index[0]
     assert (rows == 0).sum() > 0
-    assert torch.equal(batch.positive[rows == 0], batch.positive[rows == 1])
+    assert torch.equal(batch.target_row[rows == 0], batch.target_row[rows == 1])
     assert len(torch.unique(batch.candidates, dim=0)) == len(batch.candidates)
-    target = batch.positive[0]
+    target = batch.target_row[0]
     assert torch.equal(batch.candidates[target][batch.candidate_mask[target]],
                        torch.from_numpy(data.sequence(seq).astype(np.int64)))
 
@@ -64,8 +64,8 @@ def _grads(lambda_seq, batch):
 
 def test_gradients_reach_embedder_iff_lambda_seq_positive(tiny_data):
     data, _ = tiny_data
-    batch = data.get_batch("train", 4, np.random.default_rng(1), hard_negatives=2, seq_len=16)
-    assert len(batch.positive) > 0
+    batch = data.get_batch("train", 4, np.random.default_rng(1), hard_negatives=2, emb_block_size=16)
+    assert len(batch.target_row) > 0
     emb_grads, head_grads = _grads(0.5, batch)
     assert all(g is not None and g.abs().sum() > 0 for g in emb_grads + head_grads)
     emb_grads, head_grads = _grads(0.0, batch)
@@ -76,7 +76,7 @@ def test_length_buckets_change_no_embedding_and_no_nsp_loss(tiny_data):
     data, _ = tiny_data
     gen, _ = _models()
     emb = SeqEmbedder(EmbedderConfig(300, 64, 1, 2, 16, 8))  # reads whole facts, uncut
-    batch = data.get_batch("train", 8, np.random.default_rng(0), hard_negatives=2, seq_len=64)
+    batch = data.get_batch("train", 8, np.random.default_rng(0), hard_negatives=2, emb_block_size=64)
     lengths = batch.candidate_mask.sum(1)
     assert len(lengths.unique()) > 3  # rows of many lengths: the buckets cut different widths
     padded = emb(batch.candidates, batch.candidate_mask, buckets=1)     # all at the longest
@@ -84,7 +84,7 @@ def test_length_buckets_change_no_embedding_and_no_nsp_loss(tiny_data):
         bucketed = emb(batch.candidates, batch.candidate_mask, buckets=buckets)
         assert torch.allclose(bucketed, padded, atol=1e-6)
     _, queries = gen(batch.x, batch.marker_index)
-    l_padded, _ = nsp_loss(queries, padded, batch.positive, 0.1)
-    l_bucketed, _ = nsp_loss(queries, emb(batch.candidates, batch.candidate_mask), batch.positive,
+    l_padded, _ = nsp_loss(queries, padded, batch.target_row, 0.1)
+    l_bucketed, _ = nsp_loss(queries, emb(batch.candidates, batch.candidate_mask), batch.target_row,
                              0.1)
     assert torch.allclose(l_bucketed, l_padded, atol=1e-6)

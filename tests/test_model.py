@@ -19,7 +19,7 @@ def test_a_token_never_changes_logits_before_it():
 
 def test_mean_pooling_ignores_padding():
     torch.manual_seed(0)
-    emb = SeqEmbedder(EmbedderConfig(vocab_size=50, seq_len=24, n_layer=2, n_head=2, n_embd=16,
+    emb = SeqEmbedder(EmbedderConfig(vocab_size=50, block_size=24, n_layer=2, n_head=2, n_embd=16,
                                      seq_dim=8)).eval()
     seq = torch.randint(0, 50, (7,))
     embeddings = []
@@ -47,7 +47,7 @@ def test_queries_are_unit_vectors_at_the_markers():
 def test_emb_seq_can_start_from_gens_trunk():
     torch.manual_seed(0)
     gen = Gen(GenConfig(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=16, seq_dim=8))
-    emb = SeqEmbedder(EmbedderConfig(vocab_size=50, seq_len=12, n_layer=2, n_head=2, n_embd=16,
+    emb = SeqEmbedder(EmbedderConfig(vocab_size=50, block_size=12, n_layer=2, n_head=2, n_embd=16,
                                      seq_dim=8))
     proj = emb.proj.weight.clone()
     emb.start_from(gen)

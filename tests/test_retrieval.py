@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from data import Data
-from datastore import (Datastore, chance_metrics, marker_queries, require_index,
-                       retrieval_metrics, retrieval_quality, search, target_ranks)
+from datastore import (Datastore, chance_metrics, marker_queries, retrieval_metrics,
+                       retrieval_quality, search, target_ranks)
+from machinery import batch_generate
+from machinery.search import require_index, use_index
 import evaluate
 from evaluate import _answer, questions
 from generate import Retrieval
@@ -186,7 +188,7 @@ def test_answer_metrics_count_what_generation_did(tiny_data, monkeypatch):
     def fake_generate_batch(gen, prompts, budgets, marker, stop, store, query_gen, retrieve):
         return [answer(given, marker, r) for given, r in zip(prompts, retrieve)]
 
-    monkeypatch.setattr(evaluate, "generate_batch", fake_generate_batch)
+    monkeypatch.setattr(batch_generate, "generate_batch", fake_generate_batch)
     gen = SimpleNamespace(config=SimpleNamespace(block_size=1000))
     got = evaluate.answer_metrics(gen, "a datastore", data, tok, "val", 4,
                                   batch_size=3)  # several batches
@@ -214,7 +216,7 @@ def test_faiss_index_finds_each_key_as_its_own_best_entry():
     pytest.importorskip("faiss")
     keys = _unit(20_000, 16, 0)                                            # (N, d)
     queries = torch.nn.functional.normalize(keys[:200] + 0.01 * _unit(200, 16, 1), dim=-1)
-    store = Datastore(keys, None, None, "test").use_index("faiss")
+    store = use_index(Datastore(keys, None, None, "test"), "faiss")
     assert store.index.index.nlist == 141 and store.index.index.nprobe == 32  # it is approximate
     scores, ids = store.search(queries, k=1)
     assert torch.equal(ids[:, 0], torch.arange(200))
@@ -226,19 +228,19 @@ def test_faiss_index_recall_at_10_on_random_data():
     keys, queries = _unit(20_000, 16, 0), _unit(100, 16, 1)
     store = Datastore(keys, None, None, "test")
     _, exact = store.search(queries, k=10)
-    scores, approx = store.use_index("faiss").search(queries, k=10)
+    scores, approx = use_index(store, "faiss").search(queries, k=10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx.tolist(), exact.tolist())])
     assert recall >= 0.95
     # the scores it returns are the exact inner products of the entries it returns, best first
     assert torch.allclose(scores, (queries[:, None] * keys[approx]).sum(-1), atol=1e-5)
     assert (scores[:, :-1] >= scores[:, 1:]).all()
-    assert store.use_index("exact").search(queries, k=10)[1].equal(exact)
+    assert use_index(store, "exact").search(queries, k=10)[1].equal(exact)
 
 
 def test_faiss_missing_is_a_one_line_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now fails
     with pytest.raises(UserError) as e:
-        Datastore(_unit(50, 8, 0), None, None, "test").use_index("faiss")
+        use_index(Datastore(_unit(50, 8, 0), None, None, "test"), "faiss")
     assert str(e.value) == "--index faiss needs faiss: pip install faiss-cpu"
     with pytest.raises(UserError, match="--index must be one of auto, exact, faiss, first_stage, got 'hnsw'"):
         require_index("hnsw")

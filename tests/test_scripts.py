@@ -11,6 +11,7 @@ import torch
 
 import evaluate as evaluate_script
 import sample
+from machinery import batch_generate
 from machinery.checkpoint import load_run
 from conftest import write
 
@@ -84,7 +85,7 @@ def _oracle(data, tok, limit):
 
 def test_eval_reports_every_metric(trained, capsys, monkeypatch):
     _, _, _, data, tok = load_run(str(trained), "cpu")
-    monkeypatch.setattr(evaluate_script, "generate_batch", _oracle(data, tok, 4))
+    monkeypatch.setattr(batch_generate, "generate_batch", _oracle(data, tok, 4))
     capsys.readouterr()
     evaluate_script.main(["--out_dir", str(trained), "--questions", "4"])
     result = json.loads((trained / "eval.json").read_text())
@@ -114,9 +115,10 @@ def test_question_retrieval_of_the_questions_as_asked_is_val_retrieval(trained):
     """A marker placed after each val question, as asked, is where val's markers are: the same
     ranks by two paths (evaluate.question_retrieval and datastore.retrieval_quality)."""
     from contextlib import nullcontext
-    from datastore import Datastore, retrieval_quality
+    from datastore import retrieval_quality
+    from machinery.datastore_file import build
     _, gen, embedder, data, tok = load_run(str(trained), "cpu")
-    store = Datastore.build(embedder, data, progress=False)
+    store = build(embedder, data, progress=False)
     qs = evaluate_script.questions(data, tok, "val", None)
     assert len(qs) == len(data.val.marker_pos)  # every val document asks one question
     assert evaluate_script.question_retrieval(gen, store, qs, tok, "cpu") == pytest.approx(

@@ -1,0 +1,99 @@
+"""
+The lexical baseline and first stage: TF-IDF, no training.
+
+Words are lowercase \\w+ runs. Over the N datastore sequences, with n(w, d) the count of word w
+in text d and df(w) the number of sequences holding w (sublinear tf, smoothed idf):
+
+    v_d[w] = tf(w, d) * idf(w),   tf = 1 + log n(w, d)  (0 where n = 0),
+                                  idf(w) = 1 + log((1 + N) / (1 + df(w)))
+    s(q, j) = v_q . v_j / (|v_q| |v_j|)          (0 where either vector is all zero)
+
+The query is the text Gen sees at the marker (datastore.marker_texts); a tie counts against
+the target. Used two ways: as the baseline every learned number stands beside (its ranks over
+the whole datastore), and as the paper's first stage (its top K, which the learned score
+re-ranks: two-stage retrieval, datastore.py).
+"""
+
+import math
+import re
+from collections import Counter
+
+import torch
+
+from datastore import marker_texts, retrieval_metrics, tie_tolerance
+from machinery.exact_search import ranks_from_chunks
+
+WORD = re.compile(r"\w+")
+
+
+def tfidf_vectors(texts, vocab, idf):
+    """Unit TF-IDF rows (len(texts), len(vocab)), a sparse tensor; words outside vocab (the
+    datastore's words) are dropped, since they match nothing."""
+    rows, cols, vals = [], [], []
+    for row, text in enumerate(texts):
+        for w, n in Counter(WORD.findall(text.lower())).items():
+            if w in vocab:
+                rows.append(row), cols.append(vocab[w])
+                vals.append((1 + math.log(n)) * idf[vocab[w]])
+    rows, cols = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
+    vals = torch.tensor(vals, dtype=torch.float64)
+    norms = torch.zeros(len(texts), dtype=torch.float64).index_add_(0, rows, vals ** 2).sqrt()
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals / norms[rows],
+                                   (len(texts), len(vocab)), check_invariants=True)
+
+
+class Lexical:
+    """TF-IDF over the datastore's texts: s(q, j) for query strings against every entry j."""
+
+    def __init__(self, texts):
+        df = Counter(w for t in texts for w in set(WORD.findall(t.lower())))
+        self.vocab = {w: i for i, w in enumerate(df)}
+        self.idf = [1 + math.log((1 + len(texts)) / (1 + df[w])) for w in self.vocab]
+        self.rows = tfidf_vectors(texts, self.vocab, self.idf)               # (N, vocabulary)
+        self.tolerance = tie_tolerance(len(self.vocab), torch.float64)       # unit rows
+
+    def score_chunks(self, queries, chunk=256):
+        """(s, the cosines (c, N) of queries s .. s+c-1 against every entry), `chunk` queries at a
+        time: a dense (Q, vocabulary) or (Q, N) table of a whole split would take gigabytes on a
+        novel."""
+        for s in range(0, len(queries), chunk):
+            q = tfidf_vectors(queries[s:s + chunk], self.vocab, self.idf).to_dense()  # (c, vocab)
+            yield s, torch.sparse.mm(self.rows, q.T).T                              # (c, N)
+
+    def ranks(self, queries, targets, chunk=256):
+        """Rank (1 = best) of each query's target (Q,) among all entries, ties against it."""
+        targets = torch.as_tensor(targets)
+        ranks = [ranks_from_chunks(lambda: [(0, scores)], targets[s:s + len(scores)],
+                                   self.tolerance)
+                 for s, scores in self.score_chunks(queries, chunk)]
+        return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+
+    def top(self, queries, k, chunk=256):
+        """The first stage: each query's k best entries by TF-IDF, scores (Q, k) and ids (Q, k),
+        best first (k at most N)."""
+        k = min(k, self.rows.shape[0])
+        scores, ids = [torch.zeros(0, k, dtype=torch.float64)], [torch.zeros(0, k, dtype=torch.long)]
+        for _, chunk_scores in self.score_chunks(queries, chunk):
+            top = chunk_scores.topk(k, dim=1)            # ties at the K-th place: either may stay
+            scores.append(top.values), ids.append(top.indices)
+        return torch.cat(scores), torch.cat(ids)
+
+
+def lexical_ranks(queries, texts, targets, chunk=256):
+    """Rank (1 = best) of each query's target among the texts by TF-IDF cosine, ties counted
+    against the target. queries: strings, texts: the datastore's strings, targets (Q,) ids."""
+    return Lexical(texts).ranks(queries, targets, chunk)
+
+
+def lexical_index(data, tok):
+    """The Lexical of a corpus's datastore: every sequence's text."""
+    return Lexical([tok.decode(data.sequence(i)) for i in range(data.n_sequences)])
+
+
+def lexical_metrics(data, tok, split, limit=None, lexical=None):
+    """retrieval_metrics of TF-IDF for a split's markers (the first limit), named lexical_*."""
+    queries, targets = marker_texts(data, tok, split, limit)
+    if not len(targets):
+        return {"lexical_recall@1": None, "lexical_recall@10": None, "lexical_mrr": None}
+    ranks = (lexical or lexical_index(data, tok)).ranks(queries, targets)
+    return {f"lexical_{k}": v for k, v in retrieval_metrics(ranks).items()}
