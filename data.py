@@ -40,7 +40,6 @@ import torch
 
 from datastore import marker_texts
 from machinery import prepare  # the prepared corpus, cached on disk
-from machinery.cli import UserError
 from machinery.corpora import load_corpus
 from machinery.lexical import lexical_index
 from machinery.tokenizer import Tokenizer
@@ -68,28 +67,26 @@ class Data:
         with open(os.path.join(path, "meta.json")) as f:
             self.meta = json.load(f)
         self.path, self.fingerprint, self.transductive = path, self.meta["key"], transductive
-        self.train, self.val = (Split(path, s, self.meta["dtype"]) for s in ("train", "val"))
+        # each split's token stream, where its documents start and its markers (prepare.Split)
+        self.train = prepare.Split(path, "train", self.meta["dtype"])
+        self.val = prepare.Split(path, "val", self.meta["dtype"])
         seqs = np.load(os.path.join(path, "sequences.npz"))
         # the tokens of all sequences end to end: sequence i is seq_tokens[offsets[i]:offsets[i+1]]
         self.offsets, self.seq_tokens = seqs["offsets"], seqs["tokens"]
         self.n_sequences = len(self.offsets) - 1
         self.block_size = block_size
-        for name, split in (("train", self.train), ("val", self.val)):
-            if len(split.ids) < block_size + 1:
-                raise UserError(f"the {name} split has {len(split.ids)} tokens, fewer than one "
-                                f"block ({block_size + 1}): use a larger corpus or a smaller "
-                                "--block_size")
+        prepare.check_block(self.train, self.val, block_size)  # each split holds one window
         # Each sequence's hard negatives (n_sequences, h_max), distinct, -1 where none. Strictly
         # held out, training batches draw only from train's sequences (ids below
         # n_train_sequences): Emb_seq never meets a val sequence before it is evaluated on it.
         negatives = seqs["hard_negatives"]
         if not transductive:
             train_only = negatives < self.meta["n_train_sequences"]
-            negatives = _first(np.where(train_only, negatives, -1))
+            negatives = prepare.first(np.where(train_only, negatives, -1))
         self.negatives = {"train": negatives, "val": seqs["hard_negatives"]}
         # allowed window starts: anywhere in a stream of text; in a corpus of self-contained
         # documents, each document's start, and more starts inside a document longer than a window
-        self.starts = {name: _document_windows(s.doc_starts, len(s.ids), block_size)
+        self.starts = {name: prepare.document_windows(s.doc_starts, len(s.ids), block_size)
                        if self.meta["aligned"] else None
                        for name, s in (("train", self.train), ("val", self.val))}
 
@@ -218,44 +215,12 @@ def seen_in_training(corpus):
     return seen | prepare.found_in(val_seqs - seen, train_text)   # a fast `t in train_text`
 
 
-class Split:
-    """One split's token stream (a memmap), where its documents start, and its markers."""
-
-    def __init__(self, path, name, dtype):
-        self.ids = np.memmap(os.path.join(path, f"{name}.bin"), dtype=dtype, mode="r")
-        arrays = np.load(os.path.join(path, f"{name}.npz"))
-        self.doc_starts, self.marker_pos = arrays["doc_starts"], arrays["marker_pos"]
-        self.marker_target = arrays["marker_target"]
-
-
-def _first(ids):
-    """Each row's ids (>= 0) moved to its front, in their order; -1 after them."""
-    order = np.argsort(ids < 0, axis=1, kind="stable")
-    return np.take_along_axis(ids, order, axis=1)
-
-
-def _document_windows(doc_starts, n_tokens, T):
-    """Window starts for self-contained documents: each document's start, and, where a document
-    is longer than a window, more starts every T/2 tokens and one that ends at its end, so that
-    every token of every document is read and predicted by some window."""
-    ends = np.append(doc_starts[1:], n_tokens)
-    starts = []
-    for a, b in zip(doc_starts, ends):
-        starts += list(range(a, max(a + 1, b - T), T // 2)) + ([b - T - 1] if b - a > T + 1 else [])
-    # a window needs T + 1 tokens: a start too near the stream's end (the last documents') moves
-    # back to the last start that fits, a window that still reads that document to its end
-    return np.unique(np.minimum(np.array(starts, dtype=np.int64), n_tokens - T - 1))
-
-
 def load_data(cfg):
     """Build (or find in the cache) the prepared corpus of a config; returns (Data, Tokenizer)."""
     tok = Tokenizer(cfg.tokenizer, cfg.gpt2_file)
     corpus = load_corpus(cfg.dataset, cfg.split, cfg.val_fraction, cfg.facts_people,
                          cfg.facts_heldout)
-    for name, docs in (("train", corpus.train), ("val", corpus.val)):
-        if not any(s.text.strip() for d in docs for s in d):
-            raise UserError(f"{cfg.dataset}: its {name} split has no text; the corpus is too "
-                            "small to split into train and val")
+    prepare.check_corpus(corpus, cfg.dataset)  # neither split empty
     data = Data(prepare.prepare(corpus, tok, cfg.cache_dir), cfg.block_size, cfg.transductive)
     if cfg.negatives == "lexical" or (cfg.negatives == "auto" and cfg.dataset != "facts"):
         data.use_lexical_negatives(tok)

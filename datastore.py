@@ -43,37 +43,15 @@ def target_ranks(queries, embeddings, targets, chunk=None):
     embeddings rank every target n-th, not first). queries (Q, d), embeddings (n, d), targets
     (Q,) ids; returns (Q,). A query or embedding that is not finite is an error: it would make
     the ranking, and every number from it, meaningless. chunk: entries scored at a time, by
-    default as many as keep one (Q, chunk) table of scores within 16 MB.
-
-    A tie is a score within float32's rounding of the target's, not a bitwise-equal one. A dot
-    product of width d computed in float32 is off by at most about d * u * |q| |e| (u = 2^-24, the
-    unit roundoff), and which way it rounds depends on the BLAS kernel, the instruction set and
-    the thread count: two identical entries can score 1 ulp apart on one machine and equal on
-    another. Two computed scores whose exact values are equal therefore differ by at most
-    2 d u |q| max|e| = d * eps * |q| max|e| (eps = 2u), and every entry within that of the target
-    counts as a tie: the same ranks on every machine."""
+    default as many as keep one (Q, chunk) table of scores within 16 MB. A tie is a score within
+    float32's rounding of the target's (exact_search.score_tolerance): the same ranks anywhere."""
     if not (torch.isfinite(queries).all() and torch.isfinite(embeddings).all()):
         raise ValueError("a query or datastore embedding is not finite (NaN or inf): retrieval "
                          "cannot be scored")
     chunk = chunk or max(1, 2**22 // max(1, len(queries)))
-    tolerance = score_tolerance(queries, embeddings)                                 # (Q, 1)
+    tolerance = exact_search.score_tolerance(queries, embeddings)                    # (Q, 1)
     return exact_search.ranks_from_chunks(
         lambda: exact_search.chunk_scores(queries, embeddings, chunk), targets, tolerance)
-
-
-def score_tolerance(queries, embeddings):
-    """The tie tolerance of target_ranks for each query (Q, 1): d * eps * |q| * max|e|."""
-    norms = (queries.double().norm(dim=1, keepdim=True)
-             * embeddings.double().norm(dim=1).max(dim=0, keepdim=True).values)     # (Q, 1)
-    dtype = torch.promote_types(queries.dtype, embeddings.dtype)
-    return tie_tolerance(queries.shape[1], dtype, norms).to(dtype)                  # (Q, 1)
-
-
-def tie_tolerance(width, dtype, scale=1.0):
-    """How far apart float arithmetic can put two dot products of width `width` that are equal
-    in exact arithmetic (target_ranks): width * eps * scale, scale bounding |q| |e| (1 for unit
-    vectors)."""
-    return width * torch.finfo(dtype).eps * scale
 
 
 def retrieval_metrics(ranks):
@@ -130,7 +108,7 @@ def retrieval_quality(gen, embeddings, data, split, device, ctx, limit=None, sta
     out = retrieval_metrics(target_ranks(queries, embeddings, targets))
     if stage is not None:
         learned = candidate_scores(queries, embeddings, stage.ids)          # (Q, K)
-        m = rerank_metrics(learned, stage, score_tolerance(queries, embeddings))
+        m = rerank_metrics(learned, stage, exact_search.score_tolerance(queries, embeddings))
         out.update({f"reranked_{k}": v for k, v in m.items()})
     return out
 

@@ -29,62 +29,23 @@ of Gen's query at a marker placed after each reworded question.
 """
 
 import json
-import os
 import sys
 
 import numpy as np
 import torch
 
 from datastore import (candidate_scores, chance_metrics, first_stage, first_stage_metrics,
-                       marker_queries, rerank_metrics, retrieval_metrics, score_tolerance,
-                       split_queries, target_ranks)
-from machinery import datastore_file
+                       marker_queries, rerank_metrics, retrieval_metrics, split_queries,
+                       target_ranks)
 from machinery.batch_generate import already_decoded, decode_prompts
-from machinery.checkpoint import load_query_from, load_run
+from machinery.checkpoint import eval_inputs, load_run
 from machinery.cli import main_guard, parse_config
 from machinery.config import EvalConfig, autocast, check_eval_config
-from machinery.facts import reword
+from machinery.exact_search import score_tolerance  # float32's rounding: a tie
 from machinery.lexical import lexical_index, lexical_metrics
+from machinery.prompts import answer, questions, reworded  # a split's questions, as prompts
 from machinery.search import use_search
 from train import loss_estimates
-
-
-def _answer(tok, ids):
-    """A document's answer: its last non-empty line (special tokens left out)."""
-    text = tok.decode([t for t in ids if t not in (tok.marker, tok.eod)])
-    lines = [line for line in text.splitlines() if line.strip()]
-    return lines[-1].strip() if lines else ""
-
-
-def questions(data, tok, split, limit):
-    """The first `limit` documents of a split with one marker: (prompt tokens up to the marker,
-    gold sequence id, gold document tokens from the marker to the end). A document that starts
-    with its marker is prompted with the end-of-document token, which precedes a document in the
-    token stream."""
-    s = getattr(data, split)
-    ends = np.append(s.doc_starts[1:], len(s.ids))
-    first = np.searchsorted(s.marker_pos, s.doc_starts)       # each document's markers are
-    count = np.searchsorted(s.marker_pos, ends) - first        # marker_pos[first:first + count]
-    out = []
-    for start, end, i in zip(s.doc_starts[count == 1], ends[count == 1], first[count == 1]):
-        if len(out) == limit:
-            break
-        pos = s.marker_pos[i]
-        prompt = s.ids[start:pos] if pos > start else [tok.eod]
-        out.append((np.asarray(prompt), int(s.marker_target[i]),
-                    np.asarray(s.ids[pos:end - 1])))
-    return out
-
-
-def reworded(qs, tok):
-    """`facts` questions in the words of machinery/facts.py's REWORDED (never seen in training);
-    the marker, gold sequence and answer stay the same."""
-    out = []
-    for prompt, target, gold in qs:
-        text = reword(tok.decode(prompt))
-        if text is not None:
-            out.append((np.asarray(tok.encode(text)), target, gold))
-    return out
 
 
 def question_retrieval(gen, datastore, qs, tok, device):
@@ -111,7 +72,7 @@ def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
     if not qs:
         return {}
     prompts = [list(prompt) for prompt, _, _ in qs]
-    wants = [_answer(tok, gold) for _, _, gold in qs]
+    wants = [answer(tok, gold) for _, _, gold in qs]
     budgets = [len(gold) + 32 for _, _, gold in qs]
     hits = {}
 
@@ -123,7 +84,7 @@ def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
                               batch_size * max(1, len(given) // len(qs)), known)
 
     def count(name, outs):
-        hits[name] = sum(_answer(tok, ids[len(prompt):]) == want
+        hits[name] = sum(answer(tok, ids[len(prompt):]) == want
                          for (ids, _), prompt, want in zip(outs, prompts, wants))
 
     # the question alone, with retrieval in the loop and Gen alone: decoded together
@@ -190,13 +151,9 @@ def main(argv=None):
     cfg, gen, embedder, data, tok = load_run(args.out_dir, args.device)
     device = next(gen.parameters()).device.type
     ctx = autocast(device, cfg.dtype)
-    query_gen, path = None, os.path.join(args.out_dir, "eval.json")
-    if args.query_from:  # OTHER's Gen queries a datastore of OTHER's Emb_seq
-        query_gen, datastore, path = load_query_from(args.query_from, args.out_dir, data,
-                                                     args.device)
-    else:
-        datastore = datastore_file.load_or_build(os.path.join(args.out_dir, "datastore.pt"),
-                                                 embedder, data)
+    # the run's datastore and Gen, or with --query_from OTHER, OTHER's (machinery/checkpoint.py)
+    query_gen, datastore, path = eval_inputs(args.query_from, args.out_dir, embedder, data,
+                                             args.device)
     lexical = lexical_index(data, tok)   # TF-IDF: the baseline and the first stage
     use_search(datastore, args.index, cfg, data, tok, lexical)
     result = {"out_dir": args.out_dir, "query_from": args.query_from or None,

@@ -10,7 +10,7 @@ marker searches the datastore and the best sequence is appended verbatim (the pa
 A KV cache keeps every token's keys and values, so a retrieval does not re-encode the prefix (the
 paper's code does): each token, and each inserted sequence, runs through Gen once, except when the
 context outgrows block_size: positions are absolute, so its last half is then encoded again from
-position 0 (window_start).
+position 0 (window_start). The cache: machinery/kv_cache.py.
 
 generate() continues one prompt and is the reference; evaluation decodes many prompts at once,
 greedily, to the same tokens (machinery/batch_generate.py).
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from datastore import marker_queries
+from machinery.kv_cache import new_caches  # each layer's keys and values, kept between steps
 
 
 @dataclass
@@ -31,44 +32,6 @@ class Retrieval:
     score: float            # q . e of that entry
     alternatives: list = field(default_factory=list)   # (id, score) of the next best entries
     first_stage_rank: int = None  # two-stage search: where the first stage ranked the entry
-
-
-class KVCache:
-    """The keys and values of one attention layer for the tokens seen so far, so that generation
-    runs each new token through the model once instead of re-reading the whole context. The
-    buffers are allocated once, for block_size tokens, and filled in place: one token's step then
-    costs no allocation and no copy of the past."""
-
-    def __init__(self, block_size):
-        self.block_size, self.n = block_size, 0
-        self.k = self.v = None
-
-    def extend(self, k, v):
-        """Append the new tokens' k and v (B, H, T, D). Returns all keys and values so far
-        (B, H, n, D) each, and which of them each new token sees: None where attention's plain
-        rule says it (nothing past: causal; one new token: every key), else a mask (T, n), True
-        where new token i, at position past + i, sees key j <= past + i."""
-        B, H, T, D = k.shape
-        if self.k is None:
-            self.k = k.new_empty(B, H, self.block_size, D)
-            self.v = v.new_empty(B, H, self.block_size, D)
-        past, self.n = self.n, self.n + T
-        self.k[:, :, past:self.n], self.v[:, :, past:self.n] = k, v
-        mask = None
-        if past and T > 1:
-            rows = torch.arange(T, device=k.device)[:, None]
-            mask = torch.arange(self.n, device=k.device) <= past + rows             # (T, n)
-        return self.k[:, :, :self.n], self.v[:, :, :self.n], mask
-
-    @property
-    def past(self):
-        """The tokens held: the position of the next one."""
-        return self.n
-
-
-def new_caches(gen):
-    """One empty KVCache per layer of Gen."""
-    return [KVCache(gen.config.block_size) for _ in range(gen.config.n_layer)]
 
 
 def _next_token(logits, temperature, top_k, generator):

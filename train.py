@@ -23,25 +23,9 @@ from datastore import first_stage, first_stage_metrics, retrieval_quality
 from losses import co_supervision_loss
 from machinery import distributed
 from machinery.cli import main_guard, parse_config
-from machinery.config import Config, autocast, build_models, check_config
+from machinery.config import Config, autocast, build_models, check_config, make_optimizer
 from machinery.lexical import lexical_index, lexical_metrics
 from machinery.run import Run
-
-
-def make_optimizer(cfg, gen, embedder, device):
-    """AdamW; weight decay on matrices (and embeddings) only, not on norms, as in nanoGPT. The
-    parts that only L_NSP trains (Emb_seq and Gen's seq_head) are groups of their own, marked
-    "nsp", so that their learning rate can warm up when L_NSP joins late (nsp_lr_scale)."""
-    nsp_only = [*gen.seq_head.parameters(), *embedder.parameters()]
-    shared = [p for p in gen.parameters() if all(p is not q for q in nsp_only)]
-    groups = []
-    for params, nsp in ((shared, False), (nsp_only, True)):
-        params = [p for p in params if p.requires_grad]
-        groups += [{"params": [p for p in params if p.dim() >= 2], "nsp": nsp,
-                    "weight_decay": cfg.weight_decay},
-                   {"params": [p for p in params if p.dim() < 2], "nsp": nsp, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2),
-                             fused=device.startswith("cuda"))
 
 
 def learning_rate(it, cfg):
@@ -59,20 +43,6 @@ def nsp_lr_scale(it, cfg):
     if cfg.nsp_start == 0:
         return 1.0
     return min(1.0, max(0, it - cfg.nsp_start + 1) / (cfg.warmup_iters + 1))
-
-
-def across_processes(batch, lambda_seq, world):
-    """With W > 1 processes, L_NSP is taken over the markers and candidates of all of them: the
-    gather co_supervision_loss applies (distributed.gather_candidates), and L_NSP's weight.
-
-    Each process then computes the whole L_NSP but its gradient only through its own queries and
-    embeddings, and DDP averages the W gradients: weighting L_NSP by W makes that average the
-    gradient of L_NSP. All processes must run L_NSP, or none (DDP waits for every process's
-    gradients): none only when no process's batch holds a marker. One process: no gather."""
-    if world == 1 or lambda_seq == 0:
-        return None, lambda_seq
-    markers = distributed.total(len(batch.target_row), batch.x.device)
-    return (distributed.gather_candidates if markers > 0 else None), lambda_seq * world
 
 
 @torch.no_grad()
@@ -127,7 +97,7 @@ def main(argv=None):
     if run.world > 1:  # the weights are built, the same everywhere: now each its own dropout
         torch.manual_seed(cfg.seed + run.rank)
     params = list(gen.parameters()) + list(embedder.parameters())
-    optimizer = make_optimizer(cfg, gen, embedder, run.device)
+    optimizer = make_optimizer(cfg, gen, embedder, run.device)  # AdamW (machinery/config.py)
     start = run.begin(gen, embedder, optimizer, params, data, tok, rng)  # --resume, --init_from
     step_gen, step_embedder = run.step_models(gen, embedder)        # --compile, DDP
     baseline, stage = {}, None
@@ -150,7 +120,8 @@ def main(argv=None):
             group["lr"] = lr * nsp_lr_scale(it, cfg) if group["nsp"] else lr
         batch = data.get_batch("train", cfg.batch_size, rng, cfg.hard_negatives,
                                cfg.emb_block_size).to(run.device)
-        gather, lambda_seq = across_processes(batch, lambda_seq, run.world)
+        # W > 1 processes: L_NSP over all their candidates, weighted by W (machinery/distributed.py)
+        gather, lambda_seq = distributed.across_processes(batch, lambda_seq, run.world)
         with ctx:
             loss, stats = co_supervision_loss(step_gen, step_embedder, batch, cfg.lambda_tok,
                                               lambda_seq, cfg.temperature, gather)

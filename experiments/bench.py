@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import train
 from data import load_data
 from datastore import search
 from machinery import datastore_file
@@ -33,7 +32,7 @@ from machinery.faiss_index import FaissIndex
 from generate import generate
 from losses import co_supervision_loss
 from machinery.cli import UserError, flag, main_guard, parse_config
-from machinery.config import Config, autocast, build_models, pick_device
+from machinery.config import Config, autocast, build_models, make_optimizer, pick_device
 
 
 PARTS = ("ntp_step", "co_supervision_overhead", "sampling", "datastore", "search", "evaluation",
@@ -60,7 +59,7 @@ def stepper(cfg, data, device, lambda_seq):
     gen, embedder = build_models(cfg, data.meta["vocab_size"])
     gen.to(device), embedder.to(device)
     params = list(gen.parameters()) + list(embedder.parameters())
-    optimizer = train.make_optimizer(cfg, gen, embedder, device)
+    optimizer = make_optimizer(cfg, gen, embedder, device)
     rng, ctx = np.random.default_rng(cfg.seed), autocast(device, cfg.dtype)
     fwd_gen, fwd_embedder = (torch.compile(gen), torch.compile(embedder)) if cfg.compile else (
         gen, embedder)

@@ -18,7 +18,9 @@ What the tutorial's files lean on, kept out of their way. Nothing here is the me
     lexical.py      TF-IDF: the training-free baseline and the first stage of two-stage retrieval
     exact_search.py exact search and target ranks a chunk at a time (datastore.py's, at speed)
     search.py       how generation searches the datastore (--index): exact, faiss or two-stage
+    kv_cache.py     generate.py's KV cache: each layer's keys and values, filled in place
     batch_generate.py  many prompts decoded at once (evaluation's answers), to generate()'s tokens
+    prompts.py      sample.py's default prompt and display; evaluate.py's questions and answers
     faiss_index.py  an approximate index (faiss, optional) for generation's search
     plots.py        curves.png, redrawn from log.jsonl at every evaluation
 """

@@ -166,3 +166,13 @@ def load_query_from(other, out_dir, data, device="auto"):
                  or datastore_file.build(retriever, data))
     name = os.path.basename(os.path.normpath(other))
     return query_gen, datastore, os.path.join(out_dir, f"eval_query_from_{name}.json")
+
+
+def eval_inputs(query_from, out_dir, embedder, data, device="auto"):
+    """evaluate.py's Gen that makes the queries (None: the run's own), its datastore and the path
+    of the result: the run's datastore (out_dir/datastore.pt, built if missing or stale) and
+    out_dir/eval.json; with query_from OTHER, load_query_from's."""
+    if query_from:  # OTHER's Gen queries a datastore of OTHER's Emb_seq
+        return load_query_from(query_from, out_dir, data, device)
+    datastore = datastore_file.load_or_build(os.path.join(out_dir, "datastore.pt"), embedder, data)
+    return None, datastore, os.path.join(out_dir, "eval.json")

@@ -1,8 +1,8 @@
 """
 train.py's configuration: every flag with its default and help (`python train.py --help`), the
-checks that turn a bad value into a one-line error, the device and precision, and the two models
-a config describes. sample.py and evaluate.py rebuild a finished run from the Config saved in its
-checkpoint; their own flags (SampleConfig, EvalConfig) are at the end.
+checks that turn a bad value into a one-line error, the device and precision, the two models a
+config describes and their optimizer. sample.py and evaluate.py rebuild a finished run from the
+Config saved in its checkpoint; their own flags (SampleConfig, EvalConfig) are at the end.
 """
 
 import math
@@ -171,6 +171,22 @@ def build_models(cfg, vocab_size):
     embedder = SeqEmbedder(EmbedderConfig(vocab_size, cfg.emb_block_size, cfg.emb_layer,
                                           cfg.emb_head, cfg.emb_embd, cfg.seq_dim, cfg.dropout))
     return gen, embedder
+
+
+def make_optimizer(cfg, gen, embedder, device):
+    """AdamW; weight decay on matrices (and embeddings) only, not on norms, as in nanoGPT. The
+    parts that only L_NSP trains (Emb_seq and Gen's seq_head) are groups of their own, marked
+    "nsp", so that their learning rate can warm up when L_NSP joins late (nsp_lr_scale)."""
+    nsp_only = [*gen.seq_head.parameters(), *embedder.parameters()]
+    shared = [p for p in gen.parameters() if all(p is not q for q in nsp_only)]
+    groups = []
+    for params, nsp in ((shared, False), (nsp_only, True)):
+        params = [p for p in params if p.requires_grad]
+        groups += [{"params": [p for p in params if p.dim() >= 2], "nsp": nsp,
+                    "weight_decay": cfg.weight_decay},
+                   {"params": [p for p in params if p.dim() < 2], "nsp": nsp, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2),
+                             fused=device.startswith("cuda"))
 
 
 INDEX_HELP = ("how retrieval searches the datastore: exact (every entry), faiss (approximate, for "

@@ -130,7 +130,7 @@ def gather_candidates(queries, embeddings, target_row, candidate_ids):
     others' come through all_gather, which has none): every process computes the same L_NSP, and
     the gradient of process r is dL_NSP/d(its own queries and embeddings). Summed over the
     processes, that is the whole gradient of L_NSP, so the training step weights L_NSP by W to
-    undo DDP's averaging (train.across_processes).
+    undo DDP's averaging (across_processes).
 
     A sequence that is a candidate in several processes is kept once (its first copy), as one
     process keeps each candidate once: two markers with the same target never see it as a negative.
@@ -150,3 +150,17 @@ def gather_candidates(queries, embeddings, target_row, candidate_ids):
     first = torch.full_like(ids, len(all_ids)).scatter_reduce_(0, inverse, rows, "amin")
     return (torch.cat(all_queries), torch.cat(all_embeddings)[first],
             torch.searchsorted(ids, targets))
+
+
+def across_processes(batch, lambda_seq, world):
+    """With W > 1 processes, L_NSP is taken over the markers and candidates of all of them: the
+    gather co_supervision_loss applies (gather_candidates), and L_NSP's weight.
+
+    Each process then computes the whole L_NSP but its gradient only through its own queries and
+    embeddings, and DDP averages the W gradients: weighting L_NSP by W makes that average the
+    gradient of L_NSP. All processes must run L_NSP, or none (DDP waits for every process's
+    gradients): none only when no process's batch holds a marker. One process: no gather."""
+    if world == 1 or lambda_seq == 0:
+        return None, lambda_seq
+    markers = total(len(batch.target_row), batch.x.device)
+    return (gather_candidates if markers > 0 else None), lambda_seq * world

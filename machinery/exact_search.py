@@ -57,3 +57,26 @@ def ranks_from_chunks(score_chunks, targets, tolerance):
     for s, scores in score_chunks():
         at_least += (scores >= target_scores - tolerance).sum(dim=1)
     return at_least
+
+
+def score_tolerance(queries, embeddings):
+    """The tie tolerance of target_ranks for each query (Q, 1): d * eps * |q| * max|e|.
+
+    A tie is a score within float32's rounding of the target's, not a bitwise-equal one. A dot
+    product of width d computed in float32 is off by at most about d * u * |q| |e| (u = 2^-24, the
+    unit roundoff), and which way it rounds depends on the BLAS kernel, the instruction set and
+    the thread count: two identical entries can score 1 ulp apart on one machine and equal on
+    another. Two computed scores whose exact values are equal therefore differ by at most
+    2 d u |q| max|e| = d * eps * |q| max|e| (eps = 2u), and every entry within that of the target
+    counts as a tie: the same ranks on every machine."""
+    norms = (queries.double().norm(dim=1, keepdim=True)
+             * embeddings.double().norm(dim=1).max(dim=0, keepdim=True).values)     # (Q, 1)
+    dtype = torch.promote_types(queries.dtype, embeddings.dtype)
+    return tie_tolerance(queries.shape[1], dtype, norms).to(dtype)                  # (Q, 1)
+
+
+def tie_tolerance(width, dtype, scale=1.0):
+    """How far apart float arithmetic can put two dot products of width `width` that are equal
+    in exact arithmetic (target_ranks): width * eps * scale, scale bounding |q| |e| (1 for unit
+    vectors)."""
+    return width * torch.finfo(dtype).eps * scale

@@ -20,7 +20,8 @@ from collections import Counter
 
 import torch
 
-from datastore import marker_texts, retrieval_metrics, tie_tolerance
+from datastore import marker_texts, retrieval_metrics
+from machinery.exact_search import tie_tolerance
 from machinery.exact_search import ranks_from_chunks
 
 WORD = re.compile(r"\w+")

@@ -17,6 +17,7 @@ import shutil
 import numpy as np
 
 import data
+from machinery.cli import UserError
 
 FORMAT_VERSION = 3        # bump when the prepared format changes, so old caches are not reused
 CHUNK = 1 << 20           # tokens (and characters of a long text) handled at a time
@@ -167,3 +168,52 @@ def prepare(corpus, tok, cache_dir, chunk=CHUNK):
     except OSError:  # another process prepared the same data first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+# -----------------------------------------------------------------------------------------------
+# Reading it back (data.Data) and checking it holds what training needs
+
+class Split:
+    """One split's token stream (a memmap), where its documents start, and its markers."""
+
+    def __init__(self, path, name, dtype):
+        self.ids = np.memmap(os.path.join(path, f"{name}.bin"), dtype=dtype, mode="r")
+        arrays = np.load(os.path.join(path, f"{name}.npz"))
+        self.doc_starts, self.marker_pos = arrays["doc_starts"], arrays["marker_pos"]
+        self.marker_target = arrays["marker_target"]
+
+
+def first(ids):
+    """Each row's ids (>= 0) moved to its front, in their order; -1 after them."""
+    order = np.argsort(ids < 0, axis=1, kind="stable")
+    return np.take_along_axis(ids, order, axis=1)
+
+
+def document_windows(doc_starts, n_tokens, T):
+    """Window starts for self-contained documents: each document's start, and, where a document
+    is longer than a window, more starts every T/2 tokens and one that ends at its end, so that
+    every token of every document is read and predicted by some window."""
+    ends = np.append(doc_starts[1:], n_tokens)
+    starts = []
+    for a, b in zip(doc_starts, ends):
+        starts += list(range(a, max(a + 1, b - T), T // 2)) + ([b - T - 1] if b - a > T + 1 else [])
+    # a window needs T + 1 tokens: a start too near the stream's end (the last documents') moves
+    # back to the last start that fits, a window that still reads that document to its end
+    return np.unique(np.minimum(np.array(starts, dtype=np.int64), n_tokens - T - 1))
+
+
+def check_corpus(corpus, dataset):
+    """A corpus whose train or val split has no text is an error: too small to split."""
+    for name, docs in (("train", corpus.train), ("val", corpus.val)):
+        if not any(s.text.strip() for d in docs for s in d):
+            raise UserError(f"{dataset}: its {name} split has no text; the corpus is too "
+                            "small to split into train and val")
+
+
+def check_block(train, val, block_size):
+    """A split shorter than one window of block_size + 1 tokens is an error."""
+    for name, split in (("train", train), ("val", val)):
+        if len(split.ids) < block_size + 1:
+            raise UserError(f"the {name} split has {len(split.ids)} tokens, fewer than one "
+                            f"block ({block_size + 1}): use a larger corpus or a smaller "
+                            "--block_size")

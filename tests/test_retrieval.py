@@ -15,7 +15,7 @@ from datastore import (Datastore, chance_metrics, marker_queries, retrieval_metr
 from machinery import batch_generate
 from machinery.search import require_index, use_index
 import evaluate
-from evaluate import _answer, questions
+from machinery.prompts import answer as _answer, questions
 from generate import Retrieval
 from machinery.cli import UserError
 from machinery.tokenizer import Tokenizer

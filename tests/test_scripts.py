@@ -11,7 +11,7 @@ import torch
 
 import evaluate as evaluate_script
 import sample
-from machinery import batch_generate
+from machinery import batch_generate, prompts
 from machinery.checkpoint import load_run
 from conftest import write
 
@@ -28,7 +28,7 @@ def _write_the_marker_after_the_default_prompt(out):
     learned to, and the sample must show a retrieval."""
     _, gen, _, data, tok = load_run(str(out), "cpu")
     with torch.no_grad():
-        h = gen.hidden(torch.tensor([sample.default_prompt(data, tok)]))[0, -1]  # (n_embd,)
+        h = gen.hidden(torch.tensor([prompts.default_prompt(data, tok)]))[0, -1]  # (n_embd,)
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     for key in ("transformer.wte.weight", "lm_head.weight"):
         ckpt["gen"][key][tok.marker] = 100 * h / h.norm()
@@ -58,7 +58,7 @@ def _oracle(data, tok, limit):
     from generate import Retrieval
     asked = {}
     for split in ("val", "train"):
-        for k, (prompt, target, gold) in enumerate(evaluate_script.questions(data, tok, split,
+        for k, (prompt, target, gold) in enumerate(prompts.questions(data, tok, split,
                                                                             limit)):
             asked[tuple(int(t) for t in prompt)] = (k % 2 == 0, target, [int(t) for t in gold])
     wrong = tok.encode("\nA: nobody knows.\n")
@@ -119,11 +119,11 @@ def test_question_retrieval_of_the_questions_as_asked_is_val_retrieval(trained):
     from machinery.datastore_file import build
     _, gen, embedder, data, tok = load_run(str(trained), "cpu")
     store = build(embedder, data, progress=False)
-    qs = evaluate_script.questions(data, tok, "val", None)
+    qs = prompts.questions(data, tok, "val", None)
     assert len(qs) == len(data.val.marker_pos)  # every val document asks one question
     assert evaluate_script.question_retrieval(gen, store, qs, tok, "cpu") == pytest.approx(
         retrieval_quality(gen, store.embeddings, data, "val", "cpu", nullcontext()))
-    assert len(evaluate_script.reworded(qs, tok)) == len(qs)
+    assert len(prompts.reworded(qs, tok)) == len(qs)
 
 
 def test_eval_with_queries_from_another_run_uses_its_networks_and_writes_only_its_own_file(

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train
-from machinery.config import Config, build_models
+from machinery.config import Config, build_models, make_optimizer
 from conftest import write_tiktoken
 
 
@@ -74,7 +74,7 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path):
 def test_the_parts_only_l_nsp_trains_warm_up_when_it_joins_late():
     cfg = Config(nsp_start=50, warmup_iters=9, max_iters=200)
     gen, emb = build_models(cfg, 258)
-    optimizer = train.make_optimizer(cfg, gen, emb, "cpu")
+    optimizer = make_optimizer(cfg, gen, emb, "cpu")
     nsp = {id(p) for g in optimizer.param_groups if g["nsp"] for p in g["params"]}
     shared = {id(p) for g in optimizer.param_groups if not g["nsp"] for p in g["params"]}
     assert nsp == {id(p) for p in [*gen.seq_head.parameters(), *emb.parameters()]}
