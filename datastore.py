@@ -31,9 +31,8 @@ def search(queries, embeddings, k=10, chunk=65536):
 
         top-k_j  q . e_j        over every entry j,
 
-    as (queries @ embeddings.T).topk(k) would give, computed a chunk of entries at a time so that
-    memory stays bounded (machinery/exact_search.py). Returns scores (Q, k) and ids (Q, k), best
-    first, on the embeddings' device."""
+    as (queries @ embeddings.T).topk(k) would give, a chunk of entries at a time (exact_search.py).
+    Returns scores (Q, k) and ids (Q, k), best first, on the embeddings' device."""
     return exact_search.top_k(queries, embeddings, k, chunk)
 
 

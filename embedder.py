@@ -12,11 +12,9 @@ bidirectional encoder, where no single position has read the whole sequence by c
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from machinery.buckets import BUCKETS, in_length_buckets
 from model import Transformer, init_weights
@@ -65,18 +63,4 @@ class SeqEmbedder(nn.Module):
         longest row: the same embeddings, less work on padding (machinery/buckets.py)."""
         return in_length_buckets(self.embed_tokens, tokens, mask, buckets)
 
-    @torch.inference_mode()
-    def embed(self, data, ids=None, batch_size=256, progress=None):
-        """Embeddings (len(ids), seq_dim), float32, of datastore sequences `ids` (default: all).
-        Sorted by length first, so each batch pads little; a progress bar for long jobs."""
-        ids = np.arange(data.n_sequences) if ids is None else np.asarray(ids)
-        device = next(self.parameters()).device
-        order = np.argsort(data.offsets[ids + 1] - data.offsets[ids], kind="stable")
-        out = torch.empty(len(ids), self.config.seq_dim)
-        starts = range(0, len(ids), batch_size)
-        show = len(ids) > 20_000 if progress is None else progress
-        for s in tqdm(starts, desc="embedding sequences", disable=not show, leave=False):
-            rows = order[s:s + batch_size]
-            tokens, mask = data.pad_sequences(ids[rows], self.config.block_size)
-            out[torch.from_numpy(rows)] = self(tokens.to(device), mask.to(device)).float().cpu()
-        return out
+    # every sequence of a corpus embedded (the datastore's vectors): machinery/datastore_file.py

@@ -113,8 +113,7 @@ class Transformer(nn.Module):
 
     def forward(self, idx, past=0, key_mask=None, caches=None):
         """Hidden states (B, T, n_embd) of token ids idx (B, T) at positions past .. past+T-1;
-        past is an int, or (B, 1): each row's own (rows of different lengths,
-        machinery/batch_generate.py)."""
+        past an int, or (B, 1): each row's own (rows of different lengths: batch_generate.py)."""
         T = idx.shape[1]
         pos = torch.arange(T, device=idx.device) + past                  # (T,) or (B, T)
         if torch.is_tensor(past):  # a short row's padding may run past the last position: its

@@ -28,10 +28,8 @@ def main(argv=None):
     check_sample_config(args)  # and --index (machinery/config.py)
     cfg, gen, embedder, data, tok = load_run(args.out_dir, args.device)
     prompt = read_prompt(args, data, tok, cfg.block_size)  # or a held-out question's
-    # on where the run weighs L_NSP (--lambda_seq > 0), even one that stopped before nsp_start
-    retrieve = args.retrieve and cfg.lambda_seq > 0
-    datastore = None
-    if retrieve:  # built once, saved beside the run (machinery/datastore_file.py)
+    datastore = None  # retrieval: where the run weighs L_NSP, even one stopped before nsp_start
+    if args.retrieve and cfg.lambda_seq > 0:  # built once, saved beside the run (datastore_file)
         datastore = datastore_file.load_or_build(os.path.join(args.out_dir, "datastore.pt"),
                                                  embedder, data)
         use_search(datastore, args.index, cfg, data, tok)

@@ -21,7 +21,7 @@ import torch
 from data import load_data
 from datastore import first_stage, first_stage_metrics, retrieval_quality
 from losses import co_supervision_loss
-from machinery import distributed
+from machinery import datastore_file, distributed  # every sequence embedded: embed_all
 from machinery.cli import main_guard, parse_config
 from machinery.config import Config, autocast, build_models, check_config, make_optimizer
 from machinery.lexical import lexical_index, lexical_metrics
@@ -75,7 +75,7 @@ def evaluate(gen, embedder, data, cfg, device, ctx, baseline, stage):
         out[f"{split}_ntp"], out[f"{split}_nsp"] = loss_estimates(gen, embedder, data, cfg,
                                                                   device, ctx, split)
     with ctx:
-        embeddings = embedder.embed(data)                                 # (n_sequences, d)
+        embeddings = datastore_file.embed_all(embedder, data)             # (n_sequences, d)
     out.update(retrieval_quality(gen, embeddings, data, "val", device, ctx, stage=stage))
     # the same for train's first markers: how far the val numbers are from what training fits
     train = retrieval_quality(gen, embeddings, data, "train", device, ctx, limit=500)

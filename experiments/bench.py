@@ -200,7 +200,7 @@ def datastore(args):
     data, tok = load_data(cfg)
     _, embedder = build_models(cfg, tok.vocab_size)
     embedder.eval()
-    build = timed(lambda: embedder.embed(data, progress=False), 3, warmup=1)
+    build = timed(lambda: datastore_file.embed_all(embedder, data, progress=False), 3, warmup=1)
     lengths = np.diff(data.offsets)
     return {"build_sequences_per_s": data.n_sequences / float(np.median(build)),
             "build_mean_sequence_tokens": float(lengths.mean())}

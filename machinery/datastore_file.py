@@ -1,7 +1,7 @@
 """
-Building the datastore (Emb_seq over every sequence of the corpus) and keeping it on disk,
-out_dir/datastore.pt: saved with the fingerprint of the Emb_seq and data that built it, used again
-only when both match, else built afresh. Persistence only: the datastore itself is
+Building the datastore (Emb_seq over every sequence of the corpus: embed_all) and keeping it on
+disk, out_dir/datastore.pt: saved with the fingerprint of the Emb_seq and data that built it, used
+again only when both match, else built afresh. Persistence only: the datastore itself is
 datastore.Datastore.
 """
 
@@ -11,8 +11,26 @@ import sys
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from datastore import Datastore
+
+
+@torch.inference_mode()
+def embed_all(embedder, data, ids=None, batch_size=256, progress=None):
+    """Emb_seq's embeddings (len(ids), seq_dim), float32, of datastore sequences `ids` (default:
+    all). Sorted by length first, so each batch pads little; a progress bar for long jobs."""
+    ids = np.arange(data.n_sequences) if ids is None else np.asarray(ids)
+    device = next(embedder.parameters()).device
+    order = np.argsort(data.offsets[ids + 1] - data.offsets[ids], kind="stable")
+    out = torch.empty(len(ids), embedder.config.seq_dim)
+    starts = range(0, len(ids), batch_size)
+    show = len(ids) > 20_000 if progress is None else progress
+    for s in tqdm(starts, desc="embedding sequences", disable=not show, leave=False):
+        rows = order[s:s + batch_size]
+        tokens, mask = data.pad_sequences(ids[rows], embedder.config.block_size)
+        out[torch.from_numpy(rows)] = embedder(tokens.to(device), mask.to(device)).float().cpu()
+    return out
 
 
 def fingerprint(embedder, data):
@@ -26,8 +44,8 @@ def fingerprint(embedder, data):
 
 
 def build(embedder, data, progress=True):
-    """The Datastore of a corpus: every sequence embedded by this Emb_seq (SeqEmbedder.embed)."""
-    embeddings = embedder.embed(data, progress=progress)                 # (n_sequences, d)
+    """The Datastore of a corpus: every sequence embedded by this Emb_seq (embed_all)."""
+    embeddings = embed_all(embedder, data, progress=progress)            # (n_sequences, d)
     return Datastore(embeddings, data.offsets, data.seq_tokens, fingerprint(embedder, data))
 
 
