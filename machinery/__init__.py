@@ -25,5 +25,5 @@ What the tutorial's files lean on, kept out of their way. Nothing here is the me
     batch_generate.py  many prompts decoded at once (evaluation's answers), to generate()'s tokens
     prompts.py      sample.py's prompt and display; evaluate.py's questions and answers
     faiss_index.py  an approximate index (faiss, optional) for generation's search
-    plots.py        curves.png, redrawn from log.jsonl at every evaluation
+    plots.py        curves.png, redrawn from log.jsonl as the run evaluates
 """

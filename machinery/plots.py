@@ -1,6 +1,7 @@
 """
-The picture of one training run: out_dir/curves.png, redrawn from log.jsonl at every evaluation,
-so a user looks at the run instead of reading its log.
+The picture of one training run: out_dir/curves.png, redrawn from log.jsonl as the run evaluates
+(at most every 30 s, and when it ends or stops: run.py's DRAW_EVERY), so a user looks at the run
+instead of reading its log.
 
 Left: L_NTP and L_NSP on train and val against the iteration. Middle: val recall@1 and MRR of
 the learned retrieval against the whole datastore (train's too, dotted: how far val is from what
@@ -65,7 +66,7 @@ def plot_run(log_path, png_path, chance):
         rerank.set_title(f"re-ranking TF-IDF's top {last['first_stage_k']}")
         rerank.legend(fontsize=7)
     fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(log_path))))
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.14, top=0.84, wspace=0.18)
     tmp = png_path + ".tmp"  # written whole, then renamed: a viewer never sees half a file
     fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)

@@ -30,6 +30,10 @@ from machinery.plots import plot_run
 # Every file a run has in its out_dir: train.py's, evaluate.py's, sample.py's, and the .tmp a save
 # cut short leaves. --overwrite removes them all, so that nothing of the old run is read with the
 # new checkpoint; any other file there is the user's, and stays.
+# Drawing curves.png takes about half a second: redrawn at an evaluation once this many seconds
+# have passed since the last drawing, and always when the run ends or stops (a short run, as in
+# the tests, evaluates every few steps and would spend most of its time drawing).
+DRAW_EVERY = 30.0
 RUN_FILES = ("ckpt.pt", "ckpt.pt.tmp", "log.jsonl", "log.jsonl.tmp", "curves.png", "curves.png.tmp",
              "eval.json", "eval_*.json", "datastore.pt", "datastore.pt.tmp")
 
@@ -52,6 +56,7 @@ class Run:
         malloc_for("transient")  # preparing the corpus, until begin()
         self.metrics, self.saved, self.stop = {}, None, False
         self.steps, self.step_time, self.t0 = 0, 0.0, 0.0
+        self.undrawn, self.drawn_at = False, float("-inf")  # curves.png lags the log?
 
     def begin(self, gen, embedder, optimizer, params, data, tok, rng):
         """The models, optimizer and batches' generator rng from --resume or --init_from, if
@@ -139,15 +144,22 @@ class Run:
                             "tokens_per_s": tokens / self.step_time if steps else None}
             self.log.write(json.dumps(self.metrics) + "\n")
             self.log.flush()
-            plot_run(self.log_path, os.path.join(cfg.out_dir, "curves.png"),
-                     chance_metrics(self.data.n_sequences))
+            self.undrawn = True
             self.bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                     for k, v in self.metrics.items()))
         self.checkpoint(it)
+        self.draw(now=it == self.cfg.max_iters or self.stop)  # after the checkpoint: it matters more
         self.saved, self.steps, self.step_time = it, 0, 0.0
         if self.stop and it != self.cfg.max_iters:
             self.interrupted(it)
         self.t0 = time.perf_counter()  # the steps' speed leaves evaluation out
+
+    def draw(self, now):
+        """curves.png from the log, if it lags: now, or if DRAW_EVERY seconds have passed."""
+        if self.main and self.undrawn and (now or time.monotonic() - self.drawn_at >= DRAW_EVERY):
+            plot_run(self.log_path, os.path.join(self.cfg.out_dir, "curves.png"),
+                     chance_metrics(self.data.n_sequences))
+            self.undrawn, self.drawn_at = False, time.monotonic()
 
     def stepped(self, it, loss, stats):
         """After a training step: its time; whether any process was interrupted or diverged."""
@@ -178,6 +190,7 @@ class Run:
         checkpoint."""
         if self.saved != it:
             self.checkpoint(it)
+        self.draw(now=True)
         args = [a for a in (sys.argv[1:] if self.argv is None else self.argv) if a != "--overwrite"]
         args = shlex.join(["train.py", *args] + ([] if "--resume" in args else ["--resume"]))
         again = ("python " if self.world == 1 else "torchrun (as before) ") + args
@@ -185,6 +198,7 @@ class Run:
                           f"{again}")
 
     def diverged(self, what, it):
+        self.draw(now=True)
         return UserError(f"{what} at iteration {it}: training stopped; {self.ckpt_path} holds the "
                          f"last good iteration, {self.saved}; try a lower --learning_rate")
 

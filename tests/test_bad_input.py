@@ -103,6 +103,7 @@ CASES = [
     ("train", TRAIN + ["--emb_from_gen", "--emb_embd", "16"], "--emb_from_gen needs --emb_embd"),
     ("train", TRAIN + ["--tokenizer", "sentencepiece"], "unknown tokenizer 'sentencepiece'"),
     ("train", TRAIN + ["--device", "tpu"], "unknown device 'tpu'"),
+    ("train", TRAIN + ["--max_iterz", "5"], "unrecognized arguments: --max_iterz 5"),
     ("train", TRAIN + ["--tokenizer", "gpt2"], "pass --gpt2_file"),  # offline, no cache
     ("train", TRAIN + ["--tokenizer", "gpt2", "--gpt2_file", "{d}/no.tiktoken"], "not found"),
     ("train", TRAIN + ["--tokenizer", "gpt2", "--gpt2_file", "{d}/garbled.tiktoken"],

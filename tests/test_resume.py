@@ -14,6 +14,7 @@ import torch
 
 import evaluate as eval_script
 import train
+from machinery import run
 from machinery.config import Config, build_models
 from machinery.checkpoint import CHECKPOINT_KEYS, keep_log_until
 from machinery.cli import Interrupted, UserError
@@ -37,10 +38,22 @@ def _whole_checkpoint(path):
     return ckpt
 
 
+INTERRUPTIBLE = ("--max_iters", "24", "--eval_interval", "8", "--dropout", "0.1")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The run the interrupted ones must equal: its out_dir and log, trained once."""
+    d = tmp_path_factory.mktemp("whole")
+    train.main(TINY + ["--out_dir", str(d / "run"), "--cache_dir", str(d / "cache"),
+                       *INTERRUPTIBLE])
+    return d / "run", [json.loads(line) for line in open(d / "run" / "log.jsonl")]
+
+
 @pytest.mark.parametrize("stop_at", [13, 15])  # stops after the step: at 14, or at 16 (an eval)
-def test_interrupted_and_resumed_equals_uninterrupted(run_train, monkeypatch, stop_at):
-    args = ("--max_iters", "24", "--eval_interval", "8", "--dropout", "0.1")
-    _, whole = run_train(*args, name="whole")
+def test_interrupted_and_resumed_equals_uninterrupted(run_train, monkeypatch, stop_at,
+                                                      uninterrupted):
+    whole_dir, whole = uninterrupted
     lr = train.learning_rate
 
     def ctrl_c_at(it, cfg):  # a real SIGINT to this process, at a known iteration
@@ -49,42 +62,54 @@ def test_interrupted_and_resumed_equals_uninterrupted(run_train, monkeypatch, st
         return lr(it, cfg)
 
     monkeypatch.setattr(train, "learning_rate", ctrl_c_at)
+    drawn = []  # the last evaluation curves.png shows
+    monkeypatch.setattr(run, "plot_run", lambda log, png, chance: drawn.append(
+        json.loads(open(log).read().splitlines()[-1])["iter"]))
     with pytest.raises(Interrupted, match=f"holds iteration {stop_at + 1}; .* --resume"):
-        run_train(*args, name="parts")
+        run_train(*INTERRUPTIBLE, name="parts")
+    assert drawn[-1] == (stop_at + 1) // 8 * 8  # the picture shows the log's last evaluation
     monkeypatch.setattr(train, "learning_rate", lr)
-    out, parts = run_train(*args, "--resume", name="parts")
+    out, parts = run_train(*INTERRUPTIBLE, "--resume", name="parts")
     # the same numbers at every evaluation (dropout and batch order included), logged once each
     assert [_numbers(r) for r in parts] == [_numbers(r) for r in whole]
-    a, b = (torch.load(d / "ckpt.pt", weights_only=False) for d in (out.parent / "whole", out))
+    a, b = (torch.load(d / "ckpt.pt", weights_only=False) for d in (whole_dir, out))
     assert all(torch.equal(a["gen"][k], b["gen"][k]) for k in a["gen"])
     assert all(torch.equal(a["embedder"][k], b["embedder"][k]) for k in a["embedder"])
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_stop_signal_saves_and_says_how_to_resume(tmp_path, sig):
-    out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "train.py", *TINY, "--max_iters", "100000",
-                          "--eval_interval", "100000", "--out_dir", str(out),
-                          "--cache_dir", str(tmp_path / "cache")],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_a_stop_signal_saves_and_says_how_to_resume(tmp_path):
+    """SIGINT (Ctrl-C) and SIGTERM (how schedulers stop a job), each to a run of its own; the two
+    run at once, to save the time of starting Python twice."""
+    runs = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        out = tmp_path / sig.name
+        runs[sig] = out, subprocess.Popen(
+            [sys.executable, "train.py", *TINY, "--max_iters", "100000", "--eval_interval",
+             "100000", "--out_dir", str(out), "--cache_dir", str(tmp_path / f"cache_{sig.name}")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"})  # a core each
     try:
-        while not (out / "ckpt.pt").exists():  # iteration 0 is saved: training has begun
-            assert p.poll() is None, p.communicate()
-            time.sleep(0.05)
-        p.send_signal(sig)
-        _, err = p.communicate(timeout=60)
+        for sig, (out, p) in runs.items():
+            while not (out / "ckpt.pt").exists():  # iteration 0 is saved: training has begun
+                assert p.poll() is None, p.communicate()
+                time.sleep(0.05)
+            p.send_signal(sig)
+        errs = {sig: p.communicate(timeout=60)[1] for sig, (_, p) in runs.items()}
     finally:
-        p.kill()
-    last = err.strip().splitlines()[-1]
-    assert p.returncode == 130 and "Traceback" not in err
-    assert last.startswith(f"interrupted: {out / 'ckpt.pt'} holds iteration ")
-    assert last.endswith("--resume") and "--max_iters 100000" in last
-    it = int(last.split("holds iteration ")[1].split(";")[0])
-    assert _whole_checkpoint(out / "ckpt.pt")["iter"] == it > 0
-    # the command it printed continues the run (here only one step further)
-    argv = shlex.split(last.split("continue with: ")[1])[2:]  # after "python train.py"
-    train.main(argv + ["--max_iters", str(it + 1)])
-    assert [json.loads(line)["iter"] for line in open(out / "log.jsonl")] == [0, it + 1]
+        for _, p in runs.values():
+            p.kill()
+    for sig, (out, p) in runs.items():
+        err = errs[sig]
+        last = err.strip().splitlines()[-1]
+        assert p.returncode == 130 and "Traceback" not in err, (sig, err)
+        assert last.startswith(f"interrupted: {out / 'ckpt.pt'} holds iteration ")
+        assert last.endswith("--resume") and "--max_iters 100000" in last
+        it = int(last.split("holds iteration ")[1].split(";")[0])
+        assert _whole_checkpoint(out / "ckpt.pt")["iter"] == it > 0
+        # the command it printed continues the run (here only one step further)
+        argv = shlex.split(last.split("continue with: ")[1])[2:]  # after "python train.py"
+        train.main(argv + ["--max_iters", str(it + 1)])
+        assert [json.loads(line)["iter"] for line in open(out / "log.jsonl")] == [0, it + 1]
 
 
 def test_sigkill_at_any_moment_leaves_a_whole_checkpoint(tmp_path):

@@ -3,6 +3,7 @@ import importlib.util
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 
@@ -11,15 +12,24 @@ import torch
 
 import evaluate as evaluate_script
 import sample
+import train
 from machinery import batch_generate, prompts
 from machinery.checkpoint import load_run
-from conftest import write
+from conftest import TINY, write
+
+
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
+    d = tmp_path_factory.mktemp("trained")
+    train.main(TINY + ["--max_iters", "30", "--eval_interval", "30", "--out_dir", str(d / "run"),
+                       "--cache_dir", str(d / "cache")])
+    return d / "run"
 
 
 @pytest.fixture
-def trained(run_train):
-    out, _ = run_train("--max_iters", "30", "--eval_interval", "30", "--nsp_start", "0")
-    return out
+def trained(trained_once, tmp_path):
+    """A tiny trained run of this test's own (a copy: tests change its files)."""
+    return shutil.copytree(trained_once, tmp_path / "trained")
 
 
 def _write_the_marker_after_the_default_prompt(out):
@@ -152,11 +162,19 @@ def test_eval_with_queries_from_another_run_uses_its_networks_and_writes_only_it
         assert separate[split]["ntp"] == own[split]["ntp"]  # while this run's Gen writes
 
 
-def test_missing_checkpoint_is_one_line(tmp_path):
-    for script in ("sample.py", "evaluate.py"):
-        p = subprocess.run([sys.executable, script, "--out_dir", str(tmp_path / "none")],
-                           capture_output=True, text=True)
-        assert p.returncode == 2 and p.stderr.count("\n") == 1 and "no checkpoint" in p.stderr
+def test_each_script_run_as_a_command_fails_in_one_line(tmp_path):
+    """The scripts' own command lines (their __main__), not only main(): one line, exit code 2.
+    test_bad_input.py checks the messages in-process; the three start at once to save time."""
+    runs = {script: subprocess.Popen([sys.executable, script, "--out_dir", str(tmp_path / "none"),
+                                      *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+            for script, extra in (("train.py", ["--max_iterz", "5"]), ("sample.py", []),
+                                  ("evaluate.py", []))}
+    for script, message in (("train.py", "unrecognized arguments: --max_iterz 5"),
+                            ("sample.py", "no checkpoint"), ("evaluate.py", "no checkpoint")):
+        _, err = runs[script].communicate(timeout=120)
+        assert runs[script].returncode == 2, (script, err)
+        assert err.count("\n") == 1 and err.startswith("error: ") and message in err, (script, err)
 
 
 def _text_file(tmp_path, kind):
