@@ -219,7 +219,7 @@ def load_data(cfg):
     """Build (or find in the cache) the prepared corpus of a config; returns (Data, Tokenizer)."""
     tok = Tokenizer(cfg.tokenizer, cfg.gpt2_file)
     corpus = load_corpus(cfg.dataset, cfg.split, cfg.val_fraction, cfg.facts_people,
-                         cfg.facts_heldout)
+                         cfg.facts_heldout, cfg.facts_wordings)
     prepare.check_corpus(corpus, cfg.dataset)  # neither split empty
     data = Data(prepare.prepare(corpus, tok, cfg.cache_dir), cfg.block_size, cfg.transductive)
     if cfg.negatives == "lexical" or (cfg.negatives == "auto" and cfg.dataset != "facts"):

@@ -25,7 +25,8 @@ OUT_DIR/eval_query_from_<OTHER's folder name>.json; OTHER's folder is only read)
   answer_em_gold           the answer given the gold sequence after the marker (copying alone)
 and, for `facts`, val_reworded: the held-out questions worded as no training document words them
 (machinery/facts.py), the generalisation test: the answer metrics, and recall@1, recall@10 and MRR
-of Gen's query at a marker placed after each reworded question.
+of Gen's query at a marker placed after each reworded question, with TF-IDF's (lexical_*) on the
+same questions beside them.
 """
 
 import json
@@ -59,13 +60,21 @@ def question_retrieval(gen, datastore, qs, tok, device):
     return retrieval_metrics(target_ranks(queries, datastore.embeddings, targets))
 
 
+def question_lexical(lexical, qs, tok):
+    """TF-IDF's recall@1, recall@10 and MRR for the same questions, each question's words against
+    every sequence's: the training-free line beside question_retrieval, named lexical_*."""
+    ranks = lexical.ranks([tok.decode(prompt) for prompt, _, _ in qs], [t for _, t, _ in qs])
+    return {f"lexical_{k}": v for k, v in retrieval_metrics(ranks).items()}
+
+
 def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
                    modes=("retrieval", "no_retrieval", "gold"), reword_questions=False,
-                   batch_size=EvalConfig.batch_size):
+                   batch_size=EvalConfig.batch_size, lexical=None):
     """The answer metrics of the first `limit` questions of a split, for each of `modes`:
     retrieval in the loop, Gen alone, Gen given the gold sequence; with reword_questions, of those
-    questions reworded (the generalisation test), with their retrieval metrics too. Questions are
-    answered batch_size at a time (machinery/batch_generate.py: generate() batched)."""
+    questions reworded (the generalisation test), with their retrieval metrics too, and TF-IDF's
+    beside them if a lexical index is given. Questions are answered batch_size at a time
+    (machinery/batch_generate.py: generate() batched)."""
     qs = questions(data, tok, split, limit)
     if reword_questions:
         qs = reworded(qs, tok)
@@ -109,6 +118,8 @@ def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
     if reword_questions:
         device = next(gen.parameters()).device
         out.update(question_retrieval(query_gen or gen, datastore, qs, tok, device))
+        if lexical is not None:
+            out.update(question_lexical(lexical, qs, tok))
     return out
 
 
@@ -170,7 +181,7 @@ def main(argv=None):
     if args.questions and cfg.dataset == "facts":
         result["val_reworded"] = answer_metrics(gen, datastore, data, tok, "val", args.questions,
                                                 query_gen, ("retrieval", "no_retrieval"), True,
-                                                args.batch_size)
+                                                args.batch_size, lexical)
     print(json.dumps(result, indent=1))
     with open(path, "w") as f:
         json.dump(result, f, indent=1)

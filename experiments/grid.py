@@ -1,6 +1,6 @@
 """
 The paper's comparison, run the paper's way: co-supervision against separate supervision, both
-fine-tuned from one pretrained LM, several seeds, on `facts`, `pydoc` and any corpus you name.
+fine-tuned from one pretrained LM, several seeds, on `facts` (and `pydoc` or any corpus you name).
 
     python -m experiments.grid                   # the full protocol (experiments/README.md)
     python -m experiments.grid --quick           # 2 seeds, few steps, one lambda: to see it work
@@ -20,12 +20,15 @@ Per seed, every run is train.py with its defaults but the flags below:
             same steps without the pretrained start (secondary)
 
 The primary comparison, fixed before the grid ran (report.py): co0.5 minus sep, paired by seed;
-on facts held-out answer exact match with retrieval and held-out recall@1, on text val MRR.
+on facts held-out answer exact match with retrieval and held-out recall@1, on text val MRR. The
+confirmatory test (report.CONFIRMATORY), fixed before its runs: co0.1 minus sep on facts, on seeds
+of its own, which run only pretrained, ntp-ft, nsp-ft, co0.1 and sep.
 
 experiments/results/ gets runs.jsonl (one JSON line per run; a run already there is not redone),
 table.md (report.py) and PNG plots. Checkpoints go to --work_dir.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -44,17 +47,18 @@ from evaluate import answer_metrics
 from experiments import report
 from machinery.checkpoint import load_run, read_jsonl
 from machinery.cli import Interrupted, UserError, flag, main_guard, parse_config
+from machinery.lexical import lexical_index
 from machinery.config import Config, check_config
 
 
 @dataclass
 class ExperimentConfig:
     quick: bool = flag(False, "2 seeds, few steps, lambda 0.5 only: a smoke run of the protocol")
-    datasets: str = flag("facts,pydoc", "comma-separated: facts, pydoc, or paths to .txt / .jsonl "
-                                        "files (each runs the same protocol)")
+    datasets: str = flag("facts", "comma-separated: facts, pydoc, or paths to .txt / .jsonl "
+                                  "files (each runs the same protocol)")
     seeds: int = flag(5, "seeds, 1337 onwards (--quick: 2)")
-    pretrain_iters: int = flag(400, "stage 1: L_NTP-only steps of the pretrained LM (--quick: 100)")
-    iters: int = flag(400, "stage 2: steps of every fine-tuning run (--quick: 100)")
+    pretrain_iters: int = flag(800, "stage 1: L_NTP-only steps of the pretrained LM (--quick: 100)")
+    iters: int = flag(1000, "stage 2: steps of every fine-tuning run (--quick: 100)")
     lambdas: str = flag("0.1,0.5,2", "lambda_seq of the co-supervised runs on facts (0.5, the "
                                      "default, is the one the primary test uses)")
     text_lambdas: str = flag("0.5", "lambda_seq of the co-supervised runs on text corpora")
@@ -90,7 +94,7 @@ class Grid:
     def run_dir(self, dataset, variant, seed):
         cfg = self.cfg
         return os.path.join(cfg.work_dir, f"{report.slug(dataset)}-{variant}-s{seed}-"
-                                          f"{cfg.pretrain_iters}+{cfg.iters}")
+                                          f"{cfg.pretrain_iters}+{cfg.iters}-{setting(cfg)}")
 
     def trained(self, dataset, variant, seed, lambdas):
         """The run's out_dir, trained now unless work_dir has it whole (a fresh clone has
@@ -118,7 +122,9 @@ class Grid:
 
     @torch.inference_mode()
     def answers(self, out, query_from=None, modes=("retrieval",)):
-        """Held-out answer metrics (evaluate.py's), as asked in training and reworded."""
+        """Held-out answer metrics (evaluate.py's), as asked in training and reworded (with the
+        reworded questions' retrieval, learned and TF-IDF). OUT's Gen writes; with query_from,
+        that run's Gen makes the queries and its Emb_seq the datastore (sep)."""
         _, gen, embedder, data, tok = load_run(out, "cpu")
         query_gen = None
         if query_from:
@@ -127,14 +133,14 @@ class Grid:
         n = self.cfg.questions
         asked = answer_metrics(gen, store, data, tok, "val", n, query_gen, modes)
         new = answer_metrics(gen, store, data, tok, "val", n, query_gen, modes,
-                             reword_questions=True)
+                             reword_questions=True, lexical=lexical_index(data, tok))
         return {**asked, **{f"reworded_{k}": v for k, v in new.items()}}
 
     def run(self, dataset, variant, seed, lambdas):
         """Train (or, for sep, combine) and measure one run of the protocol; its record."""
         cfg, t0 = self.cfg, time.time()
         record = {"dataset": dataset, "variant": variant, "seed": seed,
-                  "steps": f"{cfg.pretrain_iters}+{cfg.iters}"}
+                  "steps": f"{cfg.pretrain_iters}+{cfg.iters}", "setting": setting(cfg)}
         facts = dataset == "facts"
         if variant == "sep":  # ntp-ft's Gen writes, nsp-ft's Gen and Emb_seq retrieve
             ntp = self.trained(dataset, "ntp-ft", seed, lambdas)
@@ -202,12 +208,21 @@ def run_all(grid, todo, path):
             os.environ["OMP_NUM_THREADS"] = saved[1]
 
 
+def setting(cfg):
+    """What every run depends on besides its dataset, variant, seed and steps: the protocol's
+    flags, --train_args, --questions and --evals, as a short hash. It is part of each run's folder
+    and record key, so a changed setting trains and measures afresh, never reusing stale runs."""
+    text = json.dumps([PROTOCOL, cfg.train_args.split(), cfg.questions, cfg.evals])
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 GRID_FLAGS = {"dataset", "seed", "max_iters", "eval_interval", "out_dir", "lambda_seq",
               "lambda_tok", "init_from", "resume", "overwrite"}
-# the protocol as its committed records ran, whatever train.py's defaults become: L_NSP from the
-# first step of every run (stage 1 is the NTP-only start) and the temperature of that time
-# (--train_args come after these, and may change them)
-PROTOCOL = ["--nsp_start", "0", "--temperature", "0.05"]
+# the protocol's own flags, whatever train.py's defaults become (--train_args come after these,
+# and may change them): L_NSP from the first step of every run (stage 1 is the NTP-only start, so
+# the token space is in place), the default recipe's temperature, and facts questions in three
+# wordings (so that training shows that other words ask the same; the reworded set uses a fourth)
+PROTOCOL = ["--nsp_start", "0", "--temperature", "0.1", "--facts_wordings", "3"]
 
 
 def check_train_args(train_args):
@@ -265,19 +280,26 @@ def main(argv=None):
     datasets = check(cfg)
     os.makedirs(cfg.results, exist_ok=True)
     path = os.path.join(cfg.results, "runs.jsonl")
-    done, steps = report.load(path), f"{cfg.pretrain_iters}+{cfg.iters}"
+    done, steps, tag = report.load(path), f"{cfg.pretrain_iters}+{cfg.iters}", setting(cfg)
     cells = [(d, v, s, lams) for d, lams in datasets.items()
              for s in range(1337, 1337 + cfg.seeds) for v in variants(cfg, lams)]
-    # stage 1 first, sep last: a run seldom waits for the one it starts from
+    confirm = report.CONFIRMATORY  # its seeds: its two variants and what they start from
+    lams = datasets.get(confirm["dataset"])
+    if lams is not None and confirm["tested"] in variants(cfg, lams):
+        cells += [(confirm["dataset"], v, s, lams) for s in confirm["seeds"]
+                  for v in ("pretrained", "ntp-ft", "nsp-ft", confirm["tested"], "sep")]
+    # one seed after another, and within a seed stage 1 first and sep last: a run seldom waits
+    # for the one it starts from, and an interrupted grid leaves whole seeds in runs.jsonl, which
+    # a fresh clone (records, no checkpoints) never needs to train again
     rank = {"pretrained": 0, "sep": 2}
-    cells.sort(key=lambda c: rank.get(c[1], 1))
-    todo = [c for c in cells if report.key(c[0], c[1], c[2], steps) not in done]
+    cells.sort(key=lambda c: (c[2] in confirm["seeds"], c[0], c[2], rank.get(c[1], 1)))
+    todo = [c for c in cells if report.key(c[0], c[1], c[2], steps, tag) not in done]
     print(f"{len(cells)} runs in the protocol, {len(cells) - len(todo)} already in {path}")
     t0 = time.time()
     run_all(Grid(cfg), todo, path)
     if todo:
         print(f"{len(todo)} runs in {time.time() - t0:.0f} s")
-    wanted = {report.key(c[0], c[1], c[2], steps) for c in cells}
+    wanted = {report.key(c[0], c[1], c[2], steps, tag) for c in cells}
     records = [r for k, r in report.load(path).items() if k in wanted]
     report.write(records, cfg.results)
     print(f"results in {cfg.results}/: table.md and the plots")

@@ -14,6 +14,7 @@ import torch
 from embedder import EmbedderConfig, SeqEmbedder
 from machinery.cli import UserError, flag
 from machinery.corpora import check_dataset
+from machinery.facts import MAX_WORDINGS
 from machinery.search import require_index
 from model import Gen, GenConfig
 
@@ -27,6 +28,8 @@ class Config:
     val_fraction: float = flag(0.1, "share of a .txt/.jsonl/pydoc corpus held out as val (its end)")
     facts_people: int = flag(400, "facts: people in the world (6 facts each)")
     facts_heldout: float = flag(0.2, "facts: share of people whose questions are held out (val)")
+    facts_wordings: int = flag(1, "facts: wordings of each question, 1 to 3, one drawn per "
+                                  "document (more: training shows other words ask the same)")
     tokenizer: str = flag("bytes", "bytes (offline) or gpt2 (tiktoken's cache or --gpt2_file)")
     gpt2_file: str = flag("", "path to a gpt2.tiktoken file (or set COSUP_GPT2_FILE)")
     cache_dir: str = flag("data_cache", "where prepared corpora are cached")
@@ -130,6 +133,8 @@ def check_config(cfg):
         raise UserError(f"--first_stage must be >= 1, got {cfg.first_stage}")
     if cfg.split not in ("sentence", "line", "none"):
         raise UserError(f"--split must be sentence, line or none, got {cfg.split!r}")
+    if not 1 <= cfg.facts_wordings <= MAX_WORDINGS:
+        raise UserError(f"--facts_wordings must be 1 to {MAX_WORDINGS}, got {cfg.facts_wordings}")
     if not 0 < cfg.val_fraction < 1 or not 0 < cfg.facts_heldout < 1:
         raise UserError("--val_fraction and --facts_heldout must be between 0 and 1")
     if cfg.dtype not in ("auto", "float32", "bfloat16"):

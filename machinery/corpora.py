@@ -132,12 +132,13 @@ def check_dataset(dataset):
         raise UserError(f"file not found: {dataset}")
 
 
-def load_corpus(dataset, split="sentence", val_fraction=0.1, facts_people=400, facts_heldout=0.2):
+def load_corpus(dataset, split="sentence", val_fraction=0.1, facts_people=400, facts_heldout=0.2,
+                facts_wordings=1):
     """The documents of a dataset: `facts`, `pydoc`, or a path to a .txt or .jsonl file."""
     check_dataset(dataset)
     if dataset == "facts":
         from machinery.facts import build_facts
-        train, val, confusable = build_facts(facts_people, facts_heldout)
+        train, val, confusable = build_facts(facts_people, facts_heldout, facts_wordings)
         return Corpus(train, val, confusable, aligned=True)
     if dataset == "pydoc":  # CPython's own documentation text: real prose, always present offline
         from pydoc_data.topics import topics

@@ -51,6 +51,19 @@ ATTRIBUTES = {
 }
 N_TOWNS = 16
 
+# More wordings of each question (--facts_wordings 2 or 3): each document then asks its question
+# in one of the first k wordings, ATTRIBUTES' own first, drawn at random. Training then shows that
+# different words ask the same thing, which a model needs before it can generalise to new words.
+MORE_WORDINGS = {
+    "town": ["Which town is home to {name}?", "Where is {name}'s home?"],
+    "job": ["What is {name}'s job?", "What work does {name} do?"],
+    "pet": ["Which pet does {name} keep?", "What kind of pet does {name} own?"],
+    "colour": ["What colour does {name} prefer?", "Which colour is {name}'s favourite?"],
+    "instrument": ["What instrument does {name} play?", "On which instrument does {name} perform?"],
+    "month": ["In which month was {name} born?", "What month was {name} born in?"],
+}
+MAX_WORDINGS = 3
+
 # The generalisation test: each question worded in a way no training document uses, asked about
 # held-out people (evaluate.py). Gen has to recognise the question it knows in new words, write the
 # marker, and its query must still find the fact.
@@ -96,11 +109,18 @@ def _similar_people(names):
     return [list(row[:-1]) for row in np.argsort(-score, axis=1, kind="stable")]
 
 
-def build_facts(people, heldout):
-    """Returns (train_docs, val_docs, confusable): questions about train / held-out people, and
-    for each fact the facts most easily confused with it: the same attribute of the people whose
-    names look most like this one's."""
+def wordings(attribute, k=MAX_WORDINGS):
+    """The first k wordings of an attribute's question."""
+    return [ATTRIBUTES[attribute][0], *MORE_WORDINGS[attribute]][:k]
+
+
+def build_facts(people, heldout, n_wordings=1):
+    """Returns (train_docs, val_docs, confusable): questions about train / held-out people, each
+    in one of the first n_wordings wordings, and for each fact the facts most easily confused with
+    it: the same attribute of the people whose names look most like this one's."""
     rng = random.Random(WORLD_SEED)
+    # a stream of its own: the world (names, facts, the split) is the same for any n_wordings
+    wording_rng = random.Random(WORLD_SEED + 1)
     # few first names and surnames, each shared by many people: a held-out person is a new
     # combination of parts seen in training, and every name has look-alikes that share a part
     firsts = _distinct_words(rng, max(8, round(1.2 * people ** 0.5)), (1, 2))
@@ -118,7 +138,7 @@ def build_facts(people, heldout):
         return ATTRIBUTES[a][1].format(name=names[i], value=facts[i][a])
 
     def document(i, a):
-        question = ATTRIBUTES[a][0].format(name=names[i])
+        question = wording_rng.choice(wordings(a, n_wordings)).format(name=names[i])
         return [Segment(f"Q: {question}\n"), Segment(fact(i, a), sequence=True),
                 Segment(f"\nA: {facts[i][a]}.\n")]
 
@@ -143,10 +163,11 @@ def build_facts(people, heldout):
 
 def reword(question):
     """The same question in REWORDED's words: "Q: Where does X live?\\n" -> "Q: In which town
-    does X reside?\\n". None for text that is not one of ATTRIBUTES' questions."""
-    for attribute, (template, _, _) in ATTRIBUTES.items():
-        before, after = template.split("{name}")
-        if question.startswith("Q: " + before) and question.endswith(after + "\n"):
-            name = question[len("Q: " + before):len(question) - len(after + "\n")]
-            return "Q: " + REWORDED[attribute].format(name=name) + "\n"
+    does X reside?\\n". None for text that is not one of the training wordings' questions."""
+    for attribute in ATTRIBUTES:
+        for template in wordings(attribute):
+            before, after = template.split("{name}")
+            if question.startswith("Q: " + before) and question.endswith(after + "\n"):
+                name = question[len("Q: " + before):len(question) - len(after + "\n")]
+                return "Q: " + REWORDED[attribute].format(name=name) + "\n"
     return None

@@ -104,6 +104,7 @@ CASES = [
     ("train", TRAIN + ["--tokenizer", "sentencepiece"], "unknown tokenizer 'sentencepiece'"),
     ("train", TRAIN + ["--device", "tpu"], "unknown device 'tpu'"),
     ("train", TRAIN + ["--max_iterz", "5"], "unrecognized arguments: --max_iterz 5"),
+    ("train", TRAIN + ["--facts_wordings", "4"], "--facts_wordings must be 1 to 3, got 4"),
     ("train", TRAIN + ["--tokenizer", "gpt2"], "pass --gpt2_file"),  # offline, no cache
     ("train", TRAIN + ["--tokenizer", "gpt2", "--gpt2_file", "{d}/no.tiktoken"], "not found"),
     ("train", TRAIN + ["--tokenizer", "gpt2", "--gpt2_file", "{d}/garbled.tiktoken"],

@@ -88,9 +88,10 @@ def test_facts_splits_share_no_sequence_and_no_person():
     assert len(names) == 10 and not any(n in train_text for n in names)
 
 
-def test_reworded_questions_ask_the_same_in_words_training_never_uses():
+@pytest.mark.parametrize("wordings", [1, 3])
+def test_reworded_questions_ask_the_same_in_words_training_never_uses(wordings):
     from machinery.facts import ATTRIBUTES, REWORDED, reword
-    corpus = load_corpus("facts", facts_people=50, facts_heldout=0.2)
+    corpus = load_corpus("facts", facts_people=50, facts_heldout=0.2, facts_wordings=wordings)
     train_text = " ".join(s.text for d in corpus.train for s in d)
     new = [reword(q.text) for q, _, _ in corpus.val]
     assert len(new) == 10 * len(ATTRIBUTES) and None not in new
@@ -99,6 +100,25 @@ def test_reworded_questions_ask_the_same_in_words_training_never_uses():
         assert r == "Q: " + REWORDED[attribute].format(name=name) + "\n"  # same person, attribute
         assert REWORDED[attribute].split("{name}")[0] not in train_text  # a new way to ask
     assert reword("Q: Who is Mira Voskel?\n") is None
+
+
+def test_more_wordings_ask_the_same_questions_about_the_same_world():
+    from machinery.facts import ATTRIBUTES, reword, wordings
+    one = load_corpus("facts", facts_people=50, facts_heldout=0.2)
+    three = load_corpus("facts", facts_people=50, facts_heldout=0.2, facts_wordings=3)
+    for split in ("train", "val"):  # the same facts and answers, document by document
+        a, b = getattr(one, split), getattr(three, split)
+        assert [[s.text for s in d[1:]] for d in a] == [[s.text for s in d[1:]] for d in b]
+        assert [reword(d[0].text) for d in a] == [reword(d[0].text) for d in b]  # same question
+    assert one.confusable == three.confusable
+
+    def used(docs):  # the (attribute, wording) pairs the documents' questions use
+        return {(a, w) for d in docs for a in ATTRIBUTES for w in wordings(a)
+                if d[0].text.startswith("Q: " + w.split("{name}")[0])
+                and d[0].text.endswith(w.split("{name}")[1] + "\n")}
+    assert used(one.train) == used(one.val) == {(a, wordings(a)[0]) for a in ATTRIBUTES}
+    every = {(a, w) for a in ATTRIBUTES for w in wordings(a)}
+    assert len(every) == 3 * len(ATTRIBUTES) and used(three.train) == used(three.val) == every
 
 
 def test_plain_split_has_no_markers_and_val_is_the_end(tmp_path):

@@ -1,10 +1,12 @@
 """experiments/grid.py's protocol on a tiny config, report.py's statistics, train.py --init_from."""
+import glob
 import json
 import re
 
 import pytest
 import torch
 
+import evaluate as eval_script
 from experiments import grid
 from experiments import report
 from machinery.cli import UserError
@@ -18,6 +20,56 @@ def test_t_test_matches_hand_computation():
     assert mean == 2.0 and t == pytest.approx(3 ** 0.5 * 2)
     assert p == pytest.approx(1 - t / (2 + t * t) ** 0.5, abs=1e-5)
     assert report.t_test([0.5, -0.5])[2] == pytest.approx(1.0, abs=1e-5)  # mean 0: p = 1
+
+
+def test_t_test_at_the_protocols_four_degrees_of_freedom():
+    # 5 seeds: 4 degrees of freedom, where the two-sided p is 1 - x (1 + (1 - x^2) / 2) with
+    # x = t / sqrt(4 + t^2); and t = 2.776 is the tabulated 5% critical value
+    diffs = [0.1, 0.3, 0.2, 0.4, 0.05]
+    mean, t, p = report.t_test(diffs)
+    x = t / (4 + t * t) ** 0.5
+    assert mean == pytest.approx(0.21) and p == pytest.approx(1 - x * (1 + (1 - x * x) / 2),
+                                                                abs=1e-5)
+    spread = [-1.4, 0.6, -0.4, 1.1, 0.1]  # mean 0; shifted so that t = 2.776
+    sd = (sum(v * v for v in spread) / 4) ** 0.5
+    mean, t, p = report.t_test([v + 2.776 * sd / 5 ** 0.5 for v in spread])
+    assert t == pytest.approx(2.776) and p == pytest.approx(0.05, abs=2e-4)
+
+
+def test_the_lambda_plot_shows_the_tables_spread(tmp_path, monkeypatch):
+    import matplotlib.axes
+    bars = []
+    errorbar = matplotlib.axes.Axes.errorbar
+
+    def record_bars(self, x, y, yerr=None, **kw):
+        bars.append((list(y), list(yerr)))
+        return errorbar(self, x, y, yerr=yerr, **kw)
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", record_bars)
+    runs = [record(f"co{lam:g}", s, **{"recall@1": v, "val_ntp": 1.0},
+                   curve=[{"iter": 0, "val_ntp": 1.0, "recall@1": v}])
+            for lam, vals in ((0.1, (0.2, 0.4, 0.9)), (0.5, (0.5, 0.5, 0.8)))
+            for s, v in zip((1, 2, 3), vals)]
+    report.plots(runs, str(tmp_path))
+    means, sds = bars[[i for i, (y, _) in enumerate(bars) if y[0] != 1.0][0]]
+    assert means == pytest.approx([0.5, 0.6]) and sds == pytest.approx([0.360555, 0.173205],
+                                                                       abs=1e-5)  # ddof 1
+    assert report.fmt([0.2, 0.4, 0.9]) == "0.500 +- 0.361"
+
+
+def test_a_changed_setting_never_reuses_runs(tmp_path):
+    """--train_args, --questions and --evals (and the protocol's own flags) are part of every run's
+    folder and record key: a change trains and measures afresh."""
+    base = ["--work_dir", str(tmp_path)]
+    cfgs = [grid.parse_config(grid.ExperimentConfig, "", base + extra)[0] for extra in
+            ([], ["--train_args", "--n_embd 64"], ["--questions", "7"], ["--evals", "3"])]
+    settings = [grid.setting(c) for c in cfgs]
+    assert len(set(settings)) == 4
+    dirs = {grid.Grid(c).run_dir("facts", "co0.5", 1337) for c in cfgs}
+    assert len(dirs) == 4
+    keys = {report.key("facts", "co0.5", 1337, "400+400", s) for s in settings}
+    assert len(keys) == 4
+    assert grid.setting(cfgs[0]) == grid.setting(grid.parse_config(
+        grid.ExperimentConfig, "", base)[0])  # and the same setting, the same runs
 
 
 def record(variant, seed, dataset="facts", **metrics):
@@ -60,10 +112,17 @@ def test_protocol_runs_from_one_pretrained_start_reports_and_resumes(tmp_path, c
             assert (first["val_ntp"], first["recall@1"]) == (pre["val_ntp"], pre["recall@1"])
         assert records["scratch", seed]["curve"][0]["val_ntp"] != pre["val_ntp"]
         assert [c["iter"] for c in records["scratch", seed]["curve"]] == [0, 4, 8]  # 2 evals
-        sep = records["sep", seed]
-        assert sep["val_ntp"] == records["ntp-ft", seed]["val_ntp"]      # ntp-ft's Gen writes
-        assert sep["recall@1"] == records["nsp-ft", seed]["recall@1"]    # nsp-ft's Gen retrieves
-        assert "reworded_answer_em_retrieval" in sep and "reworded_recall@1" in sep
+        # sep by another path: evaluate.py, ntp-ft's Gen writing, nsp-ft's networks retrieving
+        sep, run = records["sep", seed], grid.Grid(grid.parse_config(grid.ExperimentConfig, "",
+                                                                     argv)[0]).run_dir
+        eval_script.main(["--out_dir", run("facts", "ntp-ft", seed), "--query_from",
+                          run("facts", "nsp-ft", seed), "--questions", "2"])
+        other = json.loads(open(next(p for p in glob.glob(run("facts", "ntp-ft", seed) + "/*.json")
+                                     if "query_from" in p)).read())
+        assert sep["answer_em_retrieval"] == other["val"]["answer_em_retrieval"]
+        assert sep["reworded_recall@1"] == pytest.approx(other["val_reworded"]["recall@1"])
+        assert sep["recall@1"] == pytest.approx(other["val"]["recall@1"])
+        assert sep["reworded_lexical_recall@1"] == other["val_reworded"]["lexical_recall@1"]
         assert "answer_em_no_retrieval" in records["ntp-ft", seed]
     table = (tmp_path / "results" / "table.md").read_text()
     assert "| co0.5 |" in table and "| sep |" in table and "| scratch |" in table
@@ -74,9 +133,36 @@ def test_protocol_runs_from_one_pretrained_start_reports_and_resumes(tmp_path, c
     assert "6 runs in the protocol, 6 already in" in capsys.readouterr().out
 
 
+def test_answers_write_with_one_run_and_retrieve_with_the_other(run_train, monkeypatch):
+    """sep: OUT's Gen writes; QUERY_FROM's Gen makes the queries, its Emb_seq the datastore."""
+    from machinery.checkpoint import load_run
+    from machinery.datastore_file import build
+    a, _ = run_train("--max_iters", "2", "--eval_interval", "2", name="a")
+    b, _ = run_train("--max_iters", "2", "--eval_interval", "2", "--seed", "7", name="b")
+    seen = []
+    monkeypatch.setattr(grid, "answer_metrics", lambda gen, store, data, tok, split, n, query_gen,
+                        *rest, **kw: seen.append((gen, store, query_gen)) or {})
+    g = grid.Grid(grid.parse_config(grid.ExperimentConfig, "", ["--questions", "1"])[0])
+
+    def same(module, run, part):
+        ckpt = torch.load(run / "ckpt.pt", weights_only=False)[part]
+        return all(torch.equal(p, ckpt[k]) for k, p in module.state_dict().items())
+    g.answers(str(a), query_from=str(b))
+    g.answers(str(a))
+    (writer, store, queries), (own_writer, own_store, own_queries) = seen[0], seen[2]
+    assert same(writer, a, "gen") and same(queries, b, "gen") and not same(queries, a, "gen")
+    _, _, emb_b, data, _ = load_run(str(b), "cpu")
+    assert torch.equal(store.embeddings, build(emb_b, data, progress=False).embeddings)
+    assert same(own_writer, a, "gen") and own_queries is None  # its own Gen queries
+    _, _, emb_a, _, _ = load_run(str(a), "cpu")
+    assert torch.equal(own_store.embeddings, build(emb_a, data, progress=False).embeddings)
+
+
 def test_readme_results_equal_the_report_on_the_committed_records():
-    """experiments/README.md's results block is report.py's table.md on the committed records."""
-    records = list(report.load(f"{report.ROOT}/{report.RESULTS}/runs.jsonl").values())
+    """experiments/README.md's results block is report.py's table.md on the committed records of
+    the first protocol (results/first_protocol/)."""
+    records = list(report.load(f"{report.ROOT}/{report.RESULTS}/first_protocol/runs.jsonl")
+                   .values())
     if not records:
         pytest.skip("no committed protocol results")
     readme = open(f"{report.ROOT}/experiments/README.md").read()

@@ -122,3 +122,17 @@ def test_rerank_searches_the_first_stage_candidates(tiny_data):
         assert ids[i].tolist() == candidates[i][best.indices].tolist()
         assert torch.allclose(scores[i], best.values)
         assert stage_ranks[i].tolist() == (best.indices + 1).tolist()
+
+
+def test_tf_idf_on_questions_ranks_by_shared_words_and_counts_ties_against_the_target():
+    from evaluate import question_lexical
+    from machinery.tokenizer import Tokenizer
+    tok = Tokenizer("bytes", None)
+    lexical = Lexical(["alpha beta", "gamma delta", "alpha gamma"])
+    qs = [(np.array(tok.encode(text)), target, None)
+          for text, target in (("alpha beta?", 0), ("delta", 1), ("beta", 2))]
+    # "beta" shares no word with entry 2 (score 0) and ties with entry 1 (0): rank 3
+    m = question_lexical(lexical, qs, tok)
+    assert m["lexical_recall@1"] == pytest.approx(2 / 3)
+    assert m["lexical_mrr"] == pytest.approx((1 + 1 + 1 / 3) / 3)
+    assert m["lexical_recall@10"] == 1
