@@ -14,6 +14,18 @@ TINY = ["--facts_people", "60", "--n_layer", "2", "--n_head", "2", "--n_embd", "
         "--nsp_start", "0"]  # a few steps: L_NSP from the first (the default waits 300)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "draws: the test looks at curves.png, so training draws it")
+
+
+@pytest.fixture(autouse=True)
+def no_drawing(request, monkeypatch):
+    """Drawing curves.png costs about half a second a time, most of a tiny run, and only the tests
+    marked `draws` look at it: elsewhere training skips it (in this process; subprocesses draw)."""
+    if "draws" not in request.keywords:
+        monkeypatch.setattr("machinery.run.plot_run", lambda *args, **kwargs: None)
+
+
 @pytest.fixture
 def run_train(tmp_path):
     """Run train.main in-process on the tiny config; returns (out_dir, list of log records).

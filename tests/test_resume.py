@@ -184,6 +184,7 @@ def test_divergence_stops_and_never_saves_nan(run_train, tmp_path, monkeypatch, 
     assert [json.loads(line)["iter"] for line in open(out / "log.jsonl")] == [0, 4]
 
 
+@pytest.mark.draws
 def test_an_out_dir_with_a_checkpoint_needs_resume_or_overwrite(run_train):
     out, _ = run_train("--max_iters", "4", "--eval_interval", "2")
     before = (out / "ckpt.pt").read_bytes(), (out / "log.jsonl").read_text()

@@ -9,6 +9,7 @@ from machinery.config import Config, build_models, make_optimizer
 from conftest import write_tiktoken
 
 
+@pytest.mark.draws
 def test_short_run_drives_both_losses_down(run_train):
     out, log = run_train("--max_iters", "80", "--eval_interval", "80", "--nsp_start", "0",
                          "--lambda_seq", "1")
@@ -21,7 +22,25 @@ def test_short_run_drives_both_losses_down(run_train):
     assert not (out / "curves.png.tmp").exists()
 
 
-@pytest.mark.parametrize("every, drawn", [(1e9, [0, 20]), (0.0, [0, 5, 10, 15, 20])])
+@pytest.mark.draws
+def test_a_text_runs_picture_adds_the_two_stage_panel(tmp_path):
+    from machinery.plots import plot_run
+    record = {"iter": 0, "train_ntp": 5.0, "val_ntp": 5.0, "recall@1": 0.0, "mrr": 0.01,
+              "lexical_recall@1": 0.1, "lexical_mrr": 0.2}
+    two_stage = {"reranked_recall@1": 0.05, "reranked_mrr": 0.1, "first_stage_recall@K": 0.4,
+                 "first_stage_recall@1": 0.02, "first_stage_mrr": 0.06, "first_stage_k": 100}
+    widths = []
+    for name, extra in (("facts", {}), ("text", two_stage)):
+        log = tmp_path / name / "log.jsonl"
+        log.parent.mkdir()
+        log.write_text("".join(json.dumps({**record, **extra, "iter": i}) + "\n" for i in (0, 10)))
+        plot_run(str(log), str(tmp_path / name / "curves.png"), {"recall@1": 0.01, "mrr": 0.02})
+        png = (tmp_path / name / "curves.png").read_bytes()
+        widths.append(int.from_bytes(png[16:20], "big"))  # the PNG header's width
+    assert widths == [1000, 1500]  # two panels, then three (10 and 15 inches at 100 dpi)
+
+
+@pytest.mark.parametrize("every, drawn", [(1e9, [0, 10]), (0.0, [0, 5, 10])])
 def test_the_picture_follows_the_log_and_ends_with_it(run_train, monkeypatch, every, drawn):
     """curves.png is drawn at the first evaluation, then once DRAW_EVERY seconds have passed, and
     always at the end: each drawing reads the log up to the evaluation just written."""
@@ -30,7 +49,7 @@ def test_the_picture_follows_the_log_and_ends_with_it(run_train, monkeypatch, ev
     monkeypatch.setattr(run, "plot_run", lambda log, png, chance: seen.append(
         json.loads(open(log).read().splitlines()[-1])["iter"]))
     monkeypatch.setattr(run, "DRAW_EVERY", every)
-    run_train("--max_iters", "20", "--eval_interval", "5")
+    run_train("--max_iters", "10", "--eval_interval", "5")
     assert seen == drawn
 
 
