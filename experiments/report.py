@@ -177,13 +177,13 @@ def confirmatory(records):
     for field in c["metrics"]:
         line = compare(runs, c["tested"], c["baseline"], field, titles[field], True)
         pairs = [values(runs, v, field) for v in (c["tested"], c["baseline"])]
-        if line is None or len(pairs[0]) < len(c["seeds"]) or None in pairs[0] + pairs[1]:
-            return []
+        if line is None or any(len(v) < len(c["seeds"]) or None in v for v in pairs):
+            return []  # not all its runs are in yet
         mean, _, p = t_test(np.subtract(*pairs))
         confirmed = confirmed and mean > 0 and p < c["alpha"]
         lines.append(line)
-    verdict = ("confirmed: co0.1 is better than sep on both metrics at p < 0.025" if confirmed
-               else "not confirmed: co0.1 is not better than sep on both metrics at p < 0.025")
+    claim = f"{c['tested']} is better than {c['baseline']} on both metrics at p < {c['alpha']}"
+    verdict = f"confirmed: {claim}" if confirmed else f"not confirmed: not every part of '{claim}'"
     return [f"Confirmatory test, fixed before its runs ({c['tested']} minus {c['baseline']} on "
             f"{c['dataset']}, new seeds {c['seeds'][0]} to {c['seeds'][-1]}): {verdict}.", "",
             *lines, ""]

@@ -95,6 +95,42 @@ def test_primary_comparison_pairs_by_seed():
     assert table.index("**facts**") < table.index("#### facts") < table.index("#### pydoc")
 
 
+def test_the_confirmatory_test_uses_only_its_seeds_and_states_its_verdict():
+    seeds = report.CONFIRMATORY["seeds"]
+    gains = [0.10, 0.12, 0.08, 0.11, 0.09]  # co0.1 minus sep: clearly better on both metrics
+
+    def runs(recall_gains):
+        out = [record("sep", s, answer_em_retrieval=0.5, **{"recall@1": 0.5}) for s in seeds]
+        out += [record("co0.1", s, answer_em_retrieval=0.5 + g, **{"recall@1": 0.5 + r})
+                for s, g, r in zip(seeds, gains, recall_gains)]
+        out += [record("sep", 1337, answer_em_retrieval=0.0, **{"recall@1": 0.0})]  # not its seed
+        return out
+    lines = report.confirmatory(runs(gains))
+    assert lines[0].startswith("Confirmatory test, fixed before its runs (co0.1 minus sep on facts")
+    assert "): confirmed: co0.1 is better than sep on both metrics at p < 0.025." in lines[0]
+    assert sum(line.startswith("- ") and "better in 5 of 5 seeds" in line for line in lines) == 2
+    # recall@1 no better on average: not confirmed, though answers are
+    assert "not confirmed" in report.confirmatory(runs([0.1, -0.1, 0.05, -0.05, 0.0]))[0]
+    assert report.confirmatory(runs(gains)[1:]) == []  # a seed's sep missing: no verdict yet
+    table = report.table(runs(gains))
+    assert "#### facts: 1 seed(s)" in table  # its seeds stay out of the main tables
+
+
+def test_the_tables_show_tf_idf_and_how_flat_each_curve_ended():
+    curve = [{"iter": i, "val_ntp": 1.0 - 0.1 * k, "recall@1": v}
+             for k, (i, v) in enumerate(((0, 0.0), (400, 0.5), (800, 0.9)))]
+    runs = [record(v, s, **{"recall@1": 0.9, "mrr": 0.95, "lexical_recall@1": 0.4 + 0.1 * (v == "sep"),
+                            "lexical_mrr": 0.6, "reworded_recall@1": 0.3,
+                            "reworded_lexical_recall@1": 0.35}, curve=curve)
+            for v in ("pretrained", "sep") for s in (1, 2)]
+    table = report.table(runs)
+    row = next(line for line in table.splitlines() if line.startswith("| TF-IDF"))
+    assert row == "| TF-IDF (no training) | 0.400 +- 0.000 | 0.600 +- 0.000 | 0.350 +- 0.000 |"
+    # the last quarter: from step 600 (0.7, interpolated) to 800 (0.9); val NTP 0.85 to 0.8
+    flat = next(line for line in table.splitlines() if line.startswith("| pretrained | 0.200"))
+    assert flat == "| pretrained | 0.200 +- 0.000 | -0.050 +- 0.000 |"
+
+
 def test_protocol_runs_from_one_pretrained_start_reports_and_resumes(tmp_path, capsys):
     argv = ["--datasets", "facts", "--seeds", "1", "--pretrain_iters", "4", "--iters", "4",
             "--questions", "2", "--lambdas", "0.5", "--jobs", "2", "--evals", "2",
