@@ -30,12 +30,12 @@ from machinery.plots import plot_run
 # Every file a run has in its out_dir: train.py's, evaluate.py's, sample.py's, and the .tmp a save
 # cut short leaves. --overwrite removes them all, so that nothing of the old run is read with the
 # new checkpoint; any other file there is the user's, and stays.
+RUN_FILES = ("ckpt.pt", "ckpt.pt.tmp", "log.jsonl", "log.jsonl.tmp", "curves.png", "curves.png.tmp",
+             "eval.json", "eval_*.json", "datastore.pt", "datastore.pt.tmp")
 # Drawing curves.png takes about half a second: redrawn at an evaluation once this many seconds
 # have passed since the last drawing, and always when the run ends or stops (a short run, as in
 # the tests, evaluates every few steps and would spend most of its time drawing).
 DRAW_EVERY = 30.0
-RUN_FILES = ("ckpt.pt", "ckpt.pt.tmp", "log.jsonl", "log.jsonl.tmp", "curves.png", "curves.png.tmp",
-             "eval.json", "eval_*.json", "datastore.pt", "datastore.pt.tmp")
 
 
 class Run:
