@@ -88,9 +88,17 @@ def test_primary_comparison_pairs_by_seed():
     assert "better in 2 of 3 seeds" in line
     _, t, p = report.t_test([0.1, 0.2, -0.1])
     assert f"t = {t:.2f}, p = {p:.3f}" in line
-    facts, pydoc = report.summary(runs)
+    facts, facts_result, pydoc, pydoc_result = report.summary(runs)
     assert facts.startswith("- **facts**") and "recall@1 0.600 +- 0.000 against 0.500" in facts
     assert "**pydoc**" in pydoc and "difference -0.005" in pydoc and "better in 0 of 2" in pydoc
+    # what each test shows, in one sentence: p = 0.59 on answers, recall@1 better in every seed
+    assert facts_result == ("  Result at p < 0.05: no difference shown on answer EM, retrieval "
+                            f"(+0.067, p = {p:.3f}); co0.5 better than sep on held-out recall@1 "
+                            "(+0.100, p = 0.000).")
+    assert pydoc_result == "  Result at p < 0.05: no difference shown on val MRR (-0.005, p = 0.500)."
+    # where lower is better, a higher value is the other one's win
+    assert report.finding(runs, "co0.5", "sep", "recall@1", "loss", False) == (
+        "sep better than co0.5 on loss (+0.100, p = 0.000)")
     table = report.table(runs)
     assert table.index("**facts**") < table.index("#### facts") < table.index("#### pydoc")
 
@@ -129,6 +137,14 @@ def test_the_tables_show_tf_idf_and_how_flat_each_curve_ended():
     # the last quarter: from step 600 (0.7, interpolated) to 800 (0.9); val NTP 0.85 to 0.8
     flat = next(line for line in table.splitlines() if line.startswith("| pretrained | 0.200"))
     assert flat == "| pretrained | 0.200 +- 0.000 | -0.050 +- 0.000 |"
+    assert "Flattened: none; still learning: pretrained, sep." in table
+    # a curve whose last quarter adds 0.02 and cuts val NTP loss by 0.02 has flattened; sep,
+    # a combination of two runs, has no curve of its own and is not judged
+    level = [{"iter": 0, "val_ntp": 1.0, "recall@1": 0.0}, {"iter": 600, "val_ntp": 0.52,
+             "recall@1": 0.88}, {"iter": 800, "val_ntp": 0.5, "recall@1": 0.9}]
+    lines = report.flatness([record("co0.5", 1, curve=level), record("nsp-ft", 1, curve=curve),
+                             record("sep", 1)], "facts")
+    assert "Flattened: co0.5; still learning: nsp-ft." in lines
 
 
 def test_protocol_runs_from_one_pretrained_start_reports_and_resumes(tmp_path, capsys):
