@@ -92,13 +92,18 @@ def test_primary_comparison_pairs_by_seed():
     assert facts.startswith("- **facts**") and "recall@1 0.600 +- 0.000 against 0.500" in facts
     assert "**pydoc**" in pydoc and "difference -0.005" in pydoc and "better in 0 of 2" in pydoc
     # what each test shows, in one sentence: p = 0.59 on answers, recall@1 better in every seed
-    assert facts_result == ("  Result at p < 0.05: no difference shown on answer EM, retrieval "
-                            f"(+0.067, p = {p:.3f}); co0.5 better than sep on held-out recall@1 "
-                            "(+0.100, p = 0.000).")
-    assert pydoc_result == "  Result at p < 0.05: no difference shown on val MRR (-0.005, p = 0.500)."
-    # where lower is better, a higher value is the other one's win
+    assert facts_result == ("  Result, each metric at p < 0.05 (uncorrected): no difference shown "
+                            f"on answer EM, retrieval (co0.5 - sep = +0.067, p = {p:.3g}); co0.5 "
+                            "better than sep on held-out recall@1 (co0.5 - sep = +0.100, "
+                            "p < 0.001).")
+    assert pydoc_result == ("  Result, each metric at p < 0.05 (uncorrected): no difference shown "
+                            "on val MRR (co0.5 - sep = -0.005, p = 0.5).")
+    # the better one is the one the sign says, whichever is named first, and where lower is
+    # better a higher value is the other one's win
+    assert report.finding(runs, "sep", "co0.5", "recall@1", "R", True) == (
+        "co0.5 better than sep on R (sep - co0.5 = -0.100, p < 0.001)")
     assert report.finding(runs, "co0.5", "sep", "recall@1", "loss", False) == (
-        "sep better than co0.5 on loss (+0.100, p = 0.000)")
+        "sep better than co0.5 on loss (co0.5 - sep = +0.100, p < 0.001)")
     table = report.table(runs)
     assert table.index("**facts**") < table.index("#### facts") < table.index("#### pydoc")
 
@@ -129,7 +134,8 @@ def test_the_tables_show_tf_idf_and_how_flat_each_curve_ended():
              for k, (i, v) in enumerate(((0, 0.0), (400, 0.5), (800, 0.9)))]
     runs = [record(v, s, **{"recall@1": 0.9, "mrr": 0.95, "lexical_recall@1": 0.4 + 0.1 * (v == "sep"),
                             "lexical_mrr": 0.6, "reworded_recall@1": 0.3,
-                            "reworded_lexical_recall@1": 0.35}, curve=curve)
+                            "reworded_lexical_recall@1": 0.35},
+                   **({"curve": curve} if v == "pretrained" else {}))  # sep trains nothing
             for v in ("pretrained", "sep") for s in (1, 2)]
     table = report.table(runs)
     row = next(line for line in table.splitlines() if line.startswith("| TF-IDF"))
@@ -137,14 +143,43 @@ def test_the_tables_show_tf_idf_and_how_flat_each_curve_ended():
     # the last quarter: from step 600 (0.7, interpolated) to 800 (0.9); val NTP 0.85 to 0.8
     flat = next(line for line in table.splitlines() if line.startswith("| pretrained | 0.200"))
     assert flat == "| pretrained | 0.200 +- 0.000 | -0.050 +- 0.000 |"
-    assert "Flattened: none; still learning: pretrained, sep." in table
-    # a curve whose last quarter adds 0.02 and cuts val NTP loss by 0.02 has flattened; sep,
-    # a combination of two runs, has no curve of its own and is not judged
+    assert "Flattened: none; still learning: pretrained." in table
+    # flattened: the last quarter adds at most 0.02 to what the variant trains; ntp-ft and
+    # pretrained are judged on val NTP loss alone, nsp-ft on recall@1 alone
     level = [{"iter": 0, "val_ntp": 1.0, "recall@1": 0.0}, {"iter": 600, "val_ntp": 0.52,
              "recall@1": 0.88}, {"iter": 800, "val_ntp": 0.5, "recall@1": 0.9}]
+    ntp_level = [dict(p, **{"recall@1": r}) for p, r in zip(level, (0.0, 0.1, 0.3))]
+    nsp_level = [dict(p, val_ntp=v) for p, v in zip(level, (1.0, 0.9, 0.5))]
     lines = report.flatness([record("co0.5", 1, curve=level), record("nsp-ft", 1, curve=curve),
-                             record("sep", 1)], "facts")
-    assert "Flattened: co0.5; still learning: nsp-ft." in lines
+                             record("ntp-ft", 1, curve=ntp_level),
+                             record("co0.1", 1, curve=ntp_level), record("sep", 1),
+                             record("nsp-ft", 2, "pydoc", curve=nsp_level)], "facts")
+    assert "Flattened: ntp-ft, co0.5; still learning: nsp-ft, co0.1." in lines
+    assert "Flattened: nsp-ft." in report.flatness([record("nsp-ft", 2, curve=nsp_level)], "facts")
+
+
+def test_the_generalisation_sentence_has_tf_idf_beside_it():
+    runs = [record(v, s, answer_em_retrieval=0.5, reworded_answer_em_retrieval=a,
+                   **{"recall@1": 0.5, "reworded_recall@1": r, "reworded_lexical_recall@1": 0.35})
+            for s in (1, 2, 3) for v, a, r in (("co0.5", 0.4 + 0.01 * s, 0.45),
+                                                ("sep", 0.2, 0.4 + 0.1 * s))]
+    line = report.summary(runs)[2]
+    assert line.startswith("  Generalisation (secondary; held-out questions in a wording no "
+                           "training document uses), each metric at p < 0.05 (uncorrected): ")
+    # answers: +0.21, +0.22, +0.23 (t = 38); recall@1: -0.05, -0.15, -0.25 (t = -2.6, p = 0.12)
+    assert "co0.5 better than sep on answer EM (co0.5 - sep = +0.220, p < 0.001)" in line
+    assert "no difference shown on recall@1 (co0.5 - sep = -0.150, p = 0.12" in line
+    assert line.endswith("; TF-IDF's recall@1: 0.350 +- 0.000.")
+
+
+def test_the_protocol_runs_the_two_tested_weights_and_flattening_budgets_by_default():
+    cfg = grid.parse_config(grid.ExperimentConfig, "", [])[0]
+    lambdas = grid.check(cfg)["facts"]
+    assert (cfg.pretrain_iters, cfg.iters) == (800, 1600)
+    assert set(grid.variants(cfg, lambdas)) == {"pretrained", "ntp-ft", "nsp-ft", "co0.1", "co0.5",
+                                                "sep"}
+    cfg = grid.parse_config(grid.ExperimentConfig, "", ["--scratch", "--lambdas", "0.1,0.5,2"])[0]
+    assert {"scratch", "co2"} <= set(grid.variants(cfg, grid.check(cfg)["facts"]))
 
 
 def test_protocol_runs_from_one_pretrained_start_reports_and_resumes(tmp_path, capsys):
