@@ -207,8 +207,9 @@ def summary(records):
 
 
 def confirmatory(records):
-    """The confirmatory test's lines (CONFIRMATORY): its comparisons on its own seeds, and one
-    sentence that states only what the test shows; [] until its runs are in."""
+    """The confirmatory test's lines (CONFIRMATORY): its comparisons on its own seeds, one
+    sentence that states only what the test shows, and whether its runs had flattened; [] until
+    its runs are in."""
     c = CONFIRMATORY
     runs = [r for r in records if r["dataset"] == c["dataset"] and r["seed"] in c["seeds"]]
     titles = {f: t for f, t, _ in FACTS}
@@ -225,7 +226,7 @@ def confirmatory(records):
     verdict = f"confirmed: {claim}" if confirmed else f"not confirmed: not every part of '{claim}'"
     return [f"Confirmatory test, fixed before its runs ({c['tested']} minus {c['baseline']} on "
             f"{c['dataset']}, new seeds {c['seeds'][0]} to {c['seeds'][-1]}): {verdict}.", "",
-            *lines, ""]
+            *lines, "", "On its seeds, too:", "", *flatness(runs, kind(c["dataset"]))]
 
 
 def datasets(records):

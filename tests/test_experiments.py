@@ -125,6 +125,12 @@ def test_the_confirmatory_test_uses_only_its_seeds_and_states_its_verdict():
     # recall@1 no better on average: not confirmed, though answers are
     assert "not confirmed" in report.confirmatory(runs([0.1, -0.1, 0.05, -0.05, 0.0]))[0]
     assert report.confirmatory(runs(gains)[1:]) == []  # a seed's sep missing: no verdict yet
+    curved = runs(gains)  # co0.1's curves climb by gain / 4 in their last quarter; sep has none
+    for r, g in zip(curved[5:], gains):
+        r["curve"] = [{"iter": i, "recall@1": g * i / 4, "val_ntp": 0.2} for i in range(5)]
+    lines = report.confirmatory(curved)  # its seeds' own curves are judged
+    assert any(line.startswith("| co0.1 | 0.025 +- ") for line in lines)
+    assert "Flattened: none; still learning: co0.1." in lines
     table = report.table(runs(gains))
     assert "#### facts: 1 seed(s)" in table  # its seeds stay out of the main tables
 
