@@ -357,6 +357,7 @@ def plots(records, out_dir):
                 ax.axhline(lexical[0], ls="--", color="grey", label="TF-IDF")
             ax.set_xlabel("steps since random weights")
             ax.set_title(field if field.startswith("val") else f"val {field}")
+        axes[1].set_yscale("log")  # nsp-ft's untrained lm_head (~5) would flatten the rest
         axes[0].legend(fontsize=7)
         fig.suptitle(f"{dataset}: learning curves (mean over seeds)")
         fig.tight_layout()
