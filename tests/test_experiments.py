@@ -128,8 +128,11 @@ def test_the_confirmatory_test_uses_only_its_seeds_and_states_its_verdict():
     curved = runs(gains)  # co0.1's curves climb by gain / 4 in their last quarter; sep has none
     for r, g in zip(curved[5:], gains):
         r["curve"] = [{"iter": i, "recall@1": g * i / 4, "val_ntp": 0.2} for i in range(5)]
-    lines = report.confirmatory(curved)  # its seeds' own curves are judged
+    curved.append(record("nsp-ft", 1337, curve=[{"iter": i, "recall@1": i / 4, "val_ntp": 5.0}
+                                                 for i in range(5)]))  # not its seed
+    lines = report.confirmatory(curved)  # its seeds' own curves are judged, and no other
     assert any(line.startswith("| co0.1 | 0.025 +- ") for line in lines)
+    assert not any(line.startswith("| nsp-ft") for line in lines)
     assert "Flattened: none; still learning: co0.1." in lines
     table = report.table(runs(gains))
     assert "#### facts: 1 seed(s)" in table  # its seeds stay out of the main tables
