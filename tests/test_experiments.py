@@ -256,11 +256,12 @@ def test_answers_write_with_one_run_and_retrieve_with_the_other(run_train, monke
 
 def test_readme_results_equal_the_report_on_the_committed_records():
     """Each of experiments/README.md's results blocks is report.py's table.md on the committed
-    records of the folder its marker names (results/ for the protocol, results/first_protocol/
-    for the first)."""
+    records of the folder its marker names (results/ for the protocol, results/stage2_3200/ for
+    its second budget, results/first_protocol/ for the first)."""
     readme = open(f"{report.ROOT}/experiments/README.md").read()
     blocks = re.findall(r"<!-- report.py (\S+) -->\n(.*?)<!-- /report.py -->", readme, re.S)
-    assert {folder for folder, _ in blocks} >= {"results", "results/first_protocol"}
+    assert {folder for folder, _ in blocks} >= {"results", "results/stage2_3200",
+                                                   "results/first_protocol"}
     for folder, block in blocks:
         records = list(report.load(f"{report.ROOT}/experiments/{folder}/runs.jsonl").values())
         assert block.strip() == report.table(records).strip(), folder
