@@ -16,10 +16,12 @@ curve: how flat the curve has become). It prints one row per run and the band: m
 deviation (ddof 1), min, max and max - min.
 
 Records go to --results/<name>.jsonl, one line per finished run (a run already there, with the
-same flags, is not redone: an interrupted band goes on where it stopped); the table to
---results/<name>.md. Checkpoints go to --work_dir.
+same flags and train.py defaults, is not redone: an interrupted band goes on where it stopped);
+the table to --results/<name>.md. Checkpoints go to --work_dir.
 """
 
+import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -33,6 +35,7 @@ import torch
 
 from machinery.checkpoint import read_jsonl
 from machinery.cli import UserError, flag, main_guard, parse_config
+from machinery.config import Config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 METRICS = ("recall@1", "recall@10", "mrr", "val_ntp", "answer_em_retrieval", "last_quarter_gain",
@@ -82,6 +85,13 @@ def last_quarter_gain(curve, metric="recall@1"):
     return float(values[-1] - np.interp(0.75 * steps[-1], steps, values))
 
 
+def defaults():
+    """A short hash of train.py's defaults: a run is reused only under the defaults it ran with
+    (its flags alone do not say what it ran once a default changes)."""
+    text = json.dumps(dataclasses.asdict(Config()), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
 def run(cfg, seed, threads):
     """Train and evaluate one run in fresh processes with `threads` threads; its record."""
     out = os.path.join(cfg.work_dir, f"{cfg.name}-s{seed}-t{threads}")
@@ -103,7 +113,8 @@ def run(cfg, seed, threads):
     with open(os.path.join(out, "eval.json")) as f:
         evaluation = json.load(f)
     last = curve[-1]
-    return {"name": cfg.name, "train_args": cfg.train_args, "seed": seed, "threads": threads,
+    return {"name": cfg.name, "train_args": cfg.train_args, "defaults": defaults(),
+            "seed": seed, "threads": threads,
             "cpu": instruction_set(), "torch": torch.__version__,
             **{k: last[k] for k in ("recall@1", "recall@10", "mrr", "val_ntp", "val_nsp")},
             "answer_em_retrieval": evaluation["val"].get("answer_em_retrieval"),
@@ -139,6 +150,9 @@ def main(argv=None):
     records = read_jsonl(path)[0] if os.path.exists(path) else []
     if any(r["train_args"] != cfg.train_args for r in records):
         raise UserError(f"{path} holds runs with other --train_args: give another --name")
+    if any(r.get("defaults") != defaults() for r in records):
+        raise UserError(f"{path} holds runs made under other train.py defaults: give another "
+                        "--name")
     done = {(r["seed"], r["threads"]) for r in records}
     for seed in seeds:
         for n in threads:

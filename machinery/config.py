@@ -72,6 +72,9 @@ class Config:
     max_iters: int = flag(-1, "training iterations (-1: 1200 on facts, 2400 on a text corpus, "
                               "which needs twice the steps: experiments/README.md, Real text)")
     learning_rate: float = flag(2e-3, "peak learning rate")
+    nsp_lr_scale: float = flag(0.3, "the parts only L_NSP trains (Emb_seq, seq_head) learn at "
+                                    "this times the learning rate (experiments/README.md, The "
+                                    "default recipe)")
     min_lr: float = flag(2e-4, "learning rate at the end of the cosine decay")
     warmup_iters: int = flag(100, "linear warmup iterations")
     weight_decay: float = flag(0.1, "AdamW weight decay (matrices only)")
@@ -120,8 +123,9 @@ def check_config(cfg):
     for name in ("max_iters", "nsp_start", "hard_negatives", "warmup_iters"):
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    if not cfg.temperature > 0:
-        raise UserError(f"--temperature must be positive, got {cfg.temperature}")
+    for name in ("temperature", "nsp_lr_scale"):
+        if not getattr(cfg, name) > 0:
+            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
     if cfg.emb_from_gen and (cfg.emb_embd != cfg.n_embd or cfg.emb_head != cfg.n_head
                              or cfg.emb_layer > cfg.n_layer
                              or cfg.emb_block_size > cfg.block_size):
@@ -181,7 +185,8 @@ def build_models(cfg, vocab_size):
 def make_optimizer(cfg, gen, embedder, device):
     """AdamW; weight decay on matrices (and embeddings) only, not on norms, as in nanoGPT. The
     parts that only L_NSP trains (Emb_seq and Gen's seq_head) are groups of their own, marked
-    "nsp", so that their learning rate can warm up when L_NSP joins late (nsp_lr_scale)."""
+    "nsp", so that their learning rate can be scaled and warm up when L_NSP joins late
+    (train.nsp_lr_scale)."""
     nsp_only = [*gen.seq_head.parameters(), *embedder.parameters()]
     shared = [p for p in gen.parameters() if all(p is not q for q in nsp_only)]
     groups = []

@@ -94,6 +94,7 @@ CASES = [
     ("train", TRAIN + ["--lambda_seq", "0", "--lambda_tok", "0"], "both 0: nothing to train"),
     *[("train", TRAIN + [f"--{name}", value], f"--{name} must be positive, got {value}")
       for name in ("block_size", "batch_size") for value in ("0", "-3")],
+    ("train", TRAIN + ["--nsp_lr_scale", "0"], "--nsp_lr_scale must be positive, got 0.0"),
     ("train", TRAIN + ["--n_embd", "100", "--n_head", "3"], "--n_embd 100 is not divisible by "
                                                             "--n_head 3"),
     ("train", TRAIN + ["--emb_embd", "30", "--emb_head", "4"], "not divisible"),

@@ -220,6 +220,8 @@ def test_protocol_runs_from_one_pretrained_start_reports_and_resumes(tmp_path, c
         assert sep["recall@1"] == pytest.approx(other["val"]["recall@1"])
         assert sep["reworded_lexical_recall@1"] == other["val_reworded"]["lexical_recall@1"]
         assert "answer_em_no_retrieval" in records["ntp-ft", seed]
+        ckpt = torch.load(run("facts", "co0.5", seed) + "/ckpt.pt", weights_only=False)
+        assert ckpt["config"]["nsp_lr_scale"] == 1  # as the committed records ran, by any default
     table = (tmp_path / "results" / "table.md").read_text()
     assert "| co0.5 |" in table and "| sep |" in table and "| scratch |" in table
     assert "- **facts**: co-supervision (co0.5) minus separate supervision (sep)" in table
@@ -313,3 +315,19 @@ def test_band_reads_the_last_quarter_and_the_spread():
     col = band.METRICS.index("recall@1") + 3
     assert [rows[s][col] for s in ("mean", "sd", "min", "max", "max - min")] == \
         ["0.940", "0.040", "0.900", "0.980", "0.080"]
+
+
+def test_band_never_reuses_runs_made_under_other_defaults(tmp_path, monkeypatch):
+    """A band's records name their flags, and those do not say what ran once a default of
+    train.py changes: a record made under other defaults is an error, never a reused run."""
+    from experiments import band
+    record = {"name": "default", "train_args": "", "defaults": band.defaults(), "seed": 1,
+              "threads": 1, "cpu": "avx2", **{k: 0.5 for k in band.METRICS}}
+    (tmp_path / "default.jsonl").write_text(json.dumps(record) + "\n")
+    argv = ["--seeds", "1", "--threads", "1", "--results", str(tmp_path)]
+    band.main(argv)  # the run is there, under today's defaults: nothing trains
+    assert "| 1 | 1 | avx2 | 0.500 |" in (tmp_path / "default.md").read_text()
+    config = band.Config
+    monkeypatch.setattr(band, "Config", lambda: config(nsp_lr_scale=1))  # another default
+    with pytest.raises(UserError, match="other train.py defaults"):
+        band.main(argv)

@@ -86,7 +86,7 @@ def test_checkpoint_round_trip_and_resume(run_train, tmp_path):
 
 
 def test_the_parts_only_l_nsp_trains_warm_up_when_it_joins_late():
-    cfg = Config(nsp_start=50, warmup_iters=9, max_iters=200)
+    cfg = Config(nsp_start=50, warmup_iters=9, max_iters=200, nsp_lr_scale=1)
     gen, emb = build_models(cfg, 258)
     optimizer = make_optimizer(cfg, gen, emb, "cpu")
     nsp = {id(p) for g in optimizer.param_groups if g["nsp"] for p in g["params"]}
@@ -96,7 +96,11 @@ def test_the_parts_only_l_nsp_trains_warm_up_when_it_joins_late():
         list(emb.parameters()))
     assert [train.nsp_lr_scale(it, cfg) for it in (0, 49, 50, 54, 58, 59, 150)] == [
         0, 0, 0.1, 0.5, 0.9, 1, 1]
-    assert train.nsp_lr_scale(0, Config(nsp_start=0)) == 1  # from step 0: the shared warmup
+    assert train.nsp_lr_scale(0, Config(nsp_start=0, nsp_lr_scale=1)) == 1  # the shared warmup
+    # the default: those parts peak at 0.3 of the learning rate, from whichever step
+    assert [train.nsp_lr_scale(it, Config(nsp_start=50, warmup_iters=9)) for it in (54, 150)] == [
+        pytest.approx(0.15), pytest.approx(0.3)]
+    assert train.nsp_lr_scale(7, Config(nsp_start=0)) == pytest.approx(0.3)
 
 
 def test_trains_with_a_local_gpt2_file(run_train, tmp_path, monkeypatch):
