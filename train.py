@@ -38,10 +38,10 @@ def learning_rate(it, cfg):
 
 def nsp_lr_scale(it, cfg):
     """The parts only L_NSP trains (Emb_seq, seq_head) learn at learning_rate times this: at most
-    cfg.nsp_lr_scale (0.3: at Gen's full rate they climb slower, experiments/README.md, The
-    default recipe). When L_NSP joins after nsp_start > 0 steps of NTP alone, those parts are
-    still at their initialisation: they get a warmup of their own, warmup_iters long, from
-    nsp_start, instead of meeting their peak rate at once."""
+    cfg.nsp_lr_scale (on facts 0.3: at Gen's full rate the sequence space climbs slower,
+    experiments/README.md, The default recipe). When L_NSP joins after nsp_start > 0 steps of
+    NTP alone, those parts are still at their initialisation: they get a warmup of their own,
+    warmup_iters long, from nsp_start, instead of meeting their peak rate at once."""
     if cfg.nsp_start == 0:
         return cfg.nsp_lr_scale
     return cfg.nsp_lr_scale * min(1.0, max(0, it - cfg.nsp_start + 1) / (cfg.warmup_iters + 1))

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train
-from machinery.config import Config, build_models, make_optimizer
+from machinery.config import Config, build_models, check_config, make_optimizer
 from conftest import write_tiktoken
 
 
@@ -97,10 +97,16 @@ def test_the_parts_only_l_nsp_trains_warm_up_when_it_joins_late():
     assert [train.nsp_lr_scale(it, cfg) for it in (0, 49, 50, 54, 58, 59, 150)] == [
         0, 0, 0.1, 0.5, 0.9, 1, 1]
     assert train.nsp_lr_scale(0, Config(nsp_start=0, nsp_lr_scale=1)) == 1  # the shared warmup
-    # the default: those parts peak at 0.3 of the learning rate, from whichever step
-    assert [train.nsp_lr_scale(it, Config(nsp_start=50, warmup_iters=9)) for it in (54, 150)] == [
-        pytest.approx(0.15), pytest.approx(0.3)]
-    assert train.nsp_lr_scale(7, Config(nsp_start=0)) == pytest.approx(0.3)
+    # the default: on facts those parts peak at 0.3 of the learning rate, from whichever step;
+    # on a text at the full rate
+    facts = Config(nsp_start=50, warmup_iters=9)
+    check_config(facts)
+    assert [train.nsp_lr_scale(it, facts) for it in (54, 150)] == [pytest.approx(0.15),
+                                                                    pytest.approx(0.3)]
+    assert train.nsp_lr_scale(7, Config(nsp_start=0, nsp_lr_scale=0.3)) == pytest.approx(0.3)
+    text = Config(dataset="pydoc")
+    check_config(text)
+    assert text.nsp_lr_scale == 1
 
 
 def test_trains_with_a_local_gpt2_file(run_train, tmp_path, monkeypatch):
