@@ -102,13 +102,14 @@ def check_config(cfg):
     """Turn a bad value into a one-line error, and settle the defaults that depend on the corpus
     (the -1s)."""
     check_dataset(cfg.dataset)  # the inputs before the out_dir: a typo never meets "exists"
-    steps = 1200 if cfg.dataset == "facts" else 2400  # a text needs twice the steps
+    facts = cfg.dataset == "facts"
+    steps = 1200 if facts else 2400  # a text needs twice the steps
     if cfg.max_iters == -1:
         cfg.max_iters = steps
     if cfg.eval_interval == -1:
         cfg.eval_interval = steps // 4
     if cfg.nsp_lr_scale == -1:
-        cfg.nsp_lr_scale = 0.3 if cfg.dataset == "facts" else 1.0
+        cfg.nsp_lr_scale = 0.3 if facts else 1.0
     for name in ("lambda_tok", "lambda_seq"):
         v = getattr(cfg, name)
         if not math.isfinite(v) or v < 0:
