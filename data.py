@@ -40,7 +40,7 @@ import torch
 
 from datastore import marker_texts
 from machinery import prepare  # the prepared corpus, cached on disk
-from machinery.corpora import load_corpus
+from machinery.corpora import is_facts, load_corpus
 from machinery.lexical import lexical_index
 from machinery.tokenizer import Tokenizer
 
@@ -222,6 +222,6 @@ def load_data(cfg):
                          cfg.facts_heldout, cfg.facts_wordings)
     prepare.check_corpus(corpus, cfg.dataset)  # neither split empty
     data = Data(prepare.prepare(corpus, tok, cfg.cache_dir), cfg.block_size, cfg.transductive)
-    if cfg.negatives == "lexical" or (cfg.negatives == "auto" and cfg.dataset != "facts"):
+    if cfg.negatives == "lexical" or (cfg.negatives == "auto" and not is_facts(cfg.dataset)):
         data.use_lexical_negatives(tok)
     return data, tok

@@ -42,6 +42,7 @@ from machinery.batch_generate import already_decoded, decode_prompts
 from machinery.checkpoint import eval_inputs, load_run
 from machinery.cli import main_guard, parse_config
 from machinery.config import EvalConfig, autocast, check_eval_config
+from machinery.corpora import is_facts
 from machinery.exact_search import score_tolerance  # float32's rounding: a tie
 from machinery.lexical import lexical_index, lexical_metrics
 from machinery.prompts import answer, questions, reworded  # a split's questions, as prompts
@@ -178,7 +179,7 @@ def main(argv=None):
             m.update(answer_metrics(gen, datastore, data, tok, split, args.questions, query_gen,
                                     batch_size=args.batch_size))
         result[split] = m
-    if args.questions and cfg.dataset == "facts":
+    if args.questions and is_facts(cfg.dataset):
         result["val_reworded"] = answer_metrics(gen, datastore, data, tok, "val", args.questions,
                                                 query_gen, ("retrieval", "no_retrieval"), True,
                                                 args.batch_size, lexical)

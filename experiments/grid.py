@@ -49,6 +49,7 @@ from machinery.checkpoint import load_run, read_jsonl
 from machinery.cli import Interrupted, UserError, flag, main_guard, parse_config
 from machinery.lexical import lexical_index
 from machinery.config import Config, check_config
+from machinery.corpora import is_facts
 
 
 @dataclass
@@ -146,7 +147,7 @@ class Grid:
         cfg, t0 = self.cfg, time.time()
         record = {"dataset": dataset, "variant": variant, "seed": seed,
                   "steps": f"{cfg.pretrain_iters}+{cfg.iters}", "setting": setting(cfg)}
-        facts = dataset == "facts"
+        facts = is_facts(dataset)
         if variant == "sep":  # ntp-ft's Gen writes, nsp-ft's Gen and Emb_seq retrieve
             ntp = self.trained(dataset, "ntp-ft", seed, lambdas)
             nsp = self.trained(dataset, "nsp-ft", seed, lambdas)
@@ -263,14 +264,14 @@ def check(cfg):
         cfg.seeds, cfg.pretrain_iters, cfg.iters, cfg.questions, cfg.evals = 2, 100, 100, 60, 2
         cfg.lambdas = cfg.text_lambdas = "0.5"
         cfg.results = os.path.join(cfg.results, "quick")
-    lambdas = {"facts": lambda_list(cfg.lambdas, "lambdas")}
+    facts_lambdas = lambda_list(cfg.lambdas, "lambdas")
     text = lambda_list(cfg.text_lambdas, "text_lambdas")
     datasets = [d for d in cfg.datasets.split(",") if d]
     if not datasets:
         raise UserError("--datasets is empty")
     for d in datasets:
-        if d not in ("facts", "pydoc") and not os.path.isfile(d):
-            raise UserError(f"--datasets: {d!r} is neither facts, pydoc nor a file")
+        if not is_facts(d) and d != "pydoc" and not os.path.isfile(d):
+            raise UserError(f"--datasets: {d!r} is neither a facts world, pydoc nor a file")
     if min(cfg.seeds, cfg.pretrain_iters, cfg.iters, cfg.questions, cfg.evals) < 1:
         raise UserError("--seeds, --pretrain_iters, --iters, --questions and --evals must be "
                         "positive")
@@ -280,7 +281,7 @@ def check(cfg):
     for folder in (cfg.results, cfg.work_dir):
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise UserError(f"{folder} is a file, not a directory")
-    return {d: lambdas.get(d, text) for d in datasets}
+    return {d: facts_lambdas if is_facts(d) else text for d in datasets}
 
 
 def main(argv=None):

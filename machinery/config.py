@@ -13,7 +13,7 @@ import torch
 
 from embedder import EmbedderConfig, SeqEmbedder
 from machinery.cli import UserError, flag
-from machinery.corpora import check_dataset
+from machinery.corpora import check_dataset, is_facts
 from machinery.facts import MAX_WORDINGS
 from machinery.search import require_index
 from model import Gen, GenConfig
@@ -22,7 +22,8 @@ from model import Gen, GenConfig
 @dataclass
 class Config:
     # data
-    dataset: str = flag("facts", "facts, pydoc, or a path to a .txt or .jsonl file")
+    dataset: str = flag("facts", "facts, facts_test (another world), pydoc, or a path to a "
+                                  ".txt or .jsonl file")
     split: str = flag("sentence", "what a sequence is in a .txt or pydoc: sentence, line, or none "
                                   "(no markers: plain language modelling)")
     val_fraction: float = flag(0.1, "share of a .txt/.jsonl/pydoc corpus held out as val (its end)")
@@ -102,7 +103,7 @@ def check_config(cfg):
     """Turn a bad value into a one-line error, and settle the defaults that depend on the corpus
     (the -1s)."""
     check_dataset(cfg.dataset)  # the inputs before the out_dir: a typo never meets "exists"
-    facts = cfg.dataset == "facts"
+    facts = is_facts(cfg.dataset)
     steps = 1200 if facts else 2400  # a text needs twice the steps
     if cfg.max_iters == -1:
         cfg.max_iters = steps

@@ -22,8 +22,6 @@ import numpy as np
 
 from machinery.corpora import Segment
 
-WORLD_SEED = 1234  # the world is fixed; training seeds vary the model, never the data
-
 ONSETS = ["b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
           "br", "dr", "kl", "st", "tr", "sh"]
 VOWELS = ["a", "e", "i", "o", "u", "ai", "ei", "ou"]
@@ -114,13 +112,14 @@ def wordings(attribute, k=MAX_WORDINGS):
     return [ATTRIBUTES[attribute][0], *MORE_WORDINGS[attribute]][:k]
 
 
-def build_facts(people, heldout, n_wordings=1):
+def build_facts(people, heldout, n_wordings=1, world_seed=1234):
     """Returns (train_docs, val_docs, confusable): questions about train / held-out people, each
     in one of the first n_wordings wordings, and for each fact the facts most easily confused with
-    it: the same attribute of the people whose names look most like this one's."""
-    rng = random.Random(WORLD_SEED)
+    it: the same attribute of the people whose names look most like this one's. The world seed
+    fixes the world (corpora.FACTS_WORLDS); training seeds vary the model, never the data."""
+    rng = random.Random(world_seed)
     # a stream of its own: the world (names, facts, the split) is the same for any n_wordings
-    wording_rng = random.Random(WORLD_SEED + 1)
+    wording_rng = random.Random(world_seed + 1)
     # few first names and surnames, each shared by many people: a held-out person is a new
     # combination of parts seen in training, and every name has look-alikes that share a part
     firsts = _distinct_words(rng, max(8, round(1.2 * people ** 0.5)), (1, 2))

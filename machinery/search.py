@@ -5,6 +5,7 @@ or two-stage (the learned score re-ranks TF-IDF's top K: datastore.Datastore.rer
 """
 
 from machinery.cli import UserError
+from machinery.corpora import is_facts
 from machinery.faiss_index import FaissIndex, load_faiss
 from machinery.lexical import lexical_index
 
@@ -36,7 +37,7 @@ def use_search(datastore, kind, cfg, data, tok, lexical=None):
     whole datastore, exact on facts, where it is far above. lexical: the corpus's Lexical, if the
     caller has built it already."""
     if kind == "auto":
-        kind = "exact" if cfg.dataset == "facts" else "first_stage"
+        kind = "exact" if is_facts(cfg.dataset) else "first_stage"
     if kind == "first_stage":
         return datastore.use_first_stage(lexical or lexical_index(data, tok), cfg.first_stage,
                                          tok)
