@@ -20,7 +20,10 @@ distinct sequences that L_NSP scores each query against: every marker's target o
 h = hard_negatives confusable sequences per marker (fewer where they repeat): the corpus's own
 (facts: look-alike people's) or, on text, what the lexical first stage returns for the marker's
 context (use_lexical_negatives), the sequences that two-stage retrieval asks the learned score to
-tell apart. The default run's first batch (B = 24, T = 128), its first window decoded:
+tell apart. With lexical negatives, the targets of the two markers on each side of a marker (the
+text around its target: likely false negatives) are no candidates of that marker, though they
+may be of others (near_targets). The default run's first batch (B = 24, T = 128), its first
+window decoded:
 
     Q: Which instrument does Doubrour Piltreimdrouk play?
     <|ret|>Doubrour Piltreimdrouk plays the tuba.
@@ -53,6 +56,8 @@ class Batch(NamedTuple):
     candidate_mask: torch.Tensor  # (N, L) True on real tokens
     target_row: torch.Tensor      # (M,) for each marker, the row of its target in candidates
     candidate_ids: torch.Tensor   # (N,) the datastore id of each candidate
+    neighbours: torch.Tensor      # (M, 2 near) datastore ids: each marker's near_targets, which
+                                  # are no candidates of its L_NSP (-1: none)
 
     def to(self, device):
         return Batch(*(tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device)
@@ -76,14 +81,10 @@ class Data:
         self.n_sequences = len(self.offsets) - 1
         self.block_size = block_size
         prepare.check_block(self.train, self.val, block_size)  # each split holds one window
-        # Each sequence's hard negatives (n_sequences, h_max), distinct, -1 where none. Strictly
-        # held out, training batches draw only from train's sequences (ids below
-        # n_train_sequences): Emb_seq never meets a val sequence before it is evaluated on it.
+        # each sequence's hard negatives (n_sequences, h_max), distinct, -1 where none
         negatives = seqs["hard_negatives"]
-        if not transductive:
-            train_only = negatives < self.meta["n_train_sequences"]
-            negatives = prepare.first(np.where(train_only, negatives, -1))
-        self.negatives = {"train": negatives, "val": seqs["hard_negatives"]}
+        self.negatives = {"train": self.held_out(negatives), "val": negatives}
+        self.near = 0  # the markers on each side whose targets are no negatives (near_targets)
         # allowed window starts: anywhere in a stream of text; in a corpus of self-contained
         # documents, each document's start, and more starts inside a document longer than a window
         self.starts = {name: prepare.document_windows(s.doc_starts, len(s.ids), block_size)
@@ -114,8 +115,19 @@ class Data:
         candidate_ids = np.unique(np.concatenate([targets, negatives]))       # (N,) sorted
         candidates, mask = self.pad_sequences(candidate_ids, emb_block_size)  # (N, L) each
         target_row = np.searchsorted(candidate_ids, targets)                  # (M,)
+        neighbours = near_targets(split.marker_target, sel, self.near)        # (M, 2 near)
         return Batch(x, y, (torch.from_numpy(rows), torch.from_numpy(cols)), candidates, mask,
-                     torch.from_numpy(target_row), torch.from_numpy(candidate_ids))
+                     torch.from_numpy(target_row), torch.from_numpy(candidate_ids),
+                     torch.from_numpy(neighbours))
+
+    def held_out(self, negatives):
+        """Training's hard negatives (n_sequences, h), -1 where none: strictly held out, only
+        train's sequences (ids below n_train_sequences), so that Emb_seq never meets a val
+        sequence before it is evaluated on it; with transductive, all of them."""
+        if self.transductive:
+            return negatives
+        train_only = negatives < self.meta["n_train_sequences"]
+        return prepare.first(np.where(train_only, negatives, -1))
 
     def pick_negatives(self, split_name, targets, h, rng):
         """For each target (M,), h of its hard negatives at random, distinct: (M, h), -1 where it
@@ -131,26 +143,34 @@ class Data:
         the first stage's best candidates for the marker's context (TF-IDF over this corpus's
         sequences, built only when the cache lacks them), so that L_NSP learns what words cannot
         tell: which of the sequences that share the context's words comes next. Left out: the
-        target, the targets of the `near` markers before and after it (the text around the
-        target, likely false negatives) and, in train unless transductive, every val sequence.
-        Cached beside the prepared corpus; a sequence that is the target of several markers keeps
-        its first."""
-        path = os.path.join(self.path, f"lexical_negatives_{self.block_size}_{width}_{near}.npz")
+        target and the targets of the `near` markers before and after it (the text around the
+        target, likely false negatives: no candidate of its L_NSP either, near_targets). In train
+        unless transductive, TF-IDF is over train's sequences alone: no val sequence is a
+        negative or weighs a word. Cached beside the prepared corpus, a file for each setting; a
+        sequence that is the target of several markers keeps its first."""
+        self.near = near
+        setting = "transductive" if self.transductive else "strict"
+        path = os.path.join(self.path, f"lexical_negatives_{setting}_{self.block_size}_{width}_"
+                                       f"{near}.npz")
         if os.path.exists(path):
-            self.negatives = dict(np.load(path))
+            cached = np.load(path)
+            self.negatives = {"train": self.held_out(cached["train"]), "val": cached["val"]}
             return
-        lexical = lexical_index(self, tok)
+        lexical = None
         for name in ("train", "val"):
+            n = (self.meta["n_train_sequences"] if name == "train" and not self.transductive
+                 else self.n_sequences)               # train's sequences are ids below n_train
+            if lexical is None or lexical.rows.shape[0] != n:
+                lexical = lexical_index(self, tok, n)
             queries, targets = marker_texts(self, tok, name)
             _, top = lexical.top(queries, 3 * width + 2 * near + 1)           # (M, depth)
-            allowed = (self.n_sequences if name == "val" or self.transductive
-                       else self.meta["n_train_sequences"])
+            around = near_targets(targets, np.arange(len(targets)), near)     # (M, 2 near)
             negatives = np.full((self.n_sequences, width), -1, np.int64)  # (n_sequences, width)
             for m, (target, row) in enumerate(zip(targets, top.tolist())):
                 if negatives[target, 0] >= 0:
                     continue
-                nearby = set(targets[max(0, m - near):m + near + 1].tolist())
-                picks = [j for j in row if j not in nearby and j < allowed][:width]
+                nearby = {target, *around[m].tolist()}
+                picks = [j for j in row if j not in nearby and j >= 0][:width]
                 negatives[target, :len(picks)] = picks
             self.negatives[name] = negatives
         np.savez(path + ".tmp.npz", **self.negatives)
@@ -181,6 +201,16 @@ class Data:
         contexts = [np.asarray(split.ids[a:p + 1], dtype=np.int64)
                     for a, p in zip(start, split.marker_pos[:n])]
         return contexts, split.marker_target[:n]
+
+
+def near_targets(marker_target, sel, near):
+    """The targets of the `near` markers on each side of markers sel (M,) of a split whose
+    markers point to marker_target: (M, 2 near) datastore ids, -1 past the split's ends. The
+    text around a marker's own target: likely false negatives for it."""
+    offsets = np.concatenate([np.arange(-near, 0), np.arange(1, near + 1)])   # (2 near,)
+    idx = np.asarray(sel)[:, None] + offsets[None, :]                        # (M, 2 near)
+    inside = (idx >= 0) & (idx < len(marker_target))
+    return np.where(inside, marker_target[np.clip(idx, 0, max(0, len(marker_target) - 1))], -1)
 
 
 def write_stream(stream, docs, leaked, tok, seq_id, sequence_tokens, encode):

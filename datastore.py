@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from machinery import exact_search  # the same products, a chunk at a time
+from machinery import intervals  # 95% intervals over the markers
 
 
 def search(queries, embeddings, k=10, chunk=65536):
@@ -54,11 +55,18 @@ def target_ranks(queries, embeddings, targets, chunk=None):
 
 
 def retrieval_metrics(ranks):
-    """recall@1, recall@10 (the share of targets ranked in the top 1 / 10) and MRR (mean 1/rank)."""
+    """recall@1, recall@10 (the share of targets ranked in the top 1 / 10) and MRR (mean 1/rank),
+    each with its 95% interval over the markers, name_ci (machinery/intervals.py): exact binomial
+    for a recall, a bootstrap of the markers for MRR."""
     ranks = ranks.double()
-    return {"recall@1": (ranks <= 1).double().mean().item(),
-            "recall@10": (ranks <= 10).double().mean().item(),
-            "mrr": (1.0 / ranks).mean().item()}
+    out = {}
+    for k in (1, 10):
+        hits = ranks <= k                                                   # (Q,)
+        out[f"recall@{k}"] = hits.double().mean().item()
+        out[f"recall@{k}_ci"] = intervals.share_interval(int(hits.sum()), len(ranks))
+    out["mrr"] = (1.0 / ranks).mean().item()
+    out["mrr_ci"] = intervals.mean_interval((1.0 / ranks).numpy())
+    return out
 
 
 def chance_metrics(n):
@@ -100,14 +108,15 @@ def retrieval_quality(gen, embeddings, data, split, device, ctx, limit=None, sta
     """recall@1, recall@10 and MRR of a split's markers (the first `limit`) against the whole
     datastore `embeddings`: every sequence of the corpus, embedded. With a FirstStage of the
     same markers, also reranked_*: the learned score re-ranking the first stage's K (two-stage
-    retrieval, below)."""
+    retrieval, below), and its MRR minus TF-IDF's order's, paired (reranking)."""
     queries, targets = split_queries(gen, data, split, device, ctx, limit)
     if not len(targets):
         return {"recall@1": None, "recall@10": None, "mrr": None}
     out = retrieval_metrics(target_ranks(queries, embeddings, targets))
     if stage is not None:
         learned = candidate_scores(queries, embeddings, stage.ids)          # (Q, K)
-        m = rerank_metrics(learned, stage, exact_search.score_tolerance(queries, embeddings))
+        tolerance = exact_search.score_tolerance(queries, embeddings)       # (Q, 1)
+        m = reranking(learned, stage, tolerance)
         out.update({f"reranked_{k}": v for k, v in m.items()})
     return out
 
@@ -145,7 +154,8 @@ class Datastore:
         """Two-stage search (use_first_stage): the top-k entries for queries (Q, d) among the
         first stage's K for the texts of contexts (the ids Gen sees at each marker): scores
         (Q, k), ids (Q, k), best first, and where the first stage ranked each of them (Q, k),
-        1 = its own best."""
+        1 = its own best. Past the first stage's candidates (those that share a word with the
+        context: Lexical.top), id -1 and score -inf."""
         lexical, K, tok = self.first
         _, ids = lexical.top([query_text(tok, c) for c in contexts], K)        # (Q, K)
         scores, order = candidate_scores(queries, self.embeddings, ids).topk(
@@ -188,22 +198,27 @@ class FirstStage(NamedTuple):
     ids: torch.Tensor       # (Q, K) each query's candidates, TF-IDF's best first
     scores: torch.Tensor    # (Q, K) their TF-IDF cosines s(q, j)
     targets: torch.Tensor   # (Q,) each query's target id
+    tolerance: float = 0.0  # two cosines this close tie (Lexical.tolerance: their rounding)
 
 
 def first_stage(lexical, data, tok, split, k, limit=None):
     """The first stage's top k for each marker of a split (the first limit)."""
     queries, targets = marker_texts(data, tok, split, limit)
     scores, ids = lexical.top(queries, k)
-    return FirstStage(ids, scores, torch.as_tensor(targets))
+    return FirstStage(ids, scores, torch.as_tensor(targets), lexical.tolerance)
 
 
-def candidate_scores(queries, embeddings, ids, chunk=512):
+def candidate_scores(queries, embeddings, ids, chunk=None):
     """The learned score q . e_j of each query (Q, d) for its own candidates ids (Q, K):
-    (Q, K). Queries a chunk at a time: the gathered embeddings are (chunk, K, d)."""
+    (Q, K), -inf where the id is -1 (no candidate: Lexical.top). Queries a chunk at a time: the
+    gathered embeddings are (chunk, K, d), by default within 8 MB; each query's scores are the
+    same whatever the chunk."""
+    chunk = chunk or max(1, 2**21 // max(1, ids.shape[1] * embeddings.shape[1]))  # float32
     out = [torch.zeros(0, ids.shape[1])]
     for s in range(0, len(queries), chunk):
-        e = embeddings[ids[s:s + chunk]].float()                           # (c, K, d)
-        out.append(torch.einsum("cd,ckd->ck", queries[s:s + chunk].float(), e))  # (c, K)
+        e = embeddings[ids[s:s + chunk].clamp(min=0)].float()              # (c, K, d)
+        scores = torch.einsum("cd,ckd->ck", queries[s:s + chunk].float(), e)      # (c, K)
+        out.append(scores.masked_fill(ids[s:s + chunk] < 0, -math.inf))
     return torch.cat(out)
 
 
@@ -228,7 +243,23 @@ def first_stage_metrics(stage, lexical):
     """The first stage alone, named first_stage_*: recall@K (the share of targets among the K:
     the ceiling of every re-ranked number) and TF-IDF's own order of the K."""
     m = rerank_metrics(stage.scores, stage, lexical.tolerance)
-    ceiling = (stage.ids == stage.targets[:, None]).any(dim=1).double().mean().item()
-    return {"first_stage_k": stage.ids.shape[1],
-            "first_stage_recall@K": ceiling if len(stage.targets) else None,
+    held = (stage.ids == stage.targets[:, None]).any(dim=1)                # (Q,)
+    ceiling = {"first_stage_recall@K": held.double().mean().item() if len(held) else None}
+    if len(held):
+        ceiling["first_stage_recall@K_ci"] = intervals.share_interval(int(held.sum()), len(held))
+    return {"first_stage_k": stage.ids.shape[1], **ceiling,
             **{f"first_stage_{k}": v for k, v in m.items()}}
+
+
+def reranking(scores, stage, tolerance=0.0):
+    """rerank_metrics of scores (Q, K) ordering stage's candidates, and, paired on the same
+    markers, their MRR minus that of TF-IDF's own order of them: mrr_minus_first_stage, with its
+    95% interval (_ci) and two-sided p (_p) from a bootstrap of the markers
+    (machinery/intervals.py): whether the learned order beats TF-IDF's, or only seems to."""
+    if not len(stage.targets):
+        return {**rerank_metrics(scores, stage), "mrr_minus_first_stage": None}
+    ranks = candidate_ranks(scores, stage.ids, stage.targets, tolerance)             # (Q,)
+    own = candidate_ranks(stage.scores, stage.ids, stage.targets, stage.tolerance)  # (Q,)
+    diff, ci, p = intervals.paired_difference((1.0 / ranks).numpy(), (1.0 / own).numpy())
+    return {**retrieval_metrics(ranks), "mrr_minus_first_stage": diff,
+            "mrr_minus_first_stage_ci": ci, "mrr_minus_first_stage_p": p}

@@ -8,6 +8,9 @@ Enc is a small bidirectional transformer (model.py's Transformer, not causal) wi
 token embedding and its own sizes. Mean pooling over real tokens only, so padding never changes an
 embedding. (The paper's code takes the encoder's last-token state instead; mean pooling suits a
 bidirectional encoder, where no single position has read the whole sequence by construction.)
+Started from GPT-2 (machinery/gpt2.py), Enc reads causally, as GPT-2 was trained, and the mean is
+weighted by position (SGPT's pooling): token i has read tokens 1..i, so it counts i times. README,
+Starting from GPT-2, says why.
 """
 
 from dataclasses import dataclass
@@ -29,6 +32,8 @@ class EmbedderConfig:
     n_embd: int
     seq_dim: int      # width of the output embedding (= Gen's query width)
     dropout: float = 0.0
+    gpt2_block: bool = False  # GPT-2's block (model.py)
+    causal: bool = False      # each token reads only those before it (as GPT-2 was trained)
 
 
 class SeqEmbedder(nn.Module):
@@ -36,7 +41,7 @@ class SeqEmbedder(nn.Module):
         super().__init__()
         self.config = c = config
         self.transformer = Transformer(c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd,
-                                       c.dropout, causal=False)
+                                       c.dropout, causal=c.causal, gpt2_block=c.gpt2_block)
         self.proj = nn.Linear(c.n_embd, c.seq_dim, bias=False)
         init_weights(self, c.n_layer)
 
@@ -44,8 +49,9 @@ class SeqEmbedder(nn.Module):
     def start_from(self, gen):
         """Copy Gen's trunk into this one (token and position embeddings, the first n_layer
         blocks, the final norm), as the paper starts both networks from one pretrained LM: the
-        token space Gen has learned becomes Emb_seq's start. Attention here stays bidirectional.
-        Needs the same width and heads, at most Gen's layers, a block_size at most Gen's."""
+        token space Gen has learned becomes Emb_seq's start. Attention here stays as this
+        Emb_seq's config says. Needs the same width, heads and gpt2_block, at most Gen's layers,
+        a block_size at most Gen's."""
         theirs = gen.transformer.state_dict()
         for name, p in self.transformer.state_dict().items():
             p.copy_(theirs[name][:p.shape[0]] if name == "wpe.weight" else theirs[name])
@@ -55,7 +61,9 @@ class SeqEmbedder(nn.Module):
         tokens (N, L) right-padded, mask (N, L) True on real tokens."""
         x = self.transformer(tokens, key_mask=mask)                       # (N, L, n_embd)
         m = mask.unsqueeze(-1).to(x.dtype)                                # (N, L, 1)
-        mean = (x * m).sum(1) / m.sum(1)                   # (N, n_embd): mean of real tokens
+        if self.config.causal:  # token i has read i tokens: it weighs i (module docstring)
+            m = m * torch.arange(1, m.shape[1] + 1, dtype=m.dtype, device=m.device)[:, None]
+        mean = (x * m).sum(1) / m.sum(1)          # (N, n_embd): the (weighted) mean of real tokens
         return F.normalize(self.proj(mean), dim=-1)                       # (N, seq_dim)
 
     def forward(self, tokens, mask, buckets=BUCKETS):

@@ -6,8 +6,9 @@ documents that end in an answer, such as `facts`) answers written with retrieval
     python evaluate.py --out_dir out_ntp --query_from out_nsp    # separate supervision (the paper's baseline)
 
 Prints one JSON object and writes it to OUT_DIR/eval.json (with --query_from OTHER, to
-OUT_DIR/eval_query_from_<OTHER's folder name>.json; OTHER's folder is only read). For the val split
-(held-out people for `facts`) and a sample of train:
+OUT_DIR/eval_query_from_<OTHER's folder name>.json; OTHER's folder is only read), then, on stderr,
+every retrieval figure with its 95% interval, to read. For the val split (held-out people for
+`facts`) and a sample of train:
   ntp, ppl                 L_NTP on fixed batches, and exp of it
   recall@1, recall@10, mrr every marker's query ranked against the whole datastore
   lexical_recall@1, ...    the same for the training-free TF-IDF baseline (machinery/lexical.py)
@@ -17,6 +18,12 @@ OUT_DIR/eval_query_from_<OTHER's folder name>.json; OTHER's folder is only read)
   reranked_recall@1, ...   the learned score alone re-ranking them: at a marker, how often the
                            sequence retrieval inserts is the true next one (--index first_stage);
   combined_recall@1, ...   learned + w * TF-IDF, w (combined_weight) chosen on train's markers
+  *_ci                     each retrieval figure's 95% interval over the markers, [lo, hi]:
+                           exact binomial for a recall, a bootstrap of the markers for an MRR
+                           (machinery/intervals.py)
+  reranked_mrr_minus_first_stage, combined_...   paired on the same markers: the MRR of that
+                           order minus TF-IDF's own order's, with its interval (_ci) and
+                           two-sided p (_p): whether it beats TF-IDF, or only seems to
   answer_em_retrieval      greedy generation from the question, retrieval in the loop: the answer
                            (the document's last line) equals the gold one
   answer_em_no_retrieval   the same, Gen writing the sequence itself
@@ -37,13 +44,14 @@ import torch
 
 from datastore import (candidate_scores, chance_metrics, first_stage, first_stage_metrics,
                        marker_queries, rerank_metrics, retrieval_metrics, split_queries,
-                       target_ranks)
+                       reranking, target_ranks)
 from machinery.batch_generate import already_decoded, decode_prompts
 from machinery.checkpoint import eval_inputs, load_run
 from machinery.cli import main_guard, parse_config
 from machinery.config import EvalConfig, autocast, check_eval_config
 from machinery.corpora import is_facts
 from machinery.exact_search import score_tolerance  # float32's rounding: a tie
+from machinery.intervals import retrieval_lines
 from machinery.lexical import lexical_index, lexical_metrics
 from machinery.prompts import answer, questions, reworded  # a split's questions, as prompts
 from machinery.search import use_search
@@ -146,11 +154,11 @@ def retrieval(gen, datastore, data, tok, lexical, k, device, ctx):
         m.update(first_stage_metrics(stage, lexical))
         learned = candidate_scores(queries, datastore.embeddings, stage.ids).double()  # (Q, K)
         tolerance = score_tolerance(queries, datastore.embeddings)
-        m.update({f"reranked_{n}": v for n, v in rerank_metrics(learned, stage, tolerance).items()})
+        m.update({f"reranked_{n}": v for n, v in reranking(learned, stage, tolerance).items()})
         if weight is None:  # train's markers choose w
             weight = max(WEIGHTS, key=lambda w: rerank_metrics(learned + w * stage.scores, stage,
                                                                tolerance)["mrr"])
-        combined = rerank_metrics(learned + weight * stage.scores, stage, tolerance)
+        combined = reranking(learned + weight * stage.scores, stage, tolerance)
         m.update({f"combined_{n}": v for n, v in combined.items()}, combined_weight=weight)
         out[split] = m
     return out
@@ -184,6 +192,10 @@ def main(argv=None):
                                                 query_gen, ("retrieval", "no_retrieval"), True,
                                                 args.batch_size, lexical)
     print(json.dumps(result, indent=1))
+    for split in ("val", "train", "val_reworded"):  # to read: each figure with its interval
+        if result.get(split, {}).get("recall@1") is not None:
+            print("\n".join(retrieval_lines(result[split], result["chance"], split)),
+                  file=sys.stderr)
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {path}", file=sys.stderr)

@@ -16,6 +16,7 @@ generate() continues one prompt and is the reference; evaluation decodes many pr
 greedily, to the same tokens (machinery/batch_generate.py).
 """
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,7 +68,8 @@ def retrieval_step(datastore, queries, positions, room, windows, alternatives=0)
     """The retrieval step of R markers: search the datastore with queries (R, d) (with a first
     stage, among its candidates for the windows' texts: Datastore.rerank). For each, its
     Retrieval (inserted at positions[r]) and the tokens to insert, cut to room[r] (what is left
-    of its budget)."""
+    of its budget). Where the first stage has no candidate (no entry shares a word with the
+    window), the Retrieval's id is -1 and nothing is inserted: generation stops there."""
     if datastore.first is not None:
         scores, top, stage = datastore.rerank(queries, windows, k=1 + alternatives)
         stage = stage[:, 0].tolist()
@@ -75,8 +77,12 @@ def retrieval_step(datastore, queries, positions, room, windows, alternatives=0)
         (scores, top), stage = datastore.search(queries, k=1 + alternatives), [None] * len(queries)
     out = []
     for position, left, s, t, r in zip(positions, room, scores.tolist(), top.tolist(), stage):
-        inserted = [int(x) for x in datastore.sequence(t[0])][:left]
-        out.append((Retrieval(position, t[0], s[0], list(zip(t[1:], s[1:])), r), inserted))
+        found = [(i, score) for i, score in zip(t, s) if i >= 0]   # -1: past the first stage's
+        if not found:
+            out.append((Retrieval(position, -1, -math.inf), []))
+            continue
+        inserted = [int(x) for x in datastore.sequence(found[0][0])][:left]
+        out.append((Retrieval(position, *found[0], found[1:], r), inserted))
     return out
 
 

@@ -11,9 +11,10 @@ sequence tokens included):
 L_NSP, next-sequence prediction, an InfoNCE over the M markers of a batch. At marker i Gen's query
 q_i (model.py) must score its target sequence's embedding e_{p(i)} (embedder.py) above every other
 candidate in the batch's candidate set C, N sequences (the other markers' targets and the hard
-negatives):
+negatives), less F_i, the likely false negatives of marker i (on text, the targets of the markers
+next to it: data.near_targets):
 
-    L_NSP = -(1/M) sum_i log [ exp(q_i . e_{p(i)} / tau) / sum_{j in C} exp(q_i . e_j / tau) ]
+    L_NSP = -(1/M) sum_i log [ exp(q_i . e_{p(i)} / tau) / sum_{j in C - F_i} exp(q_i . e_j / tau) ]
 
 q and e are unit vectors, so q . e is a cosine in [-1, 1] and tau (the temperature) sets how sharp
 the softmax is. (The paper's code uses a raw dot product with no temperature: experiments/README.md,
@@ -28,14 +29,23 @@ def ntp_loss(logits, targets):
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
 
 
-def nsp_loss(queries, embeddings, target_row, temperature):
+def nsp_loss(queries, embeddings, target_row, temperature, excluded=None):
     """L_NSP: InfoNCE of queries (M, d) against the candidates' embeddings (N, d); target_row
-    (M,) is p(i), the row of each query's target. Returns the loss and the in-batch top-1
-    accuracy."""
+    (M,) is p(i), the row of each query's target; excluded (M, N), if given, True where
+    candidate j is in F_i. Returns the loss and the in-batch top-1 accuracy."""
     scores = queries.float() @ embeddings.float().T / temperature  # (M, N): q_i . e_j / tau
+    if excluded is not None:
+        scores = scores.masked_fill(excluded, float("-inf"))      # (M, N): j in F_i counts 0
     loss = F.cross_entropy(scores, target_row)                    # -log softmax at the target
     accuracy = (scores.argmax(dim=1) == target_row).float().mean()
     return loss, accuracy
+
+
+def false_negatives(candidate_ids, target_row, neighbours):
+    """F_i as a mask (M, N): True where candidate j (candidate_ids (N,): datastore ids) is among
+    marker i's neighbours (M, k), datastore ids, -1 for none, and is not its own target."""
+    near = (neighbours[:, :, None] == candidate_ids[None, None, :]).any(dim=1)   # (M, N)
+    return near & (candidate_ids[None, :] != candidate_ids[target_row][:, None])
 
 
 def co_supervision_loss(gen, embedder, batch, lambda_tok, lambda_seq, temperature, gather=None):
@@ -45,7 +55,7 @@ def co_supervision_loss(gen, embedder, batch, lambda_tok, lambda_seq, temperatur
     run at all: with lambda_seq = 0 it gets no gradient and this is exactly NTP training.
     gather (several processes: train.py): widens the markers and candidates to those of every
     process, so C is the union of all processes' candidates; L_NSP then runs even on a batch
-    without markers of its own, since the others' count here too."""
+    without markers of its own, since the others' count here too. F_i: batch.neighbours."""
     with_nsp = lambda_seq > 0 and (len(batch.target_row) > 0 or gather is not None)
     logits, queries = gen(batch.x, batch.marker_index if with_nsp else None)  # (B, T, V), (M, d)
     l_ntp = ntp_loss(logits, batch.y)
@@ -53,11 +63,12 @@ def co_supervision_loss(gen, embedder, batch, lambda_tok, lambda_seq, temperatur
     loss = lambda_tok * l_ntp
     if with_nsp:
         embeddings = embedder(batch.candidates, batch.candidate_mask)       # (N, d)
-        target_row = batch.target_row                                       # (M,)
+        nsp = (queries, embeddings, batch.target_row, batch.candidate_ids, batch.neighbours)
         if gather is not None:
-            queries, embeddings, target_row = gather(queries, embeddings, target_row,
-                                                     batch.candidate_ids)
-        l_nsp, accuracy = nsp_loss(queries, embeddings, target_row, temperature)
+            nsp = gather(*nsp)
+        queries, embeddings, target_row, candidate_ids, neighbours = nsp
+        excluded = false_negatives(candidate_ids, target_row, neighbours)  # (M, N)
+        l_nsp, accuracy = nsp_loss(queries, embeddings, target_row, temperature, excluded)
         stats.update(nsp=l_nsp.detach(), nsp_acc=accuracy)
         loss = loss + lambda_seq * l_nsp
     return loss, stats

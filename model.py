@@ -10,6 +10,9 @@ The query is compared with Emb_seq's sequence embeddings (embedder.py); losses.p
 
 Emb_seq is built from the same parts (Transformer, below) with its own weights, and runs them
 without the causal mask.
+
+With gpt2_block, every Linear and LayerNorm has a bias and GELU is its tanh approximation: the
+block computes what GPT-2's does, so GPT-2's weights can be read into it (machinery/gpt2.py).
 """
 
 import math
@@ -21,19 +24,19 @@ import torch.nn.functional as F
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, n_embd, n_head, dropout, causal):
+    def __init__(self, n_embd, n_head, dropout, causal, bias):
         super().__init__()
         assert n_embd % n_head == 0
         self.n_head, self.dropout, self.causal = n_head, dropout, causal
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=False)
-        self.c_proj = nn.Linear(n_embd, n_embd, bias=False)
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x, key_mask=None, cache=None):
         """Multi-head self-attention of x (B, T, n_embd). One forward serves three cases:
         - Gen in training (causal, no key_mask, no cache): token t attends to tokens 0..t;
-        - Emb_seq (not causal, key_mask): every real token attends to every real token, never to
-          padding;
+        - Emb_seq (key_mask): every real token attends to every real token (to those up to it
+          where causal, as when started from GPT-2), never to padding;
         - Gen generating (cache, from generate.py): the new tokens continue those whose keys and
           values the cache holds; the cache says which keys each new token sees."""
         B, T, n_embd = x.shape
@@ -54,23 +57,24 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, n_embd, dropout):
+    def __init__(self, n_embd, dropout, gpt2_block):
         super().__init__()
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
-        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=False)
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=gpt2_block)
+        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=gpt2_block)
         self.dropout = nn.Dropout(dropout)
+        self.gelu = "tanh" if gpt2_block else "none"  # GPT-2's GELU is the tanh approximation
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.gelu)))
 
 
 class Block(nn.Module):
-    def __init__(self, n_embd, n_head, dropout, causal):
+    def __init__(self, n_embd, n_head, dropout, causal, gpt2_block):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(n_embd, bias=False)
-        self.attn = SelfAttention(n_embd, n_head, dropout, causal)
-        self.ln_2 = nn.LayerNorm(n_embd, bias=False)
-        self.mlp = MLP(n_embd, dropout)
+        self.ln_1 = nn.LayerNorm(n_embd, bias=gpt2_block)  # eps 1e-5, as GPT-2's
+        self.attn = SelfAttention(n_embd, n_head, dropout, causal, gpt2_block)
+        self.ln_2 = nn.LayerNorm(n_embd, bias=gpt2_block)
+        self.mlp = MLP(n_embd, dropout, gpt2_block)
 
     def forward(self, x, key_mask=None, cache=None):
         x = x + self.attn(self.ln_1(x), key_mask, cache)
@@ -79,11 +83,13 @@ class Block(nn.Module):
 
 def init_weights(model, n_layer):
     """GPT-2's init: N(0, 0.02), and residual projections scaled down by sqrt(2 * n_layer) so the
-    residual stream's variance does not grow with depth."""
+    residual stream's variance does not grow with depth; biases (gpt2_block) zero."""
     for name, p in model.named_parameters():
         if p.dim() >= 2:
             std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("c_proj.weight") else 0.02
             nn.init.normal_(p, mean=0.0, std=std)
+        elif name.endswith("bias"):
+            nn.init.zeros_(p)
 
 
 @dataclass
@@ -95,6 +101,7 @@ class GenConfig:
     n_embd: int
     seq_dim: int      # width of a query (and of Emb_seq's sequence embeddings)
     dropout: float = 0.0
+    gpt2_block: bool = False  # biases and GELU's tanh approximation, as GPT-2 (module docstring)
 
 
 class Transformer(nn.Module):
@@ -102,14 +109,14 @@ class Transformer(nn.Module):
     position embeddings, n_layer Blocks, a final LayerNorm. Causal in Gen, bidirectional in Emb_seq.
     """
 
-    def __init__(self, vocab_size, max_len, n_layer, n_head, n_embd, dropout, causal):
+    def __init__(self, vocab_size, max_len, n_layer, n_head, n_embd, dropout, causal, gpt2_block):
         super().__init__()
         self.wte = nn.Embedding(vocab_size, n_embd)
         self.wpe = nn.Embedding(max_len, n_embd)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList([Block(n_embd, n_head, dropout, causal)
+        self.blocks = nn.ModuleList([Block(n_embd, n_head, dropout, causal, gpt2_block)
                                      for _ in range(n_layer)])
-        self.ln_f = nn.LayerNorm(n_embd, bias=False)
+        self.ln_f = nn.LayerNorm(n_embd, bias=gpt2_block)
 
     def forward(self, idx, past=0, key_mask=None, caches=None):
         """Hidden states (B, T, n_embd) of token ids idx (B, T) at positions past .. past+T-1;
@@ -129,7 +136,7 @@ class Gen(nn.Module):
         super().__init__()
         self.config = c = config
         self.transformer = Transformer(c.vocab_size, c.block_size, c.n_layer, c.n_head, c.n_embd,
-                                       c.dropout, causal=True)
+                                       c.dropout, causal=True, gpt2_block=c.gpt2_block)
         self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
         self.seq_head = nn.Linear(c.n_embd, c.seq_dim, bias=False)
         init_weights(self, c.n_layer)

@@ -91,7 +91,10 @@ def main(argv=None):
     check_config(cfg)
     run = Run(cfg, argv)  # the out_dir, log and checkpoints, the processes (machinery/run.py)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    rng = np.random.default_rng(cfg.seed + run.rank)  # the batches: each process its own
+    # the batches: each process its own; a run from another's weights (--init_from) a stream of
+    # its own too: with the seed alone it would replay that run's batches from its first
+    rng = np.random.default_rng([cfg.seed + run.rank, 1] if cfg.init_from
+                                else cfg.seed + run.rank)
     ctx = autocast(run.device, cfg.dtype)  # bfloat16 on a GPU, plain float32 on a CPU
     data, tok = load_data(cfg)
     gen, embedder = build_models(cfg, tok.vocab_size)  # Gen and Emb_seq of the config's sizes

@@ -6,14 +6,17 @@ The default recipe).
 
     python -m experiments.band                      # the default run, 5 seeds x 1 and 2 threads
     python -m experiments.band --name clip0 --seeds 1337 --threads 2 --train_args "--grad_clip 0"
+    python -m experiments.band --name mytext --train_args "--dataset pydoc" --seeds 1337,1338
 
 Each run is `python train.py --lambda_seq 0.5 --seed S` with the defaults (plus --train_args),
-OMP_NUM_THREADS threads, then `python evaluate.py` for the held-out answers. For each it records
-held-out recall@1, recall@10 and MRR, val NTP loss, answer exact match with retrieval (and the
-rest of evaluate.py's val and val_reworded figures), the wall time of training, and the last
-quarter's gain (recall@1 at the end minus at three quarters of the steps, read off the learning
-curve: how flat the curve has become). It prints one row per run and the band: mean, standard
-deviation (ddof 1), min, max and max - min.
+OMP_NUM_THREADS threads, then `python evaluate.py` (on `facts`, with the held-out answers). For
+each it records held-out recall@1, recall@10 and MRR, val NTP loss, answer exact match with
+retrieval (and the rest of evaluate.py's val and val_reworded figures), the wall time of
+training, and the last quarter's gain (recall@1 at the end minus at three quarters of the steps,
+read off the learning curve: how flat the curve has become); on a text, also TEXT_METRICS, the
+figures of re-ranking TF-IDF's candidates, where a text's result lies. It prints one row per run
+and the band: mean, standard deviation (ddof 1), min, max and max - min; a figure a corpus cannot
+have (answers on a text) is blank.
 
 Records go to --results/<name>.jsonl, one line per finished run (a run already there, with the
 same flags and train.py defaults, is not redone: an interrupted band goes on where it stopped);
@@ -36,6 +39,7 @@ import torch
 from machinery.checkpoint import read_jsonl
 from machinery.cli import UserError, flag, main_guard, parse_config
 from machinery.config import Config
+from machinery.corpora import is_facts
 
 # The default run's band on the test world (machinery/corpora.py: facts_test, a world no choice of
 # recipe has seen), fixed on 2026-12-07 before any of its runs, with the recipe frozen as it is:
@@ -48,6 +52,10 @@ TEST_WORLD_BAND = {"name": "test_world", "train_args": "--dataset facts_test",
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 METRICS = ("recall@1", "recall@10", "mrr", "val_ntp", "answer_em_retrieval", "last_quarter_gain",
            "train_s")
+# a text's runs also record (evaluate.py's val): the learned score re-ranking TF-IDF's top K, its
+# MRR minus TF-IDF's own order's on the same markers, TF-IDF's order, learned + w TF-IDF
+TEXT_METRICS = ("reranked_mrr", "reranked_recall@1", "reranked_mrr_minus_first_stage",
+                "first_stage_mrr", "combined_mrr")
 
 
 @dataclass
@@ -56,7 +64,8 @@ class BandConfig:
     train_args: str = flag("", "train.py flags beside --lambda_seq 0.5 and the defaults")
     seeds: str = flag("1337,1338,1339,1340,1341", "comma-separated seeds")
     threads: str = flag("1,2", "comma-separated thread counts; every seed runs at each")
-    questions: int = flag(480, "held-out questions for answer exact match (evaluate.py)")
+    questions: int = flag(480, "held-out questions for answer exact match (evaluate.py; facts "
+                          "only: a text has no answers)")
     results: str = flag(os.path.join("experiments", "results", "band"), "where records go")
     work_dir: str = flag("out_band", "where the runs' checkpoints and logs go")
 
@@ -93,15 +102,27 @@ def last_quarter_gain(curve, metric="recall@1"):
     return float(values[-1] - np.interp(0.75 * steps[-1], steps, values))
 
 
+# Flags added after records were made, at the default that does what the runs did before the flag
+# existed: left out of the hash, so that adding a flag does not orphan the records.
+ADDED = {"gpt2_block": False}
+
+
 def defaults():
     """A short hash of train.py's defaults: a run is reused only under the defaults it ran with
     (its flags alone do not say what it ran once a default changes)."""
-    text = json.dumps(dataclasses.asdict(Config()), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
+    config = {k: v for k, v in dataclasses.asdict(Config()).items()
+              if k not in ADDED or ADDED[k] != v}
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def corpus(cfg):
+    """The corpus the band's runs train on: --dataset in --train_args, else train.py's."""
+    return parse_config(Config, "", cfg.train_args.split())[0].dataset
 
 
 def run(cfg, seed, threads):
     """Train and evaluate one run in fresh processes with `threads` threads; its record."""
+    facts = is_facts(corpus(cfg))
     out = os.path.join(cfg.work_dir, f"{cfg.name}-s{seed}-t{threads}")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     argv = [sys.executable, os.path.join(ROOT, "train.py"), "--lambda_seq", "0.5",
@@ -113,7 +134,8 @@ def run(cfg, seed, threads):
         train_s = time.perf_counter() - t0
         if not failed:
             failed = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"),
-                                     "--out_dir", out, "--questions", str(cfg.questions)],
+                                     "--out_dir", out,
+                                     "--questions", str(cfg.questions if facts else 0)],
                                     stdout=subprocess.DEVNULL, stderr=log, env=env).returncode
     if failed:
         raise UserError(f"seed {seed}, {threads} threads failed: see {out}/train.out")
@@ -121,32 +143,38 @@ def run(cfg, seed, threads):
     with open(os.path.join(out, "eval.json")) as f:
         evaluation = json.load(f)
     last = curve[-1]
-    return {"name": cfg.name, "train_args": cfg.train_args, "defaults": defaults(),
-            "seed": seed, "threads": threads,
-            "cpu": instruction_set(), "torch": torch.__version__,
-            **{k: last[k] for k in ("recall@1", "recall@10", "mrr", "val_ntp", "val_nsp")},
-            "answer_em_retrieval": evaluation["val"].get("answer_em_retrieval"),
-            "last_quarter_gain": last_quarter_gain(curve), "train_s": round(train_s, 1),
-            "curve": [{"iter": r["iter"], "recall@1": r["recall@1"]} for r in curve],
-            "eval": {k: evaluation.get(k) for k in ("val", "val_reworded")}}
+    record = {"name": cfg.name, "train_args": cfg.train_args, "defaults": defaults(),
+              "seed": seed, "threads": threads,
+              "cpu": instruction_set(), "torch": torch.__version__,
+              **{k: last[k] for k in ("recall@1", "recall@10", "mrr", "val_ntp", "val_nsp")},
+              "answer_em_retrieval": evaluation["val"].get("answer_em_retrieval"),
+              "last_quarter_gain": last_quarter_gain(curve), "train_s": round(train_s, 1),
+              "curve": [{"iter": r["iter"], "recall@1": r["recall@1"]} for r in curve],
+              "eval": {k: evaluation.get(k) for k in ("val", "val_reworded")}}
+    if not facts:
+        record.update({k: evaluation["val"].get(k) for k in TEXT_METRICS})
+    return record
 
 
 def table(records):
-    """The runs, one row each, then the band of each metric."""
-    head = ["seed", "threads", "cpu", *METRICS]
+    """The runs, one row each, then the band of each metric (TEXT_METRICS where a run has them);
+    a figure a run lacks (None: answers on a text) is blank and left out of the band."""
+    metrics = [*METRICS, *(k for k in TEXT_METRICS if any(k in r for r in records))]
+    head = ["seed", "threads", "cpu", *metrics]
     rows = [" | ".join(head), " | ".join("---" for _ in head)]
     for r in records:
         rows.append(" | ".join([str(r["seed"]), str(r["threads"]), r["cpu"]] +
-                               [_fmt(r[k], k) for k in METRICS]))
+                               [_fmt(r.get(k), k) for k in metrics]))
+    values = {k: [r[k] for r in records if r.get(k) is not None] for k in metrics}
     for stat, f in (("mean", np.mean), ("sd", lambda v: np.std(v, ddof=1) if len(v) > 1 else 0),
                     ("min", np.min), ("max", np.max), ("max - min", np.ptp)):
-        rows.append(" | ".join([stat, "", ""] + [_fmt(f([r[k] for r in records]), k)
-                                                for k in METRICS]))
+        rows.append(" | ".join([stat, "", ""] + [_fmt(f(values[k]) if values[k] else None, k)
+                                                for k in metrics]))
     return "\n".join(f"| {row} |" for row in rows) + "\n"
 
 
 def _fmt(v, key):
-    return f"{v:.0f}" if key == "train_s" else f"{v:.3f}"
+    return "" if v is None else f"{v:.0f}" if key == "train_s" else f"{v:.3f}"
 
 
 def main(argv=None):

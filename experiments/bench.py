@@ -8,10 +8,13 @@ a time); memory is experiments/memory.py's. Medians of repeats, and ratios measu
     python -m experiments.bench --out bench.json   # and writes it
     python -m experiments.bench --parts search     # only search: exact, numpy's, faiss's (~1 min)
     python -m experiments.bench --parts evaluation --eval_run out    # evaluate.py on a run (~2 min)
+    python -m experiments.bench --parts gpt2_step  # GPT-2 small's step beside the default's
+                                                   # (10 min and 11 GB on 2 busy cores)
 
 On a GPU it also times a larger model in bfloat16 with torch.compile and reports its MFU.
 """
 
+import dataclasses
 import json
 import os
 import shutil
@@ -36,7 +39,7 @@ from machinery.config import Config, autocast, build_models, make_optimizer, pic
 
 
 PARTS = ("ntp_step", "co_supervision_overhead", "sampling", "datastore", "search", "evaluation",
-         "gpu_step")
+         "gpu_step", "gpt2_step")
 
 
 @dataclass
@@ -45,7 +48,8 @@ class BenchConfig:
     repeats: int = flag(30, "timed repeats of each training step (the median is reported)")
     device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps (training-step figures)")
     seed: int = flag(1337, "random seed")
-    parts: str = flag("all", "the sections to run, comma-separated: " + ", ".join(PARTS))
+    parts: str = flag("all", "the sections to run, comma-separated: " + ", ".join(PARTS) +
+                      " (all: every one but gpt2_step, minutes and 11 GB on a CPU)")
     eval_run: str = flag("out", "the trained run that the evaluation section evaluates (python "
                                 "train.py makes one); where there is none, the section is skipped")
 
@@ -54,9 +58,10 @@ def median_ms(times):
     return 1000 * float(np.median(times))
 
 
-def stepper(cfg, data, device, lambda_seq):
-    """train.py's training step on the next batch, as a function of lambda_seq."""
-    gen, embedder = build_models(cfg, data.meta["vocab_size"])
+def stepper(cfg, data, device, lambda_seq, vocab_size=None):
+    """train.py's training step on the next batch, as a function of lambda_seq; the models'
+    vocabulary the data's, or vocab_size."""
+    gen, embedder = build_models(cfg, vocab_size or data.meta["vocab_size"])
     gen.to(device), embedder.to(device)
     params = list(gen.parameters()) + list(embedder.parameters())
     optimizer = make_optimizer(cfg, gen, embedder, device)
@@ -350,13 +355,39 @@ def gpu_step(args, device):
             "mfu": flops_per_token * tokens_per_s / peak if peak else None}
 
 
+GPT2_VOCAB = 50258  # GPT-2's 50,257 tokens and the retrieval marker
+
+
+def gpt2_step(args, device):
+    """8. A training step of GPT-2 small (124M: 12 layers, 12 heads, width 768, its vocabulary;
+    Emb_seq its whole trunk, causal), as --init_from gpt2 trains it, beside the default model's
+    step, at the defaults of a text (batch 24, block 128, Emb_seq's block 64, L_NTP + 0.5 L_NSP);
+    the two alternate, repeats / 10 rounds after one untimed. Random weights (a step's time does
+    not depend on them) and pydoc's bytes (ids under 258: GPT-2's table is read all the same)."""
+    default = Config(dataset="pydoc", seed=args.seed)
+    gpt2 = dataclasses.replace(default, gpt2_block=True, n_layer=12, n_head=12, n_embd=768,
+                               emb_layer=12, emb_head=12, emb_embd=768)
+    data, _ = load_data(default)
+    steps = {"default": stepper(default, data, device, default.lambda_seq)[0],
+             "gpt2_124M": stepper(gpt2, data, device, gpt2.lambda_seq, GPT2_VOCAB)[0]}
+    times = {name: [] for name in steps}
+    for _ in range(max(2, args.repeats // 10) + 1):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - t0)
+    ms = {name: median_ms(t[1:]) for name, t in times.items()}
+    return {"ms_per_iter_default": ms["default"], "ms_per_iter_gpt2_124M": ms["gpt2_124M"],
+            "ratio": ms["gpt2_124M"] / ms["default"], "rounds": len(times["default"]) - 1}
+
+
 def main(argv=None):
     args, _ = parse_config(BenchConfig, __doc__, argv)
     if args.repeats < 1:
         raise UserError(f"--repeats must be positive, got {args.repeats}")
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
         raise UserError(f"--out {args.out}: no directory {os.path.dirname(args.out)} to write in")
-    chosen = PARTS if args.parts == "all" else args.parts.split(",")
+    chosen = PARTS[:-1] if args.parts == "all" else args.parts.split(",")  # not gpt2_step
     if not set(chosen) <= set(PARTS):
         raise UserError(f"--parts takes all or some of {', '.join(PARTS)}, got {args.parts!r}")
     device = pick_device(args.device)
@@ -364,7 +395,8 @@ def main(argv=None):
     parts = {"ntp_step": lambda: ntp_step(args, device),
              "co_supervision_overhead": lambda: overhead(args, device),
              "sampling": lambda: sampling(args), "datastore": lambda: datastore(args),
-             "search": lambda: search_speed(args), "evaluation": lambda: evaluation(args)}
+             "search": lambda: search_speed(args), "evaluation": lambda: evaluation(args),
+             "gpt2_step": lambda: gpt2_step(args, device)}
     if device.startswith("cuda"):
         parts["gpu_step"] = lambda: gpu_step(args, device)
     for name, fn in parts.items():

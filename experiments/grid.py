@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from machinery import datastore_file
 from evaluate import answer_metrics
-from experiments import report
+from experiments import band, report
 from machinery.checkpoint import load_run, read_jsonl
 from machinery.cli import Interrupted, UserError, flag, main_guard, parse_config
 from machinery.lexical import lexical_index
@@ -215,10 +215,12 @@ def run_all(grid, todo, path):
 
 
 def setting(cfg):
-    """What every run depends on besides its dataset, variant, seed and steps: the protocol's
-    flags, --train_args, --questions and --evals, as a short hash. It is part of each run's folder
-    and record key, so a changed setting trains and measures afresh, never reusing stale runs."""
-    text = json.dumps([PROTOCOL, cfg.train_args.split(), cfg.questions, cfg.evals])
+    """What every run depends on besides its dataset, variant, seed and steps: train.py's
+    defaults (band.defaults), the protocol's flags, --train_args, --questions, --evals and
+    BEHAVIOUR, as a short hash. It is part of each run's folder and record key, so a changed
+    setting, default or behaviour trains and measures afresh, never reusing stale runs."""
+    text = json.dumps([band.defaults(), PROTOCOL, AS_RECORDED, cfg.train_args.split(),
+                       cfg.questions, cfg.evals, BEHAVIOUR])
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
@@ -230,8 +232,12 @@ GRID_FLAGS = {"dataset", "seed", "max_iters", "eval_interval", "out_dir", "lambd
 # wordings (so that training shows that other words ask the same; the reworded set uses a fourth)
 PROTOCOL = ["--nsp_start", "0", "--temperature", "0.1", "--facts_wordings", "3"]
 # train.py's behaviour when the committed records were made, kept after its default changed: the
-# parts only L_NSP trains learn at the full rate. Not in setting(), since the records ran with it
+# parts only L_NSP trains learn at the full rate
 AS_RECORDED = ["--nsp_lr_scale", "1"]
+# What the runs' code does that no flag says, counted up when it changes so that no record made
+# before is reused: 2, a stage-2 run draws batches of its own (train.py; at 1, the committed
+# records' tag aa91db77, it replayed stage 1's batch order)
+BEHAVIOUR = 2
 
 
 def check_train_args(train_args):

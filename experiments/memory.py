@@ -5,14 +5,17 @@ and nothing else), all measured in one run, each in a fresh process with a fresh
   demo      the default demo, `python train.py`, shortened to 100 steps, L_NSP from the first
             (two evaluations: memory does not grow with steps)
   text_3mb  preparing and training on a 3 MB .txt (20 steps, one evaluation at the end)
+  text_run  a whole default run on a 3 MB .txt, `python train.py --dataset TEXT` to the end:
+            preparing, TF-IDF's first stage, 2,400 steps and every evaluation (about 20 minutes)
   text_50mb preparing a 50 MB .txt (load_data alone: the tokens, sequences and cache)
 
 The texts are CPython's own documentation (pydoc, offline) repeated, every sentence numbered so
 that no two are alike (a repeated sentence would be one datastore entry, and its val copies would
 be caught as leaks).
 
-    python -m experiments.memory            # about 4 minutes on 2 cores
+    python -m experiments.memory            # about 25 minutes on 2 cores
     python -m experiments.memory --parts demo,text_3mb
+    python -m experiments.memory --parts text_run --text ../shared/corpora/sherlock.txt
 """
 
 import itertools
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 from experiments.report import ROOT
 from machinery.cli import UserError, flag, main_guard, parse_config
 
-PARTS = ("demo", "text_3mb", "text_50mb")
+PARTS = ("demo", "text_3mb", "text_run", "text_50mb")
 
 # Runs a script as `python script args...` would, then reports the process's peak resident set in
 # KB on its last line of stderr, however the script exits: Linux's VmHWM, the peak of this program
@@ -48,6 +51,7 @@ PREPARE = ("import sys\nfrom data import load_data\nfrom machinery.config import
 @dataclass
 class MemoryConfig:
     parts: str = flag("all", "the measurements to run, comma-separated: " + ", ".join(PARTS))
+    text: str = flag("", "text_run's .txt (default: a 3 MB numbered text, as text_3mb's)")
 
 
 def peak_mb(script, *args):
@@ -81,6 +85,8 @@ def main(argv=None):
     chosen = PARTS if cfg.parts == "all" else cfg.parts.split(",")
     if not set(chosen) <= set(PARTS):
         raise UserError(f"--parts takes all or some of {', '.join(PARTS)}, got {cfg.parts!r}")
+    if cfg.text and not os.path.isfile(cfg.text):
+        raise UserError(f"--text: no such file: {cfg.text}")
     train = os.path.join(ROOT, "train.py")
     with tempfile.TemporaryDirectory() as tmp:
         floor, _ = peak_mb(_script(tmp, "floor.py", "import torch\n"))
@@ -95,6 +101,10 @@ def main(argv=None):
                                         "--max_iters", "20", "--eval_interval", "20",
                                         "--nsp_start", "0",
                                         "--out_dir", f"{tmp}/t3", "--cache_dir", f"{tmp}/c2"),
+            "text_run": lambda: peak_mb(train, "--dataset",
+                                        os.path.abspath(cfg.text) if cfg.text
+                                        else numbered_text(f"{tmp}/3mb.txt", 3e6),
+                                        "--out_dir", f"{tmp}/run", "--cache_dir", f"{tmp}/c4"),
             "text_50mb": lambda: peak_mb(_script(tmp, "prepare.py", PREPARE),
                                          numbered_text(f"{tmp}/50mb.txt", 50e6), f"{tmp}/c3"),
         }

@@ -143,12 +143,16 @@ def lexical_values(runs, field):
 
 
 def paired(runs, a, b, field):
-    """`a`'s and `b`'s values of one metric on the seeds where both have it, in seed order."""
+    """`a`'s and `b`'s values of one metric on the seeds where both have it, in seed order. A
+    variant with two runs of one seed (two budgets or settings mixed) is an error."""
     pairs = {}
     for variant in (a, b):
         for r in runs:
             if r["variant"] == variant and r.get(field) is not None:
-                pairs.setdefault(r["seed"], {})[variant] = r[field]
+                if variant in pairs.setdefault(r["seed"], {}):
+                    raise UserError(f"{variant} has 2 runs of seed {r['seed']}: runs of two "
+                                    "budgets or settings mixed")
+                pairs[r["seed"]][variant] = r[field]
     seeds = sorted(s for s, p in pairs.items() if len(p) == 2)
     return [pairs[s][a] for s in seeds], [pairs[s][b] for s in seeds]
 
@@ -248,9 +252,22 @@ def datasets(records):
     return sorted({r["dataset"] for r in records}, key=lambda d: (d != "facts", d != "pydoc", d))
 
 
+def one_budget(records):
+    """Each dataset's runs at one budget and setting, or a one-line error: a runs.jsonl appended
+    to by grids of another --iters or other flags would mix them in every mean and pairing."""
+    for dataset in datasets(records):
+        found = sorted({(r["steps"], str(r.get("setting"))) for r in records
+                        if r["dataset"] == dataset})
+        if len(found) > 1:
+            runs = ", ".join(f"{steps} (setting {tag})" for steps, tag in found)
+            raise UserError(f"{dataset}: runs at {len(found)} budgets or settings in one results "
+                            f"folder ({runs}): give each its own folder")
+
+
 def table(records):
     confirm = confirmatory(records) + confirmatory(records, TEST_WORLD)
     records = [r for r in records if r["seed"] not in CONFIRMATORY["seeds"]]
+    one_budget(records)
     lines = ["Primary comparison, fixed before the protocol ran: co-supervision at lambda_seq 0.5 "
              "minus separate supervision, paired by seed (Student's t with seeds - 1 degrees of "
              "freedom):", "", *summary(records), "", *confirm]
@@ -284,28 +301,48 @@ def table(records):
 def flatness(runs, corpus_kind):
     """Whether each trained variant had finished learning when it was measured: what the last
     quarter of its steps added to its retrieval metric and to its val NTP loss, over seeds. A
-    variant is judged on what it trains: L_NTP alone on val NTP loss, L_NSP alone on retrieval."""
+    variant is judged on what it trains (L_NTP alone on val NTP loss, L_NSP alone on retrieval),
+    on average and seed by seed; a val NTP loss that rises is over-fitting, not flat."""
     metric = "recall@1" if corpus_kind == "facts" else "mrr"
-    lines = [f"Last quarter of each run's steps (flattened: on average {metric} gains at most "
-             f"{FLAT} and val NTP loss falls at most {FLAT}; pretrained and ntp-ft judged on "
-             f"val NTP loss alone, nsp-ft on {metric} alone):", "",
+    lines = [f"Last quarter of each run's steps (flattened: {metric} gains at most {FLAT} and val "
+             f"NTP loss moves at most {FLAT}, on average and on every seed; pretrained and ntp-ft "
+             f"judged on val NTP loss alone, nsp-ft on {metric} alone):", "",
              f"| variant | {metric} gained | val NTP loss changed |", "|---|---|---|"]
-    judged = {"flat": [], "learning": [], "no curve": []}
+    judged = {"flat": [], "flat on average": [], "learning": [], "rising": [], "no curve": []}
     for variant in sorted({r["variant"] for r in runs if "curve" in r}, key=order):
-        curves = [r["curve"] for r in sorted(runs, key=lambda r: r["seed"])
+        seeded = [(r["seed"], r["curve"]) for r in sorted(runs, key=lambda r: r["seed"])
                   if r["variant"] == variant and len(r.get("curve", [])) > 1]
-        gains = [[last_quarter_gain(c, m) for c in curves if None not in [p[m] for p in c]]
-                 for m in (metric, "val_ntp")]
-        lines.append(f"| {variant} | " + " | ".join(map(fmt, gains)) + " |")
+        gains = [[(s, last_quarter_gain(c, m)) for s, c in seeded
+                  if None not in [p[m] for p in c]] for m in (metric, "val_ntp")]
+        lines.append(f"| {variant} | " + " | ".join(fmt([g for _, g in gs]) for gs in gains)
+                     + " |")
         trains = {"pretrained": (1,), "ntp-ft": (1,), "nsp-ft": (0,)}.get(variant, (0, 1))
         # judged on the digits the table prints, so that 0.020 in the table reads as flattened;
         # a fall in val NTP loss is its gain
-        signed = [round(float(np.mean(gains[i])) * (-1 if i else 1), 3)
-                  for i in trains if gains[i]]
-        group = "no curve" if not signed else "flat" if max(signed) <= FLAT else "learning"
-        judged[group].append(variant)
-    verdict = f"Flattened: {', '.join(judged['flat']) or 'none'}"
-    for group, name in (("learning", "still learning"), ("no curve", "no curve to judge")):
+        signed = {i: [(s, round(g * (-1 if i else 1), 3)) for s, g in gains[i]]
+                  for i in trains if gains[i]}
+        means = {i: round(float(np.mean([g for _, g in v])), 3) for i, v in signed.items()}
+        gaining = sorted({s for v in signed.values() for s, g in v if g > FLAT})
+        rising = sorted(s for s, g in signed.get(1, []) if g < -FLAT)
+        seeds = "; ".join(f"{what} on seed{'s' * (len(ss) > 1)} {', '.join(map(str, ss))}"
+                          for what, ss in (("still gaining", gaining), ("val NTP loss rising",
+                                                                        rising)) if ss)
+        if not signed:
+            judged["no curve"].append(variant)
+        elif max(means.values()) > FLAT:
+            judged["learning"].append(variant)
+        elif means.get(1, 0) < -FLAT:
+            judged["rising"].append(f"{variant} ({-means[1]:+.3f}{'; ' * bool(gaining)}"
+                                    + (seeds.split("; ")[0] if gaining else "") + ")")
+        elif seeds:
+            judged["flat on average"].append(f"{variant} ({seeds})")
+        else:
+            judged["flat"].append(variant)
+    verdict = f"Flattened on every seed: {', '.join(judged['flat']) or 'none'}"
+    for group, name in (("flat on average", "flattened on average"),
+                        ("learning", "still learning"),
+                        ("rising", "val NTP loss rising (over-fitting, not flat)"),
+                        ("no curve", "no curve to judge")):
         verdict += f"; {name}: {', '.join(judged[group])}" if judged[group] else ""
     return lines + ["", verdict + ".", ""]
 
@@ -388,8 +425,9 @@ def slug(dataset):
 
 
 def write(records, out_dir):
+    text = table(records)  # before the file opens: a refused folder keeps its table.md
     with open(os.path.join(out_dir, "table.md"), "w") as f:
-        f.write(table(records) + "\n")
+        f.write(text + "\n")
     return plots(records, out_dir)
 
 

@@ -18,6 +18,8 @@ What the tutorial's files lean on, kept out of their way. Nothing here is the me
                     out_dir/datastore.pt, saved with a fingerprint, loaded only when fresh
     buckets.py      Emb_seq over a batch's candidates in length buckets: less padding, same vectors
     lexical.py      TF-IDF: the training-free baseline and the first stage of two-stage retrieval
+    intervals.py    95% intervals of the retrieval figures over the markers, the paired difference
+                    of two orders, and the figures shown with them
     exact_search.py exact search and target ranks a chunk at a time (datastore.py's, at speed),
                     and the tolerance within which two scores tie
     search.py       how generation searches the datastore (--index): exact, faiss or two-stage

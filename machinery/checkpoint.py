@@ -12,7 +12,7 @@ import os
 import torch
 
 from data import load_data
-from machinery import datastore_file, distributed
+from machinery import datastore_file, distributed, gpt2
 from machinery.cli import UserError
 from machinery.config import Config, build_models, pick_device
 
@@ -71,7 +71,7 @@ def check_same_data(ckpt, path, data, tok):
 
 
 MODEL_SHAPE = ("n_layer", "n_head", "n_embd", "block_size", "emb_layer", "emb_head", "emb_embd",
-               "emb_block_size", "seq_dim")
+               "emb_block_size", "seq_dim", "gpt2_block")
 CHECKPOINT_KEYS = ("gen", "embedder", "optimizer", "config", "gen_config", "embedder_config",
                    "tokenizer", "data_fingerprint", "iter", "metrics", "rng")
 
@@ -88,6 +88,12 @@ def read_checkpoint(path, missing):
         if "seq_len" in ckpt["config"]:  # written when --emb_block_size was called --seq_len
             ckpt["config"]["emb_block_size"] = ckpt["config"].pop("seq_len")
             ckpt["embedder_config"]["block_size"] = ckpt["embedder_config"].pop("seq_len")
+        ckpt["config"].setdefault("gpt2_block", False)  # written before --gpt2_block
+        if "provenance" not in ckpt:  # written before runs recorded it: what the rest says
+            ckpt["provenance"] = {"dataset": ckpt["config"]["dataset"],
+                                  "data_fingerprint": ckpt["data_fingerprint"],
+                                  "tokenizer": ckpt["tokenizer"]["name"], "iters": ckpt["iter"],
+                                  "base": ckpt["config"]["init_from"] or None}
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({type(e).__name__}): it is cut "
                         "short or not from train.py; train again (--overwrite)") from None
@@ -101,21 +107,49 @@ def check_shape(ckpt, path, cfg, what):
         raise UserError(f"{path} holds models of another shape: {what} with {' '.join(other)}")
 
 
+def check_base(ckpt, path, cfg, tok):
+    """A base fits a new run when its tokenizer and its models' sizes are the run's, whatever data
+    it was trained on; a one-line error names what differs."""
+    trained = ckpt["config"]
+    differ = [f"--{k} {trained[k]} (this run: {getattr(cfg, k)})" for k in MODEL_SHAPE
+              if trained[k] != getattr(cfg, k)]
+    if ckpt["tokenizer"]["fingerprint"] != tok.fingerprint:
+        other = "another file" if trained["tokenizer"] == cfg.tokenizer else cfg.tokenizer
+        differ.insert(0, f"--tokenizer {trained['tokenizer']} (this run: {other})")
+    if differ:
+        raise UserError(f"{path} holds models of another shape or tokenizer: {' '.join(differ)}")
+
+
+def provenance(cfg, data, tok, it, base):
+    """What a run was trained on: its data (name, fingerprint, size), tokenizer, iterations, and
+    its base (--init_from: the base's folder and its own provenance; None from scratch). Kept in
+    the checkpoint and, readable, in out_dir/provenance.json."""
+    return {"dataset": cfg.dataset, "data_fingerprint": data.fingerprint,
+            "train_tokens": len(data.train.ids), "sequences": data.n_sequences,
+            "tokenizer": tok.name, "iters": it, "base": base}
+
+
 def init_from(path, cfg, gen, embedder, data, tok):
-    """Only Gen's and Emb_seq's weights, for a new run (train.py --init_from): e.g. an NTP-only
-    run's, a pretrained token space that co-supervision starts from, as the paper's starts from
-    Llama-2."""
-    ckpt = read_checkpoint(path, "--init_from takes the out_dir of a trained run")
-    check_same_data(ckpt, path, data, tok)
-    check_shape(ckpt, path, cfg, "--init_from it")
+    """Only Gen's and Emb_seq's weights, for a new run (train.py --init_from): a base trained on
+    any data (e.g. a larger text, or an NTP-only run), or GPT-2 (machinery/gpt2.py), as the
+    paper starts from Llama-2; this run's datastore, TF-IDF and first stage are its own data's.
+    Returns the base's provenance."""
+    folder = gpt2.find(path)
+    if folder:
+        return gpt2.load(folder, gen, embedder, tok)
+    ckpt = read_checkpoint(os.path.join(path, "ckpt.pt"),
+                           "--init_from takes the out_dir of a trained run, or a GPT-2 "
+                           "checkpoint (README, Starting from GPT-2)")
+    check_base(ckpt, path, cfg, tok)
     gen.load_state_dict(ckpt["gen"])
     embedder.load_state_dict(ckpt["embedder"])
+    return {"out_dir": os.path.abspath(path), **ckpt["provenance"]}
 
 
 def resume(path, cfg, gen, embedder, optimizer, rng, data, tok, device):
     """Load the checkpoint into the models, the optimizer and this process's random streams, so
     that training goes on exactly as if it had never stopped. Rank 0 reads it and hands it to the
-    other processes. Returns (its iteration, the metrics of its last evaluation)."""
+    other processes. Returns (its iteration, the metrics of its last evaluation, its base)."""
     ckpt = distributed.broadcast_object(
         read_checkpoint(path, "nothing to --resume") if distributed.rank() == 0 else None)
     check_same_data(ckpt, path, data, tok)
@@ -134,7 +168,7 @@ def resume(path, cfg, gen, embedder, optimizer, rng, data, tok, device):
         torch.set_rng_state(states[rank]["torch"])
         if "cuda" in states[rank] and device.startswith("cuda"):
             torch.cuda.set_rng_state(states[rank]["cuda"], device)
-    return ckpt["iter"], ckpt["metrics"]
+    return ckpt["iter"], ckpt["metrics"], ckpt["provenance"]["base"]
 
 
 def load_run(out_dir, device="auto"):

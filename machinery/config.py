@@ -15,6 +15,7 @@ from embedder import EmbedderConfig, SeqEmbedder
 from machinery.cli import UserError, flag
 from machinery.corpora import check_dataset, is_facts
 from machinery.facts import MAX_WORDINGS
+from machinery.gpt2 import settle_config as settle_gpt2
 from machinery.search import require_index
 from model import Gen, GenConfig
 
@@ -31,8 +32,10 @@ class Config:
     facts_heldout: float = flag(0.2, "facts: share of people whose questions are held out (val)")
     facts_wordings: int = flag(1, "facts: wordings of each question, 1 to 3, one drawn per "
                                   "document (more: training shows other words ask the same)")
-    tokenizer: str = flag("bytes", "bytes (offline) or gpt2 (tiktoken's cache or --gpt2_file)")
-    gpt2_file: str = flag("", "path to a gpt2.tiktoken file (or set COSUP_GPT2_FILE)")
+    tokenizer: str = flag("bytes", "bytes (offline) or gpt2 (tiktoken's cache or --gpt2_file; "
+                                   "--init_from gpt2 sets it)")
+    gpt2_file: str = flag("", "path to a gpt2.tiktoken file or a GPT-2 vocab.json (or set "
+                                  "COSUP_GPT2_FILE)")
     cache_dir: str = flag("data_cache", "where prepared corpora are cached")
     # Gen
     n_layer: int = flag(2, "Gen: transformer layers")
@@ -40,6 +43,8 @@ class Config:
     n_embd: int = flag(128, "Gen: width")
     block_size: int = flag(128, "Gen: context length in tokens (and training window)")
     dropout: float = flag(0.0, "dropout in Gen and Emb_seq")
+    gpt2_block: bool = flag(False, "GPT-2's block in Gen and Emb_seq (biases, GELU's tanh "
+                                   "approximation) and Emb_seq causal (--init_from gpt2 sets it)")
     # Emb_seq
     emb_layer: int = flag(2, "Emb_seq: transformer layers")
     emb_head: int = flag(4, "Emb_seq: attention heads")
@@ -95,8 +100,11 @@ class Config:
     resume: bool = flag(False, "continue from out_dir/ckpt.pt")
     overwrite: bool = flag(False, "start afresh in an out_dir that holds another run's checkpoint "
                                   "(its files, eval.json and datastore.pt too, are removed)")
-    init_from: str = flag("", "start from the weights of another run's out_dir (same data and "
-                              "model sizes), with a fresh optimizer and schedule")
+    init_from: str = flag("", "start from the weights of a base, with a fresh optimizer and "
+                              "schedule: another run's out_dir (any data; the same tokenizer "
+                              "and model sizes), or a local GPT-2 checkpoint: gpt2, gpt2-medium, "
+                              "gpt2-large, gpt2-xl (Hugging Face's cache) or a folder (README, "
+                              "Starting from GPT-2); with --resume, the run it started goes on")
 
 
 def check_config(cfg):
@@ -150,9 +158,8 @@ def check_config(cfg):
         raise UserError(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other: choose one")
-    if cfg.resume and cfg.init_from:
-        raise UserError("--resume and --init_from exclude each other: resume continues out_dir's "
-                        "run, init_from starts a new one from another run's weights")
+    if cfg.init_from:  # a GPT-2 gives the tokenizer and the sizes (machinery/gpt2.py)
+        settle_gpt2(cfg)
 
 
 def pick_device(name):
@@ -181,9 +188,10 @@ def autocast(device, dtype):
 def build_models(cfg, vocab_size):
     """Gen and Emb_seq of the sizes a config gives, freshly initialised."""
     gen = Gen(GenConfig(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
-                        cfg.seq_dim, cfg.dropout))
+                        cfg.seq_dim, cfg.dropout, cfg.gpt2_block))
     embedder = SeqEmbedder(EmbedderConfig(vocab_size, cfg.emb_block_size, cfg.emb_layer,
-                                          cfg.emb_head, cfg.emb_embd, cfg.seq_dim, cfg.dropout))
+                                          cfg.emb_head, cfg.emb_embd, cfg.seq_dim, cfg.dropout,
+                                          gpt2_block=cfg.gpt2_block, causal=cfg.gpt2_block))
     return gen, embedder
 
 

@@ -20,6 +20,11 @@ import os
 
 import torch
 import torch.distributed as dist
+# before any process group exists: its functions take group.WORLD as a default argument, bound at
+# import (DDP imports it), and so would keep the group, and its gloo threads, alive after
+# teardown into the interpreter's exit, where a process can abort ("terminate called without an
+# active exception")
+import torch.distributed.nn  # noqa: F401
 from torch.nn.parallel import DistributedDataParallel
 
 from machinery.cli import UserError
@@ -42,9 +47,9 @@ def setup(device):
 
 
 def teardown(together=False):
-    """Leave the process group (if in one). together: every process is leaving now, so wait for
-    them all first: a gloo process that leaves, or exits, while another is still in the group
-    can abort (SIGABRT) as it exits."""
+    """Leave the process group (if in one), which frees it and ends its threads. together: every
+    process is leaving now, so wait for them all first: a gloo process that leaves, or exits,
+    while another is still in the group can abort (SIGABRT) as it exits."""
     if dist.is_initialized():
         if together:
             dist.barrier()
@@ -118,15 +123,16 @@ def _all_gather_rows(t):
     return [o[:int(n)] for o, n in zip(out, sizes)]
 
 
-def gather_candidates(queries, embeddings, target_row, candidate_ids):
+def gather_candidates(queries, embeddings, target_row, candidate_ids, neighbours):
     """The queries and candidates of all processes, for an L_NSP over the W batches together:
 
         L_NSP = -(1/M) sum_{i in all M markers} log softmax_{j in C}(q_i . e_j / tau)[p(i)],
         C = the union of every process's candidates, each sequence once
 
     queries (M_r, d) and embeddings (N_r, d) are this process's, candidate_ids (N_r,) the datastore
-    id of each candidate and target_row (M_r,) each query's target row. Returns (queries, embeddings,
-    target_row) of all processes. Only this process's own queries and embeddings carry gradient (the
+    id of each candidate, target_row (M_r,) each query's target row and neighbours (M_r, k) each
+    query's likely false negatives (datastore ids). Returns the same five of all processes, the
+    ids (N,) of C, sorted. Only this process's own queries and embeddings carry gradient (the
     others' come through all_gather, which has none): every process computes the same L_NSP, and
     the gradient of process r is dL_NSP/d(its own queries and embeddings). Summed over the
     processes, that is the whole gradient of L_NSP, so the training step weights L_NSP by W to
@@ -137,7 +143,7 @@ def gather_candidates(queries, embeddings, target_row, candidate_ids):
     The copies are the same embedding of the same weights, so the gradient through the first copy
     alone is the whole gradient. With one process this returns its arguments unchanged."""
     if world_size() == 1:
-        return queries, embeddings, target_row
+        return queries, embeddings, target_row, candidate_ids, neighbours
     rank = dist.get_rank()
     all_queries = _all_gather_rows(queries.detach())
     all_embeddings = _all_gather_rows(embeddings.detach())
@@ -149,7 +155,7 @@ def gather_candidates(queries, embeddings, target_row, candidate_ids):
     rows = torch.arange(len(all_ids), device=all_ids.device)
     first = torch.full_like(ids, len(all_ids)).scatter_reduce_(0, inverse, rows, "amin")
     return (torch.cat(all_queries), torch.cat(all_embeddings)[first],
-            torch.searchsorted(ids, targets))
+            torch.searchsorted(ids, targets), ids, torch.cat(_all_gather_rows(neighbours)))
 
 
 def across_processes(batch, lambda_seq, world):

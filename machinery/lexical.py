@@ -11,7 +11,8 @@ in text d and df(w) the number of sequences holding w (sublinear tf, smoothed id
 The query is the text Gen sees at the marker (datastore.marker_texts); a tie counts against
 the target. Used two ways: as the baseline every learned number stands beside (its ranks over
 the whole datastore), and as the paper's first stage (its top K, which the learned score
-re-ranks: two-stage retrieval, datastore.py).
+re-ranks: two-stage retrieval, datastore.py). An entry that shares no word with the query scores
+0 and ties with every other such one: it is never among the first stage's K.
 """
 
 import math
@@ -53,15 +54,17 @@ class Lexical:
         self.rows = tfidf_vectors(texts, self.vocab, self.idf)               # (N, vocabulary)
         self.tolerance = tie_tolerance(len(self.vocab), torch.float64)       # unit rows
 
-    def score_chunks(self, queries, chunk=256):
+    def score_chunks(self, queries, chunk=None):
         """(s, the cosines (c, N) of queries s .. s+c-1 against every entry), `chunk` queries at a
-        time: a dense (Q, vocabulary) or (Q, N) table of a whole split would take gigabytes on a
-        novel."""
+        time, by default as many as keep one (c, N) table within 16 MB: a dense (Q, vocabulary) or
+        (Q, N) table of a whole split would take gigabytes on a novel. Each query's cosines are
+        the same whatever the chunk."""
+        chunk = chunk or max(1, 2**21 // max(1, self.rows.shape[0]))        # float64: 8 bytes
         for s in range(0, len(queries), chunk):
             q = tfidf_vectors(queries[s:s + chunk], self.vocab, self.idf).to_dense()  # (c, vocab)
             yield s, torch.sparse.mm(self.rows, q.T).T                              # (c, N)
 
-    def ranks(self, queries, targets, chunk=256):
+    def ranks(self, queries, targets, chunk=None):
         """Rank (1 = best) of each query's target (Q,) among all entries, ties against it."""
         targets = torch.as_tensor(targets)
         ranks = [ranks_from_chunks(lambda: [(0, scores)], targets[s:s + len(scores)],
@@ -69,26 +72,34 @@ class Lexical:
                  for s, scores in self.score_chunks(queries, chunk)]
         return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
 
-    def top(self, queries, k, chunk=256):
-        """The first stage: each query's k best entries by TF-IDF, scores (Q, k) and ids (Q, k),
-        best first (k at most N)."""
+    def top(self, queries, k, chunk=None):
+        """The first stage: each query's k best entries by TF-IDF among those that score above 0,
+        scores (Q, k) and ids (Q, k), best first (k at most N); where fewer score above 0, id -1
+        and score 0 after them. A score of 0 (no shared word) ties with every other: such an
+        entry would be among the k only by the order of ties."""
         k = min(k, self.rows.shape[0])
-        scores, ids = [torch.zeros(0, k, dtype=torch.float64)], [torch.zeros(0, k, dtype=torch.long)]
-        for _, chunk_scores in self.score_chunks(queries, chunk):
-            top = chunk_scores.topk(k, dim=1)            # ties at the K-th place: either may stay
-            scores.append(top.values), ids.append(top.indices)
-        return torch.cat(scores), torch.cat(ids)
+        scores = torch.zeros(len(queries), k, dtype=torch.float64)                 # (Q, k)
+        ids = torch.zeros(len(queries), k, dtype=torch.long)                       # (Q, k)
+        for s, chunk_scores in self.score_chunks(queries, chunk):
+            rows = slice(s, s + len(chunk_scores))
+            # ties at the K-th place: either may stay. Written in place: small tensors kept per
+            # chunk, between the chunks' large tables, would fragment the heap on a novel
+            torch.topk(chunk_scores, k, dim=1, out=(scores[rows], ids[rows]))
+            ids[rows].masked_fill_(scores[rows] <= 0, -1)
+        return scores, ids
 
 
-def lexical_ranks(queries, texts, targets, chunk=256):
+def lexical_ranks(queries, texts, targets, chunk=None):
     """Rank (1 = best) of each query's target among the texts by TF-IDF cosine, ties counted
     against the target. queries: strings, texts: the datastore's strings, targets (Q,) ids."""
     return Lexical(texts).ranks(queries, targets, chunk)
 
 
-def lexical_index(data, tok):
-    """The Lexical of a corpus's datastore: every sequence's text."""
-    return Lexical([tok.decode(data.sequence(i)) for i in range(data.n_sequences)])
+def lexical_index(data, tok, n=None):
+    """The Lexical of a corpus's datastore: every sequence's text, or the first n's (train's
+    are ids below n_train_sequences)."""
+    n = data.n_sequences if n is None else n
+    return Lexical([tok.decode(data.sequence(i)) for i in range(n)])
 
 
 def lexical_metrics(data, tok, split, limit=None, lexical=None):

@@ -44,13 +44,14 @@ def render(tok, ids, retrievals, prompt, datastore, show):
     marker the prompt holds (its sequence follows it as text)."""
     out, pos = [query_text(tok, prompt)], len(prompt)
     for r in retrievals:
-        seq = [int(t) for t in datastore.sequence(r.id)]
+        seq = [int(t) for t in datastore.sequence(r.id)] if r.id >= 0 else []
         out.append(tok.decode(ids[pos:r.position]).replace("<|ret|>", ""))
         # two-stage search: where TF-IDF ranked the entry (1: the first stage chose it, else the
-        # learned score moved it up)
+        # learned score moved it up); -1: no entry shares a word with the text, none inserted
         stage = "" if r.first_stage_rank is None else f" TF-IDF #{r.first_stage_rank}"
         out.append(f"[#{r.id} {r.score:.3f}{stage}: "
-                   f"{tok.decode(ids[r.position:r.position + len(seq)])}]")
+                   f"{tok.decode(ids[r.position:r.position + len(seq)])}]" if r.id >= 0
+                   else "[no candidate]")
         for i, score in r.alternatives[:show]:
             out.append(f"\n    (#{i} {score:.3f}: {tok.decode(datastore.sequence(i))})")
         pos = r.position + len(seq)

@@ -22,16 +22,18 @@ from tqdm import tqdm
 
 from datastore import chance_metrics
 from machinery import distributed
-from machinery.checkpoint import init_from, keep_log_until, resume, rng_state, save_checkpoint
+from machinery.checkpoint import (init_from, keep_log_until, provenance, resume, rng_state,
+                                  save_checkpoint)
 from machinery.cli import Interrupted, UserError, interruptible, malloc_for
 from machinery.config import pick_device
+from machinery.intervals import retrieval_lines
 from machinery.plots import plot_run
 
 # Every file a run has in its out_dir: train.py's, evaluate.py's, sample.py's, and the .tmp a save
 # cut short leaves. --overwrite removes them all, so that nothing of the old run is read with the
 # new checkpoint; any other file there is the user's, and stays.
 RUN_FILES = ("ckpt.pt", "ckpt.pt.tmp", "log.jsonl", "log.jsonl.tmp", "curves.png", "curves.png.tmp",
-             "eval.json", "eval_*.json", "datastore.pt", "datastore.pt.tmp")
+             "eval.json", "eval_*.json", "datastore.pt", "datastore.pt.tmp", "provenance.json")
 # Drawing curves.png takes about half a second: redrawn at an evaluation once this many seconds
 # have passed since the last drawing, and always when the run ends or stops (a short run, as in
 # the tests, evaluates every few steps and would spend most of its time drawing).
@@ -66,12 +68,13 @@ class Run:
         malloc_for("training")  # and what preparing the corpus freed goes back to the system
         self.gen, self.embedder, self.optimizer, self.params = gen, embedder, optimizer, params
         self.data, self.tok, self.rng = data, tok, rng
+        self.base = None  # the provenance of the run --init_from names
         if cfg.resume:
-            start, self.metrics = resume(self.ckpt_path, cfg, gen, embedder, optimizer, self.rng,
-                                         data, tok, self.device)
+            start, self.metrics, self.base = resume(self.ckpt_path, cfg, gen, embedder, optimizer,
+                                                    self.rng, data, tok, self.device)
             self.saved = start
-        if cfg.init_from:
-            init_from(os.path.join(cfg.init_from, "ckpt.pt"), cfg, gen, embedder, data, tok)
+        elif cfg.init_from:  # with --resume, the run it started goes on from the checkpoint
+            self.base = init_from(cfg.init_from, cfg, gen, embedder, data, tok)
         if self.main:
             try:
                 os.makedirs(cfg.out_dir, exist_ok=True)
@@ -146,7 +149,8 @@ class Run:
             self.log.flush()
             self.undrawn = True
             self.bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                    for k, v in self.metrics.items()))
+                                    for k, v in self.metrics.items()
+                                    if not isinstance(v, list)))  # intervals: in the summary
         self.checkpoint(it)
         self.draw(now=it == self.cfg.max_iters or self.stop)  # after the checkpoint: it matters more
         self.saved, self.steps, self.step_time = it, 0, 0.0
@@ -173,17 +177,21 @@ class Run:
             self.bar.set_postfix({k: f"{v.item():.3f}" for k, v in stats.items()})
 
     def checkpoint(self, it):
-        """ckpt.pt at iteration it. Every process calls it: rank 0 keeps every process's RNG."""
+        """ckpt.pt at iteration it, and provenance.json beside it. Every process calls it: rank 0
+        keeps every process's RNG."""
         rngs = distributed.all_gather_objects(rng_state(self.rng, self.device))
         if self.main:
             cfg, gen, embedder = self.cfg, self.gen, self.embedder
+            record = provenance(cfg, self.data, self.tok, it, self.base)
             save_checkpoint(self.ckpt_path, gen=gen.state_dict(), embedder=embedder.state_dict(),
                             optimizer=self.optimizer.state_dict(), config=dataclasses.asdict(cfg),
                             gen_config=dataclasses.asdict(gen.config),
                             embedder_config=dataclasses.asdict(embedder.config),
                             tokenizer={"name": self.tok.name, "fingerprint": self.tok.fingerprint},
                             data_fingerprint=self.data.fingerprint, iter=it, metrics=self.metrics,
-                            rng=rngs)
+                            rng=rngs, provenance=record)
+            with open(os.path.join(cfg.out_dir, "provenance.json"), "w") as f:
+                json.dump(record, f, indent=1)
 
     def interrupted(self, it):
         """Ctrl-C or SIGTERM in some process: all stop here, after the same step, with a
@@ -214,16 +222,6 @@ class Run:
         print(f"\ndone: {m['iter']} iterations, {f(m['ms_per_iter'])} ms/iter")
         print(f"  NTP loss        train {f(m['train_ntp'])}   val {f(m['val_ntp'])}")
         print(f"  NSP loss (val)  {f(m['val_nsp'])}")
-        print("  val retrieval against the whole datastore:")
-        print(f"    {'':<10} {'learned':>8} {'TF-IDF':>8} {'chance':>8}")
-        for k in ("recall@1", "recall@10", "mrr"):
-            print(f"    {k:<10} {f(m[k]):>8} {f(m.get('lexical_' + k)):>8} {f(chance[k]):>8}"
-                  f"   (train markers: {f(m.get('train_' + k))})")
-        if m.get("first_stage_recall@K") is not None:
-            print(f"  val retrieval re-ranking TF-IDF's top {m['first_stage_k']} (which hold the "
-                  f"target for {m['first_stage_recall@K']:.1%} of markers: the ceiling):")
-            print(f"    {'':<10} {'learned':>8} {'TF-IDF':>8}")
-            for k in ("recall@1", "recall@10", "mrr"):
-                print(f"    {k:<10} {f(m.get('reranked_' + k)):>8} "
-                      f"{f(m.get('first_stage_' + k)):>8}")
+        train = {k[len("train_"):]: v for k, v in m.items() if k.startswith("train_")}
+        print("\n".join(retrieval_lines(m, chance, "val", train)))  # each with its interval
         print(f"  checkpoint {self.ckpt_path}, log {self.log_path}")

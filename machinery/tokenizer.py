@@ -1,8 +1,9 @@
 r"""
 The tokenizer: a tiktoken Encoding plus the two special tokens the method needs, the retrieval
 marker and the end of a document. `bytes` (the default) has the 256 single bytes and works offline
-on any text; `gpt2` is GPT-2's BPE, from tiktoken's cache or a local `.tiktoken` file. To make
-that file on a machine that is online:
+on any text; `gpt2` is GPT-2's BPE, from tiktoken's cache, a local `.tiktoken` file, or the
+`vocab.json` of a GPT-2 checkpoint (as a Hugging Face download leaves it). To make a `.tiktoken`
+file on a machine that is online:
 
     python -c "import tiktoken, base64; e = tiktoken.get_encoding('gpt2'); \
       open('gpt2.tiktoken', 'w').writelines(f'{base64.b64encode(t).decode()} {r}\n' \
@@ -11,6 +12,7 @@ that file on a machine that is online:
 
 import base64
 import hashlib
+import json
 import os
 
 import tiktoken
@@ -55,7 +57,7 @@ def _gpt2_ranks(path):
     if path:
         if not os.path.isfile(path):
             raise UserError(f"GPT-2 BPE file not found: {path}")
-        return _read_tiktoken_file(path)
+        return _read_vocab_json(path) if path.endswith(".json") else _read_tiktoken_file(path)
     try:  # tiktoken's cache, or a download when online
         return tiktoken.get_encoding("gpt2")._mergeable_ranks
     except Exception:
@@ -86,4 +88,27 @@ def _read_tiktoken_file(path):
     missing = sum(bytes([i]) not in ranks for i in range(256))
     if missing:  # every text is bytes: without them some text could not be encoded
         raise UserError(f"{path} lacks {missing} of the 256 single bytes: not a GPT-2 BPE file")
+    return ranks
+
+
+def _read_vocab_json(path):
+    """The ranks of a GPT-2 checkpoint's vocab.json: token -> id, each token a string in which a
+    byte b is one printable character (chr(b) where that is printable and not a space, else
+    chr(256 + n) for the n-th other byte: GPT-2's map of bytes to characters). A token's id is
+    its merge rank, as tiktoken's ranks are; <|endoftext|> is a special token, not a rank."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    others = [b for b in range(256) if b not in printable]
+    to_byte = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+    try:
+        with open(path, encoding="utf-8") as f:
+            vocab = json.load(f)
+        ranks = {bytes(to_byte[c] for c in token): int(rank) for token, rank in vocab.items()
+                 if token != EOD}
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise UserError(f"{path} is not a GPT-2 vocab.json (token -> id, bytes written as GPT-2 "
+                        "writes them)") from None
+    if sum(bytes([i]) not in ranks for i in range(256)):
+        raise UserError(f"{path} lacks some of the 256 single bytes: not a GPT-2 vocab.json")
     return ranks

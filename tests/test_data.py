@@ -300,3 +300,44 @@ def test_found_in_is_the_substring_test():
     # a text shorter than 8 bytes holds no long needle, and short ones are still found
     assert found_in({"abcdefghij", "ab", "zz"}, "abc") == {"ab"}
     assert found_in({"abcdefgh"}, "") == set()
+
+
+def test_the_test_world_is_another_world_of_the_same_shape():
+    """facts_test: the same generator with another world seed, so no recipe choice made on facts
+    has seen its people; facts itself is unchanged (the README's example is its first val doc)."""
+    from machinery.corpora import load_corpus
+    tuning, test = load_corpus("facts"), load_corpus("facts_test")
+    assert tuning.val[0][1].text == "Vok Droulki lives in Momklin."
+    assert (len(test.train), len(test.val)) == (len(tuning.train), len(tuning.val))
+
+    def facts(corpus):
+        return {seg.text for doc in corpus.train + corpus.val for seg in doc if seg.sequence}
+    assert len(facts(test)) == len(facts(tuning)) == 2400
+    people = [{f.split(" lives in ")[0] for f in facts(c) if " lives in " in f}
+              for c in (tuning, test)]
+    assert len(people[0]) == len(people[1]) == 400
+    assert not people[0] & people[1]  # not one person of the tuning world is in the test world
+    assert all(q in test.confusable for q in facts(test))
+
+
+def test_gpt2_from_a_checkpoints_vocab_json(tmp_path):
+    """A GPT-2 download's vocab.json writes bytes as characters: a space as "Ġ" and a newline as
+    "Ċ" (GPT-2's own map; "Ġthe" is the token " the"). Read as tiktoken ranks, it encodes text
+    as the same ranks in a .tiktoken file do."""
+    import json
+    from machinery.tokenizer import Tokenizer
+    base = Tokenizer("gpt2", write_tiktoken(tmp_path / "small.tiktoken"))
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    others = [b for b in range(256) if b not in printable]
+    char = {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+    assert (char[32], char[10]) == ("Ġ", "Ċ")
+    vocab = {"".join(char[b] for b in t): r for t, r in base.enc._mergeable_ranks.items()}
+    vocab["<|endoftext|>"] = len(vocab)
+    assert "Ġthe" in vocab
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    tok = Tokenizer("gpt2", str(tmp_path / "vocab.json"))
+    text = "the theme\n of the other"
+    assert tok.encode(text) == base.encode(text) and tok.vocab_size == base.vocab_size
+    (tmp_path / "bad.json").write_text(json.dumps({"\u4e00": 0}))  # no such character in its map
+    with pytest.raises(UserError, match="not a GPT-2 vocab.json"):
+        Tokenizer("gpt2", str(tmp_path / "bad.json"))

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -36,16 +37,25 @@ def _without_markers(batch):
     empty = torch.zeros(0, dtype=torch.long)
     return batch._replace(marker_index=(empty, empty), target_row=empty, candidate_ids=empty,
                           candidates=torch.zeros(0, 1, dtype=torch.long),
-                          candidate_mask=torch.zeros(0, 1, dtype=torch.bool))
+                          candidate_mask=torch.zeros(0, 1, dtype=torch.bool),
+                          neighbours=batch.neighbours[:0])
+
+
+def _near(batch, ids):
+    """The batch with ids (k,) the likely false negatives of each of its markers."""
+    return batch._replace(neighbours=ids[None, :].repeat(len(batch.target_row), 1))
 
 
 def _cases(data):
     """Each case: the batches of rank 0 and rank 1."""
     def batch(seed, size):
         return data.get_batch("train", size, np.random.default_rng(seed), 2, SEQ_LEN)
-    return {"own rngs": [batch(1, 3), batch(37, 3)],
+    a, b = batch(1, 3), batch(37, 3)
+    return {"own rngs": [a, b],
             "rank 1 has no marker": [batch(3, 3), _without_markers(batch(4, 3))],
-            "every candidate in both": [batch(5, 3), batch(5, 3)]}
+            "every candidate in both": [batch(5, 3), batch(5, 3)],
+            # each rank's markers name candidates of the other's as false negatives
+            "false negatives": [_near(a, b.candidate_ids[:2]), _near(b, a.candidate_ids[1:3])]}
 
 
 def _combine(data, batches):
@@ -58,7 +68,8 @@ def _combine(data, batches):
     target_row = torch.cat([torch.searchsorted(ids, b.candidate_ids[b.target_row])
                             for b in batches])
     return Batch(torch.cat([b.x for b in batches]), torch.cat([b.y for b in batches]),
-                 (rows, cols), tokens, mask, target_row, ids)
+                 (rows, cols), tokens, mask, target_row, ids,
+                 torch.cat([b.neighbours for b in batches]))
 
 
 def _step(gen, emb, batch, gather):
@@ -135,17 +146,21 @@ def test_torchrun_two_processes_train_log_and_save_once(tmp_path):
 
 
 def _train_worker(rank, port, argv, out_dir):
-    """train.main as rank `rank` of 2; saves the weights its models were built with."""
+    """train.main as rank `rank` of 2; saves the weights its models were built with, and
+    whether its process group is still alive once main_guard has left it."""
     _as_torchrun_would(rank, port)
-    build = train.build_models
+    build, group = train.build_models, []
 
     def build_and_keep(*args):
         gen, embedder = build(*args)
         torch.save({**gen.state_dict(), **embedder.state_dict()},
                    os.path.join(out_dir, f"init{rank}.pt"))
+        group.append(weakref.ref(dist.group.WORLD))  # the group train.main has joined
         return gen, embedder
     train.build_models = build_and_keep  # a process of its own: nothing else sees this
     main_guard(lambda: train.main(argv))  # as train.py runs: it leaves the group
+    with open(os.path.join(out_dir, f"group{rank}.txt"), "w") as f:
+        f.write("alive" if group[0]() is not None else "freed")
 
 
 def test_processes_start_from_the_same_weights_but_draw_their_own_dropout(tmp_path):
@@ -153,6 +168,9 @@ def test_processes_start_from_the_same_weights_but_draw_their_own_dropout(tmp_pa
     argv = [*TINY, "--max_iters", "0", "--dropout", "0.2", "--device", "cpu", "--out_dir",
             str(out), "--cache_dir", str(tmp_path / "cache")]
     mp.spawn(_train_worker, args=(_free_port(), argv, str(tmp_path)), nprocs=2)
+    # a group that outlives teardown keeps its gloo threads running into the interpreter's exit,
+    # where a process could abort ("terminate called without an active exception")
+    assert [(tmp_path / f"group{r}.txt").read_text() for r in range(2)] == ["freed"] * 2
     a, b = (torch.load(tmp_path / f"init{r}.pt") for r in range(2))
     assert all(torch.equal(a[k], b[k]) for k in a)
     # after setup each process's torch stream (its dropout) is its own; the checkpoint keeps each

@@ -72,6 +72,20 @@ def test_a_changed_setting_never_reuses_runs(tmp_path):
         grid.ExperimentConfig, "", base)[0])  # and the same setting, the same runs
 
 
+def test_a_changed_default_of_train_py_never_reuses_runs(monkeypatch):
+    """A run's flags do not say what it ran once a default of train.py changes: the defaults
+    (band.defaults) are part of the setting, so records and checkpoints made under other
+    defaults are not reused."""
+    import dataclasses
+    from experiments import band
+    cfg = grid.parse_config(grid.ExperimentConfig, "", [])[0]
+    before = grid.setting(cfg)
+    config = band.Config
+    monkeypatch.setattr(band, "Config", lambda: dataclasses.replace(config(), learning_rate=1e-3))
+    assert grid.setting(cfg) != before
+    assert grid.Grid(cfg).run_dir("facts", "co0.5", 1337).endswith(grid.setting(cfg))
+
+
 def record(variant, seed, dataset="facts", **metrics):
     return {"dataset": dataset, "variant": variant, "seed": seed, "steps": "4+6", **metrics}
 
@@ -117,7 +131,10 @@ def test_the_confirmatory_test_uses_only_its_seeds_and_states_its_verdict():
         out += [record("co0.1", s, answer_em_retrieval=0.5 + g, **{"recall@1": 0.5 + r})
                 for s, g, r in zip(seeds, gains, recall_gains)]
         out += [record("sep", 1337, answer_em_retrieval=0.0, **{"recall@1": 0.0})]  # not its seed
-        return out
+        for r in out:
+            r["steps"] = report.CONFIRMATORY["steps"]
+        # its seed but another budget: never mixed in
+        return out + [record("sep", seeds[0], answer_em_retrieval=0.0, **{"recall@1": 0.0})]
     lines = report.confirmatory(runs(gains))
     assert lines[0].startswith("Confirmatory test, fixed before its runs (co0.1 minus sep on facts")
     assert "): confirmed: co0.1 is better than sep on both metrics at p < 0.025." in lines[0]
@@ -126,14 +143,14 @@ def test_the_confirmatory_test_uses_only_its_seeds_and_states_its_verdict():
     assert "not confirmed" in report.confirmatory(runs([0.1, -0.1, 0.05, -0.05, 0.0]))[0]
     assert report.confirmatory(runs(gains)[1:]) == []  # a seed's sep missing: no verdict yet
     curved = runs(gains)  # co0.1's curves climb by gain / 4 in their last quarter; sep has none
-    for r, g in zip(curved[5:], gains):
+    for r, g in zip(curved[5:10], gains):
         r["curve"] = [{"iter": i, "recall@1": g * i / 4, "val_ntp": 0.2} for i in range(5)]
     curved.append(record("nsp-ft", 1337, curve=[{"iter": i, "recall@1": i / 4, "val_ntp": 5.0}
                                                  for i in range(5)]))  # not its seed
     lines = report.confirmatory(curved)  # its seeds' own curves are judged, and no other
     assert any(line.startswith("| co0.1 | 0.025 +- ") for line in lines)
     assert not any(line.startswith("| nsp-ft") for line in lines)
-    assert "Flattened: none; still learning: co0.1." in lines
+    assert "Flattened on every seed: none; still learning: co0.1." in lines
     table = report.table(runs(gains))
     assert "#### facts: 1 seed(s)" in table  # its seeds stay out of the main tables
 
@@ -152,7 +169,7 @@ def test_the_tables_show_tf_idf_and_how_flat_each_curve_ended():
     # the last quarter: from step 600 (0.7, interpolated) to 800 (0.9); val NTP 0.85 to 0.8
     flat = next(line for line in table.splitlines() if line.startswith("| pretrained | 0.200"))
     assert flat == "| pretrained | 0.200 +- 0.000 | -0.050 +- 0.000 |"
-    assert "Flattened: none; still learning: pretrained." in table
+    assert "Flattened on every seed: none; still learning: pretrained." in table
     # flattened: the last quarter adds at most 0.02 to what the variant trains; ntp-ft and
     # pretrained are judged on val NTP loss alone, nsp-ft on recall@1 alone
     level = [{"iter": 0, "val_ntp": 1.0, "recall@1": 0.0}, {"iter": 600, "val_ntp": 0.52,
@@ -163,8 +180,21 @@ def test_the_tables_show_tf_idf_and_how_flat_each_curve_ended():
                              record("ntp-ft", 1, curve=ntp_level),
                              record("co0.1", 1, curve=ntp_level), record("sep", 1),
                              record("nsp-ft", 2, "pydoc", curve=nsp_level)], "facts")
-    assert "Flattened: ntp-ft, co0.5; still learning: nsp-ft, co0.1." in lines
-    assert "Flattened: nsp-ft." in report.flatness([record("nsp-ft", 2, curve=nsp_level)], "facts")
+    assert "Flattened on every seed: ntp-ft, co0.5; still learning: nsp-ft, co0.1." in lines
+    assert "Flattened on every seed: nsp-ft." in report.flatness([record("nsp-ft", 2,
+                                                                        curve=nsp_level)], "facts")
+    # judged seed by seed too: flat on average is not flat on every seed
+    still = [dict(p, **{"recall@1": r}) for p, r in zip(level, (0.0, 0.9, 0.9))]  # +0.00
+    late = [dict(p, **{"recall@1": r}) for p, r in zip(still, (0.0, 0.8, 0.85))]  # +0.05
+    lines = report.flatness([record("co0.5", s, curve=c) for s, c in
+                             ((1, still), (2, still), (3, still), (4, late))], "facts")
+    assert "Flattened on every seed: none; flattened on average: co0.5 (still gaining on seed 4)." \
+        in lines
+    # a val NTP loss that rises is over-fitting, never flat
+    worse = [dict(p, val_ntp=v) for p, v in zip(level, (1.0, 0.5, 0.55))]  # +0.05 in the quarter
+    lines = report.flatness([record("ntp-ft", 1, curve=worse)], "facts")
+    assert "Flattened on every seed: none; val NTP loss rising (over-fitting, not flat): ntp-ft " \
+        "(+0.050)." in lines
 
 
 def test_the_generalisation_sentence_has_tf_idf_beside_it():
@@ -179,6 +209,34 @@ def test_the_generalisation_sentence_has_tf_idf_beside_it():
     assert "co0.5 better than sep on answer EM (co0.5 - sep = +0.220, p < 0.001)" in line
     assert "no difference shown on recall@1 (co0.5 - sep = -0.150, p = 0.12" in line
     assert line.endswith("; TF-IDF's recall@1: 0.350 +- 0.000.")
+
+
+def test_a_results_folder_never_mixes_budgets_or_settings(tmp_path):
+    """runs.jsonl appended to by grids of another --iters (or other flags) holds a dataset's runs
+    at two budgets: report.py refuses them, since every mean and pairing would mix them; two
+    datasets, each at a budget of its own, are fine."""
+    runs = [record(v, s, answer_em_retrieval=0.5, **{"recall@1": 0.5})
+            for v in ("co0.5", "sep") for s in (1, 2)]
+    later = [dict(r, steps="4+8", answer_em_retrieval=0.9) for r in runs]
+    assert "#### facts: 2 seed(s), 4+6 steps" in report.table(runs)
+    assert "#### pydoc: 2 seed(s), 4+8 steps" in report.table(
+        runs + [dict(r, dataset="pydoc") for r in later])
+    for mixed in (runs + later, runs + [dict(r, setting="other") for r in runs]):
+        with pytest.raises(UserError, match="facts: runs at 2 budgets or settings"):
+            report.table(mixed)
+    (tmp_path / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs + later))
+    with pytest.raises(UserError, match=r"\(4\+6 \(setting None\), 4\+8 \(setting None\)\)"):
+        report.main(["--results", str(tmp_path)])
+    assert not (tmp_path / "table.md").exists()
+
+
+def test_a_seed_twice_is_an_error_not_an_overwrite():
+    """paired() keeps one value per variant and seed: a second run of the same seed (another
+    budget or setting) would silently replace the first."""
+    runs = [record(v, s, mrr=0.5) for v in ("co0.5", "sep") for s in (1, 2)]
+    assert report.paired(runs, "co0.5", "sep", "mrr") == ([0.5, 0.5], [0.5, 0.5])
+    with pytest.raises(UserError, match="sep has 2 runs of seed 2"):
+        report.paired(runs + [record("sep", 2, steps="4+8", mrr=0.9)], "co0.5", "sep", "mrr")
 
 
 def test_the_protocol_runs_the_two_tested_weights_and_flattening_budgets_by_default():
@@ -256,19 +314,6 @@ def test_answers_write_with_one_run_and_retrieve_with_the_other(run_train, monke
     assert torch.equal(own_store.embeddings, build(emb_a, data, progress=False).embeddings)
 
 
-def test_readme_results_equal_the_report_on_the_committed_records():
-    """Each of experiments/README.md's results blocks is report.py's table.md on the committed
-    records of the folder its marker names (results/ for the protocol, results/stage2_3200/ for
-    its second budget, results/first_protocol/ for the first)."""
-    readme = open(f"{report.ROOT}/experiments/README.md").read()
-    blocks = re.findall(r"<!-- report.py (\S+) -->\n(.*?)<!-- /report.py -->", readme, re.S)
-    assert {folder for folder, _ in blocks} >= {"results", "results/stage2_3200",
-                                                   "results/first_protocol"}
-    for folder, block in blocks:
-        records = list(report.load(f"{report.ROOT}/experiments/{folder}/runs.jsonl").values())
-        assert block.strip() == report.table(records).strip(), folder
-
-
 def test_init_from_copies_the_weights(run_train):
     a, _ = run_train("--max_iters", "10", "--eval_interval", "10", "--lambda_seq", "0", name="a")
     b, _ = run_train("--max_iters", "0", "--init_from", str(a), name="b")
@@ -292,6 +337,23 @@ def test_memory_peak_of_a_process_counts_what_it_allocated(tmp_path):
     assert 290 < peak - base < 320
     with pytest.raises(UserError, match="failed"):
         memory.peak_mb(str(tmp_path / "missing.py"))
+
+
+def test_memory_measures_a_whole_text_run_with_its_evaluations(tmp_path, monkeypatch, capsys):
+    """text_run is train.py on the text with its defaults, to the end: no flag shortens the run or
+    leaves out its evaluations or first stage."""
+    from experiments import memory
+    text = tmp_path / "book.txt"
+    text.write_text("A sentence.\n")
+    calls = []
+    monkeypatch.setattr(memory, "peak_mb", lambda *a: calls.append(a) or (300.0, 1.0))
+    memory.main(["--parts", "text_run", "--text", str(text)])
+    script, *args = calls[1]                      # calls[0]: the floor, a Python with torch
+    assert script.endswith("train.py") and args[:2] == ["--dataset", str(text)]
+    assert [a for a in args if a.startswith("--")] == ["--dataset", "--out_dir", "--cache_dir"]
+    assert json.loads(capsys.readouterr().out)["text_run"]["peak_mb"] == 300.0
+    with pytest.raises(UserError, match="--text: no such file"):
+        memory.main(["--parts", "text_run", "--text", str(tmp_path / "none.txt")])
 
 
 def test_numbered_text_has_no_sentence_twice(tmp_path):
@@ -331,3 +393,30 @@ def test_band_never_reuses_runs_made_under_other_defaults(tmp_path, monkeypatch)
     monkeypatch.setattr(band, "Config", lambda: config(nsp_lr_scale=1))  # another default
     with pytest.raises(UserError, match="other train.py defaults"):
         band.main(argv)
+
+
+def test_band_runs_on_a_text_and_leaves_what_a_text_lacks_blank(tmp_path):
+    """A band on a text (a tiny model, a few steps): no answers are asked for, and the records
+    carry what a text has, re-ranking TF-IDF's candidates and its paired difference."""
+    from experiments import band
+    from conftest import write
+    text = write(str(tmp_path / "boxes.txt"), " ".join(
+        f"Box {i} holds a {['red', 'blue', 'green'][i % 3]} ball number {i * 7}."
+        for i in range(80)))
+    train_args = TINY + ["--dataset", text, "--max_iters", "2", "--eval_interval", "2",
+                         "--cache_dir", str(tmp_path / "cache")]
+    results = tmp_path / "results"
+    band.main(["--name", "text", "--seeds", "1", "--threads", "1", "--results", str(results),
+               "--work_dir", str(tmp_path / "work"), "--train_args", " ".join(train_args)])
+    r, = [json.loads(line) for line in (results / "text.jsonl").read_text().splitlines()]
+    val = r["eval"]["val"]
+    assert r["answer_em_retrieval"] is None and "answer_em_retrieval" not in val
+    assert {k: r[k] for k in band.TEXT_METRICS} == {k: val[k] for k in band.TEXT_METRICS}
+    assert r["reranked_mrr_minus_first_stage"] == pytest.approx(r["reranked_mrr"] -
+                                                                r["first_stage_mrr"])
+    rows = {line.split(" | ")[0].strip("| "): line.strip("|").split(" | ")
+            for line in (results / "text.md").read_text().splitlines()[2:]}
+    head = [c.strip() for c in rows["seed"]]
+    answers, reranked = head.index("answer_em_retrieval"), head.index("reranked_mrr")
+    assert rows["1"][answers].strip() == rows["mean"][answers].strip() == ""   # blank
+    assert rows["mean"][reranked].strip() == f"{r['reranked_mrr']:.3f}"

@@ -24,7 +24,8 @@ def test_candidate_ranks_by_hand():
     ranks = candidate_ranks(scores, ids, torch.tensor([2, 3, 9]))
     assert ranks.tolist() == [2, 3, math.inf]
     m = rerank_metrics(scores, FirstStage(ids, scores, torch.tensor([2, 3, 9])))
-    assert m == {"recall@1": 0.0, "recall@10": 2 / 3, "mrr": (1 / 2 + 1 / 3 + 0) / 3}
+    figures = {k: m[k] for k in ("recall@1", "recall@10", "mrr")}  # beside their intervals
+    assert figures == {"recall@1": 0.0, "recall@10": 2 / 3, "mrr": (1 / 2 + 1 / 3 + 0) / 3}
 
 
 def test_reranking_is_a_full_sort_restricted_to_the_candidates():
@@ -78,8 +79,9 @@ def test_lexical_negatives_leave_out_the_target_its_neighbours_and_val(tmp_path,
                  transductive=transductive)
     data, tok = load_data(cfg)   # a text corpus: lexical negatives by default
     n_train = data.meta["n_train_sequences"]
-    lexical = lexical_index(data, tok)
     for split in ("train", "val"):
+        strict = split == "train" and not transductive   # TF-IDF over train's sequences alone
+        lexical = lexical_index(data, tok, n_train if strict else None)
         negatives = data.negatives[split]
         queries, targets = marker_texts(data, tok, split)
         _, top = lexical.top(queries, 29)   # the depth use_lexical_negatives reads
@@ -95,8 +97,7 @@ def test_lexical_negatives_leave_out_the_target_its_neighbours_and_val(tmp_path,
             near = set(targets[max(0, m - 2):m + 3].tolist())
             assert not near & set(row)
             # the first stage's best candidates for the marker's context, in its order
-            allowed = [j for j in top[m].tolist() if j not in near
-                       and (split == "val" or transductive or j < n_train)]
+            allowed = [j for j in top[m].tolist() if j not in near and j >= 0]
             assert row == allowed[:len(row)]
             filled += len(row) == 8
         assert filled > 0.9 * len(seen)
@@ -136,3 +137,85 @@ def test_tf_idf_on_questions_ranks_by_shared_words_and_counts_ties_against_the_t
     assert m["lexical_recall@1"] == pytest.approx(2 / 3)
     assert m["lexical_mrr"] == pytest.approx((1 + 1 + 1 / 3) / 3)
     assert m["lexical_recall@10"] == 1
+
+
+def test_a_strict_run_never_reads_a_transductive_runs_negatives(tmp_path):
+    """One data_cache for both settings: whichever ran first, the strict setting's training
+    negatives hold no val sequence, and are those it picks in a cache of its own."""
+    text, cache = _text(tmp_path), str(tmp_path / "cache")
+    loose, _ = load_data(Config(dataset=text, block_size=64, cache_dir=cache, transductive=True))
+    n_train = loose.meta["n_train_sequences"]
+    assert (loose.negatives["train"] >= n_train).any()
+    strict, _ = load_data(Config(dataset=text, block_size=64, cache_dir=cache))
+    assert not (strict.negatives["train"] >= n_train).any()
+    alone, _ = load_data(Config(dataset=text, block_size=64, cache_dir=str(tmp_path / "own")))
+    for split in ("train", "val"):
+        assert np.array_equal(strict.negatives[split], alone.negatives[split]), split
+
+
+def test_the_negatives_of_a_strict_run_do_not_depend_on_the_val_text(tmp_path):
+    """Strictly held out, the TF-IDF that picks the training negatives weighs words by the
+    training sequences alone: two texts with the same training part and other val sentences
+    (of the same length, so the split falls at the same place) give the same negatives."""
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghij"), 5)) for _ in range(150)]
+    sentences = [" ".join(rng.choice(words, 6)).capitalize() + "." for _ in range(300)]
+    common = words[:3]   # val sentences of three training words: those words' idf falls
+    other = [" ".join(rng.choice(common, 6)).capitalize() + "." for _ in range(30)]
+    a = write(str(tmp_path / "a.txt"), " ".join(sentences))
+    b = write(str(tmp_path / "b.txt"), " ".join(sentences[:270] + other))
+    (da, _), (db, _) = (load_data(Config(dataset=t, block_size=64, cache_dir=str(tmp_path / "c")))
+                        for t in (a, b))
+    assert np.array_equal(da.train.ids, db.train.ids) and da.fingerprint != db.fingerprint
+    assert np.array_equal(da.negatives["train"], db.negatives["train"])
+
+
+def test_the_first_stage_holds_only_candidates_that_share_a_word():
+    """A candidate that TF-IDF scores 0 shares no word with the query: it ties with every other
+    such one, so it would sit among the K only by the order of ties. The K hold the candidates
+    that score above 0 (id -1 after them); a target outside them is a miss for the ceiling, for
+    the re-ranked numbers and for generation, even where the learned score would pick it."""
+    from generate import retrieval_step
+    from machinery.tokenizer import Tokenizer
+    tok = Tokenizer("bytes")
+    texts = ["red apple", "green pear", "red car", "blue sky"]
+    lexical = Lexical(texts)
+    scores, ids = lexical.top(["red", "nothing"], 4)   # K = N: every entry, were ties kept
+    assert sorted(ids[0, :2].tolist()) == [0, 2] and ids[0, 2:].tolist() == [-1, -1]
+    assert ids[1].tolist() == [-1] * 4 and scores[1].tolist() == [0.0] * 4
+    # the learned score prefers 1 ("green pear"), then 2, then 0: 1 is no candidate of "red"
+    embeddings = torch.eye(4)[[2, 0, 1, 3]]                                  # (N, d)
+    queries = torch.tensor([[0.3, 0.2, 0.1, 0.0], [0.3, 0.2, 0.1, 0.0]])      # (Q, d)
+    stage = FirstStage(ids, scores, torch.tensor([1, 1]))
+    assert first_stage_metrics(stage, lexical)["first_stage_recall@K"] == 0
+    learned = candidate_scores(queries, embeddings, ids)                      # (Q, K)
+    assert torch.isinf(learned[0, 2:]).all() and torch.isinf(learned[1]).all()
+    assert rerank_metrics(learned, stage)["recall@10"] == 0
+    store = Datastore(embeddings, *_packed(texts, tok), "x").use_first_stage(lexical, 4, tok)
+    contexts = [np.array(tok.encode(q)) for q in ("red", "nothing")]
+    (first, inserted), (none, nothing) = retrieval_step(store, queries, [0, 0], [99, 99],
+                                                        contexts, alternatives=3)
+    assert first.id == 2 and [i for i, _ in first.alternatives] == [0]
+    assert tok.decode(inserted) == "red car"
+    assert none.id == -1 and nothing == [] and none.alternatives == []   # nothing to insert
+
+
+def _packed(texts, tok):
+    """offsets and tokens of texts, as a Datastore holds them."""
+    tokens = [tok.encode(t) for t in texts]
+    return np.cumsum([0] + [len(t) for t in tokens]), np.array(sum(tokens, []))
+
+
+def test_candidate_scores_gather_at_most_8_mb_at_a_time_and_change_no_score(monkeypatch):
+    """The gathered embeddings (chunk, K, d) of re-ranking stay within 8 MB however many markers
+    (a novel's val holds thousands), and each query's scores are the same as scored alone."""
+    torch.manual_seed(0)
+    queries = F.normalize(torch.randn(300, 128), dim=-1)
+    embeddings = F.normalize(torch.randn(5000, 128), dim=-1)
+    ids = torch.randint(0, 5000, (300, 100))
+    alone = candidate_scores(queries, embeddings, ids, chunk=1)
+    gathered, einsum = [], torch.einsum
+    monkeypatch.setattr(torch, "einsum",
+                        lambda eq, q, e: gathered.append(e.shape) or einsum(eq, q, e))
+    assert torch.equal(candidate_scores(queries, embeddings, ids), alone)
+    assert len(gathered) > 1 and all(math.prod(s) * 4 <= 2**23 for s in gathered)

@@ -2,9 +2,10 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
-from machinery.lexical import lexical_metrics, lexical_ranks
+from machinery.lexical import Lexical, lexical_metrics, lexical_ranks
 
 
 def test_ranks_by_hand_with_ties_counted_against_the_target():
@@ -37,6 +38,46 @@ def test_the_scores_are_tfidf_cosines():
     assert lexical_ranks([query], texts, np.array([1])).tolist() == [2]
 
 
+def test_the_cosines_are_tfidf_not_raw_counts():
+    """The cosine values by hand: "dog" ranks first by TF-IDF, while raw counts (0.316 against
+    0.671), raw counts times idf (0.401, 0.554) or sublinear tf alone (0.430, 0.638) would put
+    "cat bird" first."""
+    texts, query = ["dog", "cat bird", "cat fish"], "cat cat cat dog"
+    # N = 3; df: cat 2, the rest 1; idf = 1 + log((1 + N) / (1 + df))
+    idf_cat, idf_1 = 1 + math.log(4 / 3), 1 + math.log(2)
+    q = {"cat": (1 + math.log(3)) * idf_cat, "dog": idf_1}            # tf = 1 + log 3 for cat
+    norm_q = math.hypot(q["cat"], q["dog"])
+    want = [q["dog"] / norm_q,                                           # "dog": v = [idf_1], unit
+            q["cat"] * idf_cat / (norm_q * math.hypot(idf_cat, idf_1)),  # "cat bird"
+            q["cat"] * idf_cat / (norm_q * math.hypot(idf_cat, idf_1))]  # "cat fish"
+    assert want[:2] == pytest.approx([0.53094, 0.51298], abs=1e-5)
+    (_, scores), = Lexical(texts).score_chunks([query])                  # (1, 3)
+    assert scores[0].tolist() == pytest.approx(want, rel=1e-12)
+    assert lexical_ranks([query] * 2, texts, np.array([0, 1])).tolist() == [1, 3]  # 1 and 2 tie
+
+
+def test_metrics_are_those_of_ranks_worked_out_by_hand():
+    """lexical_metrics reads each marker's context (special tokens left out) as its query: on the
+    texts and queries of test_ranks_by_hand_with_ties_counted_against_the_target, ranks 1, 2, 2,
+    5: MRR (1 + 1/2 + 1/2 + 1/5) / 4 = 0.55, recall@1 1/4, recall@10 1; the first two alone:
+    MRR 0.75, recall@1 0.5."""
+    from types import SimpleNamespace
+    from machinery.tokenizer import Tokenizer
+    tok = Tokenizer("bytes")
+    texts = ["red apple", "green apple", "red car", "blue sky", "blue sky"]
+    queries, targets = ["a red apple", "apple", "blue", "nothing matches"], np.array([0, 1, 4, 2])
+    contexts = [np.array([tok.eod, *tok.encode(f"Q: {q} "), tok.marker]) for q in queries]
+    data = SimpleNamespace(
+        n_sequences=len(texts), sequence=lambda i: np.array(tok.encode(texts[i])),
+        marker_contexts=lambda split, limit=None: (contexts[:limit], targets[:limit]))
+    def figures(m):  # beside their intervals (machinery/intervals.py)
+        return {k: v for k, v in m.items() if not k.endswith("_ci")}
+    assert figures(lexical_metrics(data, tok, "val")) == pytest.approx(
+        {"lexical_recall@1": 0.25, "lexical_recall@10": 1.0, "lexical_mrr": 0.55})
+    assert figures(lexical_metrics(data, tok, "val", limit=2)) == pytest.approx(
+        {"lexical_recall@1": 0.5, "lexical_recall@10": 1.0, "lexical_mrr": 0.75})
+
+
 def test_metrics_on_prepared_data_match_the_ranks(tiny_data):
     data, tok = tiny_data
     m = lexical_metrics(data, tok, "val", limit=40)
@@ -51,3 +92,15 @@ def test_metrics_on_prepared_data_match_the_ranks(tiny_data):
     assert m["lexical_recall@1"] == (ranks == 1).double().mean().item()
     # facts: the question names the person, so words find many a fact, far above chance
     assert m["lexical_recall@10"] > 0.3
+
+
+def test_a_chunk_of_scores_stays_within_16_mb_and_changes_no_score():
+    """The (c, N) cosines of a chunk of queries: at most 16 MB however many entries (a novel's
+    first stage held gigabytes), and each query's cosines the same as scored alone."""
+    texts = [f"word{i} word{i % 97} shared" for i in range(9000)]
+    lexical = Lexical(texts)
+    queries = [f"word{i} word{i % 7}" for i in range(0, 9000, 30)]                 # 300
+    chunks = list(lexical.score_chunks(queries))
+    assert len(chunks) > 1 and all(s.numel() * 8 <= 2**24 for _, s in chunks)
+    scores = torch.cat([s for _, s in chunks])                                     # (300, 9000)
+    assert torch.equal(scores, torch.cat([s for _, s in lexical.score_chunks(queries, 1)]))

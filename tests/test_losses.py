@@ -2,6 +2,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from losses import co_supervision_loss, nsp_loss, ntp_loss
 from model import Gen, GenConfig
@@ -88,3 +89,47 @@ def test_length_buckets_change_no_embedding_and_no_nsp_loss(tiny_data):
     l_bucketed, _ = nsp_loss(queries, emb(batch.candidates, batch.candidate_mask), batch.target_row,
                              0.1)
     assert torch.allclose(l_bucketed, l_padded, atol=1e-6)
+
+
+def _stub(queries, embeddings, vocab_size):
+    """A Gen and an Emb_seq that return the given queries (M, d) and embeddings (N, d)."""
+    def gen(x, marker_index):
+        return torch.zeros(*x.shape, vocab_size), queries                    # (B, T, V), (M, d)
+    return gen, lambda candidates, mask: embeddings
+
+
+def test_a_near_neighbour_of_the_target_is_no_negative(tmp_path):
+    """On text the sentences within two markers of a marker's target are likely false negatives
+    (left out of its hard negatives): they are no candidate of its L_NSP either, even where they
+    are in the batch as another marker's target. Each marker's split index is found from its
+    window's place in the stream."""
+    from conftest import write
+    from data import load_data
+    from machinery.config import Config
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefghij"), 5)) for _ in range(150)]
+    text = " ".join(" ".join(rng.choice(words, 6)).capitalize() + "." for _ in range(300))
+    data, tok = load_data(Config(dataset=write(str(tmp_path / "t.txt"), text), block_size=64,
+                                 cache_dir=str(tmp_path / "cache")))
+    batch = data.get_batch("train", 6, np.random.default_rng(0), 2, 64)
+    split, (rows, cols) = data.train, batch.marker_index
+    windows = np.lib.stride_tricks.sliding_window_view(np.asarray(split.ids), 64)
+    starts = np.array([np.flatnonzero((windows == x.numpy()).all(1))[0] for x in batch.x])
+    sel = np.searchsorted(split.marker_pos, starts[rows.numpy()] + cols.numpy())  # (M,)
+    assert np.array_equal(split.marker_pos[sel], starts[rows.numpy()] + cols.numpy())
+    g = torch.Generator().manual_seed(0)
+    M, N, tau = len(sel), len(batch.candidate_ids), 0.1
+    queries = F.normalize(torch.randn(M, 8, generator=g), dim=1)
+    embeddings = F.normalize(torch.randn(N, 8, generator=g), dim=1)
+    ids, want, left_out = batch.candidate_ids.tolist(), [], 0
+    for i, k in enumerate(sel):
+        own = int(split.marker_target[k])
+        near = set(split.marker_target[max(0, k - 2):k + 3].tolist()) - {own}
+        keep = [j for j in range(N) if ids[j] not in near]
+        left_out += N - len(keep)
+        logits = queries[i] @ embeddings[keep].T / tau                      # (|keep|,)
+        want.append(-torch.log_softmax(logits, 0)[keep.index(ids.index(own))])
+    assert left_out > 0   # the batch holds neighbours
+    gen, emb = _stub(queries, embeddings, tok.vocab_size)
+    _, stats = co_supervision_loss(gen, emb, batch, 0.0, 1.0, tau)
+    assert torch.allclose(stats["nsp"], torch.stack(want).mean(), atol=1e-6)

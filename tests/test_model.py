@@ -1,3 +1,4 @@
+import numpy as np
 import torch
 
 from embedder import EmbedderConfig, SeqEmbedder
@@ -61,3 +62,22 @@ def test_emb_seq_can_start_from_gens_trunk():
     with torch.no_grad():
         e.wte.weight.add_(1)
     assert not torch.equal(e.wte.weight, g.wte.weight)
+
+
+def test_a_batchs_queries_are_seq_head_of_the_state_at_its_markers(tiny_data):
+    """get_batch's (rows, cols) point at marker tokens, every marker of x and no other; each
+    query is W_seq h / |W_seq h|, h Gen's final state at that marker computed from the window's
+    tokens up to it alone (a forward pass of its own)."""
+    data, tok = tiny_data
+    batch = data.get_batch("train", 4, np.random.default_rng(0))
+    rows, cols = batch.marker_index
+    assert len(rows) > 0 and (batch.x[rows, cols] == tok.marker).all()
+    assert (batch.x == tok.marker).sum() == len(rows)
+    torch.manual_seed(0)
+    gen = Gen(GenConfig(vocab_size=tok.vocab_size, block_size=data.block_size, n_layer=2,
+                        n_head=2, n_embd=16, seq_dim=8)).eval()
+    _, q = gen(batch.x, batch.marker_index)                               # (M, 8)
+    for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
+        h = gen.transformer(batch.x[r:r + 1, :c + 1])[0, -1]              # (n_embd,)
+        w = gen.seq_head.weight @ h                                       # (8,)
+        assert torch.allclose(q[i], w / w.norm(), atol=1e-5)

@@ -204,7 +204,7 @@ def test_an_out_dir_with_a_checkpoint_needs_resume_or_overwrite(run_train):
     assert [r["iter"] for r in log] == [0, 2]  # a new log, not the old one continued
     # nothing of the old run is left to be read with the new checkpoint; the rest stays
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "curves.png", "log.jsonl",
-                                                     "notes.txt"]
+                                                     "notes.txt", "provenance.json"]
 
 
 def test_a_checkpoint_from_before_torchrun_support_resumes(run_train):

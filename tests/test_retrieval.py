@@ -105,7 +105,8 @@ def test_chance_is_the_metrics_of_a_uniformly_random_rank():
     assert chance_metrics(2400) == pytest.approx({"recall@1": 0.0004167, "recall@10": 0.0041667,
                                                   "mrr": 0.0035}, abs=5e-5)   # as in README
     for n in (1, 9, 37):  # every rank 1..n equally likely
-        assert chance_metrics(n) == pytest.approx(retrieval_metrics(torch.arange(1, n + 1)))
+        m = retrieval_metrics(torch.arange(1, n + 1))
+        assert chance_metrics(n) == pytest.approx({k: m[k] for k in chance_metrics(n)})
     assert chance_metrics(0) == {"recall@1": None, "recall@10": None, "mrr": None}
 
 
@@ -154,10 +155,16 @@ def test_retrieval_quality_of_embeddings_with_known_ranks(tiny_data):
     perfect = torch.zeros(data.n_sequences, 8)          # each target's embedding is its query:
     perfect[torch.from_numpy(targets)] = queries        # it scores 1, every other entry less
     got = retrieval_quality(gen, perfect, data, "val", "cpu", contextlib.nullcontext(), limit)
-    assert got == pytest.approx({"recall@1": 1.0, "recall@10": 1.0, "mrr": 1.0})
+    figures = ("recall@1", "recall@10", "mrr")          # each beside its interval (below)
+    assert {k: got[k] for k in figures} == pytest.approx({"recall@1": 1.0, "recall@10": 1.0,
+                                                          "mrr": 1.0})
+    # 30 of 30: the exact binomial interval's lower end is where 30 hits have chance 2.5%
+    assert got["recall@1_ci"] == pytest.approx([0.025 ** (1 / limit), 1.0])
+    assert got["mrr_ci"] == [1.0, 1.0]
     same = torch.zeros(data.n_sequences, 8)             # every entry ties: every target is last
     got = retrieval_quality(gen, same, data, "val", "cpu", contextlib.nullcontext(), limit)
-    assert got == pytest.approx({"recall@1": 0.0, "recall@10": 0.0, "mrr": 1 / data.n_sequences})
+    assert {k: got[k] for k in figures} == pytest.approx({"recall@1": 0.0, "recall@10": 0.0,
+                                                          "mrr": 1 / data.n_sequences})
 
 
 def test_answer_metrics_count_what_generation_did(tiny_data, monkeypatch):

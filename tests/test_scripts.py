@@ -115,7 +115,16 @@ def test_eval_reports_every_metric(trained, capsys, monkeypatch):
     for k in ("recall@1", "recall@10", "mrr"):
         assert result["val"][k] == pytest.approx(last[k])
     assert result["val"]["ntp"] == pytest.approx(last["val_ntp"])
-    assert json.loads(capsys.readouterr().out) == result
+    printed = capsys.readouterr()
+    assert json.loads(printed.out) == result
+    # each retrieval figure with its 95% interval, in eval.json, the log, and printed to read
+    val = result["val"]
+    for k in ("recall@1", "mrr", "lexical_mrr", "reranked_mrr", "first_stage_recall@K"):
+        assert val[k + "_ci"][0] <= val[k] <= val[k + "_ci"][1] and last[k + "_ci"]
+    assert val["reranked_mrr_minus_first_stage"] == pytest.approx(val["reranked_mrr"] -
+                                                                  val["first_stage_mrr"])
+    assert f"mrr        {val['mrr']:.4f} [{val['mrr_ci'][0]:.4f}, " in printed.err
+    assert "MRR, learned minus TF-IDF's order (paired): " in printed.err
     assert set(result["val_reworded"]) >= {"answer_em_retrieval", "answer_em_no_retrieval",
                                            "marker_rate", "recall@1", "recall@10", "mrr"}
     assert result["val_reworded"]["marker_rate"] == 0  # the oracle knows no reworded question
@@ -131,8 +140,11 @@ def test_question_retrieval_of_the_questions_as_asked_is_val_retrieval(trained):
     store = build(embedder, data, progress=False)
     qs = prompts.questions(data, tok, "val", None)
     assert len(qs) == len(data.val.marker_pos)  # every val document asks one question
-    assert evaluate_script.question_retrieval(gen, store, qs, tok, "cpu") == pytest.approx(
-        retrieval_quality(gen, store.embeddings, data, "val", "cpu", nullcontext()))
+    asked = evaluate_script.question_retrieval(gen, store, qs, tok, "cpu")
+    val = retrieval_quality(gen, store.embeddings, data, "val", "cpu", nullcontext())
+    assert asked.keys() == val.keys()
+    for k in asked:  # each figure, and its interval [lo, hi]
+        assert asked[k] == pytest.approx(val[k])
     assert len(prompts.reworded(qs, tok)) == len(qs)
 
 
@@ -213,7 +225,39 @@ def test_sample_and_evaluate_work_on_every_corpus(run_train, tmp_path, capsys, d
         assert 0 <= val[name] <= 1
     # every re-ranked number is bounded by the first stage's ceiling
     assert val["reranked_recall@10"] <= val["first_stage_recall@K"]
-    # the combined score's weight is chosen on train's markers (one of which is w = 0: the
-    # learned score alone), and val uses it
     assert train["combined_weight"] == val["combined_weight"] in evaluate_script.WEIGHTS
-    assert train["combined_mrr"] >= train["reranked_mrr"]
+
+
+def test_the_combined_weight_is_chosen_on_train_and_val_is_scored_with_it(monkeypatch):
+    """evaluate.retrieval on four markers worked out by hand, two candidates each (the target t
+    and one other o), the datastore one-hot so that a query's entries are its learned scores.
+    With d = learned(t) - learned(o) + w (tfidf(t) - tfidf(o)), the target ranks 1 iff d > 0:
+      train A: -0.15 + 0.2 w > 0 iff w > 0.75     train B: 0.3 - 0.2 w > 0 iff w < 1.5
+      val   C:  0.3  - 0.5 w > 0 iff w < 0.6      val   D: -0.2 + 0.5 w > 0 iff w > 0.4
+    Train's best w of WEIGHTS is 1 (MRR 1, any other 0.75); val's own best would be 0.5."""
+    from types import SimpleNamespace
+    from datastore import FirstStage
+    queries = {"train": [[0.5, 0.65, 0, 0], [0, 0, 0.7, 0.4]],         # A: t 0, o 1; B: t 2, o 3
+               "val": [[0.6, 0.3, 0, 0], [0, 0, 0.5, 0.3]]}            # C: t 0, o 1; D: t 3, o 2
+    stages = {"train": FirstStage(torch.tensor([[0, 1], [3, 2]]),      # TF-IDF's best first
+                                  torch.tensor([[0.4, 0.2], [0.3, 0.1]], dtype=torch.float64),
+                                  torch.tensor([0, 2])),
+              "val": FirstStage(torch.tensor([[1, 0], [3, 2]]),
+                                torch.tensor([[0.6, 0.1], [0.7, 0.2]], dtype=torch.float64),
+                                torch.tensor([0, 3]))}
+    monkeypatch.setattr(evaluate_script, "split_queries", lambda gen, data, split, *a: (
+        torch.tensor(queries[split]), stages[split].targets))
+    monkeypatch.setattr(evaluate_script, "first_stage", lambda lex, data, tok, split, *a:
+                        stages[split])
+    monkeypatch.setattr(evaluate_script, "lexical_metrics", lambda *a: {})
+    store, lexical = SimpleNamespace(embeddings=torch.eye(4)), SimpleNamespace(tolerance=1e-9)
+    out = evaluate_script.retrieval(None, store, None, None, lexical, 2, "cpu", None)
+    train, val = out["train"], out["val"]
+    assert train["combined_weight"] == val["combined_weight"] == 1
+    # train at w = 1: A and B rank 1; val at w = 1: C ranks 2 (0.3 - 0.5 < 0), D ranks 1
+    assert (train["combined_mrr"], train["combined_recall@1"]) == (1.0, 1.0)
+    assert (val["combined_mrr"], val["combined_recall@1"]) == (0.75, 0.5)
+    # the learned score alone (w = 0): A ranks 2, B 1; C 1, D 2
+    assert train["reranked_mrr"] == val["reranked_mrr"] == 0.75
+    # TF-IDF's own order: A 1, B 2 (0.1 < 0.3); C 2, D 1
+    assert train["first_stage_mrr"] == val["first_stage_mrr"] == 0.75

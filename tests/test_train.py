@@ -132,3 +132,34 @@ def test_steps_default_to_the_corpus_kind(args, iters, interval):
     cfg, _ = parse_config(Config, "", args)
     check_config(cfg)
     assert (cfg.max_iters, cfg.eval_interval) == (iters, interval)
+
+
+def test_a_run_from_another_runs_weights_draws_batches_of_its_own(run_train, tmp_path,
+                                                                   monkeypatch):
+    """Stage 2 of the grid starts from stage 1's weights (--init_from) with stage 1's seed: it
+    must not train on stage 1's batches again, in their order. A plain run's batches stay its
+    seed's: get_batch with default_rng(seed)."""
+    import numpy as np
+    from data import load_data
+    from conftest import TINY
+    from machinery.cli import parse_config
+    real, drawn = train.co_supervision_loss, []
+
+    def spy(gen, embedder, batch, *args, **kwargs):
+        if torch.is_grad_enabled():  # a training step, not an evaluation
+            drawn.append(batch.x.clone())
+        return real(gen, embedder, batch, *args, **kwargs)
+    monkeypatch.setattr(train, "co_supervision_loss", spy)
+    argv = ["--max_iters", "3", "--eval_interval", "3"]
+    start, _ = run_train(*argv, name="start")
+    first = drawn[:]
+    cfg, _ = parse_config(Config, "", TINY + ["--cache_dir", str(tmp_path / "cache")])
+    check_config(cfg)
+    data, _ = load_data(cfg)
+    rng = np.random.default_rng(cfg.seed)
+    for x in first:
+        want = data.get_batch("train", cfg.batch_size, rng, cfg.hard_negatives, cfg.emb_block_size)
+        assert torch.equal(x, want.x)
+    drawn.clear()
+    run_train(*argv, "--init_from", str(start), name="stage2")
+    assert len(drawn) == 3 and not any(torch.equal(a, b) for a in first for b in drawn)

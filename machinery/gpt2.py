@@ -1,0 +1,151 @@
+"""
+train.py --init_from gpt2 (gpt2-medium, gpt2-large, gpt2-xl, or a folder): Gen and Emb_seq start
+from one pretrained GPT-2, as the paper starts both from Llama-2. The checkpoint is read from disk
+only, never fetched: a folder with config.json and model.safetensors or pytorch_model.bin, as a
+Hugging Face download leaves it, or Hugging Face's cache. Its config.json gives the sizes; the
+tokenizer is GPT-2's BPE (the folder's vocab.json, or machinery/tokenizer.py's other sources) with
+the retrieval marker, whose embedding row is new; seq_head and Emb_seq's projection are new.
+
+Hugging Face's GPT-2 stores its linear layers as Conv1D, weight (in, out): transposed here into
+nn.Linear's (out, in). Its input and output embeddings are one table, as Gen's are.
+"""
+
+import dataclasses
+import glob
+import json
+import os
+
+import torch
+
+from machinery.cli import UserError
+from machinery.tokenizer import GPT2_FILE_ENV
+
+NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HOW_TO_GET = "README, Starting from GPT-2, says how to get one"
+
+
+def hub_cache():
+    """Where Hugging Face keeps what it downloads (its own environment variables, then its
+    default)."""
+    home = os.environ.get("HF_HOME", os.path.join("~", ".cache", "huggingface"))
+    return os.path.expanduser(os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub")))
+
+
+def find(init_from):
+    """The folder of the GPT-2 checkpoint that --init_from names, or None where it names a run of
+    this program (a folder with ckpt.pt, or nothing there: checkpoint.init_from says so)."""
+    if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
+        return None
+    if os.path.isfile(os.path.join(init_from, "config.json")):
+        return init_from
+    if init_from not in NAMES:
+        return None
+    found = [path for repo in (init_from, f"openai-community--{init_from}")  # its two names
+             for path in glob.glob(os.path.join(hub_cache(), f"models--{repo}", "snapshots", "*",
+                                                "config.json"))]
+    if not found:
+        raise UserError(f"--init_from {init_from}: no local GPT-2 checkpoint (no folder "
+                        f"{init_from}/ with config.json, none in {hub_cache()}); nothing is "
+                        f"downloaded: {HOW_TO_GET}")
+    return os.path.dirname(max(found, key=os.path.getmtime))  # the most recent snapshot
+
+
+def read_config(folder):
+    """The sizes of the checkpoint in folder, from its config.json; a one-line error where it is
+    not a GPT-2 whose block model.py's gpt2_block computes."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+        sizes = {k: int(config[k]) for k in ("n_layer", "n_head", "n_embd", "n_positions",
+                                             "vocab_size")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path} is not a GPT-2 config.json ({type(e).__name__})") from None
+    block = (config.get("model_type"), config.get("activation_function", "gelu_new"),
+             config.get("layer_norm_epsilon", 1e-5), config.get("n_inner") or 4 * sizes["n_embd"])
+    if block != ("gpt2", "gelu_new", 1e-5, 4 * sizes["n_embd"]):
+        raise UserError(f"{path}: model_type, activation_function, layer_norm_epsilon, n_inner "
+                        f"{block} are not GPT-2's (gpt2, gelu_new, 1e-5, 4 x n_embd)")
+    return sizes
+
+
+def settle_config(cfg):
+    """--init_from a GPT-2: the tokenizer, GPT-2's block and both networks' sizes are the
+    checkpoint's (Emb_seq is its whole trunk); a flag given another value is a one-line error,
+    and so is a block longer than its positions."""
+    folder = find(cfg.init_from)
+    if folder is None:
+        return
+    sizes = read_config(folder)
+    layers, heads, width = sizes["n_layer"], sizes["n_head"], sizes["n_embd"]
+    settled = {"tokenizer": "gpt2", "gpt2_block": True, "n_layer": layers, "n_head": heads,
+               "n_embd": width, "emb_layer": layers, "emb_head": heads, "emb_embd": width}
+    default = {f.name: f.default for f in dataclasses.fields(cfg)}
+    for name, value in settled.items():
+        if getattr(cfg, name) not in (default[name], value):
+            raise UserError(f"--init_from {cfg.init_from} sets --{name} {value} (its "
+                            f"config.json): leave --{name} out")
+        setattr(cfg, name, value)
+    vocab = os.path.join(folder, "vocab.json")  # the download's own BPE, unless one is given
+    if not (cfg.gpt2_file or os.environ.get(GPT2_FILE_ENV)) and os.path.isfile(vocab):
+        cfg.gpt2_file = vocab
+    for name in ("block_size", "emb_block_size"):
+        if getattr(cfg, name) > sizes["n_positions"]:
+            raise UserError(f"--{name} {getattr(cfg, name)} is above the {sizes['n_positions']} "
+                            f"positions of --init_from {cfg.init_from}")
+
+
+def read_weights(folder):
+    """The checkpoint's tensors by name (without the "transformer." prefix that some versions
+    write), and the file they came from. model.safetensors needs the safetensors package;
+    pytorch_model.bin torch alone."""
+    safetensors, pickled = (os.path.join(folder, name)
+                            for name in ("model.safetensors", "pytorch_model.bin"))
+    if os.path.isfile(safetensors):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            if not os.path.isfile(pickled):
+                raise UserError(f"reading {safetensors} needs the safetensors package: pip install "
+                                "safetensors") from None
+        else:
+            return strip(load_file(safetensors)), safetensors
+    if os.path.isfile(pickled):
+        return strip(torch.load(pickled, map_location="cpu", weights_only=True)), pickled
+    raise UserError(f"{folder} has config.json but neither model.safetensors nor "
+                    f"pytorch_model.bin: {HOW_TO_GET}")
+
+
+def strip(weights):
+    return {name.removeprefix("transformer."): w for name, w in weights.items()}
+
+
+@torch.no_grad()
+def load(folder, gen, embedder, tok):
+    """GPT-2's weights into Gen's trunk (and so lm_head, tied to its token embedding), the
+    marker's row the mean of GPT-2's rows (its logit starts as an average token's, not above
+    every other); then Emb_seq's trunk from Gen's. Returns the base's provenance."""
+    sizes = read_config(folder)
+    if sizes["vocab_size"] != tok.eod + 1:  # GPT-2's tokens, <|endoftext|> last
+        raise UserError(f"{folder} has a vocabulary of {sizes['vocab_size']:,} tokens, the GPT-2 "
+                        f"BPE read here {tok.eod + 1:,}: not the tokenizer it was trained with "
+                        "(--gpt2_file)")
+    weights, path = read_weights(folder)
+    for name, p in gen.transformer.state_dict().items():
+        theirs = name.replace("blocks.", "h.")
+        if theirs not in weights:
+            raise UserError(f"{path} lacks {theirs}: not a GPT-2 of its config.json's sizes")
+        w = weights[theirs].float()
+        if theirs.endswith(CONV1D):
+            w = w.t()                                           # (in, out) -> (out, in)
+        if name == "wpe.weight":
+            w = w[:p.shape[0]]                                  # the first block_size positions
+        if name == "wte.weight":
+            w = torch.cat([w, w.mean(0, keepdim=True)])         # (vocab + 1, n_embd): the marker
+        if w.shape != p.shape:
+            raise UserError(f"{path}: {theirs} is {tuple(w.shape)}, not {tuple(p.shape)}")
+        p.copy_(w)
+    embedder.start_from(gen)
+    return {"gpt2": os.path.abspath(folder), "weights": os.path.basename(path),
+            "bytes": os.path.getsize(path), **sizes}

@@ -1,0 +1,127 @@
+"""
+95% intervals for the retrieval figures (datastore.py), over the markers that were scored: how far
+a figure could move on another draw of markers of the same kind, so that "0.070 against 0.063"
+can be told from chance.
+
+    recall@k   an exact binomial interval (Clopper-Pearson): the hits are a count out of n markers
+    MRR        a percentile bootstrap: the markers resampled with replacement, the mean of 1/rank
+               of each resample, its 2.5th and 97.5th percentiles
+    A - B      paired, on the same markers (the learned order against TF-IDF's): the bootstrap of
+               the mean difference of 1/rank, marker by marker, and a two-sided p
+
+The bootstrap's generator has a fixed seed: the same output every run, and every metric of the
+same markers resampled alike. With few markers (under about 30) a bootstrap interval is too
+narrow, and its p too small: there, read it as the least the figure could move. No scipy: the
+binomial quantile is found by bisection on the binomial CDF, its terms summed in logs.
+"""
+
+import math
+
+import numpy as np
+
+LEVEL = 0.95         # every interval's coverage
+RESAMPLES = 2000     # bootstrap resamples of the markers
+SEED = 0             # the bootstrap's generator
+
+
+def binomial_p(k, n, cdf):
+    """The p at which P(X <= k) = cdf, X ~ Binomial(n, p), 0 <= k < n. P(X <= k) =
+    sum_{i<=k} C(n, i) p^i (1 - p)^(n - i) falls as p grows from 0 (where it is 1) to 1 (where it
+    is 0), so bisection finds p; each term is taken in logs (it can be far below the smallest
+    float) and the terms summed by log-sum-exp."""
+    i = np.arange(k + 1)
+    log_choose = np.array([math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1)
+                           for j in range(k + 1)])                                  # (k + 1,)
+    lo, hi = 0.0, 1.0
+    for _ in range(50):  # 2^-50: below any digit shown
+        p = (lo + hi) / 2
+        logs = log_choose + i * math.log(p) + (n - i) * math.log1p(-p)             # (k + 1,)
+        below = math.exp(logs.max()) * float(np.exp(logs - logs.max()).sum())      # P(X <= k)
+        lo, hi = (p, hi) if below > cdf else (lo, p)
+    return (lo + hi) / 2
+
+
+def share_interval(hits, n, level=LEVEL):
+    """Clopper-Pearson interval [lo, hi] of a share hits / n: lo is the p at which hits or more
+    is as rare as (1 - level) / 2, P(X >= hits) = (1 - level) / 2 (0 for no hit), and hi the p at
+    which hits or fewer is, P(X <= hits) = (1 - level) / 2 (1 when every marker hits)."""
+    tail = (1 - level) / 2
+    lo = 0.0 if hits == 0 else binomial_p(hits - 1, n, 1 - tail)
+    hi = 1.0 if hits == n else binomial_p(hits, n, tail)
+    return [lo, hi]
+
+
+def bootstrap_means(values):
+    """The mean of values (n,) in each of RESAMPLES resamples of the n markers, drawn with
+    replacement: (RESAMPLES,). Drawn a block at a time (at most 4M indices held); the fixed SEED
+    draws the same markers for every metric of n markers, so two metrics' means are paired."""
+    values = np.asarray(values, dtype=np.float64)
+    n, rng = len(values), np.random.default_rng(SEED)
+    block = max(1, 2**22 // n)
+    return np.concatenate([values[rng.integers(0, n, (min(block, RESAMPLES - s), n))].mean(axis=1)
+                           for s in range(0, RESAMPLES, block)])                 # (RESAMPLES,)
+
+
+def mean_interval(values, level=LEVEL):
+    """Percentile bootstrap interval [lo, hi] of the mean of values (n,): an MRR's, values the
+    markers' 1/rank."""
+    tail = 100 * (1 - level) / 2
+    return [float(v) for v in np.percentile(bootstrap_means(values), [tail, 100 - tail])]
+
+
+def paired_difference(a, b, level=LEVEL):
+    """mean(a) - mean(b) of two figures of the same markers, a and b (n,) (1/rank under two
+    orders), with its bootstrap interval over markers and a two-sided p: twice the smaller share
+    of resampled mean differences on one side of 0 (0 counted on both), as (1 + count) /
+    (1 + RESAMPLES), so never 0; at most 1: below 1 - level about where the interval leaves 0
+    out. Returns (difference, [lo, hi], p)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)        # (n,)
+    means = bootstrap_means(d)                                                   # (RESAMPLES,)
+    tail = 100 * (1 - level) / 2
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    other_side = min((means <= 0).sum(), (means >= 0).sum())
+    p = min(1.0, 2 * (1 + int(other_side)) / (1 + RESAMPLES))
+    return float(d.mean()), [float(lo), float(hi)], p
+
+
+def shown(m, key, digits=4):
+    """m[key] with its interval m[key + '_ci'] where m has one, as 0.0700 [0.0450, 0.0980]; n/a
+    where the figure is None or missing."""
+    v, ci = m.get(key), m.get(f"{key}_ci")
+    if v is None:
+        return "n/a"
+    return f"{v:.{digits}f}" + ("" if ci is None else f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]")
+
+
+def retrieval_lines(m, chance, split="val", train=None):
+    """One split's retrieval figures (a train.py log record, or a split of evaluate.py's output),
+    each with its interval, as lines of text: against the whole datastore, learned beside TF-IDF
+    and chance (and train's learned figures, if given); re-ranking the first stage's top K, the
+    learned order (and learned + w TF-IDF, where m has it) beside TF-IDF's own, and each order's
+    MRR minus TF-IDF's on the same markers, paired."""
+    width = 24  # 0.0700 [0.0450, 0.0980]
+    lines = [f"  {split} retrieval against the whole datastore, 95% intervals over its markers:",
+             f"    {'':<10} {'learned':<{width}} {'TF-IDF':<{width}} chance"]
+    for k in ("recall@1", "recall@10", "mrr"):
+        lines.append(f"    {k:<10} {shown(m, k):<{width}} {shown(m, 'lexical_' + k):<{width}} "
+                     f"{shown(chance, k):<8}"
+                     + ("" if train is None else f"   (train markers: {shown(train, k)})"))
+    if m.get("first_stage_recall@K") is None:
+        return lines
+    ceiling, (lo, hi) = m["first_stage_recall@K"], m["first_stage_recall@K_ci"]
+    orders = [("reranked", "learned"), ("first_stage", "TF-IDF's order")]
+    if m.get("combined_mrr") is not None:
+        orders.insert(1, ("combined", f"learned + {m['combined_weight']:g} TF-IDF"))
+    lines += [f"  {split} retrieval re-ranking TF-IDF's top {m['first_stage_k']} (which hold the "
+              f"target for {ceiling:.1%} [{lo:.1%}, {hi:.1%}] of markers: the ceiling):",
+              "    " + " ".join([f"{'':<10}"] + [f"{name:<{width}}" for _, name in orders])]
+    for k in ("recall@1", "recall@10", "mrr"):
+        lines.append("    " + " ".join([f"{k:<10}"] + [f"{shown(m, f'{o}_{k}'):<{width}}"
+                                                        for o, _ in orders]))
+    for order, name in orders[:-1]:  # each against TF-IDF's own order, marker by marker
+        key = f"{order}_mrr_minus_first_stage"
+        if m.get(key) is not None:
+            lines.append(f"    MRR, {name} minus TF-IDF's order (paired): {m[key]:+.4f} "
+                         f"[{m[key + '_ci'][0]:+.4f}, {m[key + '_ci'][1]:+.4f}], "
+                         f"p = {m[key + '_p']:.3g}")
+    return [line.rstrip() for line in lines]
