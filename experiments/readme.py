@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from experiments import report
+from experiments.band import TEST_WORLD_BAND
 from machinery.checkpoint import read_jsonl
 from machinery.cli import UserError, flag, main_guard, parse_config
 
@@ -67,8 +68,11 @@ BAND_ROWS = [
 def band_table():
     """The default run's band on the test world (the headline) and on the tuning world, NTP-only
     training beside them, TF-IDF on the same questions and chance."""
-    worlds = [("test world", band("test_world")), ("tuning world", band("default"))]
-    ntp = band("ntp_only_test") or band("ntp_only")
+    plan = TEST_WORLD_BAND  # fixed before its runs: shown once every one of them is in
+    test = band(plan["name"])
+    test = test if len(test) == len(plan["seeds"]) * len(plan["threads"]) else []
+    worlds = [("test world", test), ("tuning world", band("default"))]
+    ntp = band("ntp_only_test") if test else []
     head = ["held-out (val)"] + [f"{w}: band of {len(r)} runs, mean +- sd (min to max)"
                                  for w, r in worlds if r]
     head += ["NTP only (lambda_seq 0, seed 1337)" if ntp else None,
@@ -83,7 +87,7 @@ def band_table():
                      if lexical else "")
         rows.append("| " + " | ".join(cells + [chance]) + " |")
     ntp_note = (f"; NTP only: one run, {ntp[0]['threads']} threads, "
-                f"{ntp[0]['cpu']}, {'test' if ntp is band('ntp_only_test') else 'tuning'} world"
+                f"{ntp[0]['cpu']}, test world"
                 if ntp else "")
     machines = sorted({f"{r['cpu']}" for _, rs in worlds for r in rs})
     seeds = sorted({r["seed"] for _, rs in worlds for r in rs})
@@ -202,7 +206,8 @@ def comparison():
 def blocks():
     """Every block's text by name."""
     out = {"band": band_table(), "comparison": comparison()}
-    for folder in ("results", "results/stage2_3200", "results/first_protocol"):
+    for folder in ("results", "results/stage2_3200", "results/first_protocol",
+                   "results/test_world"):
         out[f"report:{folder}"] = report.table(grid(folder[len("results/"):])).strip() + "\n"
     return out
 
