@@ -5,10 +5,10 @@ documents that end in an answer, such as `facts`) answers written with retrieval
     python evaluate.py --out_dir out
     python evaluate.py --out_dir out_ntp --query_from out_nsp    # separate supervision (the paper's baseline)
 
-Prints one JSON object and writes it to OUT_DIR/eval.json (with --query_from OTHER, to
-OUT_DIR/eval_query_from_<OTHER's folder name>.json; OTHER's folder is only read), then, on stderr,
-every retrieval figure with its 95% interval, to read. For the val split (held-out people for
-`facts`) and a sample of train:
+Prints one JSON object and writes it, with the per-marker lists, to OUT_DIR/eval.json (with
+--query_from OTHER, to OUT_DIR/eval_query_from_<OTHER's folder name>.json; OTHER's folder is only
+read), then, on stderr, every retrieval figure with its 95% interval, to read. For the val split
+(held-out people for `facts`) and a sample of train:
   ntp, ppl                 L_NTP on fixed batches, and exp of it
   recall@1, recall@10, mrr every marker's query ranked against the whole datastore
   lexical_recall@1, ...    the same for the training-free TF-IDF baseline (machinery/lexical.py)
@@ -24,6 +24,8 @@ every retrieval figure with its 95% interval, to read. For the val split (held-o
   reranked_mrr_minus_first_stage, combined_...   paired on the same markers: the MRR of that
                            order minus TF-IDF's own order's, with its interval (_ci) and
                            two-sided p (_p): whether it beats TF-IDF, or only seems to
+  reciprocal_ranks         each marker's 1/rank under the learned order and TF-IDF's (0: not
+                           in the K), to pool runs on the same markers
   answer_em_retrieval      greedy generation from the question, retrieval in the loop: the answer
                            (the document's last line) equals the gold one
   answer_em_no_retrieval   the same, Gen writing the sequence itself
@@ -42,9 +44,9 @@ import sys
 import numpy as np
 import torch
 
-from datastore import (candidate_scores, chance_metrics, first_stage, first_stage_metrics,
-                       marker_queries, rerank_metrics, retrieval_metrics, split_queries,
-                       reranking, target_ranks)
+from datastore import (candidate_ranks, candidate_scores, chance_metrics, first_stage,
+                       first_stage_metrics, marker_queries, rerank_metrics, retrieval_metrics,
+                       split_queries, reranking, target_ranks)
 from machinery.batch_generate import already_decoded, decode_prompts
 from machinery.checkpoint import eval_inputs, load_run
 from machinery.cli import main_guard, parse_config
@@ -160,6 +162,12 @@ def retrieval(gen, datastore, data, tok, lexical, k, device, ctx):
                                                                tolerance)["mrr"])
         combined = reranking(learned + weight * stage.scores, stage, tolerance)
         m.update({f"combined_{n}": v for n, v in combined.items()}, combined_weight=weight)
+        # each marker's 1/rank under the learned order and TF-IDF's: what pools seeds' runs of
+        # the same markers into one paired interval (experiments/band.py)
+        ranks = {"reranked": candidate_ranks(learned, stage.ids, stage.targets, tolerance),
+                 "first_stage": candidate_ranks(stage.scores, stage.ids, stage.targets,
+                                                stage.tolerance)}                 # (Q,) each
+        m["reciprocal_ranks"] = {order: (1 / r).tolist() for order, r in ranks.items()}
         out[split] = m
     return out
 
@@ -191,7 +199,8 @@ def main(argv=None):
         result["val_reworded"] = answer_metrics(gen, datastore, data, tok, "val", args.questions,
                                                 query_gen, ("retrieval", "no_retrieval"), True,
                                                 args.batch_size, lexical)
-    print(json.dumps(result, indent=1))
+    print(json.dumps({k: {n: x for n, x in v.items() if n != "reciprocal_ranks"}  # the file's
+                      if isinstance(v, dict) else v for k, v in result.items()}, indent=1))
     for split in ("val", "train", "val_reworded"):  # to read: each figure with its interval
         if result.get(split, {}).get("recall@1") is not None:
             print("\n".join(retrieval_lines(result[split], result["chance"], split)),

@@ -40,6 +40,7 @@ from machinery.checkpoint import read_jsonl
 from machinery.cli import UserError, flag, main_guard, parse_config
 from machinery.config import Config
 from machinery.corpora import is_facts
+from machinery.intervals import paired_difference
 
 # The default run's band on the test world (machinery/corpora.py: facts_test, a world no choice of
 # recipe has seen), fixed on 2026-12-07 before any of its runs, with the recipe frozen as it is:
@@ -154,6 +155,20 @@ def run(cfg, seed, threads):
     if not facts:
         record.update({k: evaluation["val"].get(k) for k in TEXT_METRICS})
     return record
+
+
+def pooled_difference(records):
+    """The runs' learned re-ranking MRR minus TF-IDF's own order's, on the same val markers,
+    pooled: each marker's 1/rank under the learned order averaged over the runs, minus its
+    1/rank under TF-IDF's (the same in every run of one text), with the paired bootstrap's
+    interval and p over the markers (machinery/intervals.py). Seeds move the learned order, the
+    markers are drawn once: this interval holds both. (difference, [lo, hi], p)."""
+    ranks = [r["eval"]["val"]["reciprocal_ranks"] for r in records]
+    if any(r["first_stage"] != ranks[0]["first_stage"] for r in ranks):
+        raise UserError("the runs rank other markers (or TF-IDF ranks them otherwise): they "
+                        "cannot be pooled")
+    learned = np.mean([r["reranked"] for r in ranks], axis=0)                   # (markers,)
+    return paired_difference(learned, ranks[0]["first_stage"])
 
 
 def table(records):

@@ -420,3 +420,31 @@ def test_band_runs_on_a_text_and_leaves_what_a_text_lacks_blank(tmp_path):
     answers, reranked = head.index("answer_em_retrieval"), head.index("reranked_mrr")
     assert rows["1"][answers].strip() == rows["mean"][answers].strip() == ""   # blank
     assert rows["mean"][reranked].strip() == f"{r['reranked_mrr']:.3f}"
+
+
+def test_band_pools_seeds_on_the_same_markers_into_one_paired_interval():
+    """The pooled difference averages each marker's 1/rank over the runs before it pairs them
+    with TF-IDF's: by hand, runs [1, 1/2, 1/4, 1] and [1/2, 1/2, 1/4, 1] against TF-IDF's
+    [1/2, 1/2, 1/2, 1/2] give (3/4 - 1/2 + 0 - 1/4 + 1/2) / 4 = 1/8. Runs of other markers refuse."""
+    from experiments import band
+    tfidf = [0.5, 0.5, 0.5, 0.5]
+    runs = [{"eval": {"val": {"reciprocal_ranks": {"reranked": r, "first_stage": tfidf}}}}
+            for r in ([1, 0.5, 0.25, 1], [0.5, 0.5, 0.25, 1])]
+    diff, (lo, hi), p = band.pooled_difference(runs)
+    assert diff == pytest.approx(0.125)
+    assert lo <= 0.125 <= hi and 0 < p <= 1
+    runs[1]["eval"]["val"]["reciprocal_ranks"]["first_stage"] = [0.5, 0.5, 0.5]
+    with pytest.raises(UserError, match="cannot be pooled"):
+        band.pooled_difference(runs)
+
+
+def test_the_held_out_novel_is_cut_at_its_title_lines():
+    from experiments import texts
+    book = "\n".join(["Contents", "  The Hound of the Baskervilles", "  The Valley of Fear",
+                      "   THE SIGN OF THE FOUR", "Sign.", "   THE HOUND OF THE BASKERVILLES",
+                      "Hound one.", "Hound two.", "   THE VALLEY OF FEAR", "Valley."])
+    base, hound = texts.cut_hound(book)
+    assert hound == "   THE HOUND OF THE BASKERVILLES\nHound one.\nHound two."
+    assert base.split("\n") == book.split("\n")[:5] + book.split("\n")[8:]
+    with pytest.raises(UserError, match="title line"):
+        texts.cut_hound(book.replace("THE VALLEY OF FEAR", "THE END"))

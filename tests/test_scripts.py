@@ -1,5 +1,6 @@
 """sample.py and evaluate.py end to end on a tiny trained run."""
 import importlib.util
+import itertools
 import json
 import math
 import re
@@ -7,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -116,7 +118,11 @@ def test_eval_reports_every_metric(trained, capsys, monkeypatch):
         assert result["val"][k] == pytest.approx(last[k])
     assert result["val"]["ntp"] == pytest.approx(last["val_ntp"])
     printed = capsys.readouterr()
+    # printed: the same, less the per-marker lists, which give the file's MRRs back
+    ranks = {split: result[split].pop("reciprocal_ranks") for split in ("val", "train")}
     assert json.loads(printed.out) == result
+    for split, order in itertools.product(("val", "train"), ("reranked", "first_stage")):
+        assert np.mean(ranks[split][order]) == pytest.approx(result[split][f"{order}_mrr"])
     # each retrieval figure with its 95% interval, in eval.json, the log, and printed to read
     val = result["val"]
     for k in ("recall@1", "mrr", "lexical_mrr", "reranked_mrr", "first_stage_recall@K"):
