@@ -100,8 +100,9 @@ def malloc_for(phase):
     system. "transient" (preparing a corpus, evaluating): many large, short-lived tensors of
     varying shapes; by default glibc keeps hundreds of MB of them free but resident (a 3 MB text's
     run peaked 300 MB higher), so blocks of 1 MB or more get a mapping of their own, returned when
-    freed. "training": the same shapes every step, reused from the heap (mapping each 1 MB+ block
-    afresh slowed steps 1.5x). Elsewhere than glibc, nothing is done."""
+    freed. "training": blocks under 32 MB reused from the heap (mapping each 1 MB+ block afresh
+    slowed steps 1.5x), and trimmed every run.TRIM_EVERY steps, since a text's batches differ in
+    shape and leave free pages behind. Elsewhere than glibc, nothing is done."""
     try:
         libc = ctypes.CDLL(None)
         libc.malloc_trim(0)

@@ -38,6 +38,9 @@ RUN_FILES = ("ckpt.pt", "ckpt.pt.tmp", "log.jsonl", "log.jsonl.tmp", "curves.png
 # have passed since the last drawing, and always when the run ends or stops (a short run, as in
 # the tests, evaluates every few steps and would spend most of its time drawing).
 DRAW_EVERY = 30.0
+# Steps between two trims of the heap while training: Emb_seq's candidates differ in shape from
+# batch to batch, and what they free stays resident until trimmed.
+TRIM_EVERY = 100
 
 
 class Run:
@@ -173,6 +176,8 @@ class Run:
                                                      device=self.device)
         if not_finite:
             raise self.diverged("the loss is not finite", it)
+        if it % TRIM_EVERY == 0:  # the free heap's pages back to the system (cli.malloc_for)
+            malloc_for("training")
         if it % 10 == 0:
             self.bar.set_postfix({k: f"{v.item():.3f}" for k, v in stats.items()})
 
