@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from experiments import report
-from experiments.band import TEST_WORLD_BAND
+from experiments.band import TEST_WORLD_BAND, pooled_difference
 from machinery.checkpoint import read_jsonl
 from machinery.cli import UserError, flag, main_guard, parse_config
 
@@ -203,9 +203,82 @@ def comparison():
     return "\n".join(parts) + "\n"
 
 
+# The real-text measurements (experiments/texts.py, band.py): each text from scratch and from
+# the base, the records experiments/results/text/<text>_<start>.jsonl
+TEXTS = [("pydoc", "`pydoc`"), ("alice", "`alice.txt`"), ("hound", "`hound.txt`")]
+STARTS = [("scratch", "from scratch"), ("base", "from the base")]
+
+
+def text_records(name, folder="text"):
+    path = os.path.join(RESULTS, folder, f"{name}.jsonl")
+    return read_jsonl(path)[0] if os.path.exists(path) else []
+
+
+def mean_range(values):
+    return f"{np.mean(values):.3f} ({min(values):.3f} to {max(values):.3f})"
+
+
+def text_row(title, runs):
+    """One row of a real-text table: the runs' val markers against TF-IDF's order of the first
+    stage's candidates, re-ranked by the learned score (mean over runs, and the difference pooled
+    over them with its 95% interval, band.pooled_difference), and the whole datastore."""
+    val = [r["eval"]["val"] for r in runs]
+    tfidf = val[0]["first_stage_mrr"]
+    learned = [v["reranked_mrr"] for v in val]
+    diff, (lo, hi), p = pooled_difference(runs)
+    markers = len(val[0]["reciprocal_ranks"]["first_stage"])
+    return (f"| {title} | {markers} | {len(runs)} | {val[0]['first_stage_recall@K']:.3f} | "
+            f"{tfidf:.3f} | {mean_range(learned)} | {np.mean(learned) / tfidf:.2f} | "
+            f"{diff:+.3f} [{lo:+.3f}, {hi:+.3f}], {pvalue(p)} | "
+            f"{mean_range([r['mrr'] for r in runs])} | {val[0]['lexical_mrr']:.3f} |")
+
+
+TEXT_HEAD = ("| text | val markers | runs | the first stage's top 100 hold the target | "
+             "TF-IDF's order of them: MRR | learned score re-ranking them: MRR, mean (min to "
+             "max) | learned / TF-IDF | learned minus TF-IDF, pooled over the runs [95% "
+             "interval] | whole datastore: learned MRR | whole datastore: TF-IDF MRR |\n"
+             + "| --- " * 10 + "|")
+
+
+def text_table():
+    """Each small text from scratch and from the base: the re-ranking that a text's result lies
+    in, with the interval that says whether it is one."""
+    rows, seen = [TEXT_HEAD], []
+    for name, title in TEXTS:
+        for start, how in STARTS:
+            runs = text_records(f"{name}_{start}")
+            if runs:
+                rows.append(text_row(f"{title} {how}", runs))
+                seen += runs
+    if not seen:
+        return "No runs yet.\n"
+    seeds = sorted({r["seed"] for r in seen})
+    return "\n".join(rows) + (
+        f"\n\nSeeds {', '.join(map(str, seeds))}, "
+        f"{' and '.join(sorted({str(r['threads']) for r in seen}))} thread(s), "
+        f"{', '.join(sorted({r['cpu'] for r in seen}))} (`experiments/results/text/`).\n")
+
+
+def tune_table():
+    """The fine-tuning recipes tried from the base, on a held-out slice of pydoc's training
+    markers (experiments/texts.py: pydoc_tune.txt), never on val."""
+    rows = [TEXT_HEAD.replace("| text | val markers", "| from the base, seed 1337 | held-out "
+                                                      "training markers")]
+    path = os.path.join(RESULTS, "text_tune")
+    for name in sorted(f[:-len(".jsonl")] for f in os.listdir(path) if f.endswith(".jsonl")):
+        runs = text_records(name, "text_tune")
+        flags = runs[0]["train_args"].split("--init_from out_base")[-1].strip() or "defaults"
+        rows.append(text_row(f"`{flags}`", runs) + f" {runs[0]['train_s']:.0f} s |")
+    rows[0] += " train s |"
+    rows[1] += " --- |"
+    return "\n".join(rows) + "\n"
+
+
 def blocks():
     """Every block's text by name."""
-    out = {"band": band_table(), "comparison": comparison()}
+    out = {"band": band_table(), "comparison": comparison(), "text": text_table()}
+    if os.path.isdir(os.path.join(RESULTS, "text_tune")):
+        out["text_tune"] = tune_table()
     for folder in ("results", "results/stage2_3200", "results/first_protocol",
                    "results/test_world"):
         out[f"report:{folder}"] = report.table(grid(folder[len("results/"):])).strip() + "\n"
