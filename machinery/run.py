@@ -40,7 +40,7 @@ RUN_FILES = ("ckpt.pt", "ckpt.pt.tmp", "log.jsonl", "log.jsonl.tmp", "curves.png
 DRAW_EVERY = 30.0
 # Steps between two trims of the heap while training: Emb_seq's candidates differ in shape from
 # batch to batch, and what they free stays resident until trimmed.
-TRIM_EVERY = 100
+TRIM_EVERY = 10
 
 
 class Run:

@@ -212,9 +212,10 @@ def test_training_hands_the_free_heap_back_between_evaluations(run_train, monkey
     from machinery import run
     phases = []
     monkeypatch.setattr(run, "malloc_for", phases.append)
-    run_train("--max_iters", "210", "--eval_interval", "1000")
-    # preparing; training; evaluating at 0, then training: trimmed at steps 0, 100 and 200;
-    # evaluating at 210 (an evaluation may set "transient" more than once)
+    monkeypatch.setattr(run, "TRIM_EVERY", 4)
+    run_train("--max_iters", "10", "--eval_interval", "1000")
+    # preparing; training; evaluating at 0, then training: trimmed at steps 0, 4 and 8;
+    # evaluating at 10 (an evaluation may set "transient" more than once)
     merged = [p for i, p in enumerate(phases) if p == "training" or phases[i - 1:i] != [p]]
     assert merged == ["transient", "training", "transient", "training", "training", "training",
                       "training", "transient", "training"]
