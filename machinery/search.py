@@ -66,8 +66,6 @@ def require_index(kind):
 
 def use_index(datastore, kind):
     """Exact search ("exact") or a FaissIndex over the whole datastore ("faiss") from now on."""
-    if kind not in ("exact", "faiss"):
-        raise ValueError(f"unknown index {kind!r}")
     datastore.index = FaissIndex(datastore.embeddings) if kind == "faiss" else None
     return datastore
 
