@@ -92,8 +92,7 @@ def target_ranks(queries, embeddings, targets, chunk=None):
 
 def retrieval_metrics(ranks):
     """recall@1, recall@10 (the share of targets ranked in the top 1 / 10) and MRR (mean 1/rank),
-    each with its 95% interval over the markers, name_ci (machinery/intervals.py): exact binomial
-    for a recall, a bootstrap of the markers for MRR."""
+    each with its 95% interval over the markers, name_ci (machinery/intervals.py)."""
     ranks = ranks.double()
     out = {}
     for k in (1, 10):

@@ -118,12 +118,10 @@ WEIGHTS = (0, 0.05, 0.1, 0.25, 0.5, 1, 2, 4)   # the combined score's w, chosen 
 
 
 def retrieval(gen, datastore, data, tok, lexical, k, device, ctx):
-    """Every retrieval number of train's first 480 markers and all of val's: against the whole
-    datastore (learned and TF-IDF), and two-stage (datastore.py): the first stage's ceiling and
-    its own order of its k candidates, the learned score re-ranking them (reranked_*: at a
-    marker, how often the sequence that retrieval would insert is the true next one), and the
-    combined score learned + w * TF-IDF (combined_*), w chosen on the train markers, never on
-    val. Returns {split: metrics}."""
+    """Every retrieval number of train's first 480 markers and all of val's, {split: metrics}:
+    against the whole datastore (learned and TF-IDF), and two-stage: the first stage's ceiling
+    and order of its k candidates, the learned score re-ranking them (reranked_*), and learned +
+    w * TF-IDF (combined_*), w chosen on the train markers, never on val."""
     out, weight = {}, None
     for split, limit in (("train", 480), ("val", None)):
         queries, targets = split_queries(gen, data, split, device, ctx, limit)

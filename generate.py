@@ -47,10 +47,8 @@ def _next_token(logits, temperature, top_k, generator):
 
 
 def window_start(n_ids, start, block):
-    """Where Gen's window over n_ids ids starts, given where it started. Positions are learned
-    and absolute, so cached keys cannot slide along with a moving window: when the context
-    outgrows block_size we keep its last half, to be re-encoded from position 0 (every path does
-    the same, so they agree exactly)."""
+    """Where Gen's window over n_ids ids starts, given where it started. Positions are absolute,
+    so cached keys cannot slide with the window: past block_size it jumps to the last half."""
     return n_ids - block // 2 if n_ids - start > block else start
 
 
@@ -67,10 +65,9 @@ def marker_step_queries(gen, query_gen, h, windows, device):
 
 def retrieval_step(datastore, queries, positions, room, windows, alternatives=0):
     """The retrieval step of R markers: search the datastore with queries (R, d) (with a first
-    stage, among its candidates for the windows' texts: Datastore.rerank). For each, its
-    Retrieval (inserted at positions[r]) and the tokens to insert, cut to room[r] (what is left
-    of its budget). Where the first stage has no candidate (no entry shares a word with the
-    window), the Retrieval's id is -1 and nothing is inserted: generation stops there."""
+    stage, among its candidates for the windows' texts). For each, its Retrieval (at
+    positions[r]) and the tokens to insert, cut to room[r], what is left of its budget. With no
+    candidate (no entry shares a word with the window): id -1, nothing inserted, the row ends."""
     if datastore.first is not None:
         scores, top, stage = datastore.rerank(queries, windows, k=1 + alternatives)
         stage = stage[:, 0].tolist()
