@@ -6,15 +6,13 @@ entry returned is
 
     argmax_j  q . e_j        over every sequence j of the corpus, e_j = Emb_seq(sequence j)
 
-Queries and embeddings are unit vectors, so this is also the nearest neighbour by cosine. Past
-about 1M sequences an approximate index (faiss, optional: machinery/faiss_index.py) can stand in
-for the search of generation; evaluation's ranks are always exact.
-Evaluation asks where each marker's true target lands in that ranking: recall@k (target in the top
-k) and MRR (mean of 1 / rank), against the whole datastore, not just a batch. Beside chance, a
-training-free lexical retriever (TF-IDF, machinery/lexical.py) is scored on exactly the same
-markers, contexts and datastore: the learned sequence space earns its keep only where it beats words alone.
-The paper evaluates otherwise: a first stage retrieves each question's top K candidates and the
-learned score only re-ranks those (two-stage retrieval, end of this file); both are reported.
+Queries and embeddings are unit vectors, so this is also the nearest neighbour by cosine (faiss
+can stand in for generation's search on a datastore of millions: machinery/search.py).
+Evaluation asks where each marker's true target lands in that ranking: recall@k (target in the
+top k) and MRR (mean of 1 / rank), against the whole datastore, beside chance and TF-IDF, a
+training-free retriever, on the same markers. The paper evaluates otherwise: a first stage
+(TF-IDF) retrieves each question's top K and the learned score only re-ranks those (two-stage
+retrieval, end of this file); both are reported.
 """
 
 import math
@@ -22,42 +20,79 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from machinery import exact_search  # the same products, a chunk at a time
 from machinery import intervals  # 95% intervals over the markers
 
 
-def search(queries, embeddings, k=10, chunk=65536):
-    """Exact top-k by inner product of queries (Q, d) over embeddings (n, d),
+def dot_scores(queries, keys):
+    """q . e_j of queries (Q, d) against keys (n, d): (Q, n). On a CPU through numpy, on the
+    same memory (.numpy() copies nothing): the faster product there (experiments/bench.py)."""
+    if keys.device.type == "cpu":
+        return torch.from_numpy(queries.detach().numpy() @ keys.detach().numpy().T)  # (Q, n)
+    return queries.to(keys.device) @ keys.T                                        # (Q, n)
 
-        top-k_j  q . e_j        over every entry j,
 
-    as (queries @ embeddings.T).topk(k) would give, a chunk of entries at a time (exact_search.py).
-    Returns scores (Q, k) and ids (Q, k), best first, on the embeddings' device."""
-    return exact_search.top_k(queries, embeddings, k, chunk)
+def query_chunks(queries, keys, chunk=None):
+    """(s, the scores (c, n) of queries s .. s+c-1 against every key), chunk queries at a time,
+    by default as many as keep the table within 16 MB, whatever the datastore's size."""
+    chunk = chunk or max(1, 2**22 // max(1, len(keys)))
+    for s in range(0, len(queries), chunk):
+        yield s, dot_scores(queries[s:s + chunk], keys)                          # (c, n)
+
+
+def search(queries, embeddings, k=10, chunk=None):
+    """Exact top-k by inner product of queries (Q, d) over embeddings (n, d) (k at most n):
+    scores (Q, k) and ids (Q, k), best first."""
+    k = min(k, len(embeddings))
+    top = [scores.topk(k, dim=1) for _, scores in query_chunks(queries, embeddings, chunk)]
+    return (torch.cat([t.values for t in top] or [torch.zeros(0, k)]),
+            torch.cat([t.indices for t in top] or [torch.zeros(0, k, dtype=torch.long)]))
+
+
+# The tie rule. Two scores tie when they are within float rounding of each other, and a tie
+# counts against the target: n identical embeddings rank every target n-th, not first. A dot
+# product of width d in floating point is off by at most about d u |q| |e| (u = eps / 2, the unit
+# roundoff), and which way it rounds depends on the BLAS kernel, the instruction set and the
+# thread count. Two scores equal in exact arithmetic thus differ by at most d eps |q| max|e|:
+# every entry within that of the target ties with it, and the ranks are the same on any machine.
+
+def tie_tolerance(width, dtype, scale=1.0):
+    """How far apart rounding can put two dot products of width `width` equal in exact
+    arithmetic: width * eps * scale, scale bounding |q| |e| (1 for unit vectors)."""
+    return width * torch.finfo(dtype).eps * scale
+
+
+def score_tolerance(queries, embeddings):
+    """The tie tolerance of each query (Q, 1) against embeddings: d * eps * |q| * max|e|."""
+    norms = (queries.double().norm(dim=1, keepdim=True)
+             * embeddings.double().norm(dim=1).max(dim=0, keepdim=True).values)     # (Q, 1)
+    dtype = torch.promote_types(queries.dtype, embeddings.dtype)
+    return tie_tolerance(queries.shape[1], dtype, norms).to(dtype)                  # (Q, 1)
+
+
+def ranks_in(scores, targets, tolerance):
+    """Rank (1 = best) of each row's target (Q,) under scores (Q, n): 1 + the number of OTHER
+    entries scoring at least the target's score minus tolerance (a number, or (Q, 1))."""
+    target_scores = scores.gather(1, targets[:, None])                      # (Q, 1)
+    return (scores >= target_scores - tolerance).sum(dim=1)                 # (Q,)
 
 
 def target_ranks(queries, embeddings, targets, chunk=None):
-    """Rank (1 = best) of each query's target among all embeddings: 1 + the number of OTHER
-    entries scoring at least as high as the target (a tie counts against it, so n identical
-    embeddings rank every target n-th, not first). queries (Q, d), embeddings (n, d), targets
-    (Q,) ids; returns (Q,). A query or embedding that is not finite is an error: it would make
-    the ranking, and every number from it, meaningless. chunk: entries scored at a time, by
-    default as many as keep one (Q, chunk) table of scores within 16 MB. A tie is a score within
-    float32's rounding of the target's (exact_search.score_tolerance): the same ranks anywhere."""
+    """Rank (1 = best) of each query's target (Q,) among all embeddings (n, d) for queries
+    (Q, d), ties against it: (Q,). A score that is not finite would make the ranks meaningless."""
     if not (torch.isfinite(queries).all() and torch.isfinite(embeddings).all()):
         raise ValueError("a query or datastore embedding is not finite (NaN or inf): retrieval "
                          "cannot be scored")
-    chunk = chunk or max(1, 2**22 // max(1, len(queries)))
-    tolerance = exact_search.score_tolerance(queries, embeddings)                    # (Q, 1)
-    return exact_search.ranks_from_chunks(
-        lambda: exact_search.chunk_scores(queries, embeddings, chunk), targets, tolerance)
+    tolerance = score_tolerance(queries, embeddings)                                 # (Q, 1)
+    ranks = [ranks_in(scores, targets[s:s + len(scores)], tolerance[s:s + len(scores)])
+             for s, scores in query_chunks(queries, embeddings, chunk)]
+    return torch.cat(ranks or [torch.zeros(0, dtype=torch.long)])
 
 
 def retrieval_metrics(ranks):
     """recall@1, recall@10 (the share of targets ranked in the top 1 / 10) and MRR (mean 1/rank),
-    each with its 95% interval over the markers, name_ci (machinery/intervals.py): exact binomial
-    for a recall, a bootstrap of the markers for MRR."""
+    each with its 95% interval over the markers, name_ci (machinery/intervals.py)."""
     ranks = ranks.double()
     out = {}
     for k in (1, 10):
@@ -79,9 +114,8 @@ def chance_metrics(n):
 
 @torch.inference_mode()
 def marker_queries(gen, contexts, device, batch_size=64):
-    """Gen's query at the last token (a marker) of each context (a list of 1-d token arrays).
-    Contexts are right-padded into batches: under the causal mask the padding after a marker
-    cannot change the hidden state at the marker."""
+    """Gen's query at the last token (a marker) of each context (a list of 1-d token arrays),
+    right-padded into batches: under the causal mask, padding cannot change the marker's state."""
     out = []
     for s in range(0, len(contexts), batch_size):
         chunk = contexts[s:s + batch_size]
@@ -106,25 +140,40 @@ def split_queries(gen, data, split, device, ctx, limit=None):
 
 def retrieval_quality(gen, embeddings, data, split, device, ctx, limit=None, stage=None):
     """recall@1, recall@10 and MRR of a split's markers (the first `limit`) against the whole
-    datastore `embeddings`: every sequence of the corpus, embedded. With a FirstStage of the
-    same markers, also reranked_*: the learned score re-ranking the first stage's K (two-stage
-    retrieval, below), and its MRR minus TF-IDF's order's, paired (reranking)."""
+    datastore `embeddings`; with a FirstStage of the same markers, also reranked_*: the learned
+    score re-ranking the first stage's K (two-stage retrieval, below)."""
     queries, targets = split_queries(gen, data, split, device, ctx, limit)
     if not len(targets):
         return {"recall@1": None, "recall@10": None, "mrr": None}
     out = retrieval_metrics(target_ranks(queries, embeddings, targets))
     if stage is not None:
         learned = candidate_scores(queries, embeddings, stage.ids)          # (Q, K)
-        tolerance = exact_search.score_tolerance(queries, embeddings)       # (Q, 1)
-        m = reranking(learned, stage, tolerance)
+        m = reranking(learned, stage, score_tolerance(queries, embeddings))
         out.update({f"reranked_{k}": v for k, v in m.items()})
     return out
 
 
+@torch.inference_mode()
+def embed_all(embedder, data, ids=None, batch_size=256, progress=None):
+    """The datastore's embeddings: Emb_seq of sequences `ids` (default: all), (len(ids), seq_dim)
+    float32. Sorted by length first, so that each batch pads little."""
+    ids = np.arange(data.n_sequences) if ids is None else np.asarray(ids)
+    device = next(embedder.parameters()).device
+    order = np.argsort(data.offsets[ids + 1] - data.offsets[ids], kind="stable")
+    out = torch.empty(len(ids), embedder.config.seq_dim)
+    show = len(ids) > 20_000 if progress is None else progress
+    for s in tqdm(range(0, len(ids), batch_size), desc="embedding sequences", disable=not show,
+                  leave=False):
+        rows = order[s:s + batch_size]
+        tokens, mask = data.pad_sequences(ids[rows], embedder.config.block_size)
+        out[torch.from_numpy(rows)] = embedder(tokens.to(device), mask.to(device)).float().cpu()
+    return out
+
+
 class Datastore:
-    """The nonparametric sequence space: every sequence of a corpus embedded by Emb_seq, in one
-    contiguous (n, d) tensor, with the token ids of each entry (what retrieval inserts):
-    entry i is seq_tokens[offsets[i]:offsets[i + 1]], as in data.Data."""
+    """The nonparametric sequence space: every sequence of a corpus embedded by Emb_seq, (n, d),
+    with the token ids of each entry (what retrieval inserts): entry i is
+    seq_tokens[offsets[i]:offsets[i + 1]], as in data.Data. Kept on disk: datastore_file.py."""
 
     def __init__(self, embeddings, offsets, seq_tokens, fingerprint):
         self.embeddings, self.offsets, self.seq_tokens = embeddings, offsets, seq_tokens
@@ -151,25 +200,29 @@ class Datastore:
         return search(queries, self.embeddings, k)
 
     def rerank(self, queries, contexts, k=1):
-        """Two-stage search (use_first_stage): the top-k entries for queries (Q, d) among the
-        first stage's K for the texts of contexts (the ids Gen sees at each marker): scores
-        (Q, k), ids (Q, k), best first, and where the first stage ranked each of them (Q, k),
-        1 = its own best. Past the first stage's candidates (those that share a word with the
-        context: Lexical.top), id -1 and score -inf."""
+        """Two-stage search: the top-k entries for queries (Q, d) among the first stage's K for
+        the texts of contexts (the ids Gen sees at each marker): scores (Q, k), ids (Q, k), best
+        first, and the first stage's rank of each (Q, k). Past its candidates, id -1, score -inf."""
         lexical, K, tok = self.first
         _, ids = lexical.top([query_text(tok, c) for c in contexts], K)        # (Q, K)
         scores, order = candidate_scores(queries, self.embeddings, ids).topk(
             min(k, ids.shape[1]), dim=1)                                       # (Q, k) each
         return scores, ids.gather(1, order), order + 1
 
-    # building it (Emb_seq over every sequence, with a fingerprint of the weights and data), and
-    # saving and loading it: machinery/datastore_file.py
-
 
 # -----------------------------------------------------------------------------------------------
-# The lexical query of a marker: the text Gen sees there. A training-free TF-IDF retriever reads
-# it (machinery/lexical.py, its equations there), as the baseline every learned number stands
-# beside and as the first stage of two-stage retrieval (below).
+# TF-IDF, the training-free lexical retriever: the baseline every learned number stands beside,
+# and the first stage of two-stage retrieval (below). Words are lowercase \w+ runs. Over the N
+# datastore sequences, with n(w, d) the count of word w in text d and df(w) the number of
+# sequences that hold w (sublinear tf, smoothed idf):
+#
+#     v_d[w] = tf(w, d) * idf(w),   tf = 1 + log n(w, d)  (0 where n = 0),
+#                                   idf(w) = 1 + log((1 + N) / (1 + df(w)))
+#     s(q, j) = v_q . v_j / (|v_q| |v_j|)          (0 where either vector is all zero)
+#
+# The query is the text Gen sees at the marker (query_text). An entry that shares no word with
+# it scores 0 and ties with every other such one. machinery/lexical.py computes s over a whole
+# corpus: sparse vectors, a chunk of queries at a time.
 
 def query_text(tok, ids):
     """The lexical query of a context: its text, special tokens (marker, end of document) left
@@ -209,10 +262,9 @@ def first_stage(lexical, data, tok, split, k, limit=None):
 
 
 def candidate_scores(queries, embeddings, ids, chunk=None):
-    """The learned score q . e_j of each query (Q, d) for its own candidates ids (Q, K):
-    (Q, K), -inf where the id is -1 (no candidate: Lexical.top). Queries a chunk at a time: the
-    gathered embeddings are (chunk, K, d), by default within 8 MB; each query's scores are the
-    same whatever the chunk."""
+    """The learned score q . e_j of each query (Q, d) for its own candidates ids (Q, K): (Q, K),
+    -inf where the id is -1. A chunk of queries at a time: the gathered embeddings (chunk, K, d)
+    stay within 8 MB by default."""
     chunk = chunk or max(1, 2**21 // max(1, ids.shape[1] * embeddings.shape[1]))  # float32
     out = [torch.zeros(0, ids.shape[1])]
     for s in range(0, len(queries), chunk):
@@ -227,8 +279,7 @@ def candidate_ranks(scores, ids, targets, tolerance=0.0):
     1 + the number of other candidates scoring at least the target's minus tolerance (a tie
     counts against it); inf where the target is not a candidate. Returns (Q,) float64."""
     hit = ids == targets[:, None]                                          # (Q, K)
-    target_scores = scores.gather(1, hit.double().argmax(dim=1, keepdim=True))  # (Q, 1)
-    ranks = (scores >= target_scores - tolerance).sum(dim=1).double()      # (Q,)
+    ranks = ranks_in(scores, hit.double().argmax(dim=1), tolerance).double()   # (Q,)
     return torch.where(hit.any(dim=1), ranks, torch.full_like(ranks, math.inf))
 
 
@@ -252,10 +303,9 @@ def first_stage_metrics(stage, lexical):
 
 
 def reranking(scores, stage, tolerance=0.0):
-    """rerank_metrics of scores (Q, K) ordering stage's candidates, and, paired on the same
-    markers, their MRR minus that of TF-IDF's own order of them: mrr_minus_first_stage, with its
-    95% interval (_ci) and two-sided p (_p) from a bootstrap of the markers
-    (machinery/intervals.py): whether the learned order beats TF-IDF's, or only seems to."""
+    """rerank_metrics of scores (Q, K) ordering stage's candidates, and their MRR minus that of
+    TF-IDF's own order, paired on the same markers, with its 95% interval (_ci) and two-sided p
+    (_p): whether the learned order beats TF-IDF's, or only seems to."""
     if not len(stage.targets):
         return {**rerank_metrics(scores, stage), "mrr_minus_first_stage": None}
     ranks = candidate_ranks(scores, stage.ids, stage.targets, tolerance)             # (Q,)

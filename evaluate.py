@@ -3,39 +3,19 @@ Evaluate a trained run: language modelling, retrieval against the whole datastor
 documents that end in an answer, such as `facts`) answers written with retrieval in the loop.
 
     python evaluate.py --out_dir out
-    python evaluate.py --out_dir out_ntp --query_from out_nsp    # separate supervision (the paper's baseline)
+    python evaluate.py --out_dir out_ntp --query_from out_nsp    # separate supervision
 
-Prints one JSON object and writes it, with the per-marker lists, to OUT_DIR/eval.json (with
---query_from OTHER, to OUT_DIR/eval_query_from_<OTHER's folder name>.json; OTHER's folder is only
-read), then, on stderr, every retrieval figure with its 95% interval, to read. For the val split
-(held-out people for `facts`) and a sample of train:
-  ntp, ppl                 L_NTP on fixed batches, and exp of it
-  recall@1, recall@10, mrr every marker's query ranked against the whole datastore
-  lexical_recall@1, ...    the same for the training-free TF-IDF baseline (machinery/lexical.py)
-  first_stage_recall@K     two-stage retrieval, as the paper evaluates: the share of targets in
-                           TF-IDF's top K (the run's --first_stage), the ceiling of what follows;
-  first_stage_recall@1,... TF-IDF's own order of those K;
-  reranked_recall@1, ...   the learned score alone re-ranking them: at a marker, how often the
-                           sequence retrieval inserts is the true next one (--index first_stage);
-  combined_recall@1, ...   learned + w * TF-IDF, w (combined_weight) chosen on train's markers
-  *_ci                     each retrieval figure's 95% interval over the markers, [lo, hi]:
-                           exact binomial for a recall, a bootstrap of the markers for an MRR
-                           (machinery/intervals.py)
-  reranked_mrr_minus_first_stage, combined_...   paired on the same markers: the MRR of that
-                           order minus TF-IDF's own order's, with its interval (_ci) and
-                           two-sided p (_p): whether it beats TF-IDF, or only seems to
-  reciprocal_ranks         each marker's 1/rank under the learned order and TF-IDF's (0: not
-                           in the K), to pool runs on the same markers
-  answer_em_retrieval      greedy generation from the question, retrieval in the loop: the answer
-                           (the document's last line) equals the gold one
-  answer_em_no_retrieval   the same, Gen writing the sequence itself
-  marker_rate              share of questions where Gen emitted the marker
-  retrieval_acc            share where the first retrieved entry is the gold sequence
-  answer_em_gold           the answer given the gold sequence after the marker (copying alone)
-and, for `facts`, val_reworded: the held-out questions worded as no training document words them
-(machinery/facts.py), the generalisation test: the answer metrics, and recall@1, recall@10 and MRR
-of Gen's query at a marker placed after each reworded question, with TF-IDF's (lexical_*) on the
-same questions beside them.
+Prints one JSON object and writes it, with each marker's 1/rank (reciprocal_ranks), to
+OUT_DIR/eval.json (with --query_from OTHER, to OUT_DIR/eval_query_from_<OTHER's folder name>.json;
+OTHER's folder is only read); then, on stderr, every retrieval figure with its 95% interval. For
+the val split (held-out people for `facts`) and a sample of train: L_NTP (ntp, ppl); recall@1,
+recall@10 and MRR of the learned queries against the whole datastore, and of TF-IDF (lexical_*);
+two-stage retrieval (datastore.py): the first stage's ceiling and own order (first_stage_*), the
+learned score re-ranking its K (reranked_*) and learned + w TF-IDF (combined_*), each paired
+against TF-IDF's order (*_mrr_minus_first_stage); answers (answer_em_retrieval,
+answer_em_no_retrieval, answer_em_gold, marker_rate, retrieval_acc); and for `facts`,
+val_reworded: held-out questions worded as no training document words them (machinery/facts.py).
+README, Sampling and evaluation, says what each figure means.
 """
 
 import json
@@ -46,13 +26,12 @@ import torch
 
 from datastore import (candidate_ranks, candidate_scores, chance_metrics, first_stage,
                        first_stage_metrics, marker_queries, rerank_metrics, retrieval_metrics,
-                       split_queries, reranking, target_ranks)
+                       score_tolerance, split_queries, reranking, target_ranks)
 from machinery.batch_generate import already_decoded, decode_prompts
 from machinery.checkpoint import eval_inputs, load_run
 from machinery.cli import main_guard, parse_config
 from machinery.config import EvalConfig, autocast, check_eval_config
 from machinery.corpora import is_facts
-from machinery.exact_search import score_tolerance  # float32's rounding: a tie
 from machinery.intervals import retrieval_lines
 from machinery.lexical import lexical_index, lexical_metrics
 from machinery.prompts import answer, questions, reworded  # a split's questions, as prompts
@@ -84,8 +63,9 @@ def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
     """The answer metrics of the first `limit` questions of a split, for each of `modes`:
     retrieval in the loop, Gen alone, Gen given the gold sequence; with reword_questions, of those
     questions reworded (the generalisation test), with their retrieval metrics too, and TF-IDF's
-    beside them if a lexical index is given. Questions are answered batch_size at a time
-    (machinery/batch_generate.py: generate() batched)."""
+    beside them if a lexical index is given. Decoded batch_size questions at a time
+    (machinery/batch_generate.py): a question asked with and without retrieval is two prompts of
+    one batch, so a batch holds up to twice batch_size prompts."""
     qs = questions(data, tok, split, limit)
     if reword_questions:
         qs = reworded(qs, tok)
@@ -138,12 +118,10 @@ WEIGHTS = (0, 0.05, 0.1, 0.25, 0.5, 1, 2, 4)   # the combined score's w, chosen 
 
 
 def retrieval(gen, datastore, data, tok, lexical, k, device, ctx):
-    """Every retrieval number of train's first 480 markers and all of val's: against the whole
-    datastore (learned and TF-IDF), and two-stage (datastore.py): the first stage's ceiling and
-    its own order of its k candidates, the learned score re-ranking them (reranked_*: at a
-    marker, how often the sequence that retrieval would insert is the true next one), and the
-    combined score learned + w * TF-IDF (combined_*), w chosen on the train markers, never on
-    val. Returns {split: metrics}."""
+    """Every retrieval number of train's first 480 markers and all of val's, {split: metrics}:
+    against the whole datastore (learned and TF-IDF), and two-stage: the first stage's ceiling
+    and order of its k candidates, the learned score re-ranking them (reranked_*), and learned +
+    w * TF-IDF (combined_*), w chosen on the train markers, never on val."""
     out, weight = {}, None
     for split, limit in (("train", 480), ("val", None)):
         queries, targets = split_queries(gen, data, split, device, ctx, limit)

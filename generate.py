@@ -2,18 +2,19 @@
 Semiparametric generation: Gen writes tokens, and when it writes the marker, its query at the
 marker searches the datastore and the best sequence is appended verbatim (the paper's [Ret] step):
 
-    x_{t+1} ~ p(. | x_<=t)                                   a token step (lm_head)
+    x_{t+1} ~ p(. | x_<=t)                                  a token step (lm_head)
     if x_{t+1} is the marker:
-        j* = argmax_j  q_{t+1} . e_j                          the retrieval step (seq_head, datastore)
-        x_{t+2} .. x_{t+1+|s_j*|} = the tokens of sequence j*   appended, not written token by token
+        j* = argmax_j  q_{t+1} . e_j                         the retrieval step (seq_head)
+        x_{t+2} .. x_{t+1+|s_j*|} = the tokens of sequence j*  appended, not written one by one
 
-A KV cache keeps every token's keys and values, so a retrieval does not re-encode the prefix (the
-paper's code does): each token, and each inserted sequence, runs through Gen once, except when the
-context outgrows block_size: positions are absolute, so its last half is then encoded again from
-position 0 (window_start). The cache: machinery/kv_cache.py.
+A KV cache (machinery/kv_cache.py) keeps every token's keys and values, so each token, and each
+inserted sequence, runs through Gen once. Positions are absolute, so when the context outgrows
+block_size, Gen's window jumps to the context's last half, encoded again from position 0
+(window_start).
 
-generate() continues one prompt and is the reference; evaluation decodes many prompts at once,
-greedily, to the same tokens (machinery/batch_generate.py).
+generate() continues one prompt and is the reference. Evaluation decodes many prompts at once,
+greedily (machinery/batch_generate.py): the same tokens, unless two logits or two entries' scores
+lie within float rounding of each other, since a batched product rounds differently.
 """
 
 import math
@@ -46,10 +47,8 @@ def _next_token(logits, temperature, top_k, generator):
 
 
 def window_start(n_ids, start, block):
-    """Where Gen's window over n_ids ids starts, given where it started. Positions are learned
-    and absolute, so cached keys cannot slide along with a moving window: when the context
-    outgrows block_size we keep its last half, to be re-encoded from position 0 (every path does
-    the same, so they agree exactly)."""
+    """Where Gen's window over n_ids ids starts, given where it started. Positions are absolute,
+    so cached keys cannot slide with the window: past block_size it jumps to the last half."""
     return n_ids - block // 2 if n_ids - start > block else start
 
 
@@ -66,10 +65,9 @@ def marker_step_queries(gen, query_gen, h, windows, device):
 
 def retrieval_step(datastore, queries, positions, room, windows, alternatives=0):
     """The retrieval step of R markers: search the datastore with queries (R, d) (with a first
-    stage, among its candidates for the windows' texts: Datastore.rerank). For each, its
-    Retrieval (inserted at positions[r]) and the tokens to insert, cut to room[r] (what is left
-    of its budget). Where the first stage has no candidate (no entry shares a word with the
-    window), the Retrieval's id is -1 and nothing is inserted: generation stops there."""
+    stage, among its candidates for the windows' texts). For each, its Retrieval (at
+    positions[r]) and the tokens to insert, cut to room[r], what is left of its budget. With no
+    candidate (no entry shares a word with the window): id -1, nothing inserted, the row ends."""
     if datastore.first is not None:
         scores, top, stage = datastore.rerank(queries, windows, k=1 + alternatives)
         stage = stage[:, 0].tolist()
@@ -97,8 +95,8 @@ def generate(gen, prompt, max_new_tokens, marker, stop=None, datastore=None, tem
              top_k=None, alternatives=0, use_cache=True, generator=None, query_gen=None):
     """Continue the token ids `prompt` by up to max_new_tokens tokens (inserted sequences count
     too), stopping after `stop`. With a datastore, a marker triggers retrieval. Returns the ids
-    (prompt included) and the list of Retrievals. use_cache=False re-reads the whole context at
-    every step, as nanoGPT does: slower, and the reference that the cache must agree with.
+    (prompt included) and the list of Retrievals. use_cache=False re-reads Gen's whole window
+    (window_start) at every step: slower, and the reference that the cache must agree with.
     query_gen: another Gen that makes the queries (the paper's separate-supervision baseline).
     The prompt must hold at least one token: Gen's first prediction reads the last one."""
     check_prompt(prompt)

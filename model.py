@@ -30,10 +30,14 @@ class SelfAttention(nn.Module):
         self.n_head, self.dropout, self.causal = n_head, dropout, causal
         self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.attn_dropout = nn.Dropout(dropout)
         self.resid_dropout = nn.Dropout(dropout)
+        # torch's fused kernel where this torch has it; else the same attention written out
+        self.flash = hasattr(F, "scaled_dot_product_attention")
 
     def forward(self, x, key_mask=None, cache=None):
-        """Multi-head self-attention of x (B, T, n_embd). One forward serves three cases:
+        """Multi-head self-attention of x (B, T, n_embd), softmax(Q K^T / sqrt(d)) V per head,
+        with one of three masks:
         - Gen in training (causal, no key_mask, no cache): token t attends to tokens 0..t;
         - Emb_seq (key_mask): every real token attends to every real token (to those up to it
           where causal, as when started from GPT-2), never to padding;
@@ -50,8 +54,17 @@ class SelfAttention(nn.Module):
             # no mask: nothing past (the new tokens see each other causally), or one new token
             # that sees every key
             causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if self.flash:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:
+            att = q @ k.transpose(-2, -1) / math.sqrt(k.shape[-1])      # (B, H, T, S)
+            if causal:  # here S = T: token t sees keys 0..t
+                tril = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()    # (T, T)
+                mask = tril if mask is None else mask & tril
+            if mask is not None:
+                att = att.masked_fill(~mask, -math.inf)
+            y = self.attn_dropout(att.softmax(dim=-1)) @ v              # (B, H, T, n_embd/H)
         y = y.transpose(1, 2).reshape(B, T, n_embd)                     # heads side by side
         return self.resid_dropout(self.c_proj(y))
 
@@ -119,8 +132,9 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(n_embd, bias=gpt2_block)
 
     def forward(self, idx, past=0, key_mask=None, caches=None):
-        """Hidden states (B, T, n_embd) of token ids idx (B, T) at positions past .. past+T-1;
-        past an int, or (B, 1): each row's own (rows of different lengths: batch_generate.py)."""
+        """Hidden states (B, T, n_embd) of token ids idx (B, T) at positions past .. past+T-1.
+        past is an int, or (B, 1) when rows of different lengths decode together (evaluation's
+        answers, machinery/batch_generate.py): each row then reads at its own positions."""
         T = idx.shape[1]
         pos = torch.arange(T, device=idx.device) + past                  # (T,) or (B, T)
         if torch.is_tensor(past):  # a short row's padding may run past the last position: its

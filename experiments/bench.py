@@ -31,7 +31,7 @@ import torch
 from data import load_data
 from datastore import search
 from machinery import datastore_file
-from machinery.faiss_index import FaissIndex
+from machinery.search import FaissIndex
 from generate import generate
 from losses import co_supervision_loss
 from machinery.cli import UserError, flag, main_guard, parse_config
@@ -231,7 +231,7 @@ def search_speed(args):
     one query at a time (generation) and 64 at a time (evaluation, per query): cosup's exact
     search beside the numpy anchor (numpy_top_k) on the same keys, the two alternating, and the
     share of queries whose top-10 ids the two agree on; with faiss installed, its index
-    (machinery.faiss_index.FaissIndex: build time, query time, recall@10 of the 64 queries against exact
+    (machinery.search.FaissIndex: build time, query time, recall@10 of the 64 queries against exact
     search; and how often its top-1 is exact's for queries near a key, as trained queries are).
     Random directions are the hardest case for an index that partitions the keys: they
     form no clusters, and in 128 dimensions a query's 10 best keys score barely above the rest."""

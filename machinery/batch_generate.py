@@ -1,11 +1,9 @@
 """
-Many prompts decoded at once (what evaluate.py answers its questions with): generate.generate()
-of each prompt, greedy, in one forward pass per step for every unfinished row (generate_batch),
-batches of similar prompts (decode_prompts), and none decoded twice (already_decoded). Speed only:
-generate() is the reference it is tested against (tests/test_generate.py), token for token.
-
-Rows have different lengths, so BatchKVCache holds each row's own count of tokens, and Gen reads
-each row at its own positions (model.Transformer's `past` of shape (B, 1)).
+Many prompts decoded at once, greedily (evaluate.py's answers): generate.generate() of each, one
+forward pass per step for every unfinished row (generate_batch), in batches of similar prompts
+(decode_prompts), none decoded twice (already_decoded). generate() is the reference, tested token
+for token (tests/test_generate.py). Rows have different lengths, so BatchKVCache holds each row's
+own count of tokens, and Gen reads each row at its own positions (model.Transformer's `past`).
 """
 
 import torch
@@ -14,11 +12,9 @@ from generate import check_prompt, marker_step_queries, retrieval_step, window_s
 
 
 class BatchKVCache:
-    """A KVCache for B rows of different lengths. Row b holds its n[b] tokens in slots
-    0 .. n[b]-1, at positions 0 .. n[b]-1, as a KVCache of its own would. A step brings row b
-    fresh[b] new tokens, right-padded to a common width T: only the real ones are kept, and new
-    token i of row b sees its row's keys 0 .. n[b] + i. Slots past a row's end are masked out.
-    Finished rows leave the batch (take)."""
+    """A KVCache for B rows of different lengths: row b holds its n[b] tokens in slots
+    0 .. n[b]-1. A step brings row b fresh[b] new tokens, right-padded to a common width T: only
+    the real ones are kept, and new token i of row b sees its row's keys 0 .. n[b] + i."""
 
     def __init__(self, block_size, rows, device):
         self.block_size = block_size
@@ -27,13 +23,13 @@ class BatchKVCache:
         self.k = self.v = None
 
     def next_step(self, fresh, restart):
-        """The next extend brings fresh[b] real tokens to row b; rows where restart (B,) is True
-        first drop what they hold."""
+        """The next extend brings fresh[b] real tokens to row b; rows where restart (B,) first
+        drop what they hold."""
         self.n, self.fresh = torch.where(restart, 0, self.n), fresh
 
     def extend(self, k, v):
-        """Keep the real ones of the new k and v (B, H, T, D). Returns the keys and values of the
-        longest row (B, H, S, D) each, and the mask (B, 1, T, S) of which each new token sees."""
+        """Keep the real ones of the new k and v (B, H, T, D). Returns the keys and values up to
+        the longest row (B, H, S, D) each, and which keys each new token sees (B, 1, T, S)."""
         B, H, T, D = k.shape
         if self.k is None:  # zeros: a masked-out slot still gets weight 0, and 0 * NaN is NaN
             self.k = k.new_zeros(B, H, self.block_size, D)
@@ -66,7 +62,6 @@ class BatchKVCache:
         return self.n[:, None]
 
 
-
 def _feed(gen, caches, fresh, restart, device):
     """Run each row's fresh tokens (a list per row) through Gen in one pass, right-padded; rows
     where restart is True first empty their caches. Returns the final state at each row's last
@@ -85,16 +80,13 @@ def _feed(gen, caches, fresh, restart, device):
 @torch.inference_mode()
 def generate_batch(gen, prompts, max_new_tokens, marker, stop=None, datastore=None,
                    query_gen=None, retrieve=None):
-    """generate() of each of the token id lists `prompts`, greedy, all at once: one forward pass
-    per step for every unfinished row. Each row has its own length, budget (max_new_tokens: one
-    for all, or one per prompt), retrievals and end; retrieve (one bool per prompt, by default
-    all True) says whose markers search the datastore: a row without is Gen alone. Returns a list
-    of (ids, Retrievals), one per prompt: what generate() returns for it (batched products may
-    round differently, which could turn a near tie of two tokens or entries).
-
-    Each distinct prompt runs through Gen once: one question asked with and without retrieval
-    shares that pass. Then rows with retrieval and rows without decode as two batches, because
-    a step runs every row as wide as its widest, and an inserted sequence is wide."""
+    """generate() of each of the token id lists `prompts`, greedy, all at once. Each row has its
+    own budget (max_new_tokens: one for all, or one per prompt), retrievals and end; retrieve
+    (one bool per prompt, default all True) says whose markers search the datastore. Returns
+    (ids, Retrievals) per prompt: generate()'s, unless a batched product's rounding turns a near
+    tie of two tokens or entries. Each distinct prompt runs through Gen once (a question asked
+    with and without retrieval shares that pass); then rows with retrieval and rows without
+    decode as two batches, since a step runs every row as wide as its widest."""
     for p in prompts:
         check_prompt(p)
     device = next(gen.parameters()).device

@@ -1,18 +1,12 @@
 """
-Length buckets for Emb_seq (embedder.SeqEmbedder.forward): the candidates of a training batch are
-embedded in groups of similar length, each cut to its own longest row. Padding is never attended
-to nor pooled, so this changes no embedding (beyond float rounding, tests/test_losses.py) and
-saves the work of most of the padding. Speed only: embed_tokens, all rows at one width, is the
-reference.
+Emb_seq over a training batch's candidates in groups of similar length, each cut to its own
+longest row (embedder.SeqEmbedder.forward). Padding is never attended to nor pooled, so the
+embeddings are embed_tokens' (up to float rounding), with less padding read.
 """
 
 import torch
 
-# On the default demo's batches (about 100 candidates of 34 tokens on average, padded to 48)
-# Emb_seq then reads 13% more tokens than the candidates hold instead of 44%, and the co-supervised
-# step drops from 1.64 to 1.55 times an NTP-only one; 4 or 6 buckets did no better
-# (experiments/README.md, Performance).
-BUCKETS = 3
+BUCKETS = 3  # groups per batch (experiments/README.md, Performance)
 
 
 def in_length_buckets(embed, tokens, mask, buckets=BUCKETS):

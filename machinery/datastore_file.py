@@ -1,8 +1,6 @@
 """
-Building the datastore (Emb_seq over every sequence of the corpus: embed_all) and keeping it on
-disk, out_dir/datastore.pt: saved with the fingerprint of the Emb_seq and data that built it, used
-again only when both match, else built afresh. Persistence only: the datastore itself is
-datastore.Datastore.
+out_dir/datastore.pt: the Datastore (datastore.py) of a run, saved with a fingerprint of the
+Emb_seq weights and data that built it, and used again only while both match.
 """
 
 import hashlib
@@ -11,26 +9,8 @@ import sys
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from datastore import Datastore
-
-
-@torch.inference_mode()
-def embed_all(embedder, data, ids=None, batch_size=256, progress=None):
-    """Emb_seq's embeddings (len(ids), seq_dim), float32, of datastore sequences `ids` (default:
-    all). Sorted by length first, so each batch pads little; a progress bar for long jobs."""
-    ids = np.arange(data.n_sequences) if ids is None else np.asarray(ids)
-    device = next(embedder.parameters()).device
-    order = np.argsort(data.offsets[ids + 1] - data.offsets[ids], kind="stable")
-    out = torch.empty(len(ids), embedder.config.seq_dim)
-    starts = range(0, len(ids), batch_size)
-    show = len(ids) > 20_000 if progress is None else progress
-    for s in tqdm(starts, desc="embedding sequences", disable=not show, leave=False):
-        rows = order[s:s + batch_size]
-        tokens, mask = data.pad_sequences(ids[rows], embedder.config.block_size)
-        out[torch.from_numpy(rows)] = embedder(tokens.to(device), mask.to(device)).float().cpu()
-    return out
+from datastore import Datastore, embed_all
 
 
 def fingerprint(embedder, data):
@@ -49,24 +29,15 @@ def build(embedder, data, progress=True):
     return Datastore(embeddings, data.offsets, data.seq_tokens, fingerprint(embedder, data))
 
 
-def save(store, path):
-    """Write a Datastore to path whole (a temporary file, then a rename)."""
-    tmp = path + ".tmp"
-    torch.save({"embeddings": store.embeddings, "offsets": torch.from_numpy(store.offsets),
-                "seq_tokens": torch.from_numpy(store.seq_tokens.astype(np.int64)),
-                "fingerprint": store.fingerprint}, tmp)
-    os.replace(tmp, path)
-
-
 def load(path, embedder, data):
-    """The datastore saved at path if it was built by this Emb_seq from this data; None if there
-    is none, or it is stale or unreadable (said on stderr). A stale one is never used."""
+    """The datastore saved at path if this Emb_seq built it from this data; None if there is
+    none, or it is stale or unreadable (said on stderr)."""
     if not os.path.exists(path):
         return None
     current = fingerprint(embedder, data)
     try:
         saved = torch.load(path, weights_only=True)
-        if saved["fingerprint"] == current and "embeddings" in saved:
+        if saved["fingerprint"] == current:
             return Datastore(saved["embeddings"], saved["offsets"].numpy(),
                              saved["seq_tokens"].numpy(), current)
     except Exception:  # cut short, or not a datastore: as good as stale
@@ -77,11 +48,14 @@ def load(path, embedder, data):
 
 
 def load_or_build(path, embedder, data):
-    """The datastore saved at path if it is fresh (load); else build it (and say so) and save it
-    there."""
+    """The datastore saved at path if it is fresh (load); else build it, say so, and save it
+    there whole (a temporary file, then a rename)."""
     store = load(path, embedder, data)
     if store is None:
         print(f"building the datastore: {data.n_sequences:,} sequences", file=sys.stderr)
         store = build(embedder, data)
-        save(store, path)
+        torch.save({"embeddings": store.embeddings, "offsets": torch.from_numpy(store.offsets),
+                    "seq_tokens": torch.from_numpy(store.seq_tokens.astype(np.int64)),
+                    "fingerprint": store.fingerprint}, path + ".tmp")
+        os.replace(path + ".tmp", path)
     return store

@@ -1,13 +1,10 @@
 """
 train.py --init_from gpt2 (gpt2-medium, gpt2-large, gpt2-xl, or a folder): Gen and Emb_seq start
-from one pretrained GPT-2, as the paper starts both from Llama-2. The checkpoint is read from disk
-only, never fetched: a folder with config.json and model.safetensors or pytorch_model.bin, as a
-Hugging Face download leaves it, or Hugging Face's cache. Its config.json gives the sizes; the
-tokenizer is GPT-2's BPE (the folder's vocab.json, or machinery/tokenizer.py's other sources) with
-the retrieval marker, whose embedding row is new; seq_head and Emb_seq's projection are new.
-
-Hugging Face's GPT-2 stores its linear layers as Conv1D, weight (in, out): transposed here into
-nn.Linear's (out, in). Its input and output embeddings are one table, as Gen's are.
+from one pretrained GPT-2, as the paper starts both from Llama-2. Read from disk only, never
+fetched: a folder with config.json and model.safetensors or pytorch_model.bin, as a Hugging Face
+download leaves it, or Hugging Face's cache. The tokenizer is GPT-2's BPE (the folder's
+vocab.json, or machinery/tokenizer.py's other sources) with the marker, whose embedding row is
+new, as are seq_head and Emb_seq's projection.
 """
 
 import dataclasses
@@ -34,7 +31,7 @@ def hub_cache():
 
 def find(init_from):
     """The folder of the GPT-2 checkpoint that --init_from names, or None where it names a run of
-    this program (a folder with ckpt.pt, or nothing there: checkpoint.init_from says so)."""
+    this program (checkpoint.init_from)."""
     if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
         return None
     if os.path.isfile(os.path.join(init_from, "config.json")):
@@ -72,8 +69,7 @@ def read_config(folder):
 
 def settle_config(cfg):
     """--init_from a GPT-2: the tokenizer, GPT-2's block and both networks' sizes are the
-    checkpoint's (Emb_seq is its whole trunk); a flag given another value is a one-line error,
-    and so is a block longer than its positions."""
+    checkpoint's (Emb_seq is its whole trunk); a flag given another value is a one-line error."""
     folder = find(cfg.init_from)
     if folder is None:
         return
@@ -98,8 +94,7 @@ def settle_config(cfg):
 
 def read_weights(folder):
     """The checkpoint's tensors by name (without the "transformer." prefix that some versions
-    write), and the file they came from. model.safetensors needs the safetensors package;
-    pytorch_model.bin torch alone."""
+    write), and the file they came from."""
     safetensors, pickled = (os.path.join(folder, name)
                             for name in ("model.safetensors", "pytorch_model.bin"))
     if os.path.isfile(safetensors):
@@ -123,9 +118,10 @@ def strip(weights):
 
 @torch.no_grad()
 def load(folder, gen, embedder, tok):
-    """GPT-2's weights into Gen's trunk (and so lm_head, tied to its token embedding), the
-    marker's row the mean of GPT-2's rows (its logit starts as an average token's, not above
-    every other); then Emb_seq's trunk from Gen's. Returns the base's provenance."""
+    """GPT-2's weights into Gen's trunk (and so lm_head, tied to it), the marker's row the mean
+    of GPT-2's rows (its logit starts as an average token's); then Emb_seq's trunk from Gen's.
+    Hugging Face's Conv1D weights are (in, out), transposed into nn.Linear's (out, in). Returns
+    the base's provenance."""
     sizes = read_config(folder)
     if sizes["vocab_size"] != tok.eod + 1:  # GPT-2's tokens, <|endoftext|> last
         raise UserError(f"{folder} has a vocabulary of {sizes['vocab_size']:,} tokens, the GPT-2 "

@@ -1,7 +1,6 @@
 """
-95% intervals for the retrieval figures (datastore.py), over the markers that were scored: how far
-a figure could move on another draw of markers of the same kind, so that "0.070 against 0.063"
-can be told from chance.
+95% intervals of the retrieval figures (datastore.py) over the markers scored: how far a figure
+could move on another draw of markers of the same kind.
 
     recall@k   an exact binomial interval (Clopper-Pearson): the hits are a count out of n markers
     MRR        a percentile bootstrap: the markers resampled with replacement, the mean of 1/rank
@@ -9,10 +8,8 @@ can be told from chance.
     A - B      paired, on the same markers (the learned order against TF-IDF's): the bootstrap of
                the mean difference of 1/rank, marker by marker, and a two-sided p
 
-The bootstrap's generator has a fixed seed: the same output every run, and every metric of the
-same markers resampled alike. With few markers (under about 30) a bootstrap interval is too
-narrow, and its p too small: there, read it as the least the figure could move. No scipy: the
-binomial quantile is found by bisection on the binomial CDF, its terms summed in logs.
+The bootstrap's seed is fixed: every metric of the same markers is resampled alike. Under about
+30 markers a bootstrap interval is too narrow: read it as the least the figure could move.
 """
 
 import math
@@ -25,10 +22,9 @@ SEED = 0             # the bootstrap's generator
 
 
 def binomial_p(k, n, cdf):
-    """The p at which P(X <= k) = cdf, X ~ Binomial(n, p), 0 <= k < n. P(X <= k) =
-    sum_{i<=k} C(n, i) p^i (1 - p)^(n - i) falls as p grows from 0 (where it is 1) to 1 (where it
-    is 0), so bisection finds p; each term is taken in logs (it can be far below the smallest
-    float) and the terms summed by log-sum-exp."""
+    """The p at which P(X <= k) = sum_{i<=k} C(n, i) p^i (1 - p)^(n - i) equals cdf, X ~
+    Binomial(n, p), 0 <= k < n, by bisection (it falls as p grows); the terms in logs (they can
+    be far below the smallest float), summed by log-sum-exp. No scipy needed."""
     i = np.arange(k + 1)
     log_choose = np.array([math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1)
                            for j in range(k + 1)])                                  # (k + 1,)
@@ -53,8 +49,7 @@ def share_interval(hits, n, level=LEVEL):
 
 def bootstrap_means(values):
     """The mean of values (n,) in each of RESAMPLES resamples of the n markers, drawn with
-    replacement: (RESAMPLES,). Drawn a block at a time (at most 4M indices held); the fixed SEED
-    draws the same markers for every metric of n markers, so two metrics' means are paired."""
+    replacement, a block at a time (at most 4M indices held): (RESAMPLES,)."""
     values = np.asarray(values, dtype=np.float64)
     n, rng = len(values), np.random.default_rng(SEED)
     block = max(1, 2**22 // n)
@@ -71,10 +66,9 @@ def mean_interval(values, level=LEVEL):
 
 def paired_difference(a, b, level=LEVEL):
     """mean(a) - mean(b) of two figures of the same markers, a and b (n,) (1/rank under two
-    orders), with its bootstrap interval over markers and a two-sided p: twice the smaller share
-    of resampled mean differences on one side of 0 (0 counted on both), as (1 + count) /
-    (1 + RESAMPLES), so never 0; at most 1: below 1 - level about where the interval leaves 0
-    out. Returns (difference, [lo, hi], p)."""
+    orders), its bootstrap interval, and a two-sided p: twice the smaller share of resampled
+    differences on one side of 0, as (1 + count) / (1 + RESAMPLES), never 0, at most 1. Returns
+    (difference, [lo, hi], p)."""
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)        # (n,)
     means = bootstrap_means(d)                                                   # (RESAMPLES,)
     tail = 100 * (1 - level) / 2
@@ -94,11 +88,9 @@ def shown(m, key, digits=4):
 
 
 def retrieval_lines(m, chance, split="val", train=None):
-    """One split's retrieval figures (a train.py log record, or a split of evaluate.py's output),
-    each with its interval, as lines of text: against the whole datastore, learned beside TF-IDF
-    and chance (and train's learned figures, if given); re-ranking the first stage's top K, the
-    learned order (and learned + w TF-IDF, where m has it) beside TF-IDF's own, and each order's
-    MRR minus TF-IDF's on the same markers, paired."""
+    """One split's retrieval figures (a train.py log record, or a split of evaluate.py's output)
+    with their intervals, as lines of text: learned beside TF-IDF and chance (and train's, if
+    given); re-ranking the first stage's top K, each order beside TF-IDF's own, paired."""
     width = 24  # 0.0700 [0.0450, 0.0980]
     lines = [f"  {split} retrieval against the whole datastore, 95% intervals over its markers:",
              f"    {'':<10} {'learned':<{width}} {'TF-IDF':<{width}} chance"]

@@ -1,15 +1,14 @@
 """
-The KV cache of generation (generate.py): each layer's keys and values of the tokens seen so far.
+The KV cache of generation (generate.py): each layer's keys and values of the tokens seen so far,
+so that each new token runs through Gen once instead of the whole context again.
 """
 
 import torch
 
 
 class KVCache:
-    """The keys and values of one attention layer for the tokens seen so far, so that generation
-    runs each new token through the model once instead of re-reading the whole context. The
-    buffers are allocated once, for block_size tokens, and filled in place: one token's step then
-    costs no allocation and no copy of the past."""
+    """One attention layer's keys and values, in buffers of block_size tokens allocated once and
+    filled in place: a token's step costs no allocation and no copy of the past."""
 
     def __init__(self, block_size):
         self.block_size, self.n = block_size, 0

@@ -1,18 +1,7 @@
 """
-The lexical baseline and first stage: TF-IDF, no training.
-
-Words are lowercase \\w+ runs. Over the N datastore sequences, with n(w, d) the count of word w
-in text d and df(w) the number of sequences holding w (sublinear tf, smoothed idf):
-
-    v_d[w] = tf(w, d) * idf(w),   tf = 1 + log n(w, d)  (0 where n = 0),
-                                  idf(w) = 1 + log((1 + N) / (1 + df(w)))
-    s(q, j) = v_q . v_j / (|v_q| |v_j|)          (0 where either vector is all zero)
-
-The query is the text Gen sees at the marker (datastore.marker_texts); a tie counts against
-the target. Used two ways: as the baseline every learned number stands beside (its ranks over
-the whole datastore), and as the paper's first stage (its top K, which the learned score
-re-ranks: two-stage retrieval, datastore.py). An entry that shares no word with the query scores
-0 and ties with every other such one: it is never among the first stage's K.
+TF-IDF, as datastore.py states it, over a whole corpus: the datastore's unit vectors v_d / |v_d|
+in a sparse table, scored a chunk of queries at a time; the baseline's ranks and the first
+stage's top K.
 """
 
 import math
@@ -21,22 +10,21 @@ from collections import Counter
 
 import torch
 
-from datastore import marker_texts, retrieval_metrics
-from machinery.exact_search import tie_tolerance
-from machinery.exact_search import ranks_from_chunks
+from datastore import marker_texts, ranks_in, retrieval_metrics, tie_tolerance
 
 WORD = re.compile(r"\w+")
 
 
 def tfidf_vectors(texts, vocab, idf):
-    """Unit TF-IDF rows (len(texts), len(vocab)), a sparse tensor; words outside vocab (the
-    datastore's words) are dropped, since they match nothing."""
+    """The unit vectors v_d / |v_d| of texts, rows of a sparse (len(texts), len(vocab)) tensor;
+    words outside vocab (the datastore's words) match nothing and are dropped."""
     rows, cols, vals = [], [], []
     for row, text in enumerate(texts):
         for w, n in Counter(WORD.findall(text.lower())).items():
             if w in vocab:
-                rows.append(row), cols.append(vocab[w])
-                vals.append((1 + math.log(n)) * idf[vocab[w]])
+                rows.append(row)
+                cols.append(vocab[w])
+                vals.append((1 + math.log(n)) * idf[vocab[w]])                 # tf * idf
     rows, cols = torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long)
     vals = torch.tensor(vals, dtype=torch.float64)
     norms = torch.zeros(len(texts), dtype=torch.float64).index_add_(0, rows, vals ** 2).sqrt()
@@ -50,15 +38,14 @@ class Lexical:
     def __init__(self, texts):
         df = Counter(w for t in texts for w in set(WORD.findall(t.lower())))
         self.vocab = {w: i for i, w in enumerate(df)}
-        self.idf = [1 + math.log((1 + len(texts)) / (1 + df[w])) for w in self.vocab]
+        self.idf = [1 + math.log((1 + len(texts)) / (1 + df[w])) for w in self.vocab]  # idf(w)
         self.rows = tfidf_vectors(texts, self.vocab, self.idf)               # (N, vocabulary)
         self.tolerance = tie_tolerance(len(self.vocab), torch.float64)       # unit rows
 
     def score_chunks(self, queries, chunk=None):
         """(s, the cosines (c, N) of queries s .. s+c-1 against every entry), `chunk` queries at a
-        time, by default as many as keep one (c, N) table within 16 MB: a dense (Q, vocabulary) or
-        (Q, N) table of a whole split would take gigabytes on a novel. Each query's cosines are
-        the same whatever the chunk."""
+        time, by default as many as keep one (c, N) table within 16 MB (a whole split's would take
+        gigabytes on a novel). Each query's cosines are the same whatever the chunk."""
         chunk = chunk or max(1, 2**21 // max(1, self.rows.shape[0]))        # float64: 8 bytes
         for s in range(0, len(queries), chunk):
             q = tfidf_vectors(queries[s:s + chunk], self.vocab, self.idf).to_dense()  # (c, vocab)
@@ -67,16 +54,14 @@ class Lexical:
     def ranks(self, queries, targets, chunk=None):
         """Rank (1 = best) of each query's target (Q,) among all entries, ties against it."""
         targets = torch.as_tensor(targets)
-        ranks = [ranks_from_chunks(lambda: [(0, scores)], targets[s:s + len(scores)],
-                                   self.tolerance)
+        ranks = [ranks_in(scores, targets[s:s + len(scores)], self.tolerance)
                  for s, scores in self.score_chunks(queries, chunk)]
-        return torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
+        return torch.cat(ranks or [torch.zeros(0, dtype=torch.long)])
 
     def top(self, queries, k, chunk=None):
         """The first stage: each query's k best entries by TF-IDF among those that score above 0,
         scores (Q, k) and ids (Q, k), best first (k at most N); where fewer score above 0, id -1
-        and score 0 after them. A score of 0 (no shared word) ties with every other: such an
-        entry would be among the k only by the order of ties."""
+        and score 0 after them (a score of 0 ties with every other such entry)."""
         k = min(k, self.rows.shape[0])
         scores = torch.zeros(len(queries), k, dtype=torch.float64)                 # (Q, k)
         ids = torch.zeros(len(queries), k, dtype=torch.long)                       # (Q, k)
@@ -90,8 +75,7 @@ class Lexical:
 
 
 def lexical_ranks(queries, texts, targets, chunk=None):
-    """Rank (1 = best) of each query's target among the texts by TF-IDF cosine, ties counted
-    against the target. queries: strings, texts: the datastore's strings, targets (Q,) ids."""
+    """Rank of each query's target (Q,) among the texts (strings) by TF-IDF, ties against it."""
     return Lexical(texts).ranks(queries, targets, chunk)
 
 

@@ -1,13 +1,8 @@
 """
-The picture of one training run: out_dir/curves.png, redrawn from log.jsonl as the run evaluates
-(at most every 30 s, and when it ends or stops: run.py's DRAW_EVERY), so a user looks at the run
-instead of reading its log.
-
-Left: L_NTP and L_NSP on train and val against the iteration. Middle: val recall@1 and MRR of
-the learned retrieval against the whole datastore (train's too, dotted: how far val is from what
-training fits), with the two lines every learned number must beat: the training-free TF-IDF
-baseline and chance. Right: the learned score re-ranking TF-IDF's top K (two-stage retrieval),
-with TF-IDF's own order of the same K and its ceiling, recall@K.
+out_dir/curves.png, redrawn from log.jsonl as the run evaluates. Left: L_NTP and L_NSP on train
+and val against the iteration. Middle: recall@1 and MRR against the whole datastore (val, and
+train dotted), with TF-IDF's and chance's lines. Right (two-stage runs): the learned score
+re-ranking TF-IDF's top K, beside TF-IDF's own order of them and its ceiling, recall@K.
 """
 
 import os

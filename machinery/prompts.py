@@ -25,11 +25,10 @@ def read_prompt(args, data, tok, block_size):
 
 
 def default_prompt(data, tok):
-    """A held-out document up to its first marker with text before it (a question, a sentence),
-    where Gen should write the marker next and retrieve: the val split's first such marker, else
-    its first document up to its first marker (the end-of-document token where that is the
-    document's start: what comes before a document in the token stream). Without markers: the
-    first 64 tokens."""
+    """A held-out document up to its first marker with text before it, where Gen should write
+    the marker next: the val split's first such marker, else its first document up to its first
+    marker (or the end-of-document token, which precedes a document). Without markers: the first
+    64 tokens."""
     s = data.val
     if not len(s.marker_pos):
         return [int(t) for t in s.ids[:min(64, len(s.ids))]]
@@ -39,9 +38,8 @@ def default_prompt(data, tok):
 
 
 def render(tok, ids, retrievals, prompt, datastore, show):
-    """The sample as text, each inserted sequence marked with its datastore id and score. The
-    prompt is shown without its special tokens: a document's start is not text to show, nor is a
-    marker the prompt holds (its sequence follows it as text)."""
+    """The sample as text, each inserted sequence marked with its datastore id and score; the
+    prompt without its special tokens."""
     out, pos = [query_text(tok, prompt)], len(prompt)
     for r in retrievals:
         seq = [int(t) for t in datastore.sequence(r.id)] if r.id >= 0 else []

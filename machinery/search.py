@@ -1,15 +1,58 @@
 """
 How generation searches a run's datastore (sample.py's and evaluate.py's --index): exact search
-over every entry (datastore.search, the reference), faiss (approximate, machinery/faiss_index.py),
-or two-stage (the learned score re-ranks TF-IDF's top K: datastore.Datastore.rerank).
+over every entry (datastore.search), faiss (approximate, an optional install) or two-stage (the
+learned score re-ranks TF-IDF's top K: datastore.Datastore.rerank).
 """
+
+import math
+
+import torch
 
 from machinery.cli import UserError
 from machinery.corpora import is_facts
-from machinery.faiss_index import FaissIndex, load_faiss
 from machinery.lexical import lexical_index
 
 INDEXES = ("auto", "exact", "faiss", "first_stage")
+
+
+def load_faiss():
+    """The faiss module, or a one-line error that says how to install it."""
+    try:
+        import faiss
+    except ImportError:  # an optional install
+        raise UserError("--index faiss needs faiss: pip install faiss-cpu") from None
+    return faiss
+
+
+class FaissIndex:
+    """Approximate top-k by inner product, for a datastore of millions, where exact search reads
+    every key for every query. IVF-Flat: k-means on the unit sphere splits the N keys into
+    nlist = sqrt(N) lists; a query scores exactly the keys of the nprobe lists whose centroids
+    score highest for it:
+
+        top-k_j  q . e_j        over j in the nprobe lists nearest q
+
+    What it can miss is a best key in a list it did not probe. Up to about 1,300 entries,
+    nlist <= nprobe: every list is probed, and the search is exact."""
+
+    def __init__(self, embeddings, nprobe=32):
+        faiss = load_faiss()
+        keys = embeddings.detach().float().cpu().numpy()                  # (N, d)
+        n, d = keys.shape
+        nlist = max(1, min(int(math.sqrt(n)), n // 39))  # k-means wants 39 keys per list or more
+        self.index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        self.index.cp.spherical = True   # unit centroids: a list is probed for its direction only
+        self.index.cp.min_points_per_centroid = 1  # under 39 keys: one list, without a warning
+        self.index.train(keys)
+        self.index.add(keys)
+        self.index.nprobe = min(nprobe, nlist)
+
+    def search(self, queries, k):
+        """Scores (Q, k) and ids (Q, k), best first (k at most N); where the probed lists hold
+        fewer than k keys, faiss pads a row with id -1 and score -3.4e38."""
+        k = min(k, self.index.ntotal)
+        scores, ids = self.index.search(queries.detach().float().cpu().numpy(), k)
+        return torch.from_numpy(scores), torch.from_numpy(ids)
 
 
 def require_index(kind):
@@ -22,20 +65,16 @@ def require_index(kind):
 
 
 def use_index(datastore, kind):
-    """How datastore.search() finds the best entries: "exact" (datastore.search) or "faiss"
-    (FaissIndex, built here, over the whole datastore). Returns the datastore."""
-    if kind not in ("exact", "faiss"):
-        raise ValueError(f"unknown index {kind!r}")
+    """Exact search ("exact") or a FaissIndex over the whole datastore ("faiss") from now on."""
     datastore.index = FaissIndex(datastore.embeddings) if kind == "faiss" else None
     return datastore
 
 
 def use_search(datastore, kind, cfg, data, tok, lexical=None):
-    """Set how generation searches a run's datastore: exact (every entry), faiss (approximate),
-    first_stage (two-stage: the learned score re-ranks TF-IDF's top cfg.first_stage), or auto:
-    first_stage on a text corpus, where the learned score alone is far below words against the
-    whole datastore, exact on facts, where it is far above. lexical: the corpus's Lexical, if the
-    caller has built it already."""
+    """Set how generation searches a run's datastore: exact, faiss, first_stage (the learned
+    score re-ranks TF-IDF's top cfg.first_stage), or auto: first_stage on a text corpus, where
+    the learned score alone is far below words against the whole datastore, exact on facts,
+    where it is far above. lexical: the corpus's Lexical, if the caller has built it already."""
     if kind == "auto":
         kind = "exact" if is_facts(cfg.dataset) else "first_stage"
     if kind == "first_stage":

@@ -27,8 +27,7 @@ GPT2_FILE_ENV = "COSUP_GPT2_FILE"
 
 
 class Tokenizer:
-    """A tiktoken Encoding plus our two special tokens. `bytes`: the 256 single bytes (offline, any
-    text); `gpt2`: GPT-2's BPE from tiktoken's cache or from a local `.tiktoken` file."""
+    """A tiktoken Encoding plus the marker and the end of a document."""
 
     def __init__(self, name, gpt2_file=""):
         if name == "bytes":
@@ -67,9 +66,8 @@ def _gpt2_ranks(path):
 
 
 def _read_tiktoken_file(path):
-    """The ranks of a .tiktoken file: each line the base64 of a token's bytes, then its rank.
-    Read here, not with tiktoken.load, which keeps a copy of a local file in its cache under the
-    file's path and reads that copy back even after the file has changed."""
+    """The ranks of a .tiktoken file: each line the base64 of a token's bytes, then its rank;
+    a file that is not one is a one-line error that says where."""
     try:
         with open(path, "rb") as f:
             lines = f.read().splitlines()
@@ -92,10 +90,9 @@ def _read_tiktoken_file(path):
 
 
 def _read_vocab_json(path):
-    """The ranks of a GPT-2 checkpoint's vocab.json: token -> id, each token a string in which a
-    byte b is one printable character (chr(b) where that is printable and not a space, else
-    chr(256 + n) for the n-th other byte: GPT-2's map of bytes to characters). A token's id is
-    its merge rank, as tiktoken's ranks are; <|endoftext|> is a special token, not a rank."""
+    """The ranks of a GPT-2 checkpoint's vocab.json: token -> id (its merge rank), a byte b
+    written as chr(b) where printable and not a space, else chr(256 + n) for the n-th other
+    byte (GPT-2's map of bytes to characters)."""
     printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
     others = [b for b in range(256) if b not in printable]
     to_byte = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}

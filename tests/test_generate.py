@@ -134,7 +134,8 @@ def test_datastore_round_trip_and_staleness(tmp_path, tiny_data):
     path = str(tmp_path / "datastore.pt")
     built = datastore_file.load_or_build(path, emb, data)
     loaded = datastore_file.load_or_build(path, emb, data)
-    assert torch.equal(built.embeddings, loaded.embeddings) and loaded.fingerprint == built.fingerprint
+    assert torch.equal(built.embeddings, loaded.embeddings)
+    assert loaded.fingerprint == built.fingerprint
     assert np.array_equal(loaded.sequence(5), data.sequence(5))
     with torch.no_grad():
         emb.proj.weight[0, 0] += 1e-3  # any change to Emb_seq makes the saved datastore stale

@@ -1,4 +1,5 @@
-"""The lexical baseline (machinery/lexical.py): TF-IDF ranks by hand, ties against the target."""
+"""The lexical baseline (TF-IDF: datastore.py, machinery/lexical.py): ranks by hand, ties against
+the target."""
 import math
 
 import numpy as np

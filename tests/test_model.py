@@ -81,3 +81,36 @@ def test_a_batchs_queries_are_seq_head_of_the_state_at_its_markers(tiny_data):
         h = gen.transformer(batch.x[r:r + 1, :c + 1])[0, -1]              # (n_embd,)
         w = gen.seq_head.weight @ h                                       # (8,)
         assert torch.allclose(q[i], w / w.norm(), atol=1e-5)
+
+
+def _attention(model, flash):
+    for m in model.modules():
+        if hasattr(m, "flash"):
+            m.flash = flash
+    return model
+
+
+def test_the_explicit_attention_path_equals_the_fused_one():
+    """softmax(Q K^T / sqrt(d)) V written out gives what scaled_dot_product_attention gives, under
+    each mask: causal (Gen), padding (Emb_seq, bidirectional and causal), and a KV cache's."""
+    from machinery.kv_cache import new_caches
+    torch.manual_seed(0)
+    gen = Gen(GenConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, seq_dim=8))
+    x = torch.randint(0, 50, (2, 16))
+    mask = torch.arange(16)[None] < torch.tensor([[9], [16]])
+
+    def outputs(flash):
+        _attention(gen.eval(), flash)
+        out = [gen(x)[0]]
+        caches = new_caches(gen)
+        for part in (x[:, :5], x[:, 5:9], x[:, 9:10]):  # no past, past and several, one token
+            out.append(gen.hidden(part, caches))
+        for causal in (False, True):
+            torch.manual_seed(1)
+            emb = SeqEmbedder(EmbedderConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2,
+                                             n_embd=16, seq_dim=8, causal=causal)).eval()
+            out.append(_attention(emb, flash)(x, mask))
+        return out
+
+    for fast, explicit in zip(outputs(True), outputs(False)):
+        assert torch.allclose(fast, explicit, atol=1e-5)

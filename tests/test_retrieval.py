@@ -249,5 +249,6 @@ def test_faiss_missing_is_a_one_line_error(monkeypatch):
     with pytest.raises(UserError) as e:
         use_index(Datastore(_unit(50, 8, 0), None, None, "test"), "faiss")
     assert str(e.value) == "--index faiss needs faiss: pip install faiss-cpu"
-    with pytest.raises(UserError, match="--index must be one of auto, exact, faiss, first_stage, got 'hnsw'"):
+    with pytest.raises(UserError, match="--index must be one of auto, exact, faiss, "
+                                        "first_stage, got 'hnsw'"):
         require_index("hnsw")
