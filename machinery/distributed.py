@@ -6,7 +6,7 @@ Training with several processes (torchrun): one process per GPU, or several on a
 Each process draws its own batches (its numpy rng is seeded with seed + rank) of `batch_size`
 windows, so W processes train on W * batch_size windows per step. All build the same initial
 weights (torch seeded with seed), then each draws its own dropout (torch reseeded with seed + rank,
-machinery/run.py). Gen and Emb_seq are wrapped in DistributedDataParallel, which averages their
+train.py). Gen and Emb_seq are wrapped in DistributedDataParallel, which averages their
 gradients over the processes. Evaluation, the log, the progress bar and the checkpoint are rank
 0's alone.
 
@@ -136,7 +136,7 @@ def gather_candidates(queries, embeddings, target_row, candidate_ids, neighbours
     others' come through all_gather, which has none): every process computes the same L_NSP, and
     the gradient of process r is dL_NSP/d(its own queries and embeddings). Summed over the
     processes, that is the whole gradient of L_NSP, so the training step weights L_NSP by W to
-    undo DDP's averaging (across_processes).
+    undo DDP's averaging (train.across_processes).
 
     A sequence that is a candidate in several processes is kept once (its first copy), as one
     process keeps each candidate once: two markers with the same target never see it as a negative.
@@ -156,17 +156,3 @@ def gather_candidates(queries, embeddings, target_row, candidate_ids, neighbours
     first = torch.full_like(ids, len(all_ids)).scatter_reduce_(0, inverse, rows, "amin")
     return (torch.cat(all_queries), torch.cat(all_embeddings)[first],
             torch.searchsorted(ids, targets), ids, torch.cat(_all_gather_rows(neighbours)))
-
-
-def across_processes(batch, lambda_seq, world):
-    """With W > 1 processes, L_NSP is taken over the markers and candidates of all of them: the
-    gather co_supervision_loss applies (gather_candidates), and L_NSP's weight.
-
-    Each process then computes the whole L_NSP but its gradient only through its own queries and
-    embeddings, and DDP averages the W gradients: weighting L_NSP by W makes that average the
-    gradient of L_NSP. All processes must run L_NSP, or none (DDP waits for every process's
-    gradients): none only when no process's batch holds a marker. One process: no gather."""
-    if world == 1 or lambda_seq == 0:
-        return None, lambda_seq
-    markers = total(len(batch.target_row), batch.x.device)
-    return (gather_candidates if markers > 0 else None), lambda_seq * world
