@@ -6,7 +6,8 @@ import pytest
 from machinery.cli import UserError
 from data import Data
 from machinery.corpora import Segment, load_corpus
-from machinery.prepare import found_in, prepare
+from data import prepare
+from machinery.prepare import found_in
 from machinery.tokenizer import Tokenizer
 from conftest import write, write_tiktoken
 
