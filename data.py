@@ -4,34 +4,26 @@ of one training step.
 
 Every corpus (machinery/corpora.py) is documents of plain text and *sequences* (a fact, a
 sentence): the datastore entries. In the token stream each sequence is written right after a
-retrieval marker (write_stream),
-
-    ... text  <marker> sequence tokens  text ... <eod>
-
-so every marker has exactly one target: the sequence that follows it. L_NTP trains on every token
-of a window (markers and sequence tokens included, as the paper's code does); L_NSP trains Gen's
-query at each marker of the window to pick that target out of the batch's candidate sequences.
-The datastore is every distinct sequence of the corpus: train's first, then those of val that
-training has not seen (as a sequence, or inside its text: seen_in_training); a val sequence that
-training has seen stays plain text in val, never a target.
-
-A batch is B windows of T + 1 tokens. Its markers give M queries; its candidates are the N
-distinct sequences that L_NSP scores each query against: every marker's target once, plus at most
-h = hard_negatives confusable sequences per marker (fewer where they repeat): the corpus's own
-(facts: look-alike people's) or, on text, what the lexical first stage returns for the marker's
-context (use_lexical_negatives), the sequences that two-stage retrieval asks the learned score to
-tell apart. With lexical negatives, the targets of the two markers on each side of a marker (the
-text around its target: likely false negatives) are no candidates of that marker, though they
-may be of others (near_targets). The default run's first batch (B = 24, T = 128), its first
-window decoded:
+retrieval marker (write_stream), so every marker has exactly one target, the sequence after it:
 
     Q: Which instrument does Doubrour Piltreimdrouk play?
     <|ret|>Doubrour Piltreimdrouk plays the tuba.
     A: tuba.
-    <|endoftext|>Q: When was Doubrour Pil
+    <|endoftext|>
 
-M = 36 markers over the 24 windows, N = 105 candidates (the markers' targets and up to 2 hard
-negatives each, every sequence once), the longest L = 49 tokens.
+L_NTP trains on every token of a window (markers and sequence tokens included, as the paper's
+code does); L_NSP trains Gen's query at each marker to pick its target out of the batch's
+candidates. The datastore is every distinct sequence: train's first, then val's that training
+has not seen (as a sequence, or inside its text: seen_in_training), which stay plain text in val.
+
+A batch is B windows of T + 1 tokens. Its M markers are the queries; its N candidates are every
+marker's target once, plus up to h = hard_negatives confusable sequences per marker. Hard
+negatives are the corpus's own: on facts the same attribute of the people whose names look most
+alike, and of look-alikes who share the person's value (machinery/facts.py); on text, what the
+lexical first stage ranks highest for the marker's context (use_lexical_negatives), the
+sequences two-stage retrieval asks the learned score to tell apart. The targets of the markers
+on each side of a marker (the text around its target: likely false negatives) are then no
+candidates of that marker (near_targets).
 """
 
 import json
@@ -145,15 +137,12 @@ class Data:
         return np.take_along_axis(choices, pick, axis=1)
 
     def use_lexical_negatives(self, tok, width=8, near=2):
-        """Replace each split's hard negatives by lexical ones: for the target of each marker,
-        the first stage's best candidates for the marker's context (TF-IDF over this corpus's
-        sequences, built only when the cache lacks them), so that L_NSP learns what words cannot
-        tell: which of the sequences that share the context's words comes next. Left out: the
-        target and the targets of the `near` markers before and after it (the text around the
-        target, likely false negatives: no candidate of its L_NSP either, near_targets). In train
-        unless transductive, TF-IDF is over train's sequences alone: no val sequence is a
-        negative or weighs a word. Cached beside the prepared corpus, a file for each setting; a
-        sequence that is the target of several markers keeps its first."""
+        """Hard negatives from the first stage: for each marker's target, TF-IDF's best
+        candidates for the marker's context, less the target and the targets of the `near`
+        markers on each side (likely false negatives, near_targets). L_NSP then learns what words
+        cannot tell. In train, unless transductive, TF-IDF is over train's sequences alone: no val
+        sequence is a negative or weighs a word. Cached beside the prepared corpus; a sequence
+        that is the target of several markers keeps its first marker's."""
         self.near = near
         setting = "transductive" if self.transductive else "strict"
         path = os.path.join(self.path, f"lexical_negatives_{setting}_{self.block_size}_{width}_"

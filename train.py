@@ -101,11 +101,9 @@ def make_optimizer(cfg, gen, embedder, device):
 
 
 def across_processes(batch, lambda_seq, world):
-    """With W > 1 processes, L_NSP is over all their markers and candidates: returns the gather
-    co_supervision_loss applies (distributed.gather_candidates) and L_NSP's weight, times W.
-    Each process's gradient reaches only its own queries and embeddings, and DDP averages the W
-    gradients: weight W makes that average L_NSP's gradient. All processes run L_NSP, or none
-    (DDP waits for all): none only when no process's batch holds a marker."""
+    """W > 1 processes: L_NSP over all their markers and candidates (the gather), weighted by W,
+    since DDP averages W gradients that each reach one process's part. All processes run L_NSP
+    or none (DDP waits for all): none only when no batch holds a marker."""
     if world == 1 or lambda_seq == 0:
         return None, lambda_seq
     markers = distributed.total(len(batch.target_row), batch.x.device)
@@ -146,10 +144,9 @@ def loss_estimates(gen, embedder, data, cfg, device, ctx, split, measure_nsp=Tru
 
 
 def evaluate(gen, embedder, data, cfg, device, ctx, baseline, stage):
-    """The training loop's evaluation: losses on both splits, retrieval of val's markers (and of
-    train's first 500) against the whole datastore (datastore.py), and re-ranking the first
-    stage's candidates for the same val markers (stage); beside them `baseline`: TF-IDF's
-    numbers on the same markers."""
+    """Losses on both splits, retrieval of val's markers (and train's first 500) against the whole
+    datastore, re-ranking the first stage's candidates (stage) for the same val markers, and
+    beside them `baseline`: TF-IDF's numbers on those markers."""
     gen.eval(), embedder.eval()
     out = {}
     for split in ("train", "val"):
@@ -178,7 +175,7 @@ def diverged(what, it, ckpt_path, saved):
                      f"the last good iteration, {saved}; try a lower --learning_rate")
 
 
-def print_summary(m, chance, ckpt_path):
+def print_summary(m, chance, ckpt_path, log_path):
     """The last evaluation beside chance (and, in retrieval_lines, TF-IDF), with intervals."""
     def f(v):
         return "n/a" if v is None else f"{v:.4f}"
@@ -187,7 +184,7 @@ def print_summary(m, chance, ckpt_path):
     print(f"  NSP loss (val)  {f(m['val_nsp'])}")
     train = {k[len("train_"):]: v for k, v in m.items() if k.startswith("train_")}
     print("\n".join(retrieval_lines(m, chance, "val", train)))
-    print(f"  checkpoint {ckpt_path}, log {os.path.join(os.path.dirname(ckpt_path), 'log.jsonl')}")
+    print(f"  checkpoint {ckpt_path}, log {log_path}")
 
 
 def main(argv=None):
@@ -322,7 +319,7 @@ def main(argv=None):
                 bar.set_postfix({k: f"{v.item():.3f}" for k, v in stats.items()})
     if master:
         log.close()
-        print_summary(metrics, chance_metrics(data.n_sequences), ckpt_path)
+        print_summary(metrics, chance_metrics(data.n_sequences), ckpt_path, log.name)
 
 
 if __name__ == "__main__":

@@ -72,8 +72,8 @@ def rng_states(rng, device):
 
 
 def set_rng_states(states, rng, device):
-    """This process's streams as rng_states saved them (a process the checkpoint lacks keeps its
-    own: torchrun with more processes than before)."""
+    """This process's streams as rng_states saved them (with more processes than saved them, the
+    new ones keep their own)."""
     if distributed.rank() < len(states):
         state = states[distributed.rank()]
         rng.bit_generator.state = state["numpy"]
@@ -96,7 +96,7 @@ def read_jsonl(path):
 
 
 def keep_log_until(path, last):
-    """Keep the log's records up to iteration `last`."""
+    """Keep the log's records up to iteration `last` (and drop a line a crash cut)."""
     if os.path.exists(path):
         records, _ = read_jsonl(path)
         with open(path + ".tmp", "w") as f:

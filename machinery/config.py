@@ -1,8 +1,7 @@
 """
-train.py's configuration: every flag with its default and help (`python train.py --help`), the
-checks that turn a bad value into a one-line error, the device and precision, the two models a
-config describes and their optimizer. sample.py and evaluate.py rebuild a finished run from the
-Config saved in its checkpoint; their own flags (SampleConfig, EvalConfig) are at the end.
+train.py's flags with their defaults and help (`python train.py --help`), the checks that turn a
+bad value into a one-line error, the device and precision. A checkpoint keeps its run's Config;
+sample.py's and evaluate.py's own flags (SampleConfig, EvalConfig) are at the end.
 """
 
 import math
@@ -73,22 +72,18 @@ class Config:
     # optimisation
     batch_size: int = flag(24, "windows per batch, per process (torchrun: each process draws its "
                                "own, so N processes train on N * batch_size windows per step)")
-    max_iters: int = flag(-1, "training iterations (-1: 1200 on facts, 2400 on a text corpus, "
-                              "which needs twice the steps: experiments/README.md, Real text)")
+    max_iters: int = flag(-1, "training iterations (-1: the corpus's, train.py's RECIPE)")
     learning_rate: float = flag(2e-3, "peak learning rate")
     nsp_lr_scale: float = flag(-1, "the parts only L_NSP trains (Emb_seq, seq_head) learn at "
-                                   "this times the learning rate (-1: 0.3 on facts, where it "
-                                   "was measured, experiments/README.md, The default recipe; 1 "
-                                   "on a text)")
+                                   "this times the learning rate (-1: train.py's RECIPE)")
     min_lr: float = flag(2e-4, "learning rate at the end of the cosine decay")
     warmup_iters: int = flag(100, "linear warmup iterations")
     weight_decay: float = flag(0.1, "AdamW weight decay (matrices only)")
     beta2: float = flag(0.99, "AdamW beta2")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
     # evaluation and i/o
-    eval_interval: int = flag(-1, "iterations between evaluations and checkpoints (-1: 300 on "
-                                  "facts, 600 on a text: a quarter of the default run, so its "
-                                  "last quarter's gain is read off them)")
+    eval_interval: int = flag(-1, "iterations between evaluations and checkpoints (-1: train.py's "
+                                  "RECIPE)")
     eval_iters: int = flag(10, "batches per split for the loss estimates")
     out_dir: str = flag("out", "where ckpt.pt and log.jsonl go")
     seed: int = flag(1337, "random seed (weights, batches)")
@@ -106,7 +101,7 @@ class Config:
 
 
 def check_config(cfg):
-    """Turn a bad value into a one-line error. A -1 that train.py's RECIPE settles is none."""
+    """Turn a bad value into a one-line error (a -1 that train.py's RECIPE settles is none)."""
     check_dataset(cfg.dataset)  # the inputs before the out_dir: a typo never meets "exists"
 
     def bad(names, ok, what):
