@@ -33,7 +33,8 @@ from machinery import datastore_file, distributed  # every sequence embedded: em
 from machinery.checkpoint import (check_out_dir, check_same_data, init_from, open_log,
                                   read_checkpoint, resume, rng_states, save_checkpoint,
                                   set_rng_states)
-from machinery.cli import Interrupted, UserError, interruptible, main_guard, malloc_for, parse_config
+from machinery.cli import (Interrupted, UserError, interruptible, main_guard, malloc_for,
+                           parse_config)
 from machinery.config import Config, autocast, check_config, pick_device
 from machinery.corpora import is_facts
 from machinery.intervals import retrieval_lines

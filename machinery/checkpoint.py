@@ -64,7 +64,7 @@ def save_checkpoint(path, **state):
 
 
 def rng_states(rng, device):
-    """Every process's random streams, its batches' (numpy) and dropout's (torch): a list by rank."""
+    """Every process's random streams, its batches' (numpy) and dropout's (torch), by rank."""
     state = {"numpy": rng.bit_generator.state, "torch": torch.get_rng_state()}
     if device.startswith("cuda"):
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -128,20 +128,15 @@ def check_same_data(ckpt, path, data, tok):
                         f"{trained['dataset']} --tokenizer {trained['tokenizer']}) than this run's")
 
 
-def check_shape(ckpt, path, cfg, what):
-    """A one-line error unless the checkpoint's models have the sizes cfg gives."""
-    trained = ckpt["config"]
-    other = [f"--{k} {trained[k]}" for k in MODEL_SHAPE if trained[k] != getattr(cfg, k)]
-    if other:
-        raise UserError(f"{path} holds models of another shape: {what} with {' '.join(other)}")
-
-
 def resume(path, cfg, data, tok):
     """The checkpoint --resume continues: rank 0 reads it, every process gets it."""
     ckpt = distributed.broadcast_object(
         read_checkpoint(path, "nothing to --resume") if distributed.rank() == 0 else None)
     check_same_data(ckpt, path, data, tok)
-    check_shape(ckpt, path, cfg, "resume")
+    trained = ckpt["config"]
+    other = [f"--{k} {trained[k]}" for k in MODEL_SHAPE if trained[k] != getattr(cfg, k)]
+    if other:
+        raise UserError(f"{path} holds models of another shape: resume with {' '.join(other)}")
     return ckpt
 
 

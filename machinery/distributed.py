@@ -133,7 +133,7 @@ def gather_candidates(queries, embeddings, target_row, candidate_ids, neighbours
     all_embeddings = _all_gather_rows(embeddings.detach())
     all_queries[rank], all_embeddings[rank] = queries, embeddings  # this process's, with gradient
     all_ids = torch.cat(_all_gather_rows(candidate_ids))
-    targets = torch.cat(_all_gather_rows(candidate_ids[target_row]))  # each query's target, as an id
+    targets = torch.cat(_all_gather_rows(candidate_ids[target_row]))  # each query's target's id
     ids, inverse = torch.unique(all_ids, return_inverse=True)
     # the first row of each distinct id: the smallest row index among those with that id
     rows = torch.arange(len(all_ids), device=all_ids.device)
