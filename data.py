@@ -4,34 +4,26 @@ of one training step.
 
 Every corpus (machinery/corpora.py) is documents of plain text and *sequences* (a fact, a
 sentence): the datastore entries. In the token stream each sequence is written right after a
-retrieval marker (write_stream),
-
-    ... text  <marker> sequence tokens  text ... <eod>
-
-so every marker has exactly one target: the sequence that follows it. L_NTP trains on every token
-of a window (markers and sequence tokens included, as the paper's code does); L_NSP trains Gen's
-query at each marker of the window to pick that target out of the batch's candidate sequences.
-The datastore is every distinct sequence of the corpus: train's first, then those of val that
-training has not seen (as a sequence, or inside its text: seen_in_training); a val sequence that
-training has seen stays plain text in val, never a target.
-
-A batch is B windows of T + 1 tokens. Its markers give M queries; its candidates are the N
-distinct sequences that L_NSP scores each query against: every marker's target once, plus at most
-h = hard_negatives confusable sequences per marker (fewer where they repeat): the corpus's own
-(facts: look-alike people's) or, on text, what the lexical first stage returns for the marker's
-context (use_lexical_negatives), the sequences that two-stage retrieval asks the learned score to
-tell apart. With lexical negatives, the targets of the two markers on each side of a marker (the
-text around its target: likely false negatives) are no candidates of that marker, though they
-may be of others (near_targets). The default run's first batch (B = 24, T = 128), its first
-window decoded:
+retrieval marker (write_stream), so every marker has exactly one target, the sequence after it:
 
     Q: Which instrument does Doubrour Piltreimdrouk play?
     <|ret|>Doubrour Piltreimdrouk plays the tuba.
     A: tuba.
-    <|endoftext|>Q: When was Doubrour Pil
+    <|endoftext|>
 
-M = 36 markers over the 24 windows, N = 105 candidates (the markers' targets and up to 2 hard
-negatives each, every sequence once), the longest L = 49 tokens.
+L_NTP trains on every token of a window (markers and sequence tokens included, as the paper's
+code does); L_NSP trains Gen's query at each marker to pick its target out of the batch's
+candidates. The datastore is every distinct sequence: train's first, then val's that training
+has not seen (as a sequence, or inside its text: seen_in_training), which stay plain text in val.
+
+A batch is B windows of T + 1 tokens. Its M markers are the queries; its N candidates are every
+marker's target once, plus up to h = hard_negatives confusable sequences per marker. Hard
+negatives are the corpus's own: on facts the same attribute of the people whose names look most
+alike, and of look-alikes who share the person's value (machinery/facts.py); on text, what the
+lexical first stage ranks highest for the marker's context (use_lexical_negatives), the
+sequences two-stage retrieval asks the learned score to tell apart. The targets of the markers
+on each side of a marker (the text around its target: likely false negatives) are then no
+candidates of that marker (near_targets).
 """
 
 import json
@@ -42,9 +34,11 @@ import numpy as np
 import torch
 
 from datastore import marker_texts
-from machinery import prepare  # the prepared corpus, cached on disk
+from machinery.cli import UserError
 from machinery.corpora import is_facts, load_corpus
 from machinery.lexical import lexical_index
+from machinery.prepare import (CHUNK, TokenFile, cache_key, encode_pieces, found_in, publish,
+                               sequence_tokens)
 from machinery.tokenizer import Tokenizer
 
 
@@ -72,22 +66,25 @@ class Data:
         with open(os.path.join(path, "meta.json")) as f:
             self.meta = json.load(f)
         self.path, self.fingerprint, self.transductive = path, self.meta["key"], transductive
-        # each split's token stream, where its documents start and its markers (prepare.Split)
-        self.train = prepare.Split(path, "train", self.meta["dtype"])
-        self.val = prepare.Split(path, "val", self.meta["dtype"])
+        # each split's token stream, where its documents start and its markers
+        self.train, self.val = (Split(path, name, self.meta["dtype"]) for name in ("train", "val"))
         seqs = np.load(os.path.join(path, "sequences.npz"))
         # the tokens of all sequences end to end: sequence i is seq_tokens[offsets[i]:offsets[i+1]]
         self.offsets, self.seq_tokens = seqs["offsets"], seqs["tokens"]
         self.n_sequences = len(self.offsets) - 1
         self.block_size = block_size
-        prepare.check_block(self.train, self.val, block_size)  # each split holds one window
+        for name, split in (("train", self.train), ("val", self.val)):
+            if len(split.ids) < block_size + 1:
+                raise UserError(f"the {name} split has {len(split.ids)} tokens, fewer than one "
+                                f"block ({block_size + 1}): use a larger corpus or a smaller "
+                                "--block_size")
         # each sequence's hard negatives (n_sequences, h_max), distinct, -1 where none
         negatives = seqs["hard_negatives"]
         self.negatives = {"train": self.held_out(negatives), "val": negatives}
         self.near = 0  # the markers on each side whose targets are no negatives (near_targets)
         # allowed window starts: anywhere in a stream of text; in a corpus of self-contained
         # documents, each document's start, and more starts inside a document longer than a window
-        self.starts = {name: prepare.document_windows(s.doc_starts, len(s.ids), block_size)
+        self.starts = {name: document_windows(s.doc_starts, len(s.ids), block_size)
                        if self.meta["aligned"] else None
                        for name, s in (("train", self.train), ("val", self.val))}
 
@@ -126,8 +123,9 @@ class Data:
         sequence before it is evaluated on it; with transductive, all of them."""
         if self.transductive:
             return negatives
-        train_only = negatives < self.meta["n_train_sequences"]
-        return prepare.first(np.where(train_only, negatives, -1))
+        negatives = np.where(negatives < self.meta["n_train_sequences"], negatives, -1)
+        order = np.argsort(negatives < 0, axis=1, kind="stable")  # the -1s last, the rest in order
+        return np.take_along_axis(negatives, order, axis=1)
 
     def pick_negatives(self, split_name, targets, h, rng):
         """For each target (M,), h of its hard negatives at random, distinct: (M, h), -1 where it
@@ -139,15 +137,12 @@ class Data:
         return np.take_along_axis(choices, pick, axis=1)
 
     def use_lexical_negatives(self, tok, width=8, near=2):
-        """Replace each split's hard negatives by lexical ones: for the target of each marker,
-        the first stage's best candidates for the marker's context (TF-IDF over this corpus's
-        sequences, built only when the cache lacks them), so that L_NSP learns what words cannot
-        tell: which of the sequences that share the context's words comes next. Left out: the
-        target and the targets of the `near` markers before and after it (the text around the
-        target, likely false negatives: no candidate of its L_NSP either, near_targets). In train
-        unless transductive, TF-IDF is over train's sequences alone: no val sequence is a
-        negative or weighs a word. Cached beside the prepared corpus, a file for each setting; a
-        sequence that is the target of several markers keeps its first."""
+        """Hard negatives from the first stage: for each marker's target, TF-IDF's best
+        candidates for the marker's context, less the target and the targets of the `near`
+        markers on each side (likely false negatives, near_targets). L_NSP then learns what words
+        cannot tell. In train, unless transductive, TF-IDF is over train's sequences alone: no val
+        sequence is a negative or weighs a word. Cached beside the prepared corpus; a sequence
+        that is the target of several markers keeps its first marker's."""
         self.near = near
         setting = "transductive" if self.transductive else "strict"
         path = os.path.join(self.path, f"lexical_negatives_{setting}_{self.block_size}_{width}_"
@@ -213,12 +208,35 @@ def near_targets(marker_target, sel, near):
     return np.where(inside, marker_target[np.clip(idx, 0, max(0, len(marker_target) - 1))], -1)
 
 
-def write_stream(stream, docs, leaked, tok, seq_id, sequence_tokens, encode):
+class Split:
+    """One split's token stream (a memmap, as nanoGPT's train.bin), where its documents start, and
+    its markers: each one's position in the stream and its target's datastore id."""
+
+    def __init__(self, path, name, dtype):
+        self.ids = np.memmap(os.path.join(path, f"{name}.bin"), dtype=dtype, mode="r")
+        arrays = np.load(os.path.join(path, f"{name}.npz"))
+        self.doc_starts, self.marker_pos = arrays["doc_starts"], arrays["marker_pos"]
+        self.marker_target = arrays["marker_target"]
+
+
+def document_windows(doc_starts, n_tokens, T):
+    """Window starts for self-contained documents: each document's start, and, where a document
+    is longer than a window, more starts every T/2 tokens and one that ends at its end, so that
+    every token of every document is read and predicted by some window."""
+    ends = np.append(doc_starts[1:], n_tokens)
+    starts = []
+    for a, b in zip(doc_starts, ends):
+        starts += list(range(a, max(a + 1, b - T), T // 2)) + ([b - T - 1] if b - a > T + 1 else [])
+    # a window needs T + 1 tokens: a start too near the stream's end (the last documents') moves
+    # back to the last start that fits, a window that still reads that document to its end
+    return np.unique(np.minimum(np.array(starts, dtype=np.int64), n_tokens - T - 1))
+
+
+def write_stream(stream, docs, leaked, tok, seq_id, sequence_tokens, chunk=CHUNK):
     """Write a split's documents to stream (its .append(ids) adds tokens, its .n counts them),
     each datastore sequence right after a marker, a `leaked` one as plain text, and the
     end-of-document token after each. Returns where its documents start, and each marker's
-    position and target sequence id. sequence_tokens(i): sequence i's tokens; encode(text): its
-    tokens, a piece at a time (machinery/prepare.py writes the file, a chunk at a time)."""
+    position and target sequence id. sequence_tokens(i): sequence i's tokens."""
     doc_starts, marker_pos, marker_target = [], [], []
     for doc in docs:
         doc_starts.append(stream.n)
@@ -228,8 +246,8 @@ def write_stream(stream, docs, leaked, tok, seq_id, sequence_tokens, encode):
                 marker_pos.append(stream.n), marker_target.append(i)
                 stream.append(np.array([tok.marker]))
                 stream.append(sequence_tokens(i))
-            else:                                           # plain text
-                for ids in encode(seg.text):
+            else:                                           # plain text, a long one in pieces
+                for ids in encode_pieces(tok, seg.text, chunk):
                     stream.append(ids)
         stream.append(np.array([tok.eod]))
     return doc_starts, marker_pos, marker_target
@@ -242,7 +260,50 @@ def seen_in_training(corpus):
     val_seqs = {s.text for d in corpus.val for s in d if s.sequence}
     seen = val_seqs & train_seqs
     train_text = "\n".join(s.text for d in corpus.train for s in d)
-    return seen | prepare.found_in(val_seqs - seen, train_text)   # a fast `t in train_text`
+    return seen | found_in(val_seqs - seen, train_text)   # a fast `t in train_text`
+
+
+def prepare(corpus, tok, cache_dir, chunk=CHUNK):
+    """Write a corpus, once, as the arrays Data reads, into cache_dir/<key>/ (the key hashes the
+    documents and the tokenizer: machinery/prepare.py); returns that folder. The datastore is
+    train's sequences first (ids below n_train_sequences: those training may use), then val's
+    that training has not seen; each sequence keeps at most 8 hard negatives, never itself."""
+    path = os.path.join(cache_dir, cache_key(corpus, tok))
+    if os.path.exists(os.path.join(path, "meta.json")):
+        return path
+    leaked = seen_in_training(corpus)
+    train_seqs = dict.fromkeys(s.text for d in corpus.train for s in d if s.sequence)
+    texts = list(dict.fromkeys([*train_seqs, *(s.text for d in corpus.val for s in d
+                                               if s.sequence and s.text not in leaked)]))
+    seq_id = {t: i for i, t in enumerate(texts)}
+    dtype = np.uint16 if tok.vocab_size < 2**16 else np.uint32
+    tokens, offsets = sequence_tokens(texts, tok, dtype)  # all sequences, end to end
+    tmp = path + f".tmp{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    meta = {"key": os.path.basename(path), "tokenizer": tok.name, "vocab_size": tok.vocab_size,
+            "aligned": corpus.aligned, "dtype": np.dtype(dtype).name, "n_sequences": len(texts),
+            "n_train_sequences": len(train_seqs)}
+    for name, docs, leak in (("train", corpus.train, set()), ("val", corpus.val, leaked)):
+        stream = TokenFile(os.path.join(tmp, f"{name}.bin"), dtype)
+        starts, pos, target = write_stream(stream, docs, leak, tok, seq_id,
+                                           lambda i: tokens[offsets[i]:offsets[i + 1]], chunk)
+        stream.close()
+        np.savez(os.path.join(tmp, f"{name}.npz"), doc_starts=np.array(starts, dtype=np.int64),
+                 marker_pos=np.array(pos, dtype=np.int64),
+                 marker_target=np.array(target, dtype=np.int64))
+        meta[f"{name}_tokens"], meta[f"{name}_markers"] = stream.n, len(pos)
+    hard = np.full((len(texts), 8), -1, dtype=np.int64)                  # (n_sequences, 8)
+    for i, t in enumerate(texts):
+        h = [seq_id[h] for h in dict.fromkeys(corpus.confusable.get(t, []))
+             if h in seq_id and h != t][:8]
+        hard[i, :len(h)] = h
+    width = max(1, int((hard >= 0).sum(axis=1).max(initial=0)))
+    np.savez(os.path.join(tmp, "sequences.npz"), offsets=offsets, tokens=tokens,
+             hard_negatives=hard[:, :width])
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    publish(tmp, path)
+    return path
 
 
 def load_data(cfg):
@@ -250,8 +311,11 @@ def load_data(cfg):
     tok = Tokenizer(cfg.tokenizer, cfg.gpt2_file)
     corpus = load_corpus(cfg.dataset, cfg.split, cfg.val_fraction, cfg.facts_people,
                          cfg.facts_heldout, cfg.facts_wordings)
-    prepare.check_corpus(corpus, cfg.dataset)  # neither split empty
-    data = Data(prepare.prepare(corpus, tok, cfg.cache_dir), cfg.block_size, cfg.transductive)
+    for name, docs in (("train", corpus.train), ("val", corpus.val)):
+        if not any(s.text.strip() for d in docs for s in d):
+            raise UserError(f"{cfg.dataset}: its {name} split has no text; the corpus is too "
+                            "small to split into train and val")
+    data = Data(prepare(corpus, tok, cfg.cache_dir), cfg.block_size, cfg.transductive)
     if cfg.negatives == "lexical" or (cfg.negatives == "auto" and not is_facts(cfg.dataset)):
         data.use_lexical_negatives(tok)
     return data, tok

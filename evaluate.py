@@ -19,6 +19,7 @@ README, Sampling and evaluation, says what each figure means.
 """
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -27,16 +28,16 @@ import torch
 from datastore import (candidate_ranks, candidate_scores, chance_metrics, first_stage,
                        first_stage_metrics, marker_queries, rerank_metrics, retrieval_metrics,
                        score_tolerance, split_queries, reranking, target_ranks)
+from machinery import datastore_file
 from machinery.batch_generate import already_decoded, decode_prompts
-from machinery.checkpoint import eval_inputs, load_run
-from machinery.cli import main_guard, parse_config
+from machinery.cli import UserError, main_guard, parse_config
 from machinery.config import EvalConfig, autocast, check_eval_config
 from machinery.corpora import is_facts
 from machinery.intervals import retrieval_lines
 from machinery.lexical import lexical_index, lexical_metrics
 from machinery.prompts import answer, questions, reworded  # a split's questions, as prompts
 from machinery.search import use_search
-from train import loss_estimates
+from train import load_run, loss_estimates
 
 
 def question_retrieval(gen, datastore, qs, tok, device):
@@ -150,6 +151,24 @@ def retrieval(gen, datastore, data, tok, lexical, k, device, ctx):
     return out
 
 
+def eval_inputs(query_from, out_dir, embedder, data, device="auto"):
+    """The Gen that makes the queries (None: the run's own), the datastore it searches and the
+    path of the result: the run's datastore (out_dir/datastore.pt, built if missing or stale) and
+    out_dir/eval.json; with --query_from OTHER (separate supervision), OTHER's Gen and a datastore
+    of OTHER's Emb_seq (OTHER's own if fresh, else one in memory: OTHER's folder is only read)."""
+    if not query_from:
+        path = os.path.join(out_dir, "datastore.pt")
+        return None, datastore_file.load_or_build(path, embedder, data), os.path.join(out_dir,
+                                                                                    "eval.json")
+    _, query_gen, retriever, other_data, _ = load_run(query_from, device)
+    if other_data.fingerprint != data.fingerprint:
+        raise UserError(f"{query_from} was trained on other data than {out_dir}")
+    datastore = (datastore_file.load(os.path.join(query_from, "datastore.pt"), retriever, data)
+                 or datastore_file.build(retriever, data))
+    name = os.path.basename(os.path.normpath(query_from))
+    return query_gen, datastore, os.path.join(out_dir, f"eval_query_from_{name}.json")
+
+
 @torch.inference_mode()
 def main(argv=None):
     args, _ = parse_config(EvalConfig, __doc__, argv)
@@ -157,7 +176,7 @@ def main(argv=None):
     cfg, gen, embedder, data, tok = load_run(args.out_dir, args.device)
     device = next(gen.parameters()).device.type
     ctx = autocast(device, cfg.dtype)
-    # the run's datastore and Gen, or with --query_from OTHER, OTHER's (machinery/checkpoint.py)
+    # the run's datastore and Gen, or with --query_from OTHER, OTHER's (eval_inputs)
     query_gen, datastore, path = eval_inputs(args.query_from, args.out_dir, embedder, data,
                                              args.device)
     lexical = lexical_index(data, tok)   # TF-IDF: the baseline and the first stage

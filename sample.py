@@ -16,11 +16,11 @@ import torch
 
 from generate import generate
 from machinery import datastore_file
-from machinery.checkpoint import load_run
 from machinery.cli import main_guard, parse_config
 from machinery.config import SampleConfig, check_sample_config
 from machinery.prompts import read_prompt, render  # the prompt; the sample shown as text
 from machinery.search import use_search
+from train import load_run
 
 
 def main(argv=None):

@@ -13,19 +13,54 @@ out_dir/ckpt.pt. Ctrl-C (or SIGTERM) saves and stops; --resume continues exactly
 Several processes: torchrun (README). Every flag: machinery/config.py, or --help.
 """
 
+import dataclasses
+import json
 import math
+import os
+import shlex
+import sys
+import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data import load_data
-from datastore import first_stage, first_stage_metrics, retrieval_quality
+from datastore import (chance_metrics, embed_all, first_stage, first_stage_metrics,
+                       retrieval_quality)
+from embedder import EmbedderConfig, SeqEmbedder
 from losses import co_supervision_loss
-from machinery import datastore_file, distributed  # every sequence embedded: embed_all
-from machinery.cli import main_guard, parse_config
-from machinery.config import Config, autocast, build_models, check_config, make_optimizer
+from machinery import distributed
+from machinery.checkpoint import (check_out_dir, check_same_data, init_from, open_log,
+                                  read_checkpoint, resume, rng_states, save_checkpoint,
+                                  set_rng_states)
+from machinery.cli import (Interrupted, UserError, interruptible, main_guard, malloc_for,
+                           parse_config)
+from machinery.config import Config, autocast, check_config, pick_device
+from machinery.corpora import is_facts
+from machinery.intervals import retrieval_lines
 from machinery.lexical import lexical_index, lexical_metrics
-from machinery.run import Run
+from machinery.plots import plot_run
+from model import Gen, GenConfig
+
+# The recipe's numbers that depend on the corpus, for flags left at -1: a text needs twice the
+# steps of facts, evaluations come every quarter of the run, and on facts the parts only L_NSP
+# trains learn at 0.3 of the rate (experiments/README.md, The default recipe).
+RECIPE = {"facts": {"max_iters": 1200, "eval_interval": 300, "nsp_lr_scale": 0.3},
+          "text": {"max_iters": 2400, "eval_interval": 600, "nsp_lr_scale": 1.0}}
+# Steps between two trims of the heap: a text's L_NSP candidates differ in shape from batch to
+# batch, and what they free stays resident until trimmed.
+TRIM_EVERY = 10
+
+
+def configure(argv=None):
+    """The config of the command line: the flags, the recipe's -1s settled, bad values errors."""
+    cfg, _ = parse_config(Config, __doc__, argv)
+    for name, value in RECIPE["facts" if is_facts(cfg.dataset) else "text"].items():
+        if getattr(cfg, name) == -1:
+            setattr(cfg, name, value)
+    check_config(cfg)
+    return cfg
 
 
 def learning_rate(it, cfg):
@@ -37,22 +72,69 @@ def learning_rate(it, cfg):
 
 
 def nsp_lr_scale(it, cfg):
-    """The parts only L_NSP trains (Emb_seq, seq_head) learn at learning_rate times this: at most
-    cfg.nsp_lr_scale (on facts 0.3: at Gen's full rate the sequence space climbs slower,
-    experiments/README.md, The default recipe). When L_NSP joins after nsp_start > 0 steps of
-    NTP alone, those parts are still at their initialisation: they get a warmup of their own,
-    warmup_iters long, from nsp_start, instead of meeting their peak rate at once."""
+    """The parts only L_NSP trains (Emb_seq, seq_head) learn at learning_rate times this, at most
+    cfg.nsp_lr_scale. When L_NSP joins after nsp_start > 0 steps of NTP alone, they are still at
+    their initialisation: they warm up again, warmup_iters long, from nsp_start."""
     if cfg.nsp_start == 0:
         return cfg.nsp_lr_scale
     return cfg.nsp_lr_scale * min(1.0, max(0, it - cfg.nsp_start + 1) / (cfg.warmup_iters + 1))
+
+
+def build_models(cfg, vocab_size):
+    """Gen and Emb_seq of the sizes a config gives, freshly initialised."""
+    gen = Gen(GenConfig(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
+                        cfg.seq_dim, cfg.dropout, cfg.gpt2_block))
+    embedder = SeqEmbedder(EmbedderConfig(vocab_size, cfg.emb_block_size, cfg.emb_layer,
+                                          cfg.emb_head, cfg.emb_embd, cfg.seq_dim, cfg.dropout,
+                                          gpt2_block=cfg.gpt2_block, causal=cfg.gpt2_block))
+    return gen, embedder
+
+
+def make_optimizer(cfg, gen, embedder, device):
+    """AdamW, weight decay on matrices only, as in nanoGPT. The parts only L_NSP trains (Emb_seq,
+    Gen's seq_head) are groups of their own, marked "nsp": their rate is scaled (nsp_lr_scale)."""
+    nsp_only = [*gen.seq_head.parameters(), *embedder.parameters()]
+    shared = [p for p in gen.parameters() if all(p is not q for q in nsp_only)]
+    groups = []
+    for params, nsp in ((shared, False), (nsp_only, True)):
+        params = [p for p in params if p.requires_grad]
+        groups += [{"params": [p for p in params if p.dim() >= 2], "nsp": nsp,
+                    "weight_decay": cfg.weight_decay},
+                   {"params": [p for p in params if p.dim() < 2], "nsp": nsp, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2),
+                             fused=device.startswith("cuda"))
+
+
+def across_processes(batch, lambda_seq, world):
+    """W > 1 processes: L_NSP over all their markers and candidates (the gather), weighted by W,
+    since DDP averages W gradients that each reach one process's part. All processes run L_NSP
+    or none (DDP waits for all): none only when no batch holds a marker."""
+    if world == 1 or lambda_seq == 0:
+        return None, lambda_seq
+    markers = distributed.total(len(batch.target_row), batch.x.device)
+    return (distributed.gather_candidates if markers > 0 else None), lambda_seq * world
+
+
+def load_run(out_dir, device="auto"):
+    """A finished run for sample.py and evaluate.py: (config, Gen, Emb_seq, Data, Tokenizer), the
+    models in eval mode on the device."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    ckpt = read_checkpoint(path, f"train one first (train.py --out_dir {out_dir})")
+    cfg, device = Config(**ckpt["config"]), pick_device(device)
+    data, tok = load_data(cfg)
+    check_same_data(ckpt, path, data, tok)
+    gen, embedder = build_models(cfg, tok.vocab_size)
+    gen.load_state_dict(ckpt["gen"])
+    embedder.load_state_dict(ckpt["embedder"])
+    return cfg, gen.to(device).eval(), embedder.to(device).eval(), data, tok
 
 
 @torch.no_grad()
 def loss_estimates(gen, embedder, data, cfg, device, ctx, split, measure_nsp=True):
     """Mean L_NTP and L_NSP over eval_iters fixed batches of a split (the same batches each time,
     so the curves are smooth); L_NSP is None where the split has no marker, or without
-    measure_nsp (then Emb_seq does not run). The parts do not depend on the weights: L_NSP is
-    measured at weight 1 even in a run that trains without it."""
+    measure_nsp (then Emb_seq does not run). Each part is measured whatever its loss weight:
+    L_NSP even in a run that trains without it."""
     rng = np.random.default_rng(cfg.seed + 1)
     ntp, nsp = [], []
     for _ in range(cfg.eval_iters):
@@ -67,17 +149,16 @@ def loss_estimates(gen, embedder, data, cfg, device, ctx, split, measure_nsp=Tru
 
 
 def evaluate(gen, embedder, data, cfg, device, ctx, baseline, stage):
-    """The training loop's evaluation: losses on both splits, retrieval of val's markers (and of
-    train's first 500) against the whole datastore (datastore.py), and re-ranking the first
-    stage's candidates for the same val markers (stage); beside them `baseline`: TF-IDF's
-    numbers on the same markers."""
+    """Losses on both splits, retrieval of val's markers (and train's first 500) against the whole
+    datastore, re-ranking the first stage's candidates (stage) for the same val markers, and
+    beside them `baseline`: TF-IDF's numbers on those markers."""
     gen.eval(), embedder.eval()
     out = {}
     for split in ("train", "val"):
         out[f"{split}_ntp"], out[f"{split}_nsp"] = loss_estimates(gen, embedder, data, cfg,
                                                                   device, ctx, split)
     with ctx:
-        embeddings = datastore_file.embed_all(embedder, data)             # (n_sequences, d)
+        embeddings = embed_all(embedder, data)                            # (n_sequences, d)
     out.update(retrieval_quality(gen, embeddings, data, "val", device, ctx, stage=stage))
     # the same for train's first markers: how far the val numbers are from what training fits
     train = retrieval_quality(gen, embeddings, data, "train", device, ctx, limit=500)
@@ -86,57 +167,166 @@ def evaluate(gen, embedder, data, cfg, device, ctx, baseline, stage):
     return {**out, **baseline}
 
 
+def stopped_at(it, ckpt_path, argv, world):
+    """Ctrl-C or SIGTERM: the line the run ends with, and the command that continues it."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--overwrite"]
+    args = shlex.join(["train.py", *args] + ([] if "--resume" in args else ["--resume"]))
+    again = ("python " if world == 1 else "torchrun (as before) ") + args
+    return Interrupted(f"interrupted: {ckpt_path} holds iteration {it}; continue with: {again}")
+
+
+def diverged(what, it, ckpt_path, saved):
+    return UserError(f"{what} not finite at iteration {it}: training stopped; {ckpt_path} holds "
+                     f"the last good iteration, {saved}; try a lower --learning_rate")
+
+
+def print_summary(m, chance, ckpt_path, log_path):
+    """The last evaluation beside chance (and, in retrieval_lines, TF-IDF), with intervals."""
+    def f(v):
+        return "n/a" if v is None else f"{v:.4f}"
+    print(f"\ndone: {m['iter']} iterations, {f(m['ms_per_iter'])} ms/iter")
+    print(f"  NTP loss        train {f(m['train_ntp'])}   val {f(m['val_ntp'])}")
+    print(f"  NSP loss (val)  {f(m['val_nsp'])}")
+    train = {k[len("train_"):]: v for k, v in m.items() if k.startswith("train_")}
+    print("\n".join(retrieval_lines(m, chance, "val", train)))
+    print(f"  checkpoint {ckpt_path}, log {log_path}")
+
+
 def main(argv=None):
-    cfg, _ = parse_config(Config, __doc__, argv)
-    check_config(cfg)
-    run = Run(cfg, argv)  # the out_dir, log and checkpoints, the processes (machinery/run.py)
+    cfg = configure(argv)
+    check_out_dir(cfg)  # before preparing anything: never another run's checkpoint replaced
+    rank, world, device = distributed.setup(pick_device(cfg.device))  # torchrun: several
+    master = rank == 0  # the process that evaluates, logs and saves
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    malloc_for("transient")  # preparing the corpus: large arrays that come and go (cli.py)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
     # the batches: each process its own; a run from another's weights (--init_from) a stream of
     # its own too: with the seed alone it would replay that run's batches from its first
-    rng = np.random.default_rng([cfg.seed + run.rank, 1] if cfg.init_from
-                                else cfg.seed + run.rank)
-    ctx = autocast(run.device, cfg.dtype)  # bfloat16 on a GPU, plain float32 on a CPU
+    rng = np.random.default_rng([cfg.seed + rank, 1] if cfg.init_from else cfg.seed + rank)
+    ctx = autocast(device, cfg.dtype)  # bfloat16 on a GPU, plain float32 on a CPU
     data, tok = load_data(cfg)
-    gen, embedder = build_models(cfg, tok.vocab_size)  # Gen and Emb_seq of the config's sizes
-    gen.to(run.device), embedder.to(run.device)
-    if run.world > 1:  # the weights are built, the same everywhere: now each its own dropout
-        torch.manual_seed(cfg.seed + run.rank)
+    gen, embedder = build_models(cfg, tok.vocab_size)
+    gen.to(device), embedder.to(device)
+    if world > 1:  # the weights are built, the same everywhere: now each its own dropout
+        torch.manual_seed(cfg.seed + rank)
     params = list(gen.parameters()) + list(embedder.parameters())
-    optimizer = make_optimizer(cfg, gen, embedder, run.device)  # AdamW (machinery/config.py)
-    start = run.begin(gen, embedder, optimizer, params, data, tok, rng)  # --resume, --init_from
-    step_gen, step_embedder = run.step_models(gen, embedder)        # --compile, DDP
+    optimizer = make_optimizer(cfg, gen, embedder, device)
+    malloc_for("training")  # the step's blocks reused from the heap
+    start, saved, metrics, base = 0, None, {}, None  # base: the provenance of --init_from's run
+    if cfg.resume:  # the models, optimizer and random streams exactly as they were saved
+        ckpt = resume(ckpt_path, cfg, data, tok)
+        gen.load_state_dict(ckpt["gen"])
+        embedder.load_state_dict(ckpt["embedder"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_states(ckpt["rng"], rng, device)
+        start = saved = ckpt["iter"]
+        metrics, base = ckpt["metrics"], ckpt["provenance"]["base"]
+    elif cfg.init_from:  # another run's weights or GPT-2's; a fresh optimizer and schedule
+        base = init_from(cfg.init_from, cfg, gen, embedder, tok)
+    log = open_log(cfg, start) if master else None
+    if master:
+        print(f"{cfg.dataset}: {len(data.train.ids):,} train / {len(data.val.ids):,} val "
+              f"tokens, {len(data.train.marker_pos):,} / {len(data.val.marker_pos):,} markers, "
+              f"datastore of {data.n_sequences:,} sequences; device {device}"
+              + (f", {world} processes" if world > 1 else ""))
+    # the copies the step runs: compiled, and with several processes wrapped in DDP; they share
+    # the plain modules' parameters, which are what is saved and evaluated
+    step_gen, step_embedder = (torch.compile(gen), torch.compile(embedder)) if cfg.compile else (
+        gen, embedder)
+    step_gen = distributed.wrap(step_gen, device, find_unused=True)  # seq_head: only with L_NSP
+    step_embedder = distributed.wrap(step_embedder, device)
     baseline, stage = {}, None
-    if run.main:  # TF-IDF's numbers and the first stage's candidates: no training, so once
+    if master:  # TF-IDF's numbers and the first stage's candidates: no training, so once
         lexical = lexical_index(data, tok)
         stage = first_stage(lexical, data, tok, "val", cfg.first_stage)
         baseline = {**lexical_metrics(data, tok, "val", lexical=lexical),
                     **first_stage_metrics(stage, lexical)}
-    for it in run.iterations(start):  # the progress bar; Ctrl-C and divergence stop it
-        lr = learning_rate(it, cfg)
-        if run.due(it):  # every eval_interval, and at the end: log and checkpoint
-            run.save(it, lr, evaluate(gen, embedder, data, cfg, run.device, ctx, baseline, stage)
-                     if run.main else None)
-        if it == cfg.max_iters:
-            break
-        if it == cfg.nsp_start and cfg.emb_from_gen:  # Gen's token space starts Emb_seq
-            embedder.start_from(gen)
-        lambda_seq = cfg.lambda_seq if it >= cfg.nsp_start else 0.0
-        for group in optimizer.param_groups:  # the parts only L_NSP trains: their own warmup
-            group["lr"] = lr * nsp_lr_scale(it, cfg) if group["nsp"] else lr
-        batch = data.get_batch("train", cfg.batch_size, rng, cfg.hard_negatives,
-                               cfg.emb_block_size).to(run.device)
-        # W > 1 processes: L_NSP over all their candidates, weighted by W (machinery/distributed.py)
-        gather, lambda_seq = distributed.across_processes(batch, lambda_seq, run.world)
-        with ctx:
-            loss, stats = co_supervision_loss(step_gen, step_embedder, batch, cfg.lambda_tok,
-                                              lambda_seq, cfg.temperature, gather)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
-        run.stepped(it, loss, stats)
-    run.finish()
+
+    def save_at(it):  # every process joins: rank 0 keeps all their random streams
+        rngs = rng_states(rng, device)
+        if master:
+            record = {"dataset": cfg.dataset, "data_fingerprint": data.fingerprint,
+                      "train_tokens": len(data.train.ids), "sequences": data.n_sequences,
+                      "tokenizer": tok.name, "iters": it, "base": base}  # what it was trained on
+            save_checkpoint(ckpt_path, gen=gen.state_dict(), embedder=embedder.state_dict(),
+                            optimizer=optimizer.state_dict(), config=dataclasses.asdict(cfg),
+                            gen_config=dataclasses.asdict(gen.config),
+                            embedder_config=dataclasses.asdict(embedder.config),
+                            tokenizer={"name": tok.name, "fingerprint": tok.fingerprint},
+                            data_fingerprint=data.fingerprint, iter=it, metrics=metrics,
+                            rng=rngs, provenance=record)
+            with open(os.path.join(cfg.out_dir, "provenance.json"), "w") as f:
+                json.dump(record, f, indent=1)
+
+    bar = tqdm(range(start, cfg.max_iters + 1), initial=start, total=cfg.max_iters + 1,
+               desc="training", dynamic_ncols=True, disable=not master)
+    steps, step_time, stop = 0, 0.0, False  # stop: some process got Ctrl-C or SIGTERM
+    with interruptible("interrupted: saving a checkpoint after this step (Ctrl-C again: quit "
+                       "without saving)") as interrupt:
+        for it in bar:  # to max_iters inclusive: the last iteration only evaluates and saves
+            due = (it % cfg.eval_interval == 0 or it == cfg.max_iters) and it != saved
+            # a non-finite gradient can spoil the weights while the loss still looks fine
+            if (due or stop) and not all(bool(torch.isfinite(p).all()) for p in params):
+                raise diverged("the weights are", it, ckpt_path, saved)
+            if stop and not due:  # all processes stop after the same step, with a checkpoint
+                if saved != it:
+                    save_at(it)
+                raise stopped_at(it, ckpt_path, argv, world)
+            t0 = time.perf_counter()
+            lr = learning_rate(it, cfg)
+            if due:  # evaluate, log, draw curves.png and save
+                malloc_for("transient")
+                evaluation = evaluate(gen, embedder, data, cfg, device, ctx, baseline,
+                                      stage) if master else None
+                malloc_for("training")
+                if master:
+                    tokens = steps * cfg.batch_size * world * cfg.block_size
+                    metrics = {"iter": it, **evaluation, "lr": lr,
+                               "ms_per_iter": 1000 * step_time / steps if steps else None,
+                               "tokens_per_s": tokens / step_time if steps else None}
+                    log.write(json.dumps(metrics) + "\n")
+                    log.flush()
+                    bar.write(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in metrics.items() if not isinstance(v, list)))
+                save_at(it)
+                if master:
+                    plot_run(log.name, os.path.join(cfg.out_dir, "curves.png"),
+                             chance_metrics(data.n_sequences))
+                saved, steps, step_time = it, 0, 0.0
+                if stop and it != cfg.max_iters:
+                    raise stopped_at(it, ckpt_path, argv, world)
+                t0 = time.perf_counter()  # the steps' speed leaves evaluation out
+            if it == cfg.max_iters:
+                break
+            if it == cfg.nsp_start and cfg.emb_from_gen:  # Gen's token space starts Emb_seq
+                embedder.start_from(gen)
+            lambda_seq = cfg.lambda_seq if it >= cfg.nsp_start else 0.0  # L_NSP joins late
+            for group in optimizer.param_groups:  # the parts only L_NSP trains: their own warmup
+                group["lr"] = lr * nsp_lr_scale(it, cfg) if group["nsp"] else lr
+            batch = data.get_batch("train", cfg.batch_size, rng, cfg.hard_negatives,
+                                   cfg.emb_block_size).to(device)
+            gather, lambda_seq = across_processes(batch, lambda_seq, world)  # one process: as is
+            with ctx:
+                loss, stats = co_supervision_loss(step_gen, step_embedder, batch, cfg.lambda_tok,
+                                                  lambda_seq, cfg.temperature, gather)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            step_time += time.perf_counter() - t0
+            steps += 1
+            if it % TRIM_EVERY == 0:  # the heap's free pages back to the system (cli.malloc_for)
+                malloc_for("training")
+            stop, not_finite = distributed.any_rank(interrupt.set, not torch.isfinite(loss),
+                                                    device=device)
+            if not_finite:
+                raise diverged("the loss is", it, ckpt_path, saved)
+            if it % 10 == 0:
+                bar.set_postfix({k: f"{v.item():.3f}" for k, v in stats.items()})
+    if master:
+        log.close()
+        print_summary(metrics, chance_metrics(data.n_sequences), ckpt_path, log.name)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ from machinery.search import FaissIndex
 from generate import generate
 from losses import co_supervision_loss
 from machinery.cli import UserError, flag, main_guard, parse_config
-from machinery.config import Config, autocast, build_models, make_optimizer, pick_device
+from machinery.config import Config, autocast, pick_device
+from train import build_models, make_optimizer
 
 
 PARTS = ("ntp_step", "co_supervision_overhead", "sampling", "datastore", "search", "evaluation",

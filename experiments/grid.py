@@ -45,7 +45,8 @@ from tqdm import tqdm
 from machinery import datastore_file
 from evaluate import answer_metrics
 from experiments import band, report
-from machinery.checkpoint import load_run, read_jsonl
+from machinery.checkpoint import read_jsonl
+from train import load_run
 from machinery.cli import Interrupted, UserError, flag, main_guard, parse_config
 from machinery.lexical import lexical_index
 from machinery.config import Config, check_config

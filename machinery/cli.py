@@ -1,7 +1,6 @@
 """
-Command-line plumbing shared by the scripts: a config dataclass becomes argparse flags (help text
-from each field's metadata), a user's mistake becomes one line on stderr and exit code 2, and
-Ctrl-C (or SIGTERM, what a scheduler sends) can ask a long job to stop at a safe point.
+Command-line plumbing shared by the scripts: a config dataclass becomes argparse flags, a user's
+mistake one line on stderr (exit code 2), and Ctrl-C or SIGTERM a request to stop at a safe point.
 """
 
 import argparse
@@ -10,7 +9,6 @@ import dataclasses
 import os
 import signal
 import sys
-import threading
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -62,12 +60,8 @@ def parse_config(cls, description, argv=None):
 def interruptible(notice):
     """Inside, a first Ctrl-C (SIGINT) or SIGTERM (a scheduler's stop) only sets flag.set, says
     `notice` on stderr and restores the previous handlers: the job stops at its next safe point,
-    and a second signal stops it at once. (Signals can only be caught in the main thread;
-    elsewhere the flag is never set.)"""
+    and a second signal stops it at once."""
     flag = SimpleNamespace(set=False)
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
 
     def restore():
         for sig, handler in previous.items():
@@ -97,12 +91,11 @@ MALLOC = {"transient": 1 << 20, "training": 32 << 20}
 
 def malloc_for(phase):
     """Tune glibc's malloc for a phase of the run, and hand the heap's free pages back to the
-    system. "transient" (preparing a corpus, evaluating): many large, short-lived tensors of
-    varying shapes; by default glibc keeps hundreds of MB of them free but resident (a 3 MB text's
-    run peaked 300 MB higher), so blocks of 1 MB or more get a mapping of their own, returned when
-    freed. "training": blocks under 32 MB reused from the heap (mapping each 1 MB+ block afresh
-    slowed steps 1.5x), and trimmed every run.TRIM_EVERY steps, since a text's batches differ in
-    shape and leave free pages behind. Elsewhere than glibc, nothing is done."""
+    system. "transient" (preparing a corpus, evaluating): large short-lived arrays of varying
+    shapes, which glibc would keep resident once freed, so blocks of 1 MB or more get a mapping
+    of their own, returned when freed. "training": blocks under 32 MB reused from the heap, and
+    trimmed every train.TRIM_EVERY steps, since a text's candidate batches differ in shape and
+    leave free pages behind. Elsewhere than glibc, nothing is done."""
     try:
         libc = ctypes.CDLL(None)
         libc.malloc_trim(0)

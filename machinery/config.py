@@ -1,8 +1,7 @@
 """
-train.py's configuration: every flag with its default and help (`python train.py --help`), the
-checks that turn a bad value into a one-line error, the device and precision, the two models a
-config describes and their optimizer. sample.py and evaluate.py rebuild a finished run from the
-Config saved in its checkpoint; their own flags (SampleConfig, EvalConfig) are at the end.
+train.py's flags with their defaults and help (`python train.py --help`), the checks that turn a
+bad value into a one-line error, the device and precision. A checkpoint keeps its run's Config;
+sample.py's and evaluate.py's own flags (SampleConfig, EvalConfig) are at the end.
 """
 
 import math
@@ -11,13 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from embedder import EmbedderConfig, SeqEmbedder
 from machinery.cli import UserError, flag
-from machinery.corpora import check_dataset, is_facts
+from machinery.corpora import check_dataset
 from machinery.facts import MAX_WORDINGS
 from machinery.gpt2 import settle_config as settle_gpt2
 from machinery.search import require_index
-from model import Gen, GenConfig
 
 
 @dataclass
@@ -75,22 +72,18 @@ class Config:
     # optimisation
     batch_size: int = flag(24, "windows per batch, per process (torchrun: each process draws its "
                                "own, so N processes train on N * batch_size windows per step)")
-    max_iters: int = flag(-1, "training iterations (-1: 1200 on facts, 2400 on a text corpus, "
-                              "which needs twice the steps: experiments/README.md, Real text)")
+    max_iters: int = flag(-1, "training iterations (-1: the corpus's, train.py's RECIPE)")
     learning_rate: float = flag(2e-3, "peak learning rate")
     nsp_lr_scale: float = flag(-1, "the parts only L_NSP trains (Emb_seq, seq_head) learn at "
-                                   "this times the learning rate (-1: 0.3 on facts, where it "
-                                   "was measured, experiments/README.md, The default recipe; 1 "
-                                   "on a text)")
+                                   "this times the learning rate (-1: train.py's RECIPE)")
     min_lr: float = flag(2e-4, "learning rate at the end of the cosine decay")
     warmup_iters: int = flag(100, "linear warmup iterations")
     weight_decay: float = flag(0.1, "AdamW weight decay (matrices only)")
     beta2: float = flag(0.99, "AdamW beta2")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
     # evaluation and i/o
-    eval_interval: int = flag(-1, "iterations between evaluations and checkpoints (-1: 300 on "
-                                  "facts, 600 on a text: a quarter of the default run, so its "
-                                  "last quarter's gain is read off them)")
+    eval_interval: int = flag(-1, "iterations between evaluations and checkpoints (-1: train.py's "
+                                  "RECIPE)")
     eval_iters: int = flag(10, "batches per split for the loss estimates")
     out_dir: str = flag("out", "where ckpt.pt and log.jsonl go")
     seed: int = flag(1337, "random seed (weights, batches)")
@@ -108,54 +101,40 @@ class Config:
 
 
 def check_config(cfg):
-    """Turn a bad value into a one-line error, and settle the defaults that depend on the corpus
-    (the -1s)."""
+    """Turn a bad value into a one-line error (a -1 that train.py's RECIPE settles is none)."""
     check_dataset(cfg.dataset)  # the inputs before the out_dir: a typo never meets "exists"
-    facts = is_facts(cfg.dataset)
-    steps = 1200 if facts else 2400  # a text needs twice the steps
-    if cfg.max_iters == -1:
-        cfg.max_iters = steps
-    if cfg.eval_interval == -1:
-        cfg.eval_interval = steps // 4
-    if cfg.nsp_lr_scale == -1:
-        cfg.nsp_lr_scale = 0.3 if facts else 1.0
-    for name in ("lambda_tok", "lambda_seq"):
-        v = getattr(cfg, name)
-        if not math.isfinite(v) or v < 0:
-            raise UserError(f"--{name} must be a finite number >= 0, got {v}")
+
+    def bad(names, ok, what):
+        for name in names:
+            v = getattr(cfg, name)
+            if not (ok(v) or v == -1 and name in ("max_iters", "eval_interval", "nsp_lr_scale")):
+                raise UserError(f"--{name} must be {what}, got {v}")
+    bad(("lambda_tok", "lambda_seq"), lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
     if cfg.lambda_tok == 0 and cfg.lambda_seq == 0:
         raise UserError("--lambda_tok and --lambda_seq are both 0: nothing to train")
-    for name in ("block_size", "batch_size", "n_layer", "n_head", "n_embd", "emb_layer", "emb_head",
-                 "emb_embd", "emb_block_size", "seq_dim", "eval_interval", "eval_iters"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
+    bad(("block_size", "batch_size", "n_layer", "n_head", "n_embd", "emb_layer", "emb_head",
+         "emb_embd", "emb_block_size", "seq_dim", "eval_interval", "eval_iters", "temperature",
+         "nsp_lr_scale"), lambda v: v > 0, "positive")
+    bad(("max_iters", "nsp_start", "hard_negatives", "warmup_iters"), lambda v: v >= 0, ">= 0")
+    bad(("first_stage",), lambda v: v >= 1, ">= 1")
+    bad(("facts_wordings",), lambda v: 1 <= v <= MAX_WORDINGS, f"1 to {MAX_WORDINGS}")
     for width, heads in (("n_embd", "n_head"), ("emb_embd", "emb_head")):
         if getattr(cfg, width) % getattr(cfg, heads):
             raise UserError(f"--{width} {getattr(cfg, width)} is not divisible by "
                             f"--{heads} {getattr(cfg, heads)}")
-    for name in ("max_iters", "nsp_start", "hard_negatives", "warmup_iters"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("temperature", "nsp_lr_scale"):
-        if not getattr(cfg, name) > 0:
-            raise UserError(f"--{name} must be positive, got {getattr(cfg, name)}")
     if cfg.emb_from_gen and (cfg.emb_embd != cfg.n_embd or cfg.emb_head != cfg.n_head
                              or cfg.emb_layer > cfg.n_layer
                              or cfg.emb_block_size > cfg.block_size):
         raise UserError("--emb_from_gen needs --emb_embd = --n_embd, --emb_head = --n_head, "
                         "--emb_layer <= --n_layer and --emb_block_size <= --block_size")
-    if cfg.negatives not in ("auto", "corpus", "lexical"):
-        raise UserError(f"--negatives must be auto, corpus or lexical, got {cfg.negatives!r}")
-    if cfg.first_stage < 1:
-        raise UserError(f"--first_stage must be >= 1, got {cfg.first_stage}")
-    if cfg.split not in ("sentence", "line", "none"):
-        raise UserError(f"--split must be sentence, line or none, got {cfg.split!r}")
-    if not 1 <= cfg.facts_wordings <= MAX_WORDINGS:
-        raise UserError(f"--facts_wordings must be 1 to {MAX_WORDINGS}, got {cfg.facts_wordings}")
+    for name, choices in (("negatives", ("auto", "corpus", "lexical")),
+                          ("split", ("sentence", "line", "none")),
+                          ("dtype", ("auto", "float32", "bfloat16"))):
+        if getattr(cfg, name) not in choices:
+            raise UserError(f"--{name} must be {', '.join(choices[:-1])} or {choices[-1]}, "
+                            f"got {getattr(cfg, name)!r}")
     if not 0 < cfg.val_fraction < 1 or not 0 < cfg.facts_heldout < 1:
         raise UserError("--val_fraction and --facts_heldout must be between 0 and 1")
-    if cfg.dtype not in ("auto", "float32", "bfloat16"):
-        raise UserError(f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other: choose one")
     if cfg.init_from:  # a GPT-2 gives the tokenizer and the sizes (machinery/gpt2.py)
@@ -183,33 +162,6 @@ def autocast(device, dtype):
     if dtype == "auto":
         dtype = "bfloat16" if kind == "cuda" and torch.cuda.is_bf16_supported() else "float32"
     return nullcontext() if dtype == "float32" else torch.autocast(kind, dtype=torch.bfloat16)
-
-
-def build_models(cfg, vocab_size):
-    """Gen and Emb_seq of the sizes a config gives, freshly initialised."""
-    gen = Gen(GenConfig(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd,
-                        cfg.seq_dim, cfg.dropout, cfg.gpt2_block))
-    embedder = SeqEmbedder(EmbedderConfig(vocab_size, cfg.emb_block_size, cfg.emb_layer,
-                                          cfg.emb_head, cfg.emb_embd, cfg.seq_dim, cfg.dropout,
-                                          gpt2_block=cfg.gpt2_block, causal=cfg.gpt2_block))
-    return gen, embedder
-
-
-def make_optimizer(cfg, gen, embedder, device):
-    """AdamW; weight decay on matrices (and embeddings) only, not on norms, as in nanoGPT. The
-    parts that only L_NSP trains (Emb_seq and Gen's seq_head) are groups of their own, marked
-    "nsp", so that their learning rate can be scaled and warm up when L_NSP joins late
-    (train.nsp_lr_scale)."""
-    nsp_only = [*gen.seq_head.parameters(), *embedder.parameters()]
-    shared = [p for p in gen.parameters() if all(p is not q for q in nsp_only)]
-    groups = []
-    for params, nsp in ((shared, False), (nsp_only, True)):
-        params = [p for p in params if p.requires_grad]
-        groups += [{"params": [p for p in params if p.dim() >= 2], "nsp": nsp,
-                    "weight_decay": cfg.weight_decay},
-                   {"params": [p for p in params if p.dim() < 2], "nsp": nsp, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, cfg.beta2),
-                             fused=device.startswith("cuda"))
 
 
 INDEX_HELP = ("how retrieval searches the datastore: exact (every entry), faiss (approximate, for "

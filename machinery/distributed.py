@@ -3,27 +3,20 @@ Training with several processes (torchrun): one process per GPU, or several on a
 
     torchrun --standalone --nproc_per_node 2 train.py ...
 
-Each process draws its own batches (its numpy rng is seeded with seed + rank) of `batch_size`
-windows, so W processes train on W * batch_size windows per step. All build the same initial
-weights (torch seeded with seed), then each draws its own dropout (torch reseeded with seed + rank,
-machinery/run.py). Gen and Emb_seq are wrapped in DistributedDataParallel, which averages their
-gradients over the processes. Evaluation, the log, the progress bar and the checkpoint are rank
-0's alone.
-
+Each process draws its own batch_size windows, so W processes train on W * batch_size windows
+a step. train.py seeds them: the same initial weights everywhere, then each its own batches and
+dropout. DistributedDataParallel averages the gradients; rank 0 alone evaluates, logs and saves.
 L_NSP takes its negatives from every process (gather_candidates), so a step of W processes is the
-same step as one process would take on the W batches together (tests/test_distributed.py checks
-loss and gradients). With one process nothing here communicates, and training is exactly the
-single-process code.
+step one process would take on the W batches together (tests/test_distributed.py). With one
+process nothing here communicates.
 """
 
 import os
 
 import torch
 import torch.distributed as dist
-# before any process group exists: its functions take group.WORLD as a default argument, bound at
-# import (DDP imports it), and so would keep the group, and its gloo threads, alive after
-# teardown into the interpreter's exit, where a process can abort ("terminate called without an
-# active exception")
+# before any process group exists: it binds group.WORLD as a default argument at import, and
+# imported later it would keep the group's gloo threads alive past teardown (an abort at exit)
 import torch.distributed.nn  # noqa: F401
 from torch.nn.parallel import DistributedDataParallel
 
@@ -124,24 +117,15 @@ def _all_gather_rows(t):
 
 
 def gather_candidates(queries, embeddings, target_row, candidate_ids, neighbours):
-    """The queries and candidates of all processes, for an L_NSP over the W batches together:
-
-        L_NSP = -(1/M) sum_{i in all M markers} log softmax_{j in C}(q_i . e_j / tau)[p(i)],
-        C = the union of every process's candidates, each sequence once
-
-    queries (M_r, d) and embeddings (N_r, d) are this process's, candidate_ids (N_r,) the datastore
-    id of each candidate, target_row (M_r,) each query's target row and neighbours (M_r, k) each
-    query's likely false negatives (datastore ids). Returns the same five of all processes, the
-    ids (N,) of C, sorted. Only this process's own queries and embeddings carry gradient (the
-    others' come through all_gather, which has none): every process computes the same L_NSP, and
-    the gradient of process r is dL_NSP/d(its own queries and embeddings). Summed over the
-    processes, that is the whole gradient of L_NSP, so the training step weights L_NSP by W to
-    undo DDP's averaging (across_processes).
-
-    A sequence that is a candidate in several processes is kept once (its first copy), as one
-    process keeps each candidate once: two markers with the same target never see it as a negative.
-    The copies are the same embedding of the same weights, so the gradient through the first copy
-    alone is the whole gradient. With one process this returns its arguments unchanged."""
+    """The queries and candidates of all processes, for one L_NSP over the W batches together,
+    C the union of every process's candidates, each sequence once. queries (M_r, d), embeddings
+    (N_r, d), target_row (M_r,), candidate_ids (N_r,) and neighbours (M_r, k) are this process's;
+    returns the same five of all processes, the ids (N,) of C sorted. Only this process's own
+    queries and embeddings carry gradient (all_gather has none): each process's gradient is
+    dL_NSP/d(its own part), and their sum is L_NSP's gradient, so train.py weights L_NSP by W to
+    undo DDP's averaging (across_processes). A sequence that is a candidate in several processes
+    keeps its first copy: the copies are one embedding of the same weights, so the gradient
+    through the first alone is the whole. One process: the arguments unchanged."""
     if world_size() == 1:
         return queries, embeddings, target_row, candidate_ids, neighbours
     rank = dist.get_rank()
@@ -149,24 +133,10 @@ def gather_candidates(queries, embeddings, target_row, candidate_ids, neighbours
     all_embeddings = _all_gather_rows(embeddings.detach())
     all_queries[rank], all_embeddings[rank] = queries, embeddings  # this process's, with gradient
     all_ids = torch.cat(_all_gather_rows(candidate_ids))
-    targets = torch.cat(_all_gather_rows(candidate_ids[target_row]))  # each query's target, as an id
+    targets = torch.cat(_all_gather_rows(candidate_ids[target_row]))  # each query's target's id
     ids, inverse = torch.unique(all_ids, return_inverse=True)
     # the first row of each distinct id: the smallest row index among those with that id
     rows = torch.arange(len(all_ids), device=all_ids.device)
     first = torch.full_like(ids, len(all_ids)).scatter_reduce_(0, inverse, rows, "amin")
     return (torch.cat(all_queries), torch.cat(all_embeddings)[first],
             torch.searchsorted(ids, targets), ids, torch.cat(_all_gather_rows(neighbours)))
-
-
-def across_processes(batch, lambda_seq, world):
-    """With W > 1 processes, L_NSP is taken over the markers and candidates of all of them: the
-    gather co_supervision_loss applies (gather_candidates), and L_NSP's weight.
-
-    Each process then computes the whole L_NSP but its gradient only through its own queries and
-    embeddings, and DDP averages the W gradients: weighting L_NSP by W makes that average the
-    gradient of L_NSP. All processes must run L_NSP, or none (DDP waits for every process's
-    gradients): none only when no process's batch holds a marker. One process: no gather."""
-    if world == 1 or lambda_seq == 0:
-        return None, lambda_seq
-    markers = total(len(batch.target_row), batch.x.device)
-    return (gather_candidates if markers > 0 else None), lambda_seq * world

@@ -23,7 +23,7 @@ def no_drawing(request, monkeypatch):
     """Drawing curves.png costs about half a second a time, most of a tiny run, and only the tests
     marked `draws` look at it: elsewhere training skips it (in this process; subprocesses draw)."""
     if "draws" not in request.keywords:
-        monkeypatch.setattr("machinery.run.plot_run", lambda *args, **kwargs: None)
+        monkeypatch.setattr("train.plot_run", lambda *args, **kwargs: None)
 
 
 @pytest.fixture

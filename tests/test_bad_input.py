@@ -209,10 +209,10 @@ def test_stale_or_corrupt_datastore_is_rebuilt_with_a_note(place, tmp_path, caps
 
 def test_training_hands_the_free_heap_back_between_evaluations(run_train, monkeypatch):
     """Without the trims, a 3 MB text's run kept 300 MB of freed heap resident by its end."""
-    from machinery import run
+    import train
     phases = []
-    monkeypatch.setattr(run, "malloc_for", phases.append)
-    monkeypatch.setattr(run, "TRIM_EVERY", 4)
+    monkeypatch.setattr(train, "malloc_for", phases.append)
+    monkeypatch.setattr(train, "TRIM_EVERY", 4)
     run_train("--max_iters", "10", "--eval_interval", "1000")
     # preparing; training; evaluating at 0, then training: trimmed at steps 0, 4 and 8;
     # evaluating at 10 (an evaluation may set "transient" more than once)

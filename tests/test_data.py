@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from machinery.cli import UserError
-from data import Data
+from data import Data, prepare
 from machinery.corpora import Segment, load_corpus
-from machinery.prepare import found_in, prepare
+from machinery.prepare import found_in
 from machinery.tokenizer import Tokenizer
 from conftest import write, write_tiktoken
 

@@ -75,7 +75,7 @@ def _combine(data, batches):
 def _step(gen, emb, batch, gather):
     """One forward and backward; the loss parts and every gradient."""
     gen.zero_grad(set_to_none=True), emb.zero_grad(set_to_none=True)
-    gather_fn, lambda_seq = distributed.across_processes(batch, LAMBDA_SEQ, 2 if gather else 1)
+    gather_fn, lambda_seq = train.across_processes(batch, LAMBDA_SEQ, 2 if gather else 1)
     loss, stats = co_supervision_loss(gen, emb, batch, LAMBDA_TOK, lambda_seq, TAU, gather_fn)
     loss.backward()
     named = list(gen.module.named_parameters() if gather else gen.named_parameters())

@@ -291,7 +291,7 @@ def test_protocol_runs_from_one_pretrained_start_reports_and_resumes(tmp_path, c
 
 def test_answers_write_with_one_run_and_retrieve_with_the_other(run_train, monkeypatch):
     """sep: OUT's Gen writes; QUERY_FROM's Gen makes the queries, its Emb_seq the datastore."""
-    from machinery.checkpoint import load_run
+    from train import load_run
     from machinery.datastore_file import build
     a, _ = run_train("--max_iters", "2", "--eval_interval", "2", name="a")
     b, _ = run_train("--max_iters", "2", "--eval_interval", "2", "--seed", "7", name="b")

@@ -12,8 +12,9 @@ import sample
 import train
 from machinery.checkpoint import init_from
 from machinery.cli import UserError
-from machinery.config import Config, build_models, check_config
+from machinery.config import Config, check_config
 from machinery.tokenizer import Tokenizer
+from train import build_models
 from conftest import write_tiktoken
 
 transformers = pytest.importorskip("transformers", reason="the reference GPT-2 is transformers'")
@@ -57,7 +58,7 @@ def loaded(folder, bpe, *flags):
     check_config(cfg)
     tok = Tokenizer(cfg.tokenizer, cfg.gpt2_file)
     gen, embedder = build_models(cfg, tok.vocab_size)
-    base = init_from(str(folder), cfg, gen, embedder, None, tok)
+    base = init_from(str(folder), cfg, gen, embedder, tok)
     return cfg, tok, gen.eval(), embedder.eval(), base
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from machinery.checkpoint import load_run
+from train import load_run
 from machinery.cli import UserError
 from conftest import write, write_tiktoken
 

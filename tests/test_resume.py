@@ -14,9 +14,9 @@ import torch
 
 import evaluate as eval_script
 import train
-from machinery import run
-from machinery.config import Config, build_models
+from machinery.config import Config
 from machinery.checkpoint import CHECKPOINT_KEYS, keep_log_until
+from train import build_models
 from machinery.cli import Interrupted, UserError
 from conftest import TINY
 
@@ -63,7 +63,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(run_train, monkeypatch, st
 
     monkeypatch.setattr(train, "learning_rate", ctrl_c_at)
     drawn = []  # the last evaluation curves.png shows
-    monkeypatch.setattr(run, "plot_run", lambda log, png, chance: drawn.append(
+    monkeypatch.setattr(train, "plot_run", lambda log, png, chance: drawn.append(
         json.loads(open(log).read().splitlines()[-1])["iter"]))
     with pytest.raises(Interrupted, match=f"holds iteration {stop_at + 1}; .* --resume"):
         run_train(*INTERRUPTIBLE, name="parts")
@@ -205,12 +205,3 @@ def test_an_out_dir_with_a_checkpoint_needs_resume_or_overwrite(run_train):
     # nothing of the old run is left to be read with the new checkpoint; the rest stays
     assert sorted(p.name for p in out.iterdir()) == ["ckpt.pt", "curves.png", "log.jsonl",
                                                      "notes.txt", "provenance.json"]
-
-
-def test_a_checkpoint_from_before_torchrun_support_resumes(run_train):
-    out, _ = run_train("--max_iters", "4", "--eval_interval", "2")
-    ckpt = torch.load(out / "ckpt.pt", weights_only=False)
-    ckpt["rng"] = ckpt["rng"][0]  # the old format: one process's RNG states, not a list
-    torch.save(ckpt, out / "ckpt.pt")
-    _, log = run_train("--max_iters", "6", "--eval_interval", "2", "--resume")
-    assert [r["iter"] for r in log] == [0, 2, 4, 6]

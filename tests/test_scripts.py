@@ -16,7 +16,7 @@ import evaluate as evaluate_script
 import sample
 import train
 from machinery import batch_generate, prompts
-from machinery.checkpoint import load_run
+from train import load_run
 from conftest import TINY, write
 
 

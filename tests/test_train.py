@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import train
-from machinery.config import Config, build_models, check_config, make_optimizer
+from machinery.config import Config
+from train import build_models, make_optimizer
 from conftest import write_tiktoken
 
 
@@ -40,17 +41,14 @@ def test_a_text_runs_picture_adds_the_two_stage_panel(tmp_path):
     assert widths == [1000, 1500]  # two panels, then three (10 and 15 inches at 100 dpi)
 
 
-@pytest.mark.parametrize("every, drawn", [(1e9, [0, 10]), (0.0, [0, 5, 10])])
-def test_the_picture_follows_the_log_and_ends_with_it(run_train, monkeypatch, every, drawn):
-    """curves.png is drawn at the first evaluation, then once DRAW_EVERY seconds have passed, and
-    always at the end: each drawing reads the log up to the evaluation just written."""
-    from machinery import run
+def test_the_picture_follows_the_log_and_ends_with_it(run_train, monkeypatch):
+    """curves.png is drawn at every evaluation, the last included: each drawing reads the log up
+    to the evaluation just written."""
     seen = []
-    monkeypatch.setattr(run, "plot_run", lambda log, png, chance: seen.append(
+    monkeypatch.setattr(train, "plot_run", lambda log, png, chance: seen.append(
         json.loads(open(log).read().splitlines()[-1])["iter"]))
-    monkeypatch.setattr(run, "DRAW_EVERY", every)
     run_train("--max_iters", "10", "--eval_interval", "5")
-    assert seen == drawn
+    assert seen == [0, 5, 10]
 
 
 def test_same_seed_same_losses(run_train):
@@ -99,13 +97,11 @@ def test_the_parts_only_l_nsp_trains_warm_up_when_it_joins_late():
     assert train.nsp_lr_scale(0, Config(nsp_start=0, nsp_lr_scale=1)) == 1  # the shared warmup
     # the default: on facts those parts peak at 0.3 of the learning rate, from whichever step;
     # on a text at the full rate
-    facts = Config(nsp_start=50, warmup_iters=9)
-    check_config(facts)
+    facts = train.configure(["--nsp_start", "50", "--warmup_iters", "9"])
     assert [train.nsp_lr_scale(it, facts) for it in (54, 150)] == [pytest.approx(0.15),
                                                                     pytest.approx(0.3)]
     assert train.nsp_lr_scale(7, Config(nsp_start=0, nsp_lr_scale=0.3)) == pytest.approx(0.3)
-    text = Config(dataset="pydoc")
-    check_config(text)
+    text = train.configure(["--dataset", "pydoc"])
     assert text.nsp_lr_scale == 1
 
 
@@ -127,10 +123,7 @@ def test_trains_with_a_local_gpt2_file(run_train, tmp_path, monkeypatch):
 def test_steps_default_to_the_corpus_kind(args, iters, interval):
     """-1 settles to 1200 steps on facts and 2400 on text (which needs twice the steps), and the
     evaluations to a quarter of those; a value the user gives is kept."""
-    from machinery.cli import parse_config
-    from machinery.config import check_config
-    cfg, _ = parse_config(Config, "", args)
-    check_config(cfg)
+    cfg = train.configure(args)
     assert (cfg.max_iters, cfg.eval_interval) == (iters, interval)
 
 
@@ -142,7 +135,6 @@ def test_a_run_from_another_runs_weights_draws_batches_of_its_own(run_train, tmp
     import numpy as np
     from data import load_data
     from conftest import TINY
-    from machinery.cli import parse_config
     real, drawn = train.co_supervision_loss, []
 
     def spy(gen, embedder, batch, *args, **kwargs):
@@ -153,8 +145,7 @@ def test_a_run_from_another_runs_weights_draws_batches_of_its_own(run_train, tmp
     argv = ["--max_iters", "3", "--eval_interval", "3"]
     start, _ = run_train(*argv, name="start")
     first = drawn[:]
-    cfg, _ = parse_config(Config, "", TINY + ["--cache_dir", str(tmp_path / "cache")])
-    check_config(cfg)
+    cfg = train.configure(TINY + ["--cache_dir", str(tmp_path / "cache")])
     data, _ = load_data(cfg)
     rng = np.random.default_rng(cfg.seed)
     for x in first:
