@@ -1,5 +1,5 @@
 """
-out_dir/curves.png, redrawn from log.jsonl as the run evaluates. Left: L_NTP and L_NSP on train
+out_dir/curves.png, redrawn from log.jsonl at every evaluation. Left: L_NTP and L_NSP on train
 and val against the iteration. Middle: recall@1 and MRR against the whole datastore (val, and
 train dotted), with TF-IDF's and chance's lines. Right (two-stage runs): the learned score
 re-ranking TF-IDF's top K, beside TF-IDF's own order of them and its ceiling, recall@K.
