@@ -40,26 +40,22 @@ from machinery.corpora import is_facts
 @dataclass
 class ExperimentConfig:
     quick: bool = flag(False, "2 seeds, 100 + 100 steps, lambda 0.5 only, in --results/quick")
-    datasets: str = flag("facts", "comma-separated: facts, pydoc, or paths to .txt / .jsonl "
-                                  "files (each runs the same protocol)")
+    datasets: str = flag("facts", "comma-separated: facts, pydoc, or .txt / .jsonl files")
     seeds: int = flag(5, "seeds, 1337 onwards")
     pretrain_iters: int = flag(800, "stage 1: L_NTP-only steps of the pretrained Gen")
     iters: int = flag(1600, "stage 2: steps of every fine-tuning run")
-    lambdas: str = flag("0.1,0.5", "lambda_seq of the co-supervised runs on facts; 0.5 (the "
-                                   "primary test's) must be one")
+    lambdas: str = flag("0.1,0.5", "lambda_seq of the co-supervised runs on facts, 0.5 among them")
     evals: int = flag(4, "evaluations of every run after its first: its learning curve's points")
-    questions: int = flag(200, "held-out questions per facts run for answer exact match, asked as "
-                               "in training and reworded")
+    questions: int = flag(200, "held-out questions per facts run, asked as trained and reworded")
     results: str = flag(report.RESULTS, "where runs.jsonl, table.md and the plots go")
     work_dir: str = flag("out_experiments", "where the runs' checkpoints and logs go")
     train_args: str = flag("", "extra train.py flags for every run (e.g. a tiny model, for tests)")
     scratch: bool = flag(False, "also run scratch, co-supervision from random weights (secondary)")
 
 
-# the protocol's own flags, whatever train.py's defaults become (--train_args come after these,
-# and may change them): L_NSP from the first step of every run (stage 1 is the NTP-only start, so
-# the token space is in place), the default recipe's temperature, and facts questions in three
-# wordings (so that training shows that other words ask the same; the reworded set uses a fourth)
+# the protocol's own flags, whatever train.py's defaults become: L_NSP from the first step (stage
+# 1 has put the token space in place), the default recipe's temperature, and facts questions in
+# three wordings, so that training shows that other words ask the same (the reworded set: a fourth)
 PROTOCOL = ["--nsp_start", "0", "--temperature", "0.1", "--facts_wordings", "3"]
 # train.py's behaviour when the committed records were made, kept after its default changed: the
 # parts only L_NSP trains learn at the full rate

@@ -418,7 +418,8 @@ def main(argv=None):
     cfg, _ = parse_config(ReportConfig, __doc__, argv)
     records = list(load(os.path.join(cfg.results, "runs.jsonl")).values())
     if not records:
-        raise UserError(f"no runs in {cfg.results}/runs.jsonl: run python -m experiments.grid first")
+        raise UserError(f"no runs in {cfg.results}/runs.jsonl: run python -m experiments.grid "
+                        "first")
     write(records, cfg.results)
     print(open(os.path.join(cfg.results, "table.md")).read())
 
