@@ -1,31 +1,18 @@
 """
-The paper's comparison, run the paper's way: co-supervision against separate supervision, both
-fine-tuned from one pretrained LM, several seeds, on `facts` (and `pydoc` or any corpus you name).
+The paper's comparison: co-supervision against separate supervision, both fine-tuned from one
+pretrained Gen, over seeds, on `facts` (or pydoc, or a corpus you name).
 
     python -m experiments.grid                   # the full protocol (experiments/README.md)
     python -m experiments.grid --quick           # 2 seeds, few steps, one lambda: to see it work
     python -m experiments.grid --datasets mybook.txt --seeds 3
 
-Per seed, every run is train.py with its defaults but the flags below:
-  stage 1   pretrained   L_NTP only (--lambda_seq 0), --pretrain_iters steps: "the pretrained LM"
-  stage 2, --iters steps each, all started from that checkpoint (--init_from: fresh optimizer):
-            ntp-ft       L_NTP only: the generator of separate supervision
-            nsp-ft       L_NSP only (--lambda_tok 0): the retriever of separate supervision, Gen's
-                         query head and Emb_seq fine-tuned from the same start
-            co<lambda>   co-supervision, L_NTP + lambda L_NSP, at each of --lambdas
-  sep       separate supervision, the paper's baseline, no training of its own: ntp-ft's Gen
-            writes, nsp-ft's Gen makes the queries and nsp-ft's Emb_seq the datastore
-            (evaluate.py --query_from)
-  scratch   with --scratch: co-supervision (lambda 0.5) from random weights for pretrain_iters +
-            iters steps, the same steps without the pretrained start (secondary)
-
-The primary comparison, fixed before the grid ran (report.py): co0.5 minus sep, paired by seed;
-on facts held-out answer exact match with retrieval and held-out recall@1, on text val MRR. The
-confirmatory test (report.CONFIRMATORY), fixed before its runs: co0.1 minus sep on facts, on seeds
-of its own, which run only pretrained, ntp-ft, nsp-ft, co0.1 and sep.
-
-experiments/results/ gets runs.jsonl (one JSON line per run; a run already there is not redone),
-table.md (report.py) and PNG plots. Checkpoints go to --work_dir.
+Per seed, each run is train.py with its defaults and the flags below. `pretrained` trains L_NTP
+alone for --pretrain_iters steps. From it (--init_from), --iters steps each: `ntp-ft` (L_NTP
+alone), `nsp-ft` (L_NSP alone) and `co<lambda>` (L_NTP + lambda L_NSP, on text lambda 0.5 only).
+`sep`, separate supervision, trains nothing: ntp-ft's Gen writes, nsp-ft's Gen and Emb_seq
+retrieve. `scratch` (--scratch) is co0.5 from random weights for all the steps. The confirmatory
+test's seeds (report.CONFIRMATORY) run only what it compares. Each finished run is a line of
+--results/runs.jsonl (a rerun redoes nothing), then report.py writes table.md and the plots.
 """
 
 import hashlib
@@ -34,9 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -55,27 +40,41 @@ from machinery.corpora import is_facts
 
 @dataclass
 class ExperimentConfig:
-    quick: bool = flag(False, "2 seeds, few steps, lambda 0.5 only: a smoke run of the protocol")
-    datasets: str = flag("facts", "comma-separated: facts, pydoc, or paths to .txt / .jsonl "
-                                  "files (each runs the same protocol)")
-    seeds: int = flag(5, "seeds, 1337 onwards (--quick: 2)")
-    pretrain_iters: int = flag(800, "stage 1: L_NTP-only steps of the pretrained LM (--quick: 100)")
-    iters: int = flag(1600, "stage 2: steps of every fine-tuning run (--quick: 100)")
-    lambdas: str = flag("0.1,0.5", "lambda_seq of the co-supervised runs on facts: 0.5 (the "
-                                   "primary test's) must be one; without 0.1 the confirmatory "
-                                   "test's seeds do not run (0.1,0.5,2 adds co2)")
-    text_lambdas: str = flag("0.5", "lambda_seq of the co-supervised runs on text corpora")
-    evals: int = flag(4, "evaluations of every run after its first: its learning curve's points "
-                         "(--quick: 2)")
-    questions: int = flag(200, "held-out questions per facts run for answer exact match, asked as "
-                               "in training and reworded (--quick: 60)")
-    results: str = flag(report.RESULTS, "where runs.jsonl, table.md and the plots go (--quick: "
-                                        "its quick/ subfolder)")
+    quick: bool = flag(False, "2 seeds, 100 + 100 steps, lambda 0.5 only, in --results/quick")
+    datasets: str = flag("facts", "comma-separated: facts, pydoc, or .txt / .jsonl files")
+    seeds: int = flag(5, "seeds, 1337 onwards")
+    pretrain_iters: int = flag(800, "stage 1: L_NTP-only steps of the pretrained Gen")
+    iters: int = flag(1600, "stage 2: steps of every fine-tuning run")
+    lambdas: str = flag("0.1,0.5", "lambda_seq of the co-supervised runs on facts, 0.5 among them")
+    evals: int = flag(4, "evaluations of every run after its first: its learning curve's points")
+    questions: int = flag(200, "held-out questions per facts run, asked as trained and reworded")
+    results: str = flag(report.RESULTS, "where runs.jsonl, table.md and the plots go")
     work_dir: str = flag("out_experiments", "where the runs' checkpoints and logs go")
-    jobs: int = flag(1, "runs at a time, the cores shared among them (0: one per core)")
     train_args: str = flag("", "extra train.py flags for every run (e.g. a tiny model, for tests)")
-    scratch: bool = flag(False, "also run scratch, co-supervision from random weights "
-                                "(secondary; about 5 minutes a seed on 2 cores)")
+    scratch: bool = flag(False, "also run scratch, co-supervision from random weights (secondary)")
+
+
+# the protocol's own flags, whatever train.py's defaults become: L_NSP from the first step (stage
+# 1 has put the token space in place), the default recipe's temperature, and facts questions in
+# three wordings, so that training shows that other words ask the same (the reworded set: a fourth)
+PROTOCOL = ["--nsp_start", "0", "--temperature", "0.1", "--facts_wordings", "3"]
+# train.py's behaviour when the committed records were made, kept after its default changed: the
+# parts only L_NSP trains learn at the full rate
+AS_RECORDED = ["--nsp_lr_scale", "1"]
+# What the runs' code does that no flag says, counted up when it changes so that no record made
+# before is reused: 2, a stage-2 run draws batches of its own (at 1, the committed records' tag
+# aa91db77, it replayed stage 1's batch order)
+BEHAVIOUR = 2
+GRID_FLAGS = {"dataset", "seed", "max_iters", "eval_interval", "out_dir", "lambda_seq",
+              "lambda_tok", "init_from", "resume", "overwrite"}
+
+
+def setting(cfg):
+    """What every run depends on besides its dataset, variant, seed and steps, as a short hash:
+    part of each run's folder and record key, so a changed setting never reuses stale runs."""
+    text = json.dumps([band.defaults(), PROTOCOL, AS_RECORDED, cfg.train_args.split(),
+                       cfg.questions, cfg.evals, BEHAVIOUR])
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
 def variants(cfg, lambdas):
@@ -92,10 +91,10 @@ def variants(cfg, lambdas):
 
 
 class Grid:
-    """The runs of one protocol; trains each at most once, however many runs need it."""
+    """The runs of one protocol; trains each at most once, however many runs start from it."""
 
     def __init__(self, cfg):
-        self.cfg, self.locks, self.guard = cfg, {}, threading.Lock()
+        self.cfg = cfg
 
     def run_dir(self, dataset, variant, seed):
         cfg = self.cfg
@@ -106,25 +105,25 @@ class Grid:
         """The run's out_dir, trained now unless work_dir has it whole (a fresh clone has
         results/ but not the checkpoints: stage 2 and sep retrain what they start from)."""
         out = self.run_dir(dataset, variant, seed)
-        with self.guard:
-            lock = self.locks.setdefault(out, threading.Lock())
-        with lock:  # two runs of one seed may need the same start at once: train it once
-            if not os.path.isfile(os.path.join(out, "done")):
-                flags, start, iters = variants(self.cfg, lambdas)[variant]
-                argv = [sys.executable, os.path.join(report.ROOT, "train.py"),
-                        "--dataset", dataset, "--seed", str(seed), "--max_iters", str(iters),
-                        "--eval_interval", str(max(1, iters // self.cfg.evals)),
-                        "--out_dir", out, *flags, *PROTOCOL, *AS_RECORDED,
-                        *self.cfg.train_args.split()]
-                if start:
-                    argv += ["--init_from", self.trained(dataset, start, seed, lambdas)]
-                shutil.rmtree(out, ignore_errors=True)  # a run cut short earlier starts again
-                os.makedirs(out)
-                with open(os.path.join(out, "train.out"), "w") as log:
-                    if subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT).returncode:
-                        raise UserError(f"training {dataset}/{variant}/seed {seed} failed: see "
-                                        f"{os.path.join(out, 'train.out')}")
-                open(os.path.join(out, "done"), "w").close()
+        if not os.path.isfile(os.path.join(out, "done")):
+            flags, start, iters = variants(self.cfg, lambdas)[variant]
+            argv = [sys.executable, os.path.join(report.ROOT, "train.py"),
+                    "--dataset", dataset, "--seed", str(seed), "--max_iters", str(iters),
+                    "--eval_interval", str(max(1, iters // self.cfg.evals)),
+                    "--out_dir", out, *flags, *PROTOCOL, *AS_RECORDED,
+                    *self.cfg.train_args.split()]
+            if start:
+                argv += ["--init_from", self.trained(dataset, start, seed, lambdas)]
+            shutil.rmtree(out, ignore_errors=True)  # a run cut short earlier starts again
+            os.makedirs(out)
+            with open(os.path.join(out, "train.out"), "w") as log:
+                # every core for each run, one run at a time: on 2 cores two 1-thread trainings
+                # did less work than one 2-thread training
+                env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())}
+                if subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
+                    raise UserError(f"training {dataset}/{variant}/seed {seed} failed: see "
+                                    f"{os.path.join(out, 'train.out')}")
+            open(os.path.join(out, "done"), "w").close()
         return out
 
     @torch.inference_mode()
@@ -180,99 +179,19 @@ def read_log(out):
     return {k: log[-1].get(k) for k in FINAL}, [{k: r.get(k) for k in CURVE} for r in log]
 
 
-def run_all(grid, todo, path):
-    """The runs, --jobs at a time, each finished one appended to runs.jsonl."""
-    cfg = grid.cfg
-    jobs = cfg.jobs or os.cpu_count()
-    # each job gets its share of the cores. On this machine class (2 cores) two 1-thread trainings
-    # did less work than one 2-thread training (210 ms a step each against 80): hence --jobs 1
-    threads, saved = max(1, os.cpu_count() // jobs), (torch.get_num_threads(),
-                                                      os.environ.get("OMP_NUM_THREADS"))
-    os.environ["OMP_NUM_THREADS"] = str(threads)   # for the train.py subprocesses
-    torch.set_num_threads(threads)                 # for the answers computed here
-    bar, lock = tqdm(total=len(todo), desc="grid", dynamic_ncols=True), threading.Lock()
-
-    def finish(cell):
-        record = grid.run(*cell)
-        with lock, open(path, "a") as f:  # one line per finished run: an interrupted grid resumes
-            f.write(json.dumps(record) + "\n")
-        bar.update()
-
-    pool = ThreadPoolExecutor(jobs)
-    try:
-        for future in [pool.submit(finish, cell) for cell in todo]:
-            future.result()
-    except KeyboardInterrupt:  # the runs in flight got Ctrl-C too: they save and stop
-        raise Interrupted(f"interrupted: the finished runs are in {path}; the same command goes "
-                          "on from there") from None
-    finally:
-        pool.shutdown(cancel_futures=True)
-        bar.close()
-        torch.set_num_threads(saved[0])
-        if saved[1] is None:
-            os.environ.pop("OMP_NUM_THREADS")
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved[1]
-
-
-def setting(cfg):
-    """What every run depends on besides its dataset, variant, seed and steps: train.py's
-    defaults (band.defaults), the protocol's flags, --train_args, --questions, --evals and
-    BEHAVIOUR, as a short hash. It is part of each run's folder and record key, so a changed
-    setting, default or behaviour trains and measures afresh, never reusing stale runs."""
-    text = json.dumps([band.defaults(), PROTOCOL, AS_RECORDED, cfg.train_args.split(),
-                       cfg.questions, cfg.evals, BEHAVIOUR])
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
-GRID_FLAGS = {"dataset", "seed", "max_iters", "eval_interval", "out_dir", "lambda_seq",
-              "lambda_tok", "init_from", "resume", "overwrite"}
-# the protocol's own flags, whatever train.py's defaults become (--train_args come after these,
-# and may change them): L_NSP from the first step of every run (stage 1 is the NTP-only start, so
-# the token space is in place), the default recipe's temperature, and facts questions in three
-# wordings (so that training shows that other words ask the same; the reworded set uses a fourth)
-PROTOCOL = ["--nsp_start", "0", "--temperature", "0.1", "--facts_wordings", "3"]
-# train.py's behaviour when the committed records were made, kept after its default changed: the
-# parts only L_NSP trains learn at the full rate
-AS_RECORDED = ["--nsp_lr_scale", "1"]
-# What the runs' code does that no flag says, counted up when it changes so that no record made
-# before is reused: 2, a stage-2 run draws batches of its own (train.py; at 1, the committed
-# records' tag aa91db77, it replayed stage 1's batch order)
-BEHAVIOUR = 2
-
-
-def check_train_args(train_args):
-    """--train_args must be valid train.py flags, and not ones the grid sets for each run."""
-    args = train_args.split()
-    clash = sorted(GRID_FLAGS & {a[2:].split("=")[0] for a in args if a.startswith("--")})
-    if clash:
-        raise UserError(f"--train_args: the grid sets --{clash[0]} itself for each run")
-    try:
-        check_config(parse_config(Config, "", args)[0])
-    except UserError as e:
-        raise UserError(f"--train_args: {e}") from None
-
-
-def lambda_list(text, name):
-    try:
-        lambdas = [float(x) for x in text.split(",")]
-    except ValueError:
-        raise UserError(f"--{name} is comma-separated numbers, got {text!r}") from None
-    if any(not lam > 0 for lam in lambdas):
-        raise UserError(f"--{name}: co-supervision needs lambda_seq > 0 (0 is ntp-ft)")
-    if 0.5 not in lambdas:
-        raise UserError(f"--{name} must include 0.5: the primary comparison uses it")
-    return lambdas
-
-
 def check(cfg):
-    """The protocol's datasets and lambdas, or a one-line error."""
+    """The protocol's datasets and each one's lambdas, or a one-line error."""
     if cfg.quick:  # its own folder: a smoke run never overwrites the full protocol's results
         cfg.seeds, cfg.pretrain_iters, cfg.iters, cfg.questions, cfg.evals = 2, 100, 100, 60, 2
-        cfg.lambdas = cfg.text_lambdas = "0.5"
-        cfg.results = os.path.join(cfg.results, "quick")
-    facts_lambdas = lambda_list(cfg.lambdas, "lambdas")
-    text = lambda_list(cfg.text_lambdas, "text_lambdas")
+        cfg.lambdas, cfg.results = "0.5", os.path.join(cfg.results, "quick")
+    try:
+        lambdas = [float(x) for x in cfg.lambdas.split(",")]
+    except ValueError:
+        raise UserError(f"--lambdas is comma-separated numbers, got {cfg.lambdas!r}") from None
+    if any(not lam > 0 for lam in lambdas):
+        raise UserError("--lambdas: co-supervision needs lambda_seq > 0 (0 is ntp-ft)")
+    if 0.5 not in lambdas:
+        raise UserError("--lambdas must include 0.5: the primary comparison uses it")
     datasets = [d for d in cfg.datasets.split(",") if d]
     if not datasets:
         raise UserError("--datasets is empty")
@@ -282,13 +201,18 @@ def check(cfg):
     if min(cfg.seeds, cfg.pretrain_iters, cfg.iters, cfg.questions, cfg.evals) < 1:
         raise UserError("--seeds, --pretrain_iters, --iters, --questions and --evals must be "
                         "positive")
-    if cfg.jobs < 0:
-        raise UserError(f"--jobs must be >= 0, got {cfg.jobs}")
-    check_train_args(cfg.train_args)
+    args = cfg.train_args.split()  # valid train.py flags, and not ones the grid sets itself
+    clash = sorted(GRID_FLAGS & {a[2:].split("=")[0] for a in args if a.startswith("--")})
+    if clash:
+        raise UserError(f"--train_args: the grid sets --{clash[0]} itself for each run")
+    try:
+        check_config(parse_config(Config, "", args)[0])
+    except UserError as e:
+        raise UserError(f"--train_args: {e}") from None
     for folder in (cfg.results, cfg.work_dir):
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise UserError(f"{folder} is a file, not a directory")
-    return {d: facts_lambdas if is_facts(d) else text for d in datasets}
+    return {d: lambdas if is_facts(d) else [0.5] for d in datasets}
 
 
 def main(argv=None):
@@ -304,20 +228,26 @@ def main(argv=None):
     if lams is not None and confirm["tested"] in variants(cfg, lams):
         cells += [(confirm["dataset"], v, s, lams) for s in confirm["seeds"]
                   for v in ("pretrained", "ntp-ft", "nsp-ft", confirm["tested"], "sep")]
-    # one seed after another, and within a seed stage 1 first and sep last: a run seldom waits
-    # for the one it starts from, and an interrupted grid leaves whole seeds in runs.jsonl, which
-    # a fresh clone (records, no checkpoints) never needs to train again
+    # one seed after another, and within a seed stage 1 first and sep last: an interrupted grid
+    # leaves whole seeds in runs.jsonl, which a fresh clone (no checkpoints) never trains again
     rank = {"pretrained": 0, "sep": 2}
     cells.sort(key=lambda c: (c[2] in confirm["seeds"], c[0], c[2], rank.get(c[1], 1)))
     todo = [c for c in cells if report.key(c[0], c[1], c[2], steps, tag) not in done]
     print(f"{len(cells)} runs in the protocol, {len(cells) - len(todo)} already in {path}")
-    t0 = time.time()
-    run_all(Grid(cfg), todo, path)
-    if todo:
-        print(f"{len(todo)} runs in {time.time() - t0:.0f} s")
+    threads, grid = torch.get_num_threads(), Grid(cfg)
+    torch.set_num_threads(os.cpu_count())  # for the answers computed here, as for the trainings
+    try:
+        for cell in tqdm(todo, desc="grid", dynamic_ncols=True):
+            record = grid.run(*cell)
+            with open(path, "a") as f:  # one line per finished run: an interrupted grid resumes
+                f.write(json.dumps(record) + "\n")
+    except KeyboardInterrupt:  # the run in flight got Ctrl-C too: it saves and stops
+        raise Interrupted(f"interrupted: the finished runs are in {path}; the same command goes "
+                          "on from there") from None
+    finally:
+        torch.set_num_threads(threads)
     wanted = {report.key(c[0], c[1], c[2], steps, tag) for c in cells}
-    records = [r for k, r in report.load(path).items() if k in wanted]
-    report.write(records, cfg.results)
+    report.write([r for k, r in report.load(path).items() if k in wanted], cfg.results)
     print(f"results in {cfg.results}/: table.md and the plots")
 
 

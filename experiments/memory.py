@@ -1,21 +1,17 @@
 """
-Peak resident memory where users feel it, each beside its floor (a Python that has imported torch
-and nothing else), all measured in one run, each in a fresh process with a fresh cache:
+Peak resident memory where users feel it, each in a fresh process with a fresh cache, beside the
+floor of a Python that imported torch and nothing else:
 
-  demo      the default demo, `python train.py`, shortened to 100 steps, L_NSP from the first
-            (two evaluations: memory does not grow with steps)
-  text_3mb  preparing and training on a 3 MB .txt (20 steps, one evaluation at the end)
-  text_run  a whole default run on a 3 MB .txt, `python train.py --dataset TEXT` to the end:
-            preparing, TF-IDF's first stage, 2,400 steps and every evaluation (about 20 minutes)
-  text_50mb preparing a 50 MB .txt (load_data alone: the tokens, sequences and cache)
+  demo       `python train.py` for 100 steps, L_NSP from the first, two evaluations
+  text_3mb   preparing and training on a 3 MB .txt: 20 steps, one evaluation
+  text_run   a whole default run on a 3 MB .txt (or --text), every evaluation: about 20 minutes
+  text_50mb  preparing a 50 MB .txt (load_data alone)
 
-The texts are CPython's own documentation (pydoc, offline) repeated, every sentence numbered so
-that no two are alike (a repeated sentence would be one datastore entry, and its val copies would
-be caught as leaks).
+The texts are pydoc's topics repeated, every sentence numbered: a repeated sentence would be one
+datastore entry, and its val copies would be caught as leaks.
 
-    python -m experiments.memory            # about 25 minutes on 2 cores
     python -m experiments.memory --parts demo,text_3mb
-    python -m experiments.memory --parts text_run --text ../shared/corpora/sherlock.txt
+    python -m experiments.memory --parts text_run --text sherlock.txt
 """
 
 import itertools
@@ -32,10 +28,9 @@ from experiments.report import ROOT
 from machinery.cli import UserError, flag, main_guard, parse_config
 
 PARTS = ("demo", "text_3mb", "text_run", "text_50mb")
-
-# Runs a script as `python script args...` would, then reports the process's peak resident set in
-# KB on its last line of stderr, however the script exits: Linux's VmHWM, the peak of this program
-# alone (ru_maxrss would count the parent's memory the child had between fork and exec).
+# Runs `python script args...`, then prints the process's peak resident set in KB as the last
+# line of stderr, however the script exits: Linux's VmHWM, this program's own peak (ru_maxrss
+# would count the parent's memory the child held between fork and exec).
 CHILD = ("import atexit, runpy, sys\n"
          "def peak():\n"
          "    kb = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
@@ -59,7 +54,7 @@ def peak_mb(script, *args):
     t0 = time.perf_counter()
     run = subprocess.run([sys.executable, "-c", CHILD.format(root=ROOT), script, *args],
                          capture_output=True, text=True, cwd=ROOT)
-    last = run.stderr.strip().splitlines()[-1] if run.stderr.strip() else ""
+    last = (run.stderr.strip().splitlines() or [""])[-1]
     if run.returncode or not last.startswith("peak_kb"):
         raise UserError(f"{os.path.basename(script)} {' '.join(args)} failed: {last}")
     return int(last.split()[1]) / 1024, time.perf_counter() - t0
@@ -75,8 +70,12 @@ def numbered_text(path, size):
                       source)
         parts.append(part)
         written += len(part.encode())
+    return write(path, "".join(parts))
+
+
+def write(path, text):
     with open(path, "w", encoding="utf-8") as f:
-        f.write("".join(parts))
+        f.write(text)
     return path
 
 
@@ -87,40 +86,28 @@ def main(argv=None):
         raise UserError(f"--parts takes all or some of {', '.join(PARTS)}, got {cfg.parts!r}")
     if cfg.text and not os.path.isfile(cfg.text):
         raise UserError(f"--text: no such file: {cfg.text}")
-    train = os.path.join(ROOT, "train.py")
     with tempfile.TemporaryDirectory() as tmp:
-        floor, _ = peak_mb(_script(tmp, "floor.py", "import torch\n"))
+        def text(mb):
+            return numbered_text(f"{tmp}/{mb}mb.txt", mb * 1e6)
+
+        def train(name, *flags):  # a fresh run and cache each
+            return peak_mb(os.path.join(ROOT, "train.py"), *flags, "--out_dir", f"{tmp}/{name}",
+                           "--cache_dir", f"{tmp}/{name}_cache")
+        short = ["--nsp_start", "0", "--max_iters"]  # L_NSP from the first of so few steps
+        runs = {"demo": lambda: train("demo", *short, "100", "--eval_interval", "100"),
+                "text_3mb": lambda: train("text_3mb", "--dataset", text(3), *short, "20",
+                                          "--eval_interval", "20"),
+                "text_run": lambda: train("text_run", "--dataset", os.path.abspath(cfg.text)
+                                          if cfg.text else text(3)),
+                "text_50mb": lambda: peak_mb(write(f"{tmp}/prepare.py", PREPARE), text(50),
+                                             f"{tmp}/prepare_cache")}
+        floor, _ = peak_mb(write(f"{tmp}/floor.py", "import torch\n"))
         result = {"torch_import_floor_mb": floor}
-        print(f"floor (import torch): {floor:.0f} MB", file=sys.stderr)
-        runs = {
-            # shortened runs: L_NSP from the first step (--nsp_start 0), or they measure none
-            "demo": lambda: peak_mb(train, "--max_iters", "100", "--eval_interval", "100",
-                                    "--nsp_start", "0",
-                                    "--out_dir", f"{tmp}/demo", "--cache_dir", f"{tmp}/c1"),
-            "text_3mb": lambda: peak_mb(train, "--dataset", numbered_text(f"{tmp}/3mb.txt", 3e6),
-                                        "--max_iters", "20", "--eval_interval", "20",
-                                        "--nsp_start", "0",
-                                        "--out_dir", f"{tmp}/t3", "--cache_dir", f"{tmp}/c2"),
-            "text_run": lambda: peak_mb(train, "--dataset",
-                                        os.path.abspath(cfg.text) if cfg.text
-                                        else numbered_text(f"{tmp}/3mb.txt", 3e6),
-                                        "--out_dir", f"{tmp}/run", "--cache_dir", f"{tmp}/c4"),
-            "text_50mb": lambda: peak_mb(_script(tmp, "prepare.py", PREPARE),
-                                         numbered_text(f"{tmp}/50mb.txt", 50e6), f"{tmp}/c3"),
-        }
         for name in chosen:
             mb, seconds = runs[name]()
             result[name] = {"peak_mb": mb, "seconds": seconds, "over_floor_mb": mb - floor}
-            print(f"{name}: peak {mb:.0f} MB ({mb - floor:.0f} over the floor), {seconds:.0f} s",
-                  file=sys.stderr)
+            print(f"{name}: peak {mb:.0f} MB ({mb - floor:.0f} over the floor)", file=sys.stderr)
     print(json.dumps(result, indent=1))
-
-
-def _script(folder, name, text):
-    path = os.path.join(folder, name)
-    with open(path, "w") as f:
-        f.write(text)
-    return path
 
 
 if __name__ == "__main__":

@@ -251,7 +251,7 @@ def test_the_protocol_runs_the_two_tested_weights_and_flattening_budgets_by_defa
 
 def test_protocol_runs_from_one_pretrained_start_reports_and_resumes(tmp_path, capsys):
     argv = ["--datasets", "facts", "--seeds", "1", "--pretrain_iters", "4", "--iters", "4",
-            "--questions", "2", "--lambdas", "0.5", "--jobs", "2", "--evals", "2", "--scratch",
+            "--questions", "2", "--lambdas", "0.5", "--evals", "2", "--scratch",
             "--results", str(tmp_path / "results"), "--work_dir", str(tmp_path / "work"),
             "--train_args", " ".join(TINY + ["--cache_dir", str(tmp_path / "cache")])]
     grid.main(argv)
