@@ -26,7 +26,8 @@ AFTER_HOUND = "THE VALLEY OF FEAR"
 
 @dataclass
 class TextsConfig:
-    sherlock: str = flag("../shared/corpora/sherlock.txt", "The Complete Sherlock Holmes, plain text")
+    sherlock: str = flag("../shared/corpora/sherlock.txt", "The Complete Sherlock Holmes, plain "
+                                                           "text")
     alice: str = flag("../shared/corpora/alice.txt", "Alice's Adventures in Wonderland, plain text")
     out_dir: str = flag(os.path.join("data_cache", "texts"), "where the texts go")
 
