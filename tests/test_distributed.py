@@ -102,6 +102,10 @@ def _worker(rank, port, cache_dir, out_dir):
                    for name, batches in _cases(data).items()}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
+        # DDP's reducers hold the process group: freed after the group was destroyed, the last
+        # reference drops inside their destructor with the GIL held, and gloo's destructor then
+        # waits for a thread that waits for the GIL (a hang at exit, 1 run in 15 here)
+        gen = emb = None
         distributed.teardown(together=True)
 
 
