@@ -48,6 +48,10 @@ from model import Gen, GenConfig
 # trains learn at 0.3 of the rate (experiments/README.md, The default recipe).
 RECIPE = {"facts": {"max_iters": 1200, "eval_interval": 300, "nsp_lr_scale": 0.3},
           "text": {"max_iters": 2400, "eval_interval": 600, "nsp_lr_scale": 1.0}}
+# oneDNN, behind some of torch's CPU kernels, keeps a compiled kernel for each new tensor shape, up
+# to 1,024 of them. A text's L_NSP candidates change shape at every step, so the default cache
+# grows all run long (experiments/README.md, Memory); a few entries keep the shapes that repeat.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
 # Steps between two trims of the heap: a text's L_NSP candidates differ in shape from batch to
 # batch, and what they free stays resident until trimmed.
 TRIM_EVERY = 10
@@ -211,7 +215,6 @@ def main(argv=None):
         torch.manual_seed(cfg.seed + rank)
     params = list(gen.parameters()) + list(embedder.parameters())
     optimizer = make_optimizer(cfg, gen, embedder, device)
-    malloc_for("training")  # the step's blocks reused from the heap
     start, saved, metrics, base = 0, None, {}, None  # base: the provenance of --init_from's run
     if cfg.resume:  # the models, optimizer and random streams exactly as they were saved
         ckpt = resume(ckpt_path, cfg, data, tok)
@@ -241,6 +244,7 @@ def main(argv=None):
         stage = first_stage(lexical, data, tok, "val", cfg.first_stage)
         baseline = {**lexical_metrics(data, tok, "val", lexical=lexical),
                     **first_stage_metrics(stage, lexical)}
+    malloc_for("training")  # the step's blocks reused from the heap
 
     def save_at(it):  # every process joins: rank 0 keeps all their random streams
         rngs = rng_states(rng, device)

@@ -1,6 +1,8 @@
 """Bad input to train.py, sample.py and evaluate.py: one line that names the problem and what to do,
 exit code 2, no traceback, and nothing on disk changed."""
+import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -231,3 +233,17 @@ def test_malloc_tuning_is_skipped_where_there_is_no_glibc(monkeypatch):
     monkeypatch.setattr(ctypes, "CDLL", no_libc)
     for phase in cli.MALLOC:
         cli.malloc_for(phase)
+
+
+def test_training_caps_onednns_kernel_cache_unless_the_user_set_it():
+    """oneDNN keeps a compiled kernel per tensor shape, up to 1,024; a text's L_NSP candidates
+    change shape every step, so by default a 3 MB text's run grew 150 MB over its steps."""
+    code = "import os, train; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'])"
+    env = {k: v for k, v in os.environ.items() if k != "ONEDNN_PRIMITIVE_CACHE_CAPACITY"}
+    for value, expected in ((None, "16"), ("64", "64")):
+        if value:
+            env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True, cwd=os.path.dirname(os.path.dirname(
+                                 os.path.abspath(__file__))))
+        assert out.stdout.strip() == expected
