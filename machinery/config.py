@@ -21,7 +21,7 @@ from machinery.search import require_index
 class Config:
     # data
     dataset: str = flag("facts", "facts, facts_test (another world), pydoc, or a .txt/.jsonl path")
-    split: str = flag("sentence", "a sequence in a .txt or pydoc: sentence, line or none (no markers)")
+    split: str = flag("sentence", "what a sequence is in text: sentence, line or none (no markers)")
     val_fraction: float = flag(0.1, "share of a .txt/.jsonl/pydoc corpus held out as val (its end)")
     facts_people: int = flag(400, "facts: people in the world (6 facts each)")
     facts_heldout: float = flag(0.2, "facts: share of people whose questions are held out (val)")
