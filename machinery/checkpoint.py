@@ -77,7 +77,7 @@ def set_rng_states(states, rng, device):
 
 
 def read_jsonl(path):
-    """The records of a JSON-lines file, and the numbers of its lines a crash cut short (skipped)."""
+    """The records of a JSON-lines file, and the numbers of the lines a crash cut (skipped)."""
     records, broken = [], []
     with open(path) as f:
         for n, line in enumerate(f, 1):
