@@ -2,7 +2,8 @@
 What the nine tutorial files lean on, kept out of their way. The method itself is in the nine
 files; three modules here are faster forms of their code, and import from them: lexical.py
 (datastore.py's TF-IDF over a whole corpus), batch_generate.py (generate.generate, many prompts at
-once) and buckets.py (embedder.embed_tokens over a batch's candidates).
+once) and buckets.py (embedder.embed_tokens over a batch's candidates). datastore_file.py and
+prompts.py use datastore.py's Datastore, embed_all and query_text, as the scripts do.
 
     cli.py          flags from a config dataclass; one-line errors; Ctrl-C; glibc's malloc
     config.py       every flag (train.py's, sample.py's, evaluate.py's), checks, device, autocast
