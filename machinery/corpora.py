@@ -138,6 +138,7 @@ def check_dataset(dataset):
 def load_corpus(dataset, split="sentence", val_fraction=0.1, facts_people=400, facts_heldout=0.2,
                 facts_wordings=1):
     """The documents of a dataset: a facts world, `pydoc`, or a path to a .txt or .jsonl file."""
+    check_dataset(dataset)
     if is_facts(dataset):
         from machinery.facts import build_facts
         train, val, confusable = build_facts(facts_people, facts_heldout, facts_wordings,
