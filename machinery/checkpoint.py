@@ -33,9 +33,8 @@ def check_out_dir(cfg):
 
 
 def open_log(cfg, start):
-    """log.jsonl, open for writing, in out_dir (made); --overwrite removes the old run's files;
-    --resume cuts the log back to the checkpoint's iteration (a run killed after logging an
-    iteration but before saving it would log it twice)."""
+    """log.jsonl, open for writing; --overwrite removes the old run's files, --resume cuts the
+    log back to the checkpoint's iteration (a run killed before saving it logged it)."""
     path = os.path.join(cfg.out_dir, "log.jsonl")
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -98,8 +97,7 @@ def keep_log_until(path, last):
 
 
 def read_checkpoint(path, missing):
-    """The checkpoint at path, or a one-line error: none there (`missing` says what to do), or
-    not a checkpoint of this program."""
+    """The checkpoint at path, or a one-line error (`missing`: what to do where there is none)."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}: {missing}")
     try:

@@ -83,10 +83,8 @@ MALLOC = {"transient": 1 << 20, "training": 32 << 20}  # glibc's mmap threshold,
 
 
 def malloc_for(phase):
-    """Tune glibc's malloc for a phase of the run, and hand the heap's free pages back. While
-    preparing or evaluating ("transient"), blocks of 1 MB or more get their own mapping, returned
-    when freed; while training, blocks under 32 MB are reused from the heap. Elsewhere than glibc,
-    nothing is done."""
+    """Hand glibc's free heap pages back, and give blocks of MALLOC[phase] or more their own
+    mapping, returned when freed (large, short-lived arrays). Elsewhere than glibc: nothing."""
     try:
         libc = ctypes.CDLL(None)
         libc.malloc_trim(0)
@@ -96,9 +94,8 @@ def malloc_for(phase):
 
 
 def main_guard(main):
-    """Run main(); a UserError ends it with one line and exit code 2, Ctrl-C (or SIGTERM) with one
-    line and exit code 130. Only rank 0 speaks, and every process leaves its group before it
-    exits: all at once when all end together."""
+    """Run main(); a UserError ends it with one line and exit code 2, Ctrl-C with one line and
+    exit code 130 (rank 0 speaks). Every process leaves its group: together when all end."""
     together = False
     try:
         main()

@@ -1,8 +1,7 @@
 """
-Corpora as the method sees them: a list of documents; a document, a list of segments; a segment,
-plain text or a *sequence* (a datastore entry, written after a marker: data.py). A reader for each
-dataset train.py accepts (the `facts` world, `pydoc`, a .txt, a .jsonl) returns train and val
-documents and the default hard negatives (sequences easily confused with each sequence).
+A corpus is a list of documents; a document, a list of segments; a segment, plain text or a
+*sequence* (a datastore entry). A reader for each dataset (`facts`, `pydoc`, .txt, .jsonl) returns
+train and val documents and the default hard negatives.
 """
 
 import json

@@ -1,8 +1,6 @@
 """
-Several processes (torchrun --standalone --nproc_per_node 2 train.py ...): one per GPU, or several
-on a CPU, each drawing its own batch. DDP averages the gradients; rank 0 alone evaluates, logs and
-saves. L_NSP takes its negatives from every process (gather_candidates), so a step of W processes
-is the step of one process on the W batches together. With one process nothing communicates.
+Several processes (torchrun), each drawing its own batch: DDP averages the gradients, rank 0 alone
+evaluates, logs and saves, and L_NSP takes its negatives from every process (gather_candidates).
 """
 
 import os

@@ -1,7 +1,6 @@
 """
 The cache around data.prepare: the key a prepared corpus is stored under, and what keeps a long
-text's preparation within a small multiple of the text's own memory (tokens written to the file
-as they are made, a long text encoded a piece at a time, one pass for every substring test).
+text's preparation within a small multiple of the text's own memory and time.
 """
 
 import hashlib
@@ -70,10 +69,9 @@ def sequence_tokens(texts, tok, dtype):
 
 
 def found_in(needles, haystack):
-    """{t for t in needles if t in haystack}, in 8 passes over haystack rather than one per needle
-    (a novel's thousands of sentences). Each 8 bytes of the text, read as one uint64 at each of
-    the 8 offsets, are compared with the needles' first 8 bytes; only where they agree is a whole
-    needle compared (in UTF-8, a needle is in the text iff its bytes are in the text's)."""
+    """{t for t in needles if t in haystack}, in 8 passes over haystack rather than one per needle:
+    the text's bytes, read as uint64 at each of 8 offsets, are compared with the needles' first 8
+    bytes, and only where they agree is a whole needle compared."""
     text = haystack.encode()
     found = {t for t in needles if len(t.encode()) < 8 and t in haystack}
     by_prefix = {}                       # first 8 bytes -> {length: {needle's bytes: needle}}

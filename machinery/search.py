@@ -23,10 +23,8 @@ def load_faiss():
 
 
 class FaissIndex:
-    """Approximate top-k by inner product, for a datastore of millions. IVF-Flat: k-means on the
-    unit sphere splits the N keys into sqrt(N) lists; a query scores exactly the keys of the
-    nprobe lists whose centroids score highest for it, and can miss a best key in another. Up to
-    about 1,300 entries every list is probed: the search is exact."""
+    """Approximate top-k by inner product, for a datastore of millions (IVF-Flat): the keys in
+    sqrt(N) lists by k-means; a query scores exactly the keys of its nprobe nearest lists."""
 
     def __init__(self, embeddings, nprobe=32):
         faiss = load_faiss()
@@ -62,9 +60,8 @@ def use_index(datastore, kind):
 
 
 def use_search(datastore, kind, cfg, data, tok, lexical=None):
-    """Set how generation searches a run's datastore. auto: first_stage on a text corpus, where
-    the learned score alone is far below TF-IDF's against the whole datastore; exact on facts,
-    where it is far above. lexical: the corpus's Lexical, if the caller has built it already."""
+    """Set how generation searches a run's datastore; auto: first_stage on a text corpus (where
+    the learned score alone is far below TF-IDF's), exact on facts. lexical: if already built."""
     if kind == "auto":
         kind = "exact" if is_facts(cfg.dataset) else "first_stage"
     if kind == "first_stage":

@@ -88,9 +88,8 @@ def _read_tiktoken_file(path):
 
 
 def _read_vocab_json(path):
-    """The ranks of a GPT-2 checkpoint's vocab.json: token -> id (its merge rank), a byte b
-    written as chr(b) where printable and not a space, else chr(256 + n) for the n-th other
-    byte (GPT-2's map of bytes to characters)."""
+    """The ranks of a GPT-2 checkpoint's vocab.json (token -> rank), where a byte b is chr(b) if
+    printable and not a space, else chr(256 + n) for the n-th other byte."""
     printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
     others = [b for b in range(256) if b not in printable]
     to_byte = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
