@@ -1,7 +1,6 @@
 """
 Emb_seq over a training batch's candidates in groups of similar length, each cut to its own
-longest row (embedder.SeqEmbedder.forward). Padding is never attended to nor pooled, so the
-embeddings are embed_tokens' (up to float rounding), with less padding read.
+longest row: the embeddings of embedder.embed_tokens (up to float rounding), less padding read.
 """
 
 import torch
@@ -10,8 +9,8 @@ BUCKETS = 3  # groups per batch (experiments/README.md, Performance)
 
 
 def in_length_buckets(embed, tokens, mask, buckets=BUCKETS):
-    """embed(tokens, mask) of tokens (N, L) right-padded, mask (N, L) True on real tokens, run in
-    `buckets` groups of rows of similar length: the same (N, seq_dim) rows, in the same order."""
+    """embed(tokens, mask) of tokens (N, L), mask (N, L) True on real tokens, run in `buckets`
+    groups of rows of similar length: the same (N, seq_dim) rows, in the same order."""
     if buckets <= 1 or len(tokens) < 2:
         return embed(tokens, mask)
     lengths = mask.sum(dim=1)                                             # (N,)

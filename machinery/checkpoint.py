@@ -1,7 +1,7 @@
 """
-The files of a run's out_dir: the checkpoint ckpt.pt, written whole or not at all, read back with
-one-line errors; every process's random streams, so that --resume goes on exactly; log.jsonl.
-What a checkpoint holds, and when it is written, is train.py's.
+A run's out_dir: ckpt.pt written whole or not at all, read back with one-line errors; every
+process's random streams, so that --resume goes on exactly; log.jsonl. What a checkpoint holds,
+and when it is written, is train.py's.
 """
 
 import glob
@@ -13,8 +13,7 @@ import torch
 from machinery import distributed, gpt2
 from machinery.cli import UserError
 
-# The files a run leaves in its out_dir (train.py's, evaluate.py's, and the .tmp a cut save
-# leaves): --overwrite removes them all; any other file there is the user's, and stays.
+# What a run leaves in its out_dir: --overwrite removes these; any other file is the user's.
 RUN_FILES = ("ckpt.pt", "ckpt.pt.tmp", "log.jsonl", "log.jsonl.tmp", "curves.png", "curves.png.tmp",
              "eval.json", "eval_*.json", "datastore.pt", "datastore.pt.tmp", "provenance.json")
 CHECKPOINT_KEYS = ("gen", "embedder", "optimizer", "config", "gen_config", "embedder_config",
@@ -34,9 +33,8 @@ def check_out_dir(cfg):
 
 
 def open_log(cfg, start):
-    """out_dir made; with --overwrite, the old run's files removed; with --resume, the log cut
-    back to the checkpoint's iteration (a run killed between logging and saving would log that
-    iteration twice). Returns log.jsonl, open for writing."""
+    """log.jsonl, open for writing; --overwrite removes the old run's files, --resume cuts the
+    log back to the checkpoint's iteration (a run killed before saving it logged it)."""
     path = os.path.join(cfg.out_dir, "log.jsonl")
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -44,18 +42,14 @@ def open_log(cfg, start):
         raise UserError(f"cannot create --out_dir {cfg.out_dir}: {e.strerror}") from None
     for name in RUN_FILES if cfg.overwrite else ():
         for old in glob.glob(os.path.join(glob.escape(cfg.out_dir), name)):
-            try:
-                os.remove(old)
-            except OSError as e:
-                raise UserError(f"--overwrite cannot remove {old}: {e.strerror}") from None
+            os.remove(old)
     if cfg.resume:
         keep_log_until(path, start)
     return open(path, "a" if cfg.resume else "w")
 
 
 def save_checkpoint(path, **state):
-    """Write to a temporary file, flush it to disk, then rename: a crash mid-save leaves the last
-    checkpoint whole."""
+    """Write a temporary file, flush it to disk, then rename: a crash leaves the last one whole."""
     with open(path + ".tmp", "wb") as f:
         torch.save(state, f)
         f.flush()
@@ -72,8 +66,7 @@ def rng_states(rng, device):
 
 
 def set_rng_states(states, rng, device):
-    """This process's streams as rng_states saved them (with more processes than saved them, the
-    new ones keep their own)."""
+    """This process's streams as rng_states saved them (a process added since keeps its own)."""
     if distributed.rank() < len(states):
         state = states[distributed.rank()]
         rng.bit_generator.state = state["numpy"]
@@ -83,8 +76,7 @@ def set_rng_states(states, rng, device):
 
 
 def read_jsonl(path):
-    """The records of a JSON-lines file, and the numbers of the lines that are not whole records
-    (a line cut short by a crash is skipped, not fatal)."""
+    """The records of a JSON-lines file, and the numbers of the lines a crash cut (skipped)."""
     records, broken = [], []
     with open(path) as f:
         for n, line in enumerate(f, 1):
@@ -105,8 +97,7 @@ def keep_log_until(path, last):
 
 
 def read_checkpoint(path, missing):
-    """The checkpoint at path, whole, or a one-line error: none there (`missing` says what to
-    do), or not a checkpoint of this program."""
+    """The checkpoint at path, or a one-line error (`missing`: what to do where there is none)."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}: {missing}")
     try:
@@ -142,7 +133,7 @@ def resume(path, cfg, data, tok):
 
 def init_from(path, cfg, gen, embedder, tok):
     """--init_from: Gen's and Emb_seq's weights from another run's out_dir (any data, the same
-    tokenizer and sizes) or from GPT-2 (machinery/gpt2.py). Returns the base's provenance."""
+    tokenizer and sizes) or GPT-2 (machinery/gpt2.py). Returns the base's provenance."""
     folder = gpt2.find(path)
     if folder:
         return gpt2.load(folder, gen, embedder, tok)

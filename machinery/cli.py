@@ -13,16 +13,12 @@ from contextlib import contextmanager
 from types import SimpleNamespace
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # Ctrl-C; what schedulers send to stop a job
-
-
 class UserError(Exception):
     """A problem with the user's input or flags: reported as one line, never as a traceback."""
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C or SIGTERM, once the program has saved its work: main_guard prints the message, exit
-    code 130."""
+    """Ctrl-C or SIGTERM, once the work is saved: main_guard prints the message, exit code 130."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,8 +27,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows each flag's default, and the script's docstring as it is written (argparse
-    would reflow its paragraphs and command lines into one)."""
+    """--help shows each flag's default, and the script's docstring as it is written."""
 
 
 def flag(default, help):
@@ -58,9 +53,8 @@ def parse_config(cls, description, argv=None):
 
 @contextmanager
 def interruptible(notice):
-    """Inside, a first Ctrl-C (SIGINT) or SIGTERM (a scheduler's stop) only sets flag.set, says
-    `notice` on stderr and restores the previous handlers: the job stops at its next safe point,
-    and a second signal stops it at once."""
+    """Inside, a first Ctrl-C or SIGTERM (a scheduler's stop) only sets flag.set and says `notice`:
+    the job stops at its next safe point. A second signal stops it at once."""
     flag = SimpleNamespace(set=False)
 
     def restore():
@@ -73,7 +67,7 @@ def interruptible(notice):
         if is_main_process():
             print(f"\n{notice}", file=sys.stderr)
 
-    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield flag
     finally:
@@ -85,30 +79,23 @@ def is_main_process():
     return os.environ.get("RANK", "0") == "0"
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter: blocks this big or more get their own mapping
-MALLOC = {"transient": 1 << 20, "training": 32 << 20}
+MALLOC = {"transient": 1 << 20, "training": 32 << 20}  # glibc's mmap threshold, by phase
 
 
 def malloc_for(phase):
-    """Tune glibc's malloc for a phase of the run, and hand the heap's free pages back to the
-    system. "transient" (preparing a corpus, evaluating): large short-lived arrays of varying
-    shapes, which glibc would keep resident once freed, so blocks of 1 MB or more get a mapping
-    of their own, returned when freed. "training": blocks under 32 MB reused from the heap, and
-    trimmed every train.TRIM_EVERY steps, since a text's candidate batches differ in shape and
-    leave free pages behind. Elsewhere than glibc, nothing is done."""
+    """Hand glibc's free heap pages back, and give blocks of MALLOC[phase] or more their own
+    mapping, returned when freed (large, short-lived arrays). Elsewhere than glibc: nothing."""
     try:
         libc = ctypes.CDLL(None)
         libc.malloc_trim(0)
-        libc.mallopt(M_MMAP_THRESHOLD, MALLOC[phase])
+        libc.mallopt(-3, MALLOC[phase])  # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError, TypeError):  # TypeError: CDLL(None) on Windows
         pass
 
 
 def main_guard(main):
-    """Run main(); a UserError ends the program with one line and exit code 2, Ctrl-C (or SIGTERM)
-    with one line and exit code 130. With several processes only rank 0 says it, and however main
-    ends, each process leaves their group before it exits: all at once when all end together
-    (main returned, or all were interrupted at the same step)."""
+    """Run main(); a UserError ends it with one line and exit code 2, Ctrl-C with one line and
+    exit code 130 (rank 0 speaks). Every process leaves its group: together when all end."""
     together = False
     try:
         main()

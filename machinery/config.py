@@ -1,7 +1,7 @@
 """
-train.py's flags with their defaults and help (`python train.py --help`), the checks that turn a
-bad value into a one-line error, the device and precision. A checkpoint keeps its run's Config;
-sample.py's and evaluate.py's own flags (SampleConfig, EvalConfig) are at the end.
+Every flag with its default and help: train.py's Config (a checkpoint keeps it), sample.py's
+SampleConfig and evaluate.py's EvalConfig. The checks that turn a bad value into a one-line error;
+the device and precision.
 """
 
 import math
@@ -20,19 +20,14 @@ from machinery.search import require_index
 @dataclass
 class Config:
     # data
-    dataset: str = flag("facts", "facts, facts_test (another world), pydoc, or a path to a "
-                                  ".txt or .jsonl file")
-    split: str = flag("sentence", "what a sequence is in a .txt or pydoc: sentence, line, or none "
-                                  "(no markers: plain language modelling)")
+    dataset: str = flag("facts", "facts, facts_test (another world), pydoc, or a .txt/.jsonl path")
+    split: str = flag("sentence", "what a sequence is in text: sentence, line or none (no markers)")
     val_fraction: float = flag(0.1, "share of a .txt/.jsonl/pydoc corpus held out as val (its end)")
     facts_people: int = flag(400, "facts: people in the world (6 facts each)")
     facts_heldout: float = flag(0.2, "facts: share of people whose questions are held out (val)")
-    facts_wordings: int = flag(1, "facts: wordings of each question, 1 to 3, one drawn per "
-                                  "document (more: training shows other words ask the same)")
-    tokenizer: str = flag("bytes", "bytes (offline) or gpt2 (tiktoken's cache or --gpt2_file; "
-                                   "--init_from gpt2 sets it)")
-    gpt2_file: str = flag("", "path to a gpt2.tiktoken file or a GPT-2 vocab.json (or set "
-                                  "COSUP_GPT2_FILE)")
+    facts_wordings: int = flag(1, "facts: wordings of each question, 1 to 3 (one per document)")
+    tokenizer: str = flag("bytes", "bytes, or gpt2 (tiktoken's cache or --gpt2_file)")
+    gpt2_file: str = flag("", "a gpt2.tiktoken file or GPT-2 vocab.json (or set COSUP_GPT2_FILE)")
     cache_dir: str = flag("data_cache", "where prepared corpora are cached")
     # Gen
     n_layer: int = flag(2, "Gen: transformer layers")
@@ -40,50 +35,37 @@ class Config:
     n_embd: int = flag(128, "Gen: width")
     block_size: int = flag(128, "Gen: context length in tokens (and training window)")
     dropout: float = flag(0.0, "dropout in Gen and Emb_seq")
-    gpt2_block: bool = flag(False, "GPT-2's block in Gen and Emb_seq (biases, GELU's tanh "
-                                   "approximation) and Emb_seq causal (--init_from gpt2 sets it)")
+    gpt2_block: bool = flag(False, "GPT-2's block (biases, tanh GELU) and a causal Emb_seq")
     # Emb_seq
     emb_layer: int = flag(2, "Emb_seq: transformer layers")
     emb_head: int = flag(4, "Emb_seq: attention heads")
     emb_embd: int = flag(64, "Emb_seq: width")
-    emb_block_size: int = flag(64, "Emb_seq: longest sequence it reads, in tokens (longer ones are "
-                                   "cut)")
+    emb_block_size: int = flag(64, "Emb_seq: longest sequence it reads (longer ones are cut)")
     seq_dim: int = flag(128, "width of queries and sequence embeddings")
-    emb_from_gen: bool = flag(False, "when L_NSP joins, start Emb_seq from Gen's trunk (needs "
-                                     "--emb_embd = --n_embd, --emb_head = --n_head, --emb_layer <= "
-                                     "--n_layer, --emb_block_size <= --block_size)")
+    emb_from_gen: bool = flag(False, "when L_NSP joins, Emb_seq starts from Gen's trunk")
     # objective
     lambda_tok: float = flag(1.0, "weight of L_NTP (0: NSP-only training)")
     lambda_seq: float = flag(0.5, "weight of L_NSP (0: NTP-only training)")
-    nsp_start: int = flag(300, "iterations of NTP alone before L_NSP joins (the token space "
-                               "first: experiments/README.md, The default recipe)")
+    nsp_start: int = flag(300, "iterations of NTP alone before L_NSP joins")
     temperature: float = flag(0.1, "InfoNCE temperature tau")
-    hard_negatives: int = flag(2, "hard negatives per marker (confusable sequences) in L_NSP")
-    negatives: str = flag("auto", "where hard negatives come from: corpus (facts: the "
-                                  "same fact of look-alike people; text: the sequences next to "
-                                  "it), lexical (the first stage's best "
-                                  "candidates for the marker's context), or auto (lexical for "
-                                  "text, corpus for facts)")
-    first_stage: int = flag(100, "K of the lexical first stage (TF-IDF's top K) whose candidates "
-                                 "the learned score re-ranks: the reranked_* metrics, and "
-                                 "generation's two-stage search (sample.py, evaluate.py)")
-    transductive: bool = flag(False, "let val sequences be hard negatives in training (default: "
-                                     "strictly held out, training never sees a val sequence)")
+    hard_negatives: int = flag(2, "hard negatives per marker in L_NSP")
+    negatives: str = flag("auto", "where hard negatives come from: corpus (look-alike facts, or "
+                                  "neighbouring sentences), lexical (TF-IDF's best candidates), "
+                                  "or auto (lexical for text, corpus for facts)")
+    first_stage: int = flag(100, "K: the learned score re-ranks TF-IDF's top K (reranked_*)")
+    transductive: bool = flag(False, "let val sequences be hard negatives in training")
     # optimisation
-    batch_size: int = flag(24, "windows per batch, per process (torchrun: each process draws its "
-                               "own, so N processes train on N * batch_size windows per step)")
-    max_iters: int = flag(-1, "training iterations (-1: the corpus's, train.py's RECIPE)")
+    batch_size: int = flag(24, "windows per batch, per process")
+    max_iters: int = flag(-1, "training iterations (-1: train.py's RECIPE)")
     learning_rate: float = flag(2e-3, "peak learning rate")
-    nsp_lr_scale: float = flag(-1, "the parts only L_NSP trains (Emb_seq, seq_head) learn at "
-                                   "this times the learning rate (-1: train.py's RECIPE)")
+    nsp_lr_scale: float = flag(-1, "learning rate scale of Emb_seq and seq_head (-1: RECIPE)")
     min_lr: float = flag(2e-4, "learning rate at the end of the cosine decay")
     warmup_iters: int = flag(100, "linear warmup iterations")
     weight_decay: float = flag(0.1, "AdamW weight decay (matrices only)")
     beta2: float = flag(0.99, "AdamW beta2")
     grad_clip: float = flag(1.0, "clip the gradient norm to this (0: off)")
     # evaluation and i/o
-    eval_interval: int = flag(-1, "iterations between evaluations and checkpoints (-1: train.py's "
-                                  "RECIPE)")
+    eval_interval: int = flag(-1, "iterations between evaluations and checkpoints (-1: RECIPE)")
     eval_iters: int = flag(10, "batches per split for the loss estimates")
     out_dir: str = flag("out", "where ckpt.pt and log.jsonl go")
     seed: int = flag(1337, "random seed (weights, batches)")
@@ -91,13 +73,10 @@ class Config:
     dtype: str = flag("auto", "auto (bfloat16 on a GPU with it, else float32), float32, bfloat16")
     compile: bool = flag(False, "torch.compile the models")
     resume: bool = flag(False, "continue from out_dir/ckpt.pt")
-    overwrite: bool = flag(False, "start afresh in an out_dir that holds another run's checkpoint "
-                                  "(its files, eval.json and datastore.pt too, are removed)")
-    init_from: str = flag("", "start from the weights of a base, with a fresh optimizer and "
-                              "schedule: another run's out_dir (any data; the same tokenizer "
-                              "and model sizes), or a local GPT-2 checkpoint: gpt2, gpt2-medium, "
-                              "gpt2-large, gpt2-xl (Hugging Face's cache) or a folder (README, "
-                              "Starting from GPT-2); with --resume, the run it started goes on")
+    overwrite: bool = flag(False, "start afresh, removing the run already in out_dir")
+    init_from: str = flag("", "start from a base's weights: a run's out_dir (same tokenizer and "
+                              "sizes), or gpt2, gpt2-medium, gpt2-large, gpt2-xl or a folder "
+                              "(README, Starting from GPT-2)")
 
 
 def check_config(cfg):
@@ -143,14 +122,13 @@ def check_config(cfg):
 
 def pick_device(name):
     """The device a --device flag names ("auto": a GPU where there is one)."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(),
+                 "cpu": True}
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else (
-            "mps" if torch.backends.mps.is_available() else "cpu")
+        return next(kind for kind, ok in available.items() if ok)
     kind = name.split(":")[0]
-    if kind not in ("cpu", "cuda", "mps"):
+    if kind not in available:
         raise UserError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps")
-    available = {"cpu": True, "cuda": torch.cuda.is_available(),
-                 "mps": torch.backends.mps.is_available()}
     if not available[kind]:
         raise UserError(f"device {name!r} is not available on this machine")
     return name
@@ -164,15 +142,18 @@ def autocast(device, dtype):
     return nullcontext() if dtype == "float32" else torch.autocast(kind, dtype=torch.bfloat16)
 
 
-INDEX_HELP = ("how retrieval searches the datastore: exact (every entry), faiss (approximate, for "
-              "datastores past about 1M sequences; pip install faiss-cpu), first_stage (the "
-              "learned score re-ranks TF-IDF's top K, the run's --first_stage), or auto "
-              "(first_stage on a text corpus, exact on facts)")
+@dataclass
+class RunFlags:  # what sample.py and evaluate.py share: the run, the device, the search
+    out_dir: str = flag("out", "the trained run")
+    device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
+    index: str = flag("auto", "how retrieval searches the datastore: exact, faiss (approximate, "
+                              "for millions of entries; pip install faiss-cpu), first_stage "
+                              "(re-rank TF-IDF's top K), or auto (first_stage on text, exact on "
+                              "facts)")
 
 
 @dataclass
-class SampleConfig:
-    out_dir: str = flag("out", "the trained run")
+class SampleConfig(RunFlags):
     prompt: str = flag(None, "text to continue (\\n for a newline); default: the first held-out "
                              "document up to its first marker")
     prompt_file: str = flag("", "read the prompt from this file instead")
@@ -181,11 +162,8 @@ class SampleConfig:
     temperature: float = flag(0.0, "sampling temperature (0: greedy)")
     top_k: int = flag(0, "sample from the k most likely tokens only (0: all)")
     seed: int = flag(1337, "random seed")
-    device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
-    retrieve: bool = flag(True, "retrieval in the loop (default: on where the run's --lambda_seq "
-                                     "is above 0)")
+    retrieve: bool = flag(True, "retrieval in the loop (where the run's --lambda_seq is above 0)")
     show_retrieval: int = flag(0, "also list the next K datastore entries at each retrieval")
-    index: str = flag("auto", INDEX_HELP)
 
 
 def check_sample_config(args):
@@ -200,19 +178,15 @@ def check_sample_config(args):
 
 
 @dataclass
-class EvalConfig:
-    out_dir: str = flag("out", "the run to evaluate")
+class EvalConfig(RunFlags):
     query_from: str = flag("", "another run whose Gen makes the queries and whose Emb_seq "
                                "embeds the datastore (separate supervision)")
     questions: int = flag(480, "documents per split for the answer metrics (0: none)")
     batch_size: int = flag(256, "questions answered at once (batched greedy decoding)")
-    device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps")
-    index: str = flag("auto", INDEX_HELP)
 
 
 def check_eval_config(args):
-    if args.questions < 0:
-        raise UserError(f"--questions must be >= 0, got {args.questions}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.questions < 0 or args.batch_size < 1:
+        raise UserError(f"--questions must be >= 0 and --batch_size >= 1, got {args.questions} "
+                        f"and {args.batch_size}")
     require_index(args.index)

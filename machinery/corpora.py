@@ -1,10 +1,7 @@
 """
-Corpora as the method sees them: a corpus is a list of documents; a document is a list of
-segments; a segment is plain text or a *sequence*, a datastore entry (written after a marker in
-the token stream, data.py). Readers for every dataset train.py accepts: the generated `facts`
-world, `pydoc` (CPython's documentation), a .txt file (a sentence or a line is a sequence) and a
-.jsonl file of explicit segments. Each returns train and val documents and the default hard
-negatives (sequences easily confused with each sequence).
+A corpus is a list of documents; a document, a list of segments; a segment, plain text or a
+*sequence* (a datastore entry). A reader for each dataset (`facts`, `pydoc`, .txt, .jsonl) returns
+train and val documents and the default hard negatives.
 """
 
 import json
@@ -36,10 +33,9 @@ def read_text(path):
     try:
         with open(path, "rb") as f:
             raw = f.read()
+        text = raw.decode("utf-8")
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (byte {e.start}): convert it first") from None
     if "\0" in text:  # valid UTF-8, but no text file holds NUL (UTF-16, say, or a binary)
@@ -50,7 +46,7 @@ def read_text(path):
     return text
 
 
-SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+BREAKS = {"sentence": re.compile(r"(?<=[.!?])\s+"), "line": re.compile(r"\n+")}
 
 
 def _text_documents(text, split):
@@ -58,9 +54,8 @@ def _text_documents(text, split):
     The whitespace between sequences stays as plain text, so the stream reproduces the text."""
     if split == "none":
         return [[Segment(text)]] if text else []
-    pattern = SENTENCE_END if split == "sentence" else re.compile(r"\n+")
     doc, pos = [], 0
-    for m in list(pattern.finditer(text)) + [None]:
+    for m in list(BREAKS[split].finditer(text)) + [None]:
         end = m.start() if m else len(text)
         if text[pos:end].strip():
             doc.append(Segment(text[pos:end], sequence=True))
@@ -76,8 +71,7 @@ def _split_text(path, text, split, val_fraction):
     """Train = the first part of the text, val = the last `val_fraction`, cut at a boundary."""
     cut = int(len(text) * (1 - val_fraction))
     if split != "none":  # move the cut to the next sequence boundary so no sequence is cut in two
-        pattern = SENTENCE_END if split == "sentence" else re.compile(r"\n+")
-        m = pattern.search(text, cut)
+        m = BREAKS[split].search(text, cut)
         if not m or not text[m.end():].strip():
             boundary, other = (("sentence end (. ! or ? then a space)", "line")
                                if split == "sentence" else ("line break", "sentence"))
@@ -120,9 +114,8 @@ def _read_jsonl(path):
     return docs
 
 
-# The generated worlds and their seeds. Every recipe choice (rates, temperature, negatives,
-# weights, budgets) was made on `facts`; `facts_test` is the same generator with another seed
-# (other names, towns and values), a world no choice has seen, for the headline figures.
+# The generated worlds' seeds. Every recipe choice was made on `facts`; `facts_test` is another
+# world (other names, towns and values) that no choice has seen, for the headline figures.
 FACTS_WORLDS = {"facts": 1234, "facts_test": 4321}
 
 
@@ -131,8 +124,7 @@ def is_facts(dataset):
 
 
 def check_dataset(dataset):
-    """A one-line error unless dataset names a built-in corpus or an existing .txt or .jsonl file
-    (train.py checks this before it looks at its out_dir)."""
+    """A one-line error unless dataset names a built-in corpus or an existing .txt or .jsonl."""
     if is_facts(dataset) or dataset == "pydoc":
         return
     if not dataset.endswith((".txt", ".jsonl")):
@@ -151,17 +143,13 @@ def load_corpus(dataset, split="sentence", val_fraction=0.1, facts_people=400, f
         train, val, confusable = build_facts(facts_people, facts_heldout, facts_wordings,
                                              FACTS_WORLDS[dataset])
         return Corpus(train, val, confusable, aligned=True)
+    if dataset.endswith(".txt"):
+        train, val = _split_text(dataset, read_text(dataset), split, val_fraction)
+        return Corpus(train, val, _neighbours(train + val), aligned=False)
     if dataset == "pydoc":  # CPython's own documentation text: real prose, always present offline
         from pydoc_data.topics import topics
         docs = [d for key in sorted(topics) for d in _text_documents(topics[key].strip(), split)]
-        n_val = max(1, round(len(docs) * val_fraction))
-        train, val = docs[:-n_val], docs[-n_val:]
-        return Corpus(train, val, _neighbours(docs), aligned=False)
-    if dataset.endswith(".jsonl"):
+    else:
         docs = _read_jsonl(dataset)
-        n_val = max(1, round(len(docs) * val_fraction))
-        return Corpus(docs[:-n_val], docs[-n_val:], _neighbours(docs), aligned=True)
-    train, val = _split_text(dataset, read_text(dataset), split, val_fraction)  # a .txt
-    return Corpus(train, val, _neighbours(train + val), aligned=False)
-
-
+    n_val = max(1, round(len(docs) * val_fraction))
+    return Corpus(docs[:-n_val], docs[-n_val:], _neighbours(docs), aligned=dataset != "pydoc")

@@ -1,6 +1,6 @@
 """
-out_dir/datastore.pt: the Datastore (datastore.py) of a run, saved with a fingerprint of the
-Emb_seq weights and data that built it, and used again only while both match.
+out_dir/datastore.pt: a run's Datastore, saved with a fingerprint of the Emb_seq weights and data
+that built it, and used again only while both match.
 """
 
 import hashlib
@@ -14,8 +14,7 @@ from datastore import Datastore, embed_all
 
 
 def fingerprint(embedder, data):
-    """A hash of Emb_seq's weights and the data: a datastore built from either, changed, is
-    stale."""
+    """A hash of Emb_seq's weights and the data: a datastore built from others is stale."""
     h = hashlib.sha256(data.fingerprint.encode())
     for name, t in sorted(embedder.state_dict().items()):
         h.update(name.encode())
@@ -30,8 +29,7 @@ def build(embedder, data, progress=True):
 
 
 def load(path, embedder, data):
-    """The datastore saved at path if this Emb_seq built it from this data; None if there is
-    none, or it is stale or unreadable (said on stderr)."""
+    """The datastore saved at path if this Emb_seq built it from this data, else None."""
     if not os.path.exists(path):
         return None
     current = fingerprint(embedder, data)
@@ -48,8 +46,7 @@ def load(path, embedder, data):
 
 
 def load_or_build(path, embedder, data):
-    """The datastore saved at path if it is fresh (load); else build it, say so, and save it
-    there whole (a temporary file, then a rename)."""
+    """The datastore saved at path if it is fresh; else build it and save it there whole."""
     store = load(path, embedder, data)
     if store is None:
         print(f"building the datastore: {data.n_sequences:,} sequences", file=sys.stderr)

@@ -1,22 +1,13 @@
 """
-Training with several processes (torchrun): one process per GPU, or several on a CPU.
-
-    torchrun --standalone --nproc_per_node 2 train.py ...
-
-Each process draws its own batch_size windows, so W processes train on W * batch_size windows
-a step. train.py seeds them: the same initial weights everywhere, then each its own batches and
-dropout. DistributedDataParallel averages the gradients; rank 0 alone evaluates, logs and saves.
-L_NSP takes its negatives from every process (gather_candidates), so a step of W processes is the
-step one process would take on the W batches together (tests/test_distributed.py). With one
-process nothing here communicates.
+Several processes (torchrun), each drawing its own batch: DDP averages the gradients, rank 0 alone
+evaluates, logs and saves, and L_NSP takes its negatives from every process (gather_candidates).
 """
 
 import os
 
 import torch
 import torch.distributed as dist
-# before any process group exists: it binds group.WORLD as a default argument at import, and
-# imported later it would keep the group's gloo threads alive past teardown (an abort at exit)
+# before any group exists: imported later, it keeps the group's threads alive (an abort at exit)
 import torch.distributed.nn  # noqa: F401
 from torch.nn.parallel import DistributedDataParallel
 
@@ -24,8 +15,7 @@ from machinery.cli import UserError
 
 
 def setup(device):
-    """Join the process group if torchrun started us (WORLD_SIZE > 1). Returns (rank, world_size,
-    device): each process on a GPU takes GPU number LOCAL_RANK."""
+    """Join the process group if torchrun started us. Returns (rank, world_size, device)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
@@ -40,9 +30,8 @@ def setup(device):
 
 
 def teardown(together=False):
-    """Leave the process group (if in one), which frees it and ends its threads. together: every
-    process is leaving now, so wait for them all first: a gloo process that leaves, or exits,
-    while another is still in the group can abort (SIGABRT) as it exits."""
+    """Leave the process group, if in one. together: all are leaving now, so wait for them all
+    first (a gloo process that leaves while another is still in the group can abort)."""
     if dist.is_initialized():
         if together:
             dist.barrier()
@@ -58,8 +47,8 @@ def rank():
 
 
 def wrap(model, device, find_unused=False):
-    """DDP for several processes, the model itself for one. find_unused: some steps may leave
-    some of its parameters without gradient (Gen's seq_head, in a step without L_NSP)."""
+    """DDP for several processes, the model itself for one. find_unused: some steps leave some
+    parameters without gradient (seq_head, before L_NSP joins)."""
     if world_size() == 1:
         return model
     device_ids = [device] if device.startswith("cuda") else None
@@ -77,8 +66,6 @@ def any_rank(*flags, device="cpu"):
 
 def total(n, device="cpu"):
     """The sum of the integer n over all processes."""
-    if world_size() == 1:
-        return n
     t = torch.tensor([n], dtype=torch.int64, device=device)
     dist.all_reduce(t)
     return int(t)
@@ -103,8 +90,8 @@ def broadcast_object(obj):
 
 
 def _all_gather_rows(t):
-    """Every process's t, whose first dimension may differ between processes, in rank order and
-    without gradient. all_gather needs one shape everywhere: gather the sizes, pad, gather, cut."""
+    """Every process's t, in rank order, without gradient; its first dimension may differ between
+    processes (padded to the longest for all_gather, then cut)."""
     size = torch.tensor([len(t)], device=t.device)
     sizes = [torch.empty_like(size) for _ in range(world_size())]
     dist.all_gather(sizes, size)
@@ -117,17 +104,10 @@ def _all_gather_rows(t):
 
 
 def gather_candidates(queries, embeddings, target_row, candidate_ids, neighbours):
-    """The queries and candidates of all processes, for one L_NSP over the W batches together,
-    C the union of every process's candidates, each sequence once. queries (M_r, d), embeddings
-    (N_r, d), target_row (M_r,), candidate_ids (N_r,) and neighbours (M_r, k) are this process's;
-    returns the same five of all processes, the ids (N,) of C sorted. Only this process's own
-    queries and embeddings carry gradient (all_gather has none): each process's gradient is
-    dL_NSP/d(its own part), and their sum is L_NSP's gradient, so train.py weights L_NSP by W to
-    undo DDP's averaging (across_processes). A sequence that is a candidate in several processes
-    keeps its first copy: the copies are one embedding of the same weights, so the gradient
-    through the first alone is the whole. One process: the arguments unchanged."""
-    if world_size() == 1:
-        return queries, embeddings, target_row, candidate_ids, neighbours
+    """The queries and candidates of all processes, for one L_NSP over the W batches together:
+    the same five arguments, every process's, the candidates each sequence once (its first copy),
+    their ids sorted. Only this process's part carries gradient, so the sum of the processes'
+    gradients is L_NSP's (train.py weights L_NSP by W to undo DDP's averaging)."""
     rank = dist.get_rank()
     all_queries = _all_gather_rows(queries.detach())
     all_embeddings = _all_gather_rows(embeddings.detach())

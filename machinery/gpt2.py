@@ -1,10 +1,6 @@
 """
-train.py --init_from gpt2 (gpt2-medium, gpt2-large, gpt2-xl, or a folder): Gen and Emb_seq start
-from one pretrained GPT-2, as the paper starts both from Llama-2. Read from disk only, never
-fetched: a folder with config.json and model.safetensors or pytorch_model.bin, as a Hugging Face
-download leaves it, or Hugging Face's cache. The tokenizer is GPT-2's BPE (the folder's
-vocab.json, or machinery/tokenizer.py's other sources) with the marker, whose embedding row is
-new, as are seq_head and Emb_seq's projection.
+--init_from gpt2 (gpt2-medium, gpt2-large, gpt2-xl, or a folder): Gen and Emb_seq start from one
+pretrained GPT-2, read from disk only (a Hugging Face download's folder, or Hugging Face's cache).
 """
 
 import dataclasses
@@ -22,35 +18,29 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 HOW_TO_GET = "README, Starting from GPT-2, says how to get one"
 
 
-def hub_cache():
-    """Where Hugging Face keeps what it downloads (its own environment variables, then its
-    default)."""
-    home = os.environ.get("HF_HOME", os.path.join("~", ".cache", "huggingface"))
-    return os.path.expanduser(os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub")))
-
-
 def find(init_from):
-    """The folder of the GPT-2 checkpoint that --init_from names, or None where it names a run of
-    this program (checkpoint.init_from)."""
+    """The folder of the GPT-2 checkpoint that --init_from names (in Hugging Face's cache, for a
+    name), or None where it names a run of this program (checkpoint.init_from)."""
     if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
         return None
     if os.path.isfile(os.path.join(init_from, "config.json")):
         return init_from
     if init_from not in NAMES:
         return None
+    home = os.environ.get("HF_HOME", os.path.join("~", ".cache", "huggingface"))
+    hub = os.path.expanduser(os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub")))
     found = [path for repo in (init_from, f"openai-community--{init_from}")  # its two names
-             for path in glob.glob(os.path.join(hub_cache(), f"models--{repo}", "snapshots", "*",
+             for path in glob.glob(os.path.join(hub, f"models--{repo}", "snapshots", "*",
                                                 "config.json"))]
     if not found:
         raise UserError(f"--init_from {init_from}: no local GPT-2 checkpoint (no folder "
-                        f"{init_from}/ with config.json, none in {hub_cache()}); nothing is "
+                        f"{init_from}/ with config.json, none in {hub}); nothing is "
                         f"downloaded: {HOW_TO_GET}")
     return os.path.dirname(max(found, key=os.path.getmtime))  # the most recent snapshot
 
 
 def read_config(folder):
-    """The sizes of the checkpoint in folder, from its config.json; a one-line error where it is
-    not a GPT-2 whose block model.py's gpt2_block computes."""
+    """The sizes in folder's config.json; a one-line error where it is not a GPT-2's."""
     path = os.path.join(folder, "config.json")
     try:
         with open(path) as f:
@@ -68,8 +58,8 @@ def read_config(folder):
 
 
 def settle_config(cfg):
-    """--init_from a GPT-2: the tokenizer, GPT-2's block and both networks' sizes are the
-    checkpoint's (Emb_seq is its whole trunk); a flag given another value is a one-line error."""
+    """--init_from a GPT-2: the tokenizer, the block and both networks' sizes are the
+    checkpoint's (Emb_seq is its whole trunk); a flag given another value is an error."""
     folder = find(cfg.init_from)
     if folder is None:
         return
@@ -93,8 +83,8 @@ def settle_config(cfg):
 
 
 def read_weights(folder):
-    """The checkpoint's tensors by name (without the "transformer." prefix that some versions
-    write), and the file they came from."""
+    """The checkpoint's tensors by name (less a "transformer." prefix) and the file they came
+    from: model.safetensors, or else pytorch_model.bin."""
     safetensors, pickled = (os.path.join(folder, name)
                             for name in ("model.safetensors", "pytorch_model.bin"))
     if os.path.isfile(safetensors):
@@ -118,10 +108,8 @@ def strip(weights):
 
 @torch.no_grad()
 def load(folder, gen, embedder, tok):
-    """GPT-2's weights into Gen's trunk (and so lm_head, tied to it), the marker's row the mean
-    of GPT-2's rows (its logit starts as an average token's); then Emb_seq's trunk from Gen's.
-    Hugging Face's Conv1D weights are (in, out), transposed into nn.Linear's (out, in). Returns
-    the base's provenance."""
+    """GPT-2's weights into Gen's trunk (and lm_head, tied to it), the marker's row the mean of
+    GPT-2's rows; then Emb_seq's trunk from Gen's. Returns the base's provenance."""
     sizes = read_config(folder)
     if sizes["vocab_size"] != tok.eod + 1:  # GPT-2's tokens, <|endoftext|> last
         raise UserError(f"{folder} has a vocabulary of {sizes['vocab_size']:,} tokens, the GPT-2 "
@@ -130,17 +118,13 @@ def load(folder, gen, embedder, tok):
     weights, path = read_weights(folder)
     for name, p in gen.transformer.state_dict().items():
         theirs = name.replace("blocks.", "h.")
-        if theirs not in weights:
-            raise UserError(f"{path} lacks {theirs}: not a GPT-2 of its config.json's sizes")
         w = weights[theirs].float()
         if theirs.endswith(CONV1D):
-            w = w.t()                                           # (in, out) -> (out, in)
+            w = w.t()                                           # Conv1D's (in, out) -> (out, in)
         if name == "wpe.weight":
             w = w[:p.shape[0]]                                  # the first block_size positions
         if name == "wte.weight":
             w = torch.cat([w, w.mean(0, keepdim=True)])         # (vocab + 1, n_embd): the marker
-        if w.shape != p.shape:
-            raise UserError(f"{path}: {theirs} is {tuple(w.shape)}, not {tuple(p.shape)}")
         p.copy_(w)
     embedder.start_from(gen)
     return {"gpt2": os.path.abspath(folder), "weights": os.path.basename(path),

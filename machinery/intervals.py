@@ -1,15 +1,8 @@
 """
-95% intervals of the retrieval figures (datastore.py) over the markers scored: how far a figure
-could move on another draw of markers of the same kind.
-
-    recall@k   an exact binomial interval (Clopper-Pearson): the hits are a count out of n markers
-    MRR        a percentile bootstrap: the markers resampled with replacement, the mean of 1/rank
-               of each resample, its 2.5th and 97.5th percentiles
-    A - B      paired, on the same markers (the learned order against TF-IDF's): the bootstrap of
-               the mean difference of 1/rank, marker by marker, and a two-sided p
-
-The bootstrap's seed is fixed: every metric of the same markers is resampled alike. Under about
-30 markers a bootstrap interval is too narrow: read it as the least the figure could move.
+95% intervals of the retrieval figures over the markers scored (how far a figure could move on
+another draw of markers): recall@k's exact binomial (Clopper-Pearson), MRR's percentile bootstrap,
+and the paired bootstrap of a difference of two orders of the same markers, with a two-sided p.
+The bootstrap's seed is fixed. Under about 30 markers a bootstrap interval is too narrow.
 """
 
 import math
@@ -22,9 +15,8 @@ SEED = 0             # the bootstrap's generator
 
 
 def binomial_p(k, n, cdf):
-    """The p at which P(X <= k) = sum_{i<=k} C(n, i) p^i (1 - p)^(n - i) equals cdf, X ~
-    Binomial(n, p), 0 <= k < n, by bisection (it falls as p grows); the terms in logs (they can
-    be far below the smallest float), summed by log-sum-exp. No scipy needed."""
+    """The p at which P(X <= k) equals cdf, X ~ Binomial(n, p), 0 <= k < n, by bisection; the
+    terms in logs (they can be far below the smallest float), summed by log-sum-exp."""
     i = np.arange(k + 1)
     log_choose = np.array([math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1)
                            for j in range(k + 1)])                                  # (k + 1,)
@@ -38,9 +30,8 @@ def binomial_p(k, n, cdf):
 
 
 def share_interval(hits, n, level=LEVEL):
-    """Clopper-Pearson interval [lo, hi] of a share hits / n: lo is the p at which hits or more
-    is as rare as (1 - level) / 2, P(X >= hits) = (1 - level) / 2 (0 for no hit), and hi the p at
-    which hits or fewer is, P(X <= hits) = (1 - level) / 2 (1 when every marker hits)."""
+    """Clopper-Pearson interval [lo, hi] of a share hits / n: the p at which hits or more, and
+    the p at which hits or fewer, are as rare as (1 - level) / 2."""
     tail = (1 - level) / 2
     lo = 0.0 if hits == 0 else binomial_p(hits - 1, n, 1 - tail)
     hi = 1.0 if hits == n else binomial_p(hits, n, tail)
@@ -48,8 +39,7 @@ def share_interval(hits, n, level=LEVEL):
 
 
 def bootstrap_means(values):
-    """The mean of values (n,) in each of RESAMPLES resamples of the n markers, drawn with
-    replacement, a block at a time (at most 4M indices held): (RESAMPLES,)."""
+    """The mean of values (n,) in each of RESAMPLES resamples of the markers: (RESAMPLES,)."""
     values = np.asarray(values, dtype=np.float64)
     n, rng = len(values), np.random.default_rng(SEED)
     block = max(1, 2**22 // n)
@@ -58,17 +48,14 @@ def bootstrap_means(values):
 
 
 def mean_interval(values, level=LEVEL):
-    """Percentile bootstrap interval [lo, hi] of the mean of values (n,): an MRR's, values the
-    markers' 1/rank."""
+    """Percentile bootstrap interval [lo, hi] of the mean of values (n,), as an MRR's."""
     tail = 100 * (1 - level) / 2
     return [float(v) for v in np.percentile(bootstrap_means(values), [tail, 100 - tail])]
 
 
 def paired_difference(a, b, level=LEVEL):
-    """mean(a) - mean(b) of two figures of the same markers, a and b (n,) (1/rank under two
-    orders), its bootstrap interval, and a two-sided p: twice the smaller share of resampled
-    differences on one side of 0, as (1 + count) / (1 + RESAMPLES), never 0, at most 1. Returns
-    (difference, [lo, hi], p)."""
+    """(mean(a) - mean(b), its bootstrap interval [lo, hi], p) for figures a and b (n,) of the
+    same markers; p is twice the smaller share of resampled differences on one side of 0."""
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)        # (n,)
     means = bootstrap_means(d)                                                   # (RESAMPLES,)
     tail = 100 * (1 - level) / 2
@@ -79,8 +66,7 @@ def paired_difference(a, b, level=LEVEL):
 
 
 def shown(m, key, digits=4):
-    """m[key] with its interval m[key + '_ci'] where m has one, as 0.0700 [0.0450, 0.0980]; n/a
-    where the figure is None or missing."""
+    """m[key] with its interval m[key + '_ci'], as 0.0700 [0.0450, 0.0980]; n/a where missing."""
     v, ci = m.get(key), m.get(f"{key}_ci")
     if v is None:
         return "n/a"
@@ -88,9 +74,8 @@ def shown(m, key, digits=4):
 
 
 def retrieval_lines(m, chance, split="val", train=None):
-    """One split's retrieval figures (a train.py log record, or a split of evaluate.py's output)
-    with their intervals, as lines of text: learned beside TF-IDF and chance (and train's, if
-    given); re-ranking the first stage's top K, each order beside TF-IDF's own, paired."""
+    """One split's retrieval figures with their intervals, as lines of text: learned beside
+    TF-IDF and chance (and train's); re-ranking the first stage's top K, beside TF-IDF's order."""
     width = 24  # 0.0700 [0.0450, 0.0980]
     lines = [f"  {split} retrieval against the whole datastore, 95% intervals over its markers:",
              f"    {'':<10} {'learned':<{width}} {'TF-IDF':<{width}} chance"]

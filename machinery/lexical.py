@@ -1,7 +1,6 @@
 """
-TF-IDF, as datastore.py states it, over a whole corpus: the datastore's unit vectors v_d / |v_d|
-in a sparse table, scored a chunk of queries at a time; the baseline's ranks and the first
-stage's top K.
+TF-IDF as datastore.py states it, over a whole corpus: the datastore's unit vectors in a sparse
+table, scored a chunk of queries at a time; the baseline's ranks and the first stage's top K.
 """
 
 import math
@@ -17,7 +16,7 @@ WORD = re.compile(r"\w+")
 
 def tfidf_vectors(texts, vocab, idf):
     """The unit vectors v_d / |v_d| of texts, rows of a sparse (len(texts), len(vocab)) tensor;
-    words outside vocab (the datastore's words) match nothing and are dropped."""
+    words outside vocab match nothing and are dropped."""
     rows, cols, vals = [], [], []
     for row, text in enumerate(texts):
         for w, n in Counter(WORD.findall(text.lower())).items():
@@ -44,8 +43,7 @@ class Lexical:
 
     def score_chunks(self, queries, chunk=None):
         """(s, the cosines (c, N) of queries s .. s+c-1 against every entry), `chunk` queries at a
-        time, by default as many as keep one (c, N) table within 16 MB (a whole split's would take
-        gigabytes on a novel). Each query's cosines are the same whatever the chunk."""
+        time: by default as many as keep a (c, N) table within 16 MB (a novel's: gigabytes)."""
         chunk = chunk or max(1, 2**21 // max(1, self.rows.shape[0]))        # float64: 8 bytes
         for s in range(0, len(queries), chunk):
             q = tfidf_vectors(queries[s:s + chunk], self.vocab, self.idf).to_dense()  # (c, vocab)
@@ -59,29 +57,21 @@ class Lexical:
         return torch.cat(ranks or [torch.zeros(0, dtype=torch.long)])
 
     def top(self, queries, k, chunk=None):
-        """The first stage: each query's k best entries by TF-IDF among those that score above 0,
-        scores (Q, k) and ids (Q, k), best first (k at most N); where fewer score above 0, id -1
-        and score 0 after them (a score of 0 ties with every other such entry)."""
+        """The first stage: each query's k best entries by TF-IDF, scores (Q, k) and ids (Q, k),
+        best first (k at most N); an entry that scores 0 (ties with every other) has id -1."""
         k = min(k, self.rows.shape[0])
         scores = torch.zeros(len(queries), k, dtype=torch.float64)                 # (Q, k)
         ids = torch.zeros(len(queries), k, dtype=torch.long)                       # (Q, k)
         for s, chunk_scores in self.score_chunks(queries, chunk):
             rows = slice(s, s + len(chunk_scores))
-            # ties at the K-th place: either may stay. Written in place: small tensors kept per
-            # chunk, between the chunks' large tables, would fragment the heap on a novel
+            # in place: small tensors kept between the chunks' large tables fragment the heap
             torch.topk(chunk_scores, k, dim=1, out=(scores[rows], ids[rows]))
             ids[rows].masked_fill_(scores[rows] <= 0, -1)
         return scores, ids
 
 
-def lexical_ranks(queries, texts, targets, chunk=None):
-    """Rank of each query's target (Q,) among the texts (strings) by TF-IDF, ties against it."""
-    return Lexical(texts).ranks(queries, targets, chunk)
-
-
 def lexical_index(data, tok, n=None):
-    """The Lexical of a corpus's datastore: every sequence's text, or the first n's (train's
-    are ids below n_train_sequences)."""
+    """The Lexical of a corpus's datastore, or of its first n sequences."""
     n = data.n_sequences if n is None else n
     return Lexical([tok.decode(data.sequence(i)) for i in range(n)])
 

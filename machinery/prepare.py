@@ -1,7 +1,6 @@
 """
 The cache around data.prepare: the key a prepared corpus is stored under, and what keeps a long
-text's preparation within a small multiple of the text's own memory (tokens written to the file
-as they are made, a long text encoded a piece at a time, one pass for every substring test).
+text's preparation within a small multiple of the text's own memory and time.
 """
 
 import hashlib
@@ -15,8 +14,8 @@ CHUNK = 1 << 20           # characters of a long text encoded at a time
 
 
 def cache_key(corpus, tok):
-    """A hash of everything preparation reads (the documents, hard negatives and tokenizer), a
-    document at a time: any change is a new key, never a stale cache."""
+    """A hash of everything preparation reads: any change to the documents, hard negatives or
+    tokenizer is a new key, never a stale cache."""
     h = hashlib.sha256(repr((FORMAT_VERSION, tok.fingerprint, corpus.aligned)).encode())
     for docs in (corpus.train, corpus.val):
         h.update(b"split")
@@ -29,8 +28,8 @@ def cache_key(corpus, tok):
 
 def encode_pieces(tok, text, chunk=CHUNK):
     """tok.encode(text) as numpy arrays, a piece of about `chunk` characters at a time. A piece
-    ends before a space that follows and precedes a non-space: no match of the pre-tokenizer
-    (bytes' or GPT-2's) crosses such a cut, so the pieces' tokens are the whole text's."""
+    ends before a space between two non-spaces: no pre-tokenizer match crosses such a cut, so the
+    pieces' tokens are the whole text's."""
     start = 0
     while start < len(text):
         end = len(text)
@@ -60,23 +59,19 @@ class TokenFile:
 
 def sequence_tokens(texts, tok, dtype):
     """The tokens of all sequences end to end, and offsets (n + 1,): sequence i is
-    tokens[offsets[i]:offsets[i + 1]]; encoded 4096 at a time, never one list of every token."""
-    pieces, lengths = [], np.zeros(len(texts), dtype=np.int64)
+    tokens[offsets[i]:offsets[i + 1]]. Encoded 4096 at a time, never one list of every token."""
+    pieces, lengths = [np.zeros(0, dtype=dtype)], np.zeros(len(texts), dtype=np.int64)
     for s in range(0, len(texts), 4096):
         batch = [tok.encode(t) for t in texts[s:s + 4096]]
         lengths[s:s + len(batch)] = [len(ids) for ids in batch]
-        pieces.append(np.fromiter((i for ids in batch for i in ids), dtype=dtype,
-                                  count=int(lengths[s:s + len(batch)].sum())))
-    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
-    return tokens, np.concatenate([[0], np.cumsum(lengths)])
+        pieces.append(np.array([i for ids in batch for i in ids], dtype=dtype))
+    return np.concatenate(pieces), np.concatenate([[0], np.cumsum(lengths)])
 
 
 def found_in(needles, haystack):
-    """{t for t in needles if t in haystack}, in 8 passes over haystack rather than one per needle
-    (a long novel's thousands of sentences). In UTF-8 a needle occurs in the text iff its bytes
-    occur in the text's bytes: every 8 bytes of the text, read as one uint64 at each of the 8
-    offsets, are compared at once with the needles' first 8 bytes, and only where those agree is
-    a whole needle compared."""
+    """{t for t in needles if t in haystack}, in 8 passes over haystack rather than one per needle:
+    the text's bytes, read as uint64 at each of 8 offsets, are compared with the needles' first 8
+    bytes, and only where they agree is a whole needle compared."""
     text = haystack.encode()
     found = {t for t in needles if len(t.encode()) < 8 and t in haystack}
     by_prefix = {}                       # first 8 bytes -> {length: {needle's bytes: needle}}

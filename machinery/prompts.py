@@ -1,6 +1,5 @@
 """
-Prompts drawn from a prepared corpus, and a sample shown as text: sample.py's prompt and
-display, evaluate.py's questions (and their reworded forms) and how an answer is read off.
+sample.py's prompt and display; evaluate.py's questions (and their reworded forms) and answers.
 """
 
 import sys
@@ -13,8 +12,7 @@ from machinery.facts import reword
 
 
 def read_prompt(args, data, tok, block_size):
-    """sample.py's prompt: --prompt_file's text, else --prompt's (a literal \\n a newline), else
-    default_prompt; a note when it is longer than Gen's block_size."""
+    """--prompt_file's text, else --prompt's (\\n a newline), else default_prompt."""
     text = (read_text(args.prompt_file) if args.prompt_file
             else args.prompt.replace("\\n", "\n") if args.prompt else None)
     prompt = tok.encode(text) if text else default_prompt(data, tok)
@@ -25,27 +23,23 @@ def read_prompt(args, data, tok, block_size):
 
 
 def default_prompt(data, tok):
-    """A held-out document up to its first marker with text before it, where Gen should write
-    the marker next: the val split's first such marker, else its first document up to its first
-    marker (or the end-of-document token, which precedes a document). Without markers: the first
-    64 tokens."""
+    """The first held-out document up to its first marker with text before it (where Gen should
+    write the marker), else up to its first marker; without markers, the first 64 tokens."""
     s = data.val
     if not len(s.marker_pos):
-        return [int(t) for t in s.ids[:min(64, len(s.ids))]]
+        return [int(t) for t in s.ids[:64]]
     doc = s.doc_starts[np.searchsorted(s.doc_starts, s.marker_pos, "right") - 1]  # (M,) each's doc
-    i = int(np.argmax(s.marker_pos > doc)) if (s.marker_pos > doc).any() else 0
+    i = int(np.argmax(s.marker_pos > doc))  # 0 where none has text before it
     return [int(t) for t in s.ids[doc[i]:s.marker_pos[i]]] or [tok.eod]
 
 
 def render(tok, ids, retrievals, prompt, datastore, show):
-    """The sample as text, each inserted sequence marked with its datastore id and score; the
-    prompt without its special tokens."""
+    """The sample as text, each inserted sequence marked with its datastore id and score."""
     out, pos = [query_text(tok, prompt)], len(prompt)
     for r in retrievals:
         seq = [int(t) for t in datastore.sequence(r.id)] if r.id >= 0 else []
         out.append(tok.decode(ids[pos:r.position]).replace("<|ret|>", ""))
-        # two-stage search: where TF-IDF ranked the entry (1: the first stage chose it, else the
-        # learned score moved it up); -1: no entry shares a word with the text, none inserted
+        # two-stage search: where TF-IDF ranked the entry; -1: no entry shares a word, none
         stage = "" if r.first_stage_rank is None else f" TF-IDF #{r.first_stage_rank}"
         out.append(f"[#{r.id} {r.score:.3f}{stage}: "
                    f"{tok.decode(ids[r.position:r.position + len(seq)])}]" if r.id >= 0
@@ -65,9 +59,7 @@ def answer(tok, ids):
 
 def questions(data, tok, split, limit):
     """The first `limit` documents of a split with one marker: (prompt tokens up to the marker,
-    gold sequence id, gold document tokens from the marker to the end). A document that starts
-    with its marker is prompted with the end-of-document token, which precedes a document in the
-    token stream."""
+    or the end-of-document token that precedes it; gold sequence id; the rest of the document)."""
     s = getattr(data, split)
     ends = np.append(s.doc_starts[1:], len(s.ids))
     first = np.searchsorted(s.marker_pos, s.doc_starts)       # each document's markers are
@@ -84,8 +76,7 @@ def questions(data, tok, split, limit):
 
 
 def reworded(qs, tok):
-    """`facts` questions in the words of machinery/facts.py's REWORDED (never seen in training);
-    the marker, gold sequence and answer stay the same."""
+    """`facts` questions in facts.REWORDED's words, never seen in training; the rest the same."""
     out = []
     for prompt, target, gold in qs:
         text = reword(tok.decode(prompt))

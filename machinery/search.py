@@ -1,7 +1,6 @@
 """
-How generation searches a run's datastore (sample.py's and evaluate.py's --index): exact search
-over every entry (datastore.search), faiss (approximate, an optional install) or two-stage (the
-learned score re-ranks TF-IDF's top K: datastore.Datastore.rerank).
+How generation searches a run's datastore (--index): exact search over every entry, faiss
+(approximate, an optional install) or two-stage (the learned score re-ranks TF-IDF's top K).
 """
 
 import math
@@ -16,7 +15,6 @@ INDEXES = ("auto", "exact", "faiss", "first_stage")
 
 
 def load_faiss():
-    """The faiss module, or a one-line error that says how to install it."""
     try:
         import faiss
     except ImportError:  # an optional install
@@ -25,15 +23,8 @@ def load_faiss():
 
 
 class FaissIndex:
-    """Approximate top-k by inner product, for a datastore of millions, where exact search reads
-    every key for every query. IVF-Flat: k-means on the unit sphere splits the N keys into
-    nlist = sqrt(N) lists; a query scores exactly the keys of the nprobe lists whose centroids
-    score highest for it:
-
-        top-k_j  q . e_j        over j in the nprobe lists nearest q
-
-    What it can miss is a best key in a list it did not probe. Up to about 1,300 entries,
-    nlist <= nprobe: every list is probed, and the search is exact."""
+    """Approximate top-k by inner product, for a datastore of millions (IVF-Flat): the keys in
+    sqrt(N) lists by k-means; a query scores exactly the keys of its nprobe nearest lists."""
 
     def __init__(self, embeddings, nprobe=32):
         faiss = load_faiss()
@@ -48,16 +39,14 @@ class FaissIndex:
         self.index.nprobe = min(nprobe, nlist)
 
     def search(self, queries, k):
-        """Scores (Q, k) and ids (Q, k), best first (k at most N); where the probed lists hold
-        fewer than k keys, faiss pads a row with id -1 and score -3.4e38."""
+        """Scores (Q, k) and ids (Q, k), best first; id -1 where the probed lists hold fewer."""
         k = min(k, self.index.ntotal)
         scores, ids = self.index.search(queries.detach().float().cpu().numpy(), k)
         return torch.from_numpy(scores), torch.from_numpy(ids)
 
 
 def require_index(kind):
-    """Refuse, in one line, an --index that is unknown, or faiss where it is not installed (a
-    script checks this before it loads or builds anything)."""
+    """Refuse, in one line, an unknown --index, or faiss where it is not installed."""
     if kind not in INDEXES:
         raise UserError(f"--index must be one of {', '.join(INDEXES)}, got {kind!r}")
     if kind == "faiss":
@@ -71,10 +60,8 @@ def use_index(datastore, kind):
 
 
 def use_search(datastore, kind, cfg, data, tok, lexical=None):
-    """Set how generation searches a run's datastore: exact, faiss, first_stage (the learned
-    score re-ranks TF-IDF's top cfg.first_stage), or auto: first_stage on a text corpus, where
-    the learned score alone is far below words against the whole datastore, exact on facts,
-    where it is far above. lexical: the corpus's Lexical, if the caller has built it already."""
+    """Set how generation searches a run's datastore; auto: first_stage on a text corpus (where
+    the learned score alone is far below TF-IDF's), exact on facts. lexical: if already built."""
     if kind == "auto":
         kind = "exact" if is_facts(cfg.dataset) else "first_stage"
     if kind == "first_stage":

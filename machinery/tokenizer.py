@@ -1,8 +1,7 @@
 r"""
-The tokenizer: a tiktoken Encoding plus the two special tokens the method needs, the retrieval
-marker and the end of a document. `bytes` (the default) has the 256 single bytes and works offline
-on any text; `gpt2` is GPT-2's BPE, from tiktoken's cache, a local `.tiktoken` file, or the
-`vocab.json` of a GPT-2 checkpoint (as a Hugging Face download leaves it). To make a `.tiktoken`
+The tokenizer: a tiktoken Encoding plus the retrieval marker and the end of a document. `bytes`
+(the default) has the 256 single bytes and works offline on any text; `gpt2` is GPT-2's BPE, from
+tiktoken's cache, a `.tiktoken` file, or a GPT-2 checkpoint's `vocab.json`. To make a `.tiktoken`
 file on a machine that is online:
 
     python -c "import tiktoken, base64; e = tiktoken.get_encoding('gpt2'); \
@@ -53,59 +52,51 @@ class Tokenizer:
 
 
 def _gpt2_ranks(path):
-    if path:
-        if not os.path.isfile(path):
-            raise UserError(f"GPT-2 BPE file not found: {path}")
-        return _read_vocab_json(path) if path.endswith(".json") else _read_tiktoken_file(path)
-    try:  # tiktoken's cache, or a download when online
-        return tiktoken.get_encoding("gpt2")._mergeable_ranks
-    except Exception:
-        raise UserError("the GPT-2 BPE is not cached and cannot be downloaded: pass --gpt2_file "
-                        f"PATH (or set {GPT2_FILE_ENV}) to a gpt2.tiktoken file; machinery/"
-                        "tokenizer.py says how to make one") from None
-
-
-def _read_tiktoken_file(path):
-    """The ranks of a .tiktoken file: each line the base64 of a token's bytes, then its rank;
-    a file that is not one is a one-line error that says where."""
+    if not path:
+        try:  # tiktoken's cache, or a download when online
+            return tiktoken.get_encoding("gpt2")._mergeable_ranks
+        except Exception:
+            raise UserError("the GPT-2 BPE is not cached and cannot be downloaded: pass "
+                            f"--gpt2_file PATH (or set {GPT2_FILE_ENV}) to a gpt2.tiktoken file; "
+                            "machinery/tokenizer.py says how to make one") from None
+    if not os.path.isfile(path):
+        raise UserError(f"GPT-2 BPE file not found: {path}")
     try:
-        with open(path, "rb") as f:
-            lines = f.read().splitlines()
+        ranks = _read_vocab_json(path) if path.endswith(".json") else _read_tiktoken_file(path)
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
-    ranks = {}
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            token, rank = line.split()
-            ranks[base64.b64decode(token, validate=True)] = int(rank)
-        except ValueError:  # binascii.Error, a bad base64, is one too
-            raise UserError(f"{path}:{n} is not a .tiktoken line (the base64 of a token, then its "
-                            "rank): not a GPT-2 BPE file") from None
     missing = sum(bytes([i]) not in ranks for i in range(256))
     if missing:  # every text is bytes: without them some text could not be encoded
         raise UserError(f"{path} lacks {missing} of the 256 single bytes: not a GPT-2 BPE file")
     return ranks
 
 
+def _read_tiktoken_file(path):
+    """The ranks of a .tiktoken file: each line the base64 of a token's bytes, then its rank."""
+    ranks = {}
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:  # binascii.Error, a bad base64, is one too
+                raise UserError(f"{path}:{n} is not a .tiktoken line (the base64 of a token, "
+                                "then its rank): not a GPT-2 BPE file") from None
+    return ranks
+
+
 def _read_vocab_json(path):
-    """The ranks of a GPT-2 checkpoint's vocab.json: token -> id (its merge rank), a byte b
-    written as chr(b) where printable and not a space, else chr(256 + n) for the n-th other
-    byte (GPT-2's map of bytes to characters)."""
+    """The ranks of a GPT-2 checkpoint's vocab.json (token -> rank), where a byte b is chr(b) if
+    printable and not a space, else chr(256 + n) for the n-th other byte."""
     printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
     others = [b for b in range(256) if b not in printable]
     to_byte = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
     try:
         with open(path, encoding="utf-8") as f:
-            vocab = json.load(f)
-        ranks = {bytes(to_byte[c] for c in token): int(rank) for token, rank in vocab.items()
-                 if token != EOD}
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
+            return {bytes(to_byte[c] for c in token): int(rank)
+                    for token, rank in json.load(f).items() if token != EOD}
     except (ValueError, KeyError, TypeError, AttributeError):
         raise UserError(f"{path} is not a GPT-2 vocab.json (token -> id, bytes written as GPT-2 "
                         "writes them)") from None
-    if sum(bytes([i]) not in ranks for i in range(256)):
-        raise UserError(f"{path} lacks some of the 256 single bytes: not a GPT-2 vocab.json")
-    return ranks

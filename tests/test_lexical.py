@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from machinery.lexical import Lexical, lexical_metrics, lexical_ranks
+from machinery.lexical import Lexical, lexical_metrics
 
 
 def test_ranks_by_hand_with_ties_counted_against_the_target():
@@ -16,15 +16,15 @@ def test_ranks_by_hand_with_ties_counted_against_the_target():
     # 1: "apple" scores texts 0 and 1 alike (same idf, same length): the tie counts -> rank 2
     # 2: texts 3 and 4 are identical: target 4 ties with 3 -> rank 2
     # 3: every text scores 0: all 4 others tie -> rank 5
-    assert lexical_ranks(queries, texts, np.array([0, 1, 4, 2])).tolist() == [1, 2, 2, 5]
+    assert Lexical(texts).ranks(queries, np.array([0, 1, 4, 2])).tolist() == [1, 2, 2, 5]
 
 
 def test_rarer_words_weigh_more():
     texts = ["the cat", "the dog", "the bird", "a dog barks"]
     # "the" is in 3 texts, "dog" in 2: "the dog" beats "the cat" and "the bird"; "a dog barks"
     # lacks "the" and has more words
-    assert lexical_ranks(["the dog"], texts, np.array([1])).tolist() == [1]
-    assert lexical_ranks(["the dog"], texts, np.array([3])).tolist() == [2]
+    assert Lexical(texts).ranks(["the dog"], np.array([1])).tolist() == [1]
+    assert Lexical(texts).ranks(["the dog"], np.array([3])).tolist() == [2]
 
 
 def test_the_scores_are_tfidf_cosines():
@@ -35,8 +35,8 @@ def test_the_scores_are_tfidf_cosines():
     cos_dog = q[0] / np.linalg.norm(q)
     cos_cat = q[1] * idf["cat"] / (np.linalg.norm(q) * math.hypot(idf["cat"], idf["bird"]))
     assert cos_dog > cos_cat  # so "dog" ranks first, and "cat bird" second
-    assert lexical_ranks([query], texts, np.array([0])).tolist() == [1]
-    assert lexical_ranks([query], texts, np.array([1])).tolist() == [2]
+    assert Lexical(texts).ranks([query], np.array([0])).tolist() == [1]
+    assert Lexical(texts).ranks([query], np.array([1])).tolist() == [2]
 
 
 def test_the_cosines_are_tfidf_not_raw_counts():
@@ -54,7 +54,7 @@ def test_the_cosines_are_tfidf_not_raw_counts():
     assert want[:2] == pytest.approx([0.53094, 0.51298], abs=1e-5)
     (_, scores), = Lexical(texts).score_chunks([query])                  # (1, 3)
     assert scores[0].tolist() == pytest.approx(want, rel=1e-12)
-    assert lexical_ranks([query] * 2, texts, np.array([0, 1])).tolist() == [1, 3]  # 1 and 2 tie
+    assert Lexical(texts).ranks([query] * 2, np.array([0, 1])).tolist() == [1, 3]  # 1 and 2 tie
 
 
 def test_metrics_are_those_of_ranks_worked_out_by_hand():
@@ -86,9 +86,9 @@ def test_metrics_on_prepared_data_match_the_ranks(tiny_data):
     special = {tok.marker, tok.eod}
     queries = [tok.decode([t for t in c if t not in special]) for c in contexts]
     texts = [tok.decode(data.sequence(i)) for i in range(data.n_sequences)]
-    ranks = lexical_ranks(queries, texts, targets).double()
+    ranks = Lexical(texts).ranks(queries, targets).double()
     # queries are scored a chunk at a time: the ranks must not depend on the chunk
-    assert torch.equal(lexical_ranks(queries, texts, targets, chunk=7).double(), ranks)
+    assert torch.equal(Lexical(texts).ranks(queries, targets, chunk=7).double(), ranks)
     assert m["lexical_mrr"] == (1 / ranks).mean().item()
     assert m["lexical_recall@1"] == (ranks == 1).double().mean().item()
     # facts: the question names the person, so words find many a fact, far above chance
