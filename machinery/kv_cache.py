@@ -7,34 +7,53 @@ import torch
 
 
 class KVCache:
-    """One attention layer's keys and values, in buffers of block_size tokens allocated once and
-    filled in place: a token's step costs no allocation and no copy of the past."""
+    """One attention layer's keys and values for B rows, in buffers of block_size tokens filled
+    in place. Row b holds its n[b] tokens in slots 0 .. n[b]-1. A step brings row b fresh[b] new
+    tokens (by default all T), right-padded to a common width T: only the real ones are kept,
+    and new token i of row b sees its row's keys 0 .. n[b] + i."""
 
     def __init__(self, block_size):
-        self.block_size, self.n = block_size, 0
+        self.block_size, self.n, self.fresh = block_size, 0, None  # n: an int until a first step
         self.k = self.v = None
 
+    def next_step(self, fresh, restart):
+        """The next extend brings fresh[b] real tokens to row b (B,); rows where restart (B,)
+        first drop what they hold."""
+        self.n, self.fresh = torch.where(restart, 0, self.n), fresh
+
     def extend(self, k, v):
-        """Append the new tokens' k and v (B, H, T, D). Returns all keys and values so far
-        (B, H, n, D) each, and which of them each new token sees: None where attention's plain
-        rule says it (nothing past: causal; one new token: every key), else a mask (T, n), True
-        where new token i, at position past + i, sees key j <= past + i."""
+        """Keep the real ones of the new k and v (B, H, T, D). Returns the keys and values up to
+        the longest row (B, H, S, D) each, and which keys each new token sees (B, 1, T, S)."""
         B, H, T, D = k.shape
-        if self.k is None:
-            self.k = k.new_empty(B, H, self.block_size, D)
-            self.v = v.new_empty(B, H, self.block_size, D)
-        past, self.n = self.n, self.n + T
-        self.k[:, :, past:self.n], self.v[:, :, past:self.n] = k, v
-        mask = None
-        if past and T > 1:
-            rows = torch.arange(T, device=k.device)[:, None]
-            mask = torch.arange(self.n, device=k.device) <= past + rows             # (T, n)
-        return self.k[:, :, :self.n], self.v[:, :, :self.n], mask
+        if self.k is None:  # zeros: a masked-out slot still gets weight 0, and 0 * NaN is NaN
+            self.k = k.new_zeros(B, H, self.block_size, D)
+            self.v = v.new_zeros(B, H, self.block_size, D)
+        n = self.n + torch.zeros(B, dtype=torch.long, device=k.device)        # (B,) tokens held
+        fresh = torch.full_like(n, T) if self.fresh is None else self.fresh   # (B,) new ones
+        cols = torch.arange(T, device=k.device)
+        rows, i = (cols < fresh[:, None]).nonzero(as_tuple=True)  # the real new tokens
+        slots = n[rows] + i
+        self.k[rows, :, slots], self.v[rows, :, slots] = k[rows, :, i], v[rows, :, i]
+        end = n + fresh                                                       # (B,)
+        S = int(end.max())
+        assert S <= self.block_size, "more tokens than block_size"
+        mask = None  # every row starting from nothing: right-padded, so plainly causal
+        if n.any():
+            sees = (n[:, None] + cols)[:, None, :, None]                       # (B, 1, T, 1)
+            mask = torch.arange(S, device=k.device) <= sees                     # (B, 1, T, S)
+        self.n = end
+        return self.k[:, :, :S], self.v[:, :, :S], mask
+
+    def take(self, rows):
+        """A cache of only the rows (R,) given, in that order (a row given twice is copied)."""
+        out = KVCache(self.block_size)
+        out.n, out.k, out.v = self.n[rows], self.k[rows], self.v[rows]
+        return out
 
     @property
     def past(self):
-        """The tokens held: the position of the next one."""
-        return self.n
+        """Each row's tokens held: the position of its next one, (B, 1) (0 before a first step)."""
+        return self.n if isinstance(self.n, int) else self.n[:, None]
 
 
 def new_caches(gen):
