@@ -2,28 +2,20 @@
 The data of co-supervision: one token stream per split, with retrieval markers, and the batches
 of one training step.
 
-Every corpus (machinery/corpora.py) is documents of plain text and *sequences* (a fact, a
-sentence): the datastore entries. In the token stream each sequence is written right after a
-retrieval marker (write_stream), so every marker has exactly one target, the sequence after it:
+A corpus (machinery/corpora.py) is documents of plain text and *sequences* (a fact, a sentence):
+the datastore entries. In the token stream each sequence is written right after a marker, so
+every marker has exactly one target, the sequence after it:
 
     Q: Which instrument does Doubrour Piltreimdrouk play?
     <|ret|>Doubrour Piltreimdrouk plays the tuba.
     A: tuba.
     <|endoftext|>
 
-L_NTP trains on every token of a window (markers and sequence tokens included, as the paper's
-code does); L_NSP trains Gen's query at each marker to pick its target out of the batch's
-candidates. The datastore is every distinct sequence: train's first, then val's that training
-has not seen (as a sequence, or inside its text: seen_in_training), which stay plain text in val.
-
-A batch is B windows of T + 1 tokens. Its M markers are the queries; its N candidates are every
-marker's target once, plus up to h = hard_negatives confusable sequences per marker. Hard
-negatives are the corpus's own: on facts the same attribute of the people whose names look most
-alike, and of look-alikes who share the person's value (machinery/facts.py); on text, what the
-lexical first stage ranks highest for the marker's context (use_lexical_negatives), the
-sequences two-stage retrieval asks the learned score to tell apart. The targets of the markers
-on each side of a marker (the text around its target: likely false negatives) are then no
-candidates of that marker (near_targets).
+The datastore is every distinct sequence: train's first, then val's that training has not seen
+(as a sequence, or inside its text), which stay plain text in val. A batch is B windows of T + 1
+tokens; its M markers are the queries, its N candidates every marker's target once plus up to
+hard_negatives confusable sequences per marker: on facts, look-alike people's (machinery/facts.py);
+on text, what TF-IDF ranks highest for the marker's context (use_lexical_negatives).
 """
 
 import json
@@ -118,9 +110,9 @@ class Data:
                      torch.from_numpy(neighbours))
 
     def held_out(self, negatives):
-        """Training's hard negatives (n_sequences, h), -1 where none: strictly held out, only
-        train's sequences (ids below n_train_sequences), so that Emb_seq never meets a val
-        sequence before it is evaluated on it; with transductive, all of them."""
+        """Training's hard negatives (n_sequences, h), -1 where none: only train's sequences (ids
+        below n_train_sequences), so that Emb_seq never meets a val sequence before it is
+        evaluated on it; with transductive, all of them."""
         if self.transductive:
             return negatives
         negatives = np.where(negatives < self.meta["n_train_sequences"], negatives, -1)
@@ -138,11 +130,10 @@ class Data:
 
     def use_lexical_negatives(self, tok, width=8, near=2):
         """Hard negatives from the first stage: for each marker's target, TF-IDF's best
-        candidates for the marker's context, less the target and the targets of the `near`
-        markers on each side (likely false negatives, near_targets). L_NSP then learns what words
-        cannot tell. In train, unless transductive, TF-IDF is over train's sequences alone: no val
-        sequence is a negative or weighs a word. Cached beside the prepared corpus; a sequence
-        that is the target of several markers keeps its first marker's."""
+        candidates for the marker's context, less the targets of the `near` markers on each side
+        (near_targets): what words cannot tell. In train, unless transductive, TF-IDF is over
+        train's sequences alone. A target of several markers keeps its first marker's. Cached
+        beside the prepared corpus."""
         self.near = near
         setting = "transductive" if self.transductive else "strict"
         path = os.path.join(self.path, f"lexical_negatives_{setting}_{self.block_size}_{width}_"
@@ -186,9 +177,9 @@ class Data:
         return torch.from_numpy(tokens), torch.from_numpy(mask)
 
     def marker_contexts(self, split_name, limit=None, block_size=None):
-        """For each marker of a split (the first `limit`), the tokens Gen sees when it writes the
-        marker (its document up to the marker, at most block_size tokens: the Gen's that reads
-        them, by default this run's), and its target sequence id."""
+        """For each marker of a split (the first `limit`), the tokens Gen sees when it writes it
+        (its document up to the marker, at most block_size tokens, by default this run's), and
+        its target sequence id."""
         split, block_size = getattr(self, split_name), block_size or self.block_size
         n = len(split.marker_pos) if limit is None else min(limit, len(split.marker_pos))
         doc = split.doc_starts[np.searchsorted(split.doc_starts, split.marker_pos[:n], "right") - 1]
@@ -199,9 +190,8 @@ class Data:
 
 
 def near_targets(marker_target, sel, near):
-    """The targets of the `near` markers on each side of markers sel (M,) of a split whose
-    markers point to marker_target: (M, 2 near) datastore ids, -1 past the split's ends. The
-    text around a marker's own target: likely false negatives for it."""
+    """The targets of the `near` markers on each side of markers sel (M,): (M, 2 near) datastore
+    ids, -1 past the split's ends. The text around a marker's target: likely false negatives."""
     offsets = np.concatenate([np.arange(-near, 0), np.arange(1, near + 1)])   # (2 near,)
     idx = np.asarray(sel)[:, None] + offsets[None, :]                        # (M, 2 near)
     inside = (idx >= 0) & (idx < len(marker_target))
@@ -232,37 +222,6 @@ def document_windows(doc_starts, n_tokens, T):
     return np.unique(np.minimum(np.array(starts, dtype=np.int64), n_tokens - T - 1))
 
 
-def write_stream(stream, docs, leaked, tok, seq_id, sequence_tokens, chunk=CHUNK):
-    """Write a split's documents to stream (its .append(ids) adds tokens, its .n counts them),
-    each datastore sequence right after a marker, a `leaked` one as plain text, and the
-    end-of-document token after each. Returns where its documents start, and each marker's
-    position and target sequence id. sequence_tokens(i): sequence i's tokens."""
-    doc_starts, marker_pos, marker_target = [], [], []
-    for doc in docs:
-        doc_starts.append(stream.n)
-        for seg in doc:
-            if seg.sequence and seg.text not in leaked:    # <marker> sequence tokens
-                i = seq_id[seg.text]
-                marker_pos.append(stream.n), marker_target.append(i)
-                stream.append(np.array([tok.marker]))
-                stream.append(sequence_tokens(i))
-            else:                                           # plain text, a long one in pieces
-                for ids in encode_pieces(tok, seg.text, chunk):
-                    stream.append(ids)
-        stream.append(np.array([tok.eod]))
-    return doc_starts, marker_pos, marker_target
-
-
-def seen_in_training(corpus):
-    """The val sequences that training has seen, as a sequence or anywhere inside its text: a
-    leak, so in val they stay plain text, never a retrieval target."""
-    train_seqs = {s.text for d in corpus.train for s in d if s.sequence}
-    val_seqs = {s.text for d in corpus.val for s in d if s.sequence}
-    seen = val_seqs & train_seqs
-    train_text = "\n".join(s.text for d in corpus.train for s in d)
-    return seen | found_in(val_seqs - seen, train_text)   # a fast `t in train_text`
-
-
 def prepare(corpus, tok, cache_dir, chunk=CHUNK):
     """Write a corpus, once, as the arrays Data reads, into cache_dir/<key>/ (the key hashes the
     documents and the tokenizer: machinery/prepare.py); returns that folder. The datastore is
@@ -271,8 +230,12 @@ def prepare(corpus, tok, cache_dir, chunk=CHUNK):
     path = os.path.join(cache_dir, cache_key(corpus, tok))
     if os.path.exists(os.path.join(path, "meta.json")):
         return path
-    leaked = seen_in_training(corpus)
     train_seqs = dict.fromkeys(s.text for d in corpus.train for s in d if s.sequence)
+    # val sequences that training has seen, as a sequence or inside its text: a leak, so in val
+    # they stay plain text, never a retrieval target
+    val_seqs = {s.text for d in corpus.val for s in d if s.sequence}
+    train_text = "\n".join(s.text for d in corpus.train for s in d)
+    leaked = (val_seqs & train_seqs.keys()) | found_in(val_seqs - train_seqs.keys(), train_text)
     texts = list(dict.fromkeys([*train_seqs, *(s.text for d in corpus.val for s in d
                                                if s.sequence and s.text not in leaked)]))
     seq_id = {t: i for i, t in enumerate(texts)}
@@ -285,8 +248,20 @@ def prepare(corpus, tok, cache_dir, chunk=CHUNK):
             "n_train_sequences": len(train_seqs)}
     for name, docs, leak in (("train", corpus.train, set()), ("val", corpus.val, leaked)):
         stream = TokenFile(os.path.join(tmp, f"{name}.bin"), dtype)
-        starts, pos, target = write_stream(stream, docs, leak, tok, seq_id,
-                                           lambda i: tokens[offsets[i]:offsets[i + 1]], chunk)
+        starts, pos, target = [], [], []  # where documents start; each marker and its target
+        for doc in docs:
+            starts.append(stream.n)
+            for seg in doc:
+                if seg.sequence and seg.text not in leak:    # <marker> sequence tokens
+                    i = seq_id[seg.text]
+                    pos.append(stream.n)
+                    target.append(i)
+                    stream.append(np.array([tok.marker]))
+                    stream.append(tokens[offsets[i]:offsets[i + 1]])
+                else:                                         # plain text, a long one in pieces
+                    for ids in encode_pieces(tok, seg.text, chunk):
+                        stream.append(ids)
+            stream.append(np.array([tok.eod]))
         stream.close()
         np.savez(os.path.join(tmp, f"{name}.npz"), doc_starts=np.array(starts, dtype=np.int64),
                  marker_pos=np.array(pos, dtype=np.int64),

@@ -7,12 +7,9 @@ entry returned is
     argmax_j  q . e_j        over every sequence j of the corpus, e_j = Emb_seq(sequence j)
 
 Queries and embeddings are unit vectors, so this is also the nearest neighbour by cosine (faiss
-can stand in for generation's search on a datastore of millions: machinery/search.py).
-Evaluation asks where each marker's true target lands in that ranking: recall@k (target in the
-top k) and MRR (mean of 1 / rank), against the whole datastore, beside chance and TF-IDF, a
-training-free retriever, on the same markers. The paper evaluates otherwise: a first stage
-(TF-IDF) retrieves each question's top K and the learned score only re-ranks those (two-stage
-retrieval, end of this file); both are reported.
+can stand in for it in generation: machinery/search.py). Evaluation asks where each marker's
+true target lands in that ranking: recall@k (target in the top k) and MRR (mean of 1 / rank),
+beside chance and TF-IDF. The paper's evaluation, two-stage retrieval, ends this file.
 """
 
 import math
@@ -27,7 +24,7 @@ from machinery import intervals  # 95% intervals over the markers
 
 def dot_scores(queries, keys):
     """q . e_j of queries (Q, d) against keys (n, d): (Q, n). On a CPU through numpy, on the
-    same memory (.numpy() copies nothing): the faster product there (experiments/bench.py)."""
+    same memory: the faster product there (experiments/README.md, Performance)."""
     if keys.device.type == "cpu":
         return torch.from_numpy(queries.detach().numpy() @ keys.detach().numpy().T)  # (Q, n)
     return queries.to(keys.device) @ keys.T                                        # (Q, n)
@@ -35,7 +32,7 @@ def dot_scores(queries, keys):
 
 def query_chunks(queries, keys, chunk=None):
     """(s, the scores (c, n) of queries s .. s+c-1 against every key), chunk queries at a time,
-    by default as many as keep the table within 16 MB, whatever the datastore's size."""
+    by default as many as keep the table within 16 MB."""
     chunk = chunk or max(1, 2**22 // max(1, len(keys)))
     for s in range(0, len(queries), chunk):
         yield s, dot_scores(queries[s:s + chunk], keys)                          # (c, n)
@@ -50,16 +47,14 @@ def search(queries, embeddings, k=10, chunk=None):
             torch.cat([t.indices for t in top] or [torch.zeros(0, k, dtype=torch.long)]))
 
 
-# The tie rule. Two scores tie when they are within float rounding of each other, and a tie
-# counts against the target: n identical embeddings rank every target n-th, not first. A dot
-# product of width d in floating point is off by at most about d u |q| |e| (u = eps / 2, the unit
-# roundoff), and which way it rounds depends on the BLAS kernel, the instruction set and the
-# thread count. Two scores equal in exact arithmetic thus differ by at most d eps |q| max|e|:
-# every entry within that of the target ties with it, and the ranks are the same on any machine.
+# The tie rule. Two scores within float rounding of each other tie, and a tie counts against
+# the target: n identical embeddings rank every target n-th. A dot product of width d is off by
+# at most about d (eps / 2) |q| |e|, its rounding up to the BLAS kernel and thread count, so
+# every entry within d eps |q| max|e| of the target ties with it: the same ranks on any machine.
 
 def tie_tolerance(width, dtype, scale=1.0):
-    """How far apart rounding can put two dot products of width `width` equal in exact
-    arithmetic: width * eps * scale, scale bounding |q| |e| (1 for unit vectors)."""
+    """How far apart rounding can put two equal dot products of width `width`: width * eps *
+    scale, scale bounding |q| |e| (1 for unit vectors)."""
     return width * torch.finfo(dtype).eps * scale
 
 
@@ -80,7 +75,7 @@ def ranks_in(scores, targets, tolerance):
 
 def target_ranks(queries, embeddings, targets, chunk=None):
     """Rank (1 = best) of each query's target (Q,) among all embeddings (n, d) for queries
-    (Q, d), ties against it: (Q,). A score that is not finite would make the ranks meaningless."""
+    (Q, d), ties against it: (Q,)."""
     if not (torch.isfinite(queries).all() and torch.isfinite(embeddings).all()):
         raise ValueError("a query or datastore embedding is not finite (NaN or inf): retrieval "
                          "cannot be scored")
@@ -114,8 +109,8 @@ def chance_metrics(n):
 
 @torch.inference_mode()
 def marker_queries(gen, contexts, device, batch_size=64):
-    """Gen's query at the last token (a marker) of each context (a list of 1-d token arrays),
-    right-padded into batches: under the causal mask, padding cannot change the marker's state."""
+    """Gen's query at the last token (a marker) of each context (1-d token arrays), right-padded
+    into batches: under the causal mask, padding cannot change the marker's state."""
     out = []
     for s in range(0, len(contexts), batch_size):
         chunk = contexts[s:s + batch_size]
@@ -130,8 +125,8 @@ def marker_queries(gen, contexts, device, batch_size=64):
 
 @torch.no_grad()
 def split_queries(gen, data, split, device, ctx, limit=None):
-    """Gen's query at each marker of a split (the first `limit`), (Q, d), and each marker's
-    target id (Q,). Each marker's context is cut to what this Gen can read: its own block_size."""
+    """Gen's query at each marker of a split (the first `limit`), (Q, d), each marker's context
+    cut to this Gen's block_size, and each marker's target id (Q,)."""
     contexts, targets = data.marker_contexts(split, limit, gen.config.block_size)
     with ctx:
         queries = marker_queries(gen, contexts, device)                     # (Q, d)
@@ -140,8 +135,7 @@ def split_queries(gen, data, split, device, ctx, limit=None):
 
 def retrieval_quality(gen, embeddings, data, split, device, ctx, limit=None, stage=None):
     """recall@1, recall@10 and MRR of a split's markers (the first `limit`) against the whole
-    datastore `embeddings`; with a FirstStage of the same markers, also reranked_*: the learned
-    score re-ranking the first stage's K (two-stage retrieval, below)."""
+    datastore `embeddings`; given a FirstStage of the same markers, also reranked_* (below)."""
     queries, targets = split_queries(gen, data, split, device, ctx, limit)
     if not len(targets):
         return {"recall@1": None, "recall@10": None, "mrr": None}
@@ -155,8 +149,8 @@ def retrieval_quality(gen, embeddings, data, split, device, ctx, limit=None, sta
 
 @torch.inference_mode()
 def embed_all(embedder, data, ids=None, batch_size=256, progress=None):
-    """The datastore's embeddings: Emb_seq of sequences `ids` (default: all), (len(ids), seq_dim)
-    float32. Sorted by length first, so that each batch pads little."""
+    """Emb_seq of sequences `ids` (default: all), (len(ids), seq_dim) float32, sorted by length
+    so that each batch pads little."""
     ids = np.arange(data.n_sequences) if ids is None else np.asarray(ids)
     device = next(embedder.parameters()).device
     order = np.argsort(data.offsets[ids + 1] - data.offsets[ids], kind="stable")
@@ -172,8 +166,7 @@ def embed_all(embedder, data, ids=None, batch_size=256, progress=None):
 
 class Datastore:
     """The nonparametric sequence space: every sequence of a corpus embedded by Emb_seq, (n, d),
-    with the token ids of each entry (what retrieval inserts): entry i is
-    seq_tokens[offsets[i]:offsets[i + 1]], as in data.Data. Kept on disk: datastore_file.py."""
+    and each entry's token ids (what retrieval inserts), as in data.Data."""
 
     def __init__(self, embeddings, offsets, seq_tokens, fingerprint):
         self.embeddings, self.offsets, self.seq_tokens = embeddings, offsets, seq_tokens
@@ -188,8 +181,8 @@ class Datastore:
         return self.seq_tokens[self.offsets[i]:self.offsets[i + 1]]
 
     def use_first_stage(self, lexical, k, tok):
-        """Two-stage search from now on (rerank): the learned score re-ranks the top k of lexical
-        (a Lexical of this datastore's texts) for the query text of each context; k = 0: off."""
+        """Two-stage search from now on (rerank) over lexical's top k (a Lexical of this
+        datastore's texts); k = 0: off."""
         self.first = (lexical, k, tok) if k else None
         return self
 
@@ -211,28 +204,24 @@ class Datastore:
 
 
 # -----------------------------------------------------------------------------------------------
-# TF-IDF, the training-free lexical retriever: the baseline every learned number stands beside,
-# and the first stage of two-stage retrieval (below). Words are lowercase \w+ runs. Over the N
-# datastore sequences, with n(w, d) the count of word w in text d and df(w) the number of
-# sequences that hold w (sublinear tf, smoothed idf):
+# TF-IDF, the training-free lexical retriever: the baseline beside every learned number, and the
+# first stage of two-stage retrieval. Words are lowercase \w+ runs. Over the N datastore
+# sequences, n(w, d) the count of word w in text d, df(w) the number of sequences that hold w:
 #
 #     v_d[w] = tf(w, d) * idf(w),   tf = 1 + log n(w, d)  (0 where n = 0),
 #                                   idf(w) = 1 + log((1 + N) / (1 + df(w)))
 #     s(q, j) = v_q . v_j / (|v_q| |v_j|)          (0 where either vector is all zero)
 #
-# The query is the text Gen sees at the marker (query_text). An entry that shares no word with
-# it scores 0 and ties with every other such one. machinery/lexical.py computes s over a whole
-# corpus: sparse vectors, a chunk of queries at a time.
+# The query is the text Gen sees at the marker (query_text). machinery/lexical.py computes s over
+# a whole corpus: sparse vectors, a chunk of queries at a time.
 
 def query_text(tok, ids):
-    """The lexical query of a context: its text, special tokens (marker, end of document) left
-    out."""
+    """The lexical query of a context: its text, without the marker and end of document."""
     return tok.decode([t for t in ids if t not in (tok.marker, tok.eod)])
 
 
 def marker_texts(data, tok, split, limit=None):
-    """The lexical query of each marker of a split (the first limit): the text Gen sees there.
-    Returns (strings, target ids (Q,))."""
+    """The lexical query of each marker of a split (the first limit), and its target id (Q,)."""
     contexts, targets = data.marker_contexts(split, limit)
     return [query_text(tok, c) for c in contexts], targets
 
@@ -243,9 +232,8 @@ def marker_texts(data, tok, split, limit=None):
 #
 #     j* = argmax_{j in C_K(q)}  q . e_j
 #
-# A target outside C_K(q) is a miss (rank infinite: recall 0, reciprocal rank 0), so the first
-# stage's recall@K is the ceiling of every re-ranked number. TF-IDF's own order of the same K is
-# the line the learned order must beat.
+# A target outside C_K(q) is a miss (reciprocal rank 0), so the first stage's recall@K is the
+# ceiling of every re-ranked number; TF-IDF's own order of the K is the line to beat.
 
 class FirstStage(NamedTuple):
     ids: torch.Tensor       # (Q, K) each query's candidates, TF-IDF's best first
@@ -263,8 +251,7 @@ def first_stage(lexical, data, tok, split, k, limit=None):
 
 def candidate_scores(queries, embeddings, ids, chunk=None):
     """The learned score q . e_j of each query (Q, d) for its own candidates ids (Q, K): (Q, K),
-    -inf where the id is -1. A chunk of queries at a time: the gathered embeddings (chunk, K, d)
-    stay within 8 MB by default."""
+    -inf where the id is -1. A chunk of queries at a time, the gathered (c, K, d) within 8 MB."""
     chunk = chunk or max(1, 2**21 // max(1, ids.shape[1] * embeddings.shape[1]))  # float32
     out = [torch.zeros(0, ids.shape[1])]
     for s in range(0, len(queries), chunk):
@@ -275,9 +262,8 @@ def candidate_scores(queries, embeddings, ids, chunk=None):
 
 
 def candidate_ranks(scores, ids, targets, tolerance=0.0):
-    """Rank (1 = best) of each target among its own candidates ids (Q, K) under scores (Q, K):
-    1 + the number of other candidates scoring at least the target's minus tolerance (a tie
-    counts against it); inf where the target is not a candidate. Returns (Q,) float64."""
+    """Rank (1 = best) of each target among its own candidates ids (Q, K) under scores (Q, K),
+    ties against it; inf where the target is not a candidate. Returns (Q,) float64."""
     hit = ids == targets[:, None]                                          # (Q, K)
     ranks = ranks_in(scores, hit.double().argmax(dim=1), tolerance).double()   # (Q,)
     return torch.where(hit.any(dim=1), ranks, torch.full_like(ranks, math.inf))
@@ -291,8 +277,8 @@ def rerank_metrics(scores, stage, tolerance=0.0):
 
 
 def first_stage_metrics(stage, lexical):
-    """The first stage alone, named first_stage_*: recall@K (the share of targets among the K:
-    the ceiling of every re-ranked number) and TF-IDF's own order of the K."""
+    """The first stage alone, named first_stage_*: recall@K (the ceiling of every re-ranked
+    number) and TF-IDF's own order of the K."""
     m = rerank_metrics(stage.scores, stage, lexical.tolerance)
     held = (stage.ids == stage.targets[:, None]).any(dim=1)                # (Q,)
     ceiling = {"first_stage_recall@K": held.double().mean().item() if len(held) else None}
@@ -304,8 +290,7 @@ def first_stage_metrics(stage, lexical):
 
 def reranking(scores, stage, tolerance=0.0):
     """rerank_metrics of scores (Q, K) ordering stage's candidates, and their MRR minus that of
-    TF-IDF's own order, paired on the same markers, with its 95% interval (_ci) and two-sided p
-    (_p): whether the learned order beats TF-IDF's, or only seems to."""
+    TF-IDF's own order on the same markers, with its 95% interval (_ci) and two-sided p (_p)."""
     if not len(stage.targets):
         return {**rerank_metrics(scores, stage), "mrr_minus_first_stage": None}
     ranks = candidate_ranks(scores, stage.ids, stage.targets, tolerance)             # (Q,)

@@ -5,16 +5,12 @@ documents that end in an answer, such as `facts`) answers written with retrieval
     python evaluate.py --out_dir out
     python evaluate.py --out_dir out_ntp --query_from out_nsp    # separate supervision
 
-Prints one JSON object and writes it, with each marker's 1/rank (reciprocal_ranks), to
-OUT_DIR/eval.json (with --query_from OTHER, to OUT_DIR/eval_query_from_<OTHER's folder name>.json;
-OTHER's folder is only read); then, on stderr, every retrieval figure with its 95% interval. For
-the val split (held-out people for `facts`) and a sample of train: L_NTP (ntp, ppl); recall@1,
-recall@10 and MRR of the learned queries against the whole datastore, and of TF-IDF (lexical_*);
-two-stage retrieval (datastore.py): the first stage's ceiling and own order (first_stage_*), the
-learned score re-ranking its K (reranked_*) and learned + w TF-IDF (combined_*), each paired
-against TF-IDF's order (*_mrr_minus_first_stage); answers (answer_em_retrieval,
-answer_em_no_retrieval, answer_em_gold, marker_rate, retrieval_acc); and for `facts`,
-val_reworded: held-out questions worded as no training document words them (machinery/facts.py).
+Prints one JSON object and writes it, with each marker's 1/rank, to OUT_DIR/eval.json (with
+--query_from OTHER, to OUT_DIR/eval_query_from_<OTHER's folder name>.json); then, on stderr, each
+retrieval figure with its 95% interval. For val and a sample of train: L_NTP; recall@1, recall@10
+and MRR, learned and TF-IDF (lexical_*); two-stage retrieval (datastore.py: first_stage_*,
+reranked_*, and learned + w TF-IDF, combined_*); answers (answer_em_*, marker_rate,
+retrieval_acc); for `facts`, val_reworded: held-out questions in new words (machinery/facts.py).
 README, Sampling and evaluation, says what each figure means.
 """
 
@@ -42,8 +38,7 @@ from train import load_run, loss_estimates
 
 def question_retrieval(gen, datastore, qs, tok, device):
     """recall@1, recall@10 and MRR of Gen's query at a marker placed right after each question,
-    against the whole datastore: retrieval alone, whether or not Gen would write the marker. Each
-    context is cut to what this Gen reads: its own block_size."""
+    whether or not Gen would write it, each context cut to this Gen's block_size."""
     contexts = [np.append(prompt, tok.marker).astype(np.int64)[-gen.config.block_size:]
                 for prompt, _, _ in qs]
     queries = marker_queries(gen, contexts, device)                       # (Q, d)
@@ -52,8 +47,7 @@ def question_retrieval(gen, datastore, qs, tok, device):
 
 
 def question_lexical(lexical, qs, tok):
-    """TF-IDF's recall@1, recall@10 and MRR for the same questions, each question's words against
-    every sequence's: the training-free line beside question_retrieval, named lexical_*."""
+    """TF-IDF's recall@1, recall@10 and MRR for the same questions, named lexical_*."""
     ranks = lexical.ranks([tok.decode(prompt) for prompt, _, _ in qs], [t for _, t, _ in qs])
     return {f"lexical_{k}": v for k, v in retrieval_metrics(ranks).items()}
 
@@ -63,10 +57,8 @@ def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
                    batch_size=EvalConfig.batch_size, lexical=None):
     """The answer metrics of the first `limit` questions of a split, for each of `modes`:
     retrieval in the loop, Gen alone, Gen given the gold sequence; with reword_questions, of those
-    questions reworded (the generalisation test), with their retrieval metrics too, and TF-IDF's
-    beside them if a lexical index is given. Decoded batch_size questions at a time
-    (machinery/batch_generate.py): a question asked with and without retrieval is two prompts of
-    one batch, so a batch holds up to twice batch_size prompts."""
+    questions reworded, with their retrieval metrics too (and TF-IDF's, given lexical). Decoded
+    batch_size questions at a time, each asked with and without retrieval in one batch."""
     qs = questions(data, tok, split, limit)
     if reword_questions:
         qs = reworded(qs, tok)
@@ -77,9 +69,7 @@ def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
     budgets = [len(gold) + 32 for _, _, gold in qs]
     hits = {}
 
-    def decode(given, retrieve, known=()):
-        """Greedy generation of the prompts `given` (question i % len(qs)'s), with retrieval in
-        the loop where `retrieve` says so; batch_size questions at a time (decode_prompts)."""
+    def decode(given, retrieve, known=()):  # prompt i is question i % len(qs)'s
         return decode_prompts(gen, given, [budgets[i % len(qs)] for i in range(len(given))],
                               tok.marker, tok.eod, datastore, query_gen, retrieve,
                               batch_size * max(1, len(given) // len(qs)), known)
@@ -120,9 +110,9 @@ WEIGHTS = (0, 0.05, 0.1, 0.25, 0.5, 1, 2, 4)   # the combined score's w, chosen 
 
 def retrieval(gen, datastore, data, tok, lexical, k, device, ctx):
     """Every retrieval number of train's first 480 markers and all of val's, {split: metrics}:
-    against the whole datastore (learned and TF-IDF), and two-stage: the first stage's ceiling
-    and order of its k candidates, the learned score re-ranking them (reranked_*), and learned +
-    w * TF-IDF (combined_*), w chosen on the train markers, never on val."""
+    against the whole datastore (learned and TF-IDF), and two-stage: the first stage's k, the
+    learned score re-ranking them (reranked_*), and learned + w * TF-IDF (combined_*), w chosen
+    on the train markers, never on val."""
     out, weight = {}, None
     for split, limit in (("train", 480), ("val", None)):
         queries, targets = split_queries(gen, data, split, device, ctx, limit)
@@ -153,9 +143,8 @@ def retrieval(gen, datastore, data, tok, lexical, k, device, ctx):
 
 def eval_inputs(query_from, out_dir, embedder, data, device="auto"):
     """The Gen that makes the queries (None: the run's own), the datastore it searches and the
-    path of the result: the run's datastore (out_dir/datastore.pt, built if missing or stale) and
-    out_dir/eval.json; with --query_from OTHER (separate supervision), OTHER's Gen and a datastore
-    of OTHER's Emb_seq (OTHER's own if fresh, else one in memory: OTHER's folder is only read)."""
+    path of the result; with --query_from OTHER (separate supervision), OTHER's Gen and a
+    datastore of OTHER's Emb_seq (OTHER's folder is only read)."""
     if not query_from:
         path = os.path.join(out_dir, "datastore.pt")
         return None, datastore_file.load_or_build(path, embedder, data), os.path.join(out_dir,

@@ -7,11 +7,10 @@ marker searches the datastore and the best sequence is appended verbatim (the pa
         j* = argmax_j  q_{t+1} . e_j                         the retrieval step (seq_head)
         x_{t+2} .. x_{t+1+|s_j*|} = the tokens of sequence j*  appended, not written one by one
 
-generate_batch() continues many prompts at once (evaluation's answers): one pass through Gen per
-step for every unfinished row; generate() is one prompt, a batch of one. A KV cache
-(machinery/kv_cache.py) keeps every token's keys and values, so each token, and each inserted
-sequence, runs through Gen once. Positions are absolute, so when a row outgrows block_size, its
-window jumps to its last half, encoded again from position 0 (window_start).
+generate_batch() continues many prompts at once, one pass through Gen per step; generate() is a
+batch of one. A KV cache (machinery/kv_cache.py) keeps every token's keys and values, so each
+token, and each inserted sequence, runs through Gen once. Positions are absolute, so when a row
+outgrows block_size, its window jumps to its last half, encoded again (window_start).
 """
 
 import math
@@ -53,8 +52,7 @@ def window_start(n_ids, start, block):
 
 def marker_step_queries(gen, query_gen, h, windows, device):
     """The queries (R, seq_dim) at R markers: Gen's from its final states there h (R, n_embd),
-    or query_gen's, which reads each window (the ids Gen sees, up to the marker) cut to its own
-    block, in one pass."""
+    or query_gen's, which reads each window (the ids Gen sees) cut to its own block."""
     if query_gen is None:
         return gen.query(h).float().cpu()
     cut = query_gen.config.block_size
@@ -63,10 +61,9 @@ def marker_step_queries(gen, query_gen, h, windows, device):
 
 
 def retrieval_step(datastore, queries, positions, room, windows, alternatives=0):
-    """The retrieval step of R markers: search the datastore with queries (R, d) (with a first
-    stage, among its candidates for the windows' texts). For each, its Retrieval (at
-    positions[r]) and the tokens to insert, cut to room[r], what is left of its budget. With no
-    candidate (no entry shares a word with the window): id -1, nothing inserted, the row ends."""
+    """The retrieval step of R markers: search the datastore with queries (R, d) (two-stage: among
+    the first stage's candidates for the windows). For each, its Retrieval (at positions[r]) and
+    the tokens to insert, cut to room[r]. No candidate: id -1, nothing inserted, the row ends."""
     if datastore.first is not None:
         scores, top, stage = datastore.rerank(queries, windows, k=1 + alternatives)
         stage = stage[:, 0].tolist()
@@ -84,9 +81,9 @@ def retrieval_step(datastore, queries, positions, room, windows, alternatives=0)
 
 
 def _feed(gen, caches, fresh, restart, device):
-    """Run each row's fresh tokens (a list per row) through Gen in one pass, right-padded; rows
-    where restart is True first empty their caches. Returns the final state at each row's last
-    fresh token (B, n_embd) (for a row with none, a state to ignore)."""
+    """Run each row's fresh tokens (a list per row) through Gen in one pass, right-padded, rows
+    where restart is True first emptying their caches: the final state at each row's last fresh
+    token (B, n_embd) (for a row with none, one to ignore)."""
     counts = [len(f) for f in fresh]
     T = max(counts)
     x = torch.tensor([f + [0] * (T - len(f)) for f in fresh], dtype=torch.long,
@@ -102,13 +99,13 @@ def _feed(gen, caches, fresh, restart, device):
 def generate_batch(gen, prompts, max_new_tokens, marker, stop=None, datastore=None,
                    query_gen=None, retrieve=None, temperature=0.0, top_k=None, alternatives=0,
                    use_cache=True, generator=None):
-    """Continue each of the token id lists `prompts` by up to max_new_tokens tokens (one for all,
-    or one per prompt; inserted sequences count too), stopping after `stop`. With a datastore, a
-    marker triggers retrieval, in the rows where retrieve (one bool per prompt) says so, default
-    all. Returns (ids, Retrievals) per prompt, prompt included. use_cache=False re-reads each
-    row's window at every step: slower, the reference the cache must agree with. query_gen:
-    another Gen that makes the queries (the paper's separate-supervision baseline). Each distinct
-    prompt runs through Gen once; rows with and without retrieval then decode as two batches."""
+    """Continue each token id list of `prompts` by up to max_new_tokens tokens (one for all, or
+    one per prompt; inserted sequences count), stopping after `stop`. With a datastore, a marker
+    triggers retrieval where retrieve (a bool per prompt, default all) says so. Returns (ids,
+    Retrievals) per prompt. use_cache=False re-reads each window at every step: the reference
+    the cache must agree with. query_gen: another Gen makes the queries (separate supervision).
+    Each distinct prompt runs through Gen once; rows with and without retrieval then decode
+    apart."""
     if not all(len(p) for p in prompts):
         raise ValueError("generate() needs a prompt of at least one token (to start a document "
                          "from nothing, the end-of-document token)")
@@ -152,8 +149,7 @@ def generate_batch(gen, prompts, max_new_tokens, marker, stop=None, datastore=No
             kept = [i for i, b in enumerate(live) if not done[b]]
             if not kept:
                 return
-            # finished rows leave the batch once a quarter of it has finished: leaving copies
-            # the caches, which at every row's end would cost more than the finished rows' padding
+            # finished rows leave once a quarter of the batch has: leaving copies the caches
             if len(kept) <= 3 * len(live) // 4:
                 index = torch.tensor(kept, dtype=torch.long, device=device)
                 caches, live = [cache.take(index) for cache in caches], [live[i] for i in kept]
@@ -184,7 +180,6 @@ def generate_batch(gen, prompts, max_new_tokens, marker, stop=None, datastore=No
 
 def generate(gen, prompt, max_new_tokens, marker, stop=None, datastore=None, temperature=0.0,
              top_k=None, alternatives=0, use_cache=True, generator=None, query_gen=None):
-    """generate_batch() of one prompt: its (ids, Retrievals). The prompt must hold at least one
-    token: Gen's first prediction reads the last one."""
+    """generate_batch() of one prompt (at least one token): its (ids, Retrievals)."""
     return generate_batch(gen, [prompt], max_new_tokens, marker, stop, datastore, query_gen,
                           None, temperature, top_k, alternatives, use_cache, generator)[0]

@@ -16,9 +16,8 @@ next to it: data.near_targets):
 
     L_NSP = -(1/M) sum_i log [ exp(q_i . e_{p(i)} / tau) / sum_{j in C - F_i} exp(q_i . e_j / tau) ]
 
-q and e are unit vectors, so q . e is a cosine in [-1, 1] and tau (the temperature) sets how sharp
-the softmax is. (The paper's code uses a raw dot product with no temperature: experiments/README.md,
-"Where cosup differs from the paper's official code".)
+q and e are unit vectors, so q . e is a cosine in [-1, 1] and tau sets how sharp the softmax is
+(the paper's code uses a raw dot product: experiments/README.md, "Where cosup differs").
 """
 
 import torch.nn.functional as F
@@ -50,12 +49,8 @@ def false_negatives(candidate_ids, target_row, neighbours):
 
 def co_supervision_loss(gen, embedder, batch, lambda_tok, lambda_seq, temperature, gather=None):
     """L = lambda_tok * L_NTP + lambda_seq * L_NSP on one batch, and its parts for logging.
-
-    L_NSP is computed when lambda_seq > 0 and there are markers. When it is not, Emb_seq does not
-    run at all: with lambda_seq = 0 it gets no gradient and this is exactly NTP training.
-    gather (several processes: train.py): widens the markers and candidates to those of every
-    process, so C is the union of all processes' candidates; L_NSP then runs even on a batch
-    without markers of its own, since the others' count here too. F_i: batch.neighbours."""
+    Without lambda_seq > 0 and markers, Emb_seq does not run: exactly NTP training. gather
+    (several processes, train.py) widens the markers and candidates to every process's."""
     with_nsp = lambda_seq > 0 and (len(batch.target_row) > 0 or gather is not None)
     logits, queries = gen(batch.x, batch.marker_index if with_nsp else None)  # (B, T, V), (M, d)
     l_ntp = ntp_loss(logits, batch.y)

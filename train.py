@@ -43,14 +43,10 @@ from machinery.lexical import lexical_index, lexical_metrics
 from machinery.plots import plot_run
 from model import Gen, GenConfig
 
-# The recipe's numbers that depend on the corpus, for flags left at -1: a text needs twice the
-# steps of facts, evaluations come every quarter of the run, and on facts the parts only L_NSP
-# trains learn at 0.3 of the rate (experiments/README.md, The default recipe).
+# The recipe's numbers that depend on the corpus, for flags left at -1 (experiments/README.md,
+# The default recipe).
 RECIPE = {"facts": {"max_iters": 1200, "eval_interval": 300, "nsp_lr_scale": 0.3},
           "text": {"max_iters": 2400, "eval_interval": 600, "nsp_lr_scale": 1.0}}
-# Steps between two trims of the heap: a text's L_NSP candidates differ in shape from batch to
-# batch, and what they free stays resident until trimmed.
-TRIM_EVERY = 10
 
 
 def configure(argv=None):
@@ -73,8 +69,7 @@ def learning_rate(it, cfg):
 
 def nsp_lr_scale(it, cfg):
     """The parts only L_NSP trains (Emb_seq, seq_head) learn at learning_rate times this, at most
-    cfg.nsp_lr_scale. When L_NSP joins after nsp_start > 0 steps of NTP alone, they are still at
-    their initialisation: they warm up again, warmup_iters long, from nsp_start."""
+    cfg.nsp_lr_scale: when L_NSP joins after nsp_start steps, they warm up again from there."""
     if cfg.nsp_start == 0:
         return cfg.nsp_lr_scale
     return cfg.nsp_lr_scale * min(1.0, max(0, it - cfg.nsp_start + 1) / (cfg.warmup_iters + 1))
@@ -92,7 +87,7 @@ def build_models(cfg, vocab_size):
 
 def make_optimizer(cfg, gen, embedder, device):
     """AdamW, weight decay on matrices only, as in nanoGPT. The parts only L_NSP trains (Emb_seq,
-    Gen's seq_head) are groups of their own, marked "nsp": their rate is scaled (nsp_lr_scale)."""
+    seq_head) are groups of their own, marked "nsp", at their own rate (nsp_lr_scale)."""
     nsp_only = [*gen.seq_head.parameters(), *embedder.parameters()]
     shared = [p for p in gen.parameters() if all(p is not q for q in nsp_only)]
     groups = []
@@ -107,8 +102,7 @@ def make_optimizer(cfg, gen, embedder, device):
 
 def across_processes(batch, lambda_seq, world):
     """W > 1 processes: L_NSP over all their markers and candidates (the gather), weighted by W,
-    since DDP averages W gradients that each reach one process's part. All processes run L_NSP
-    or none (DDP waits for all): none only when no batch holds a marker."""
+    since DDP averages W gradients. All processes run L_NSP or none (DDP waits for all)."""
     if world == 1 or lambda_seq == 0:
         return None, lambda_seq
     markers = distributed.total(len(batch.target_row), batch.x.device)
@@ -131,10 +125,8 @@ def load_run(out_dir, device="auto"):
 
 @torch.no_grad()
 def loss_estimates(gen, embedder, data, cfg, device, ctx, split, measure_nsp=True):
-    """Mean L_NTP and L_NSP over eval_iters fixed batches of a split (the same batches each time,
-    so the curves are smooth); L_NSP is None where the split has no marker, or without
-    measure_nsp (then Emb_seq does not run). Each part is measured whatever its loss weight:
-    L_NSP even in a run that trains without it."""
+    """Mean L_NTP and L_NSP over eval_iters fixed batches of a split (the same each time, so the
+    curves are smooth), whatever their weights; L_NSP is None without markers or measure_nsp."""
     rng = np.random.default_rng(cfg.seed + 1)
     ntp, nsp = [], []
     for _ in range(cfg.eval_iters):
@@ -150,8 +142,7 @@ def loss_estimates(gen, embedder, data, cfg, device, ctx, split, measure_nsp=Tru
 
 def evaluate(gen, embedder, data, cfg, device, ctx, baseline, stage):
     """Losses on both splits, retrieval of val's markers (and train's first 500) against the whole
-    datastore, re-ranking the first stage's candidates (stage) for the same val markers, and
-    beside them `baseline`: TF-IDF's numbers on those markers."""
+    datastore and re-ranking stage's candidates, beside `baseline`: TF-IDF's numbers."""
     gen.eval(), embedder.eval()
     out = {}
     for split in ("train", "val"):
@@ -182,14 +173,11 @@ def diverged(what, it, ckpt_path, saved):
 
 def print_summary(m, chance, ckpt_path, log_path):
     """The last evaluation beside chance (and, in retrieval_lines, TF-IDF), with intervals."""
-    def f(v):
-        return "n/a" if v is None else f"{v:.4f}"
-    print(f"\ndone: {m['iter']} iterations, {f(m['ms_per_iter'])} ms/iter")
-    print(f"  NTP loss        train {f(m['train_ntp'])}   val {f(m['val_ntp'])}")
-    print(f"  NSP loss (val)  {f(m['val_nsp'])}")
+    print(f"\ndone: {m['iter']} iterations; checkpoint {ckpt_path}, log {log_path}")
+    print(f"  NTP loss train {m['train_ntp']:.4f} val {m['val_ntp']:.4f}, NSP loss (val) "
+          + ("n/a" if m["val_nsp"] is None else f"{m['val_nsp']:.4f}"))
     train = {k[len("train_"):]: v for k, v in m.items() if k.startswith("train_")}
     print("\n".join(retrieval_lines(m, chance, "val", train)))
-    print(f"  checkpoint {ckpt_path}, log {log_path}")
 
 
 def main(argv=None):
@@ -316,14 +304,13 @@ def main(argv=None):
             optimizer.step()
             step_time += time.perf_counter() - t0
             steps += 1
-            if it % TRIM_EVERY == 0:  # the heap's free pages back to the system (cli.malloc_for)
-                malloc_for("training")
             stop, not_finite = distributed.any_rank(interrupt.set, not torch.isfinite(loss),
                                                     device=device)
             if not_finite:
                 raise diverged("the loss is", it, ckpt_path, saved)
-            if it % 10 == 0:
+            if it % 10 == 0:  # and the heap's free pages back to the system (cli.malloc_for)
                 bar.set_postfix({k: f"{v.item():.3f}" for k, v in stats.items()})
+                malloc_for("training")
     if master:
         log.close()
         print_summary(metrics, chance_metrics(data.n_sequences), ckpt_path, log.name)
