@@ -7,10 +7,10 @@ marker searches the datastore and the best sequence is appended verbatim (the pa
         j* = argmax_j  q_{t+1} . e_j                         the retrieval step (seq_head)
         x_{t+2} .. x_{t+1+|s_j*|} = the tokens of sequence j*  appended, not written one by one
 
-generate_batch() continues many prompts at once, one pass through Gen per step; generate() is a
-batch of one. A KV cache (machinery/kv_cache.py) keeps every token's keys and values, so each
-token, and each inserted sequence, runs through Gen once. Positions are absolute, so when a row
-outgrows block_size, its window jumps to its last half, encoded again (window_start).
+A KV cache (machinery/kv_cache.py) keeps every token's keys and values, so each token, and each
+inserted sequence, runs through Gen once. Positions are absolute, so when the context outgrows
+block_size, Gen's window jumps to its last half, encoded again from position 0 (window_start).
+Evaluation decodes many prompts at once, greedily, the same way (machinery/batch_generate.py).
 """
 
 import math
@@ -32,16 +32,16 @@ class Retrieval:
     first_stage_rank: int = None  # two-stage search: where the first stage ranked the entry
 
 
-def next_tokens(logits, temperature, top_k, generator):
-    """The next token of each row of logits (R, vocab): the likeliest at temperature 0, else one
-    drawn from softmax(logits / temperature), among the top_k only if given."""
+def next_token(logits, temperature, top_k, generator):
+    """The likeliest token at temperature 0, else one drawn from softmax(logits / temperature),
+    among the top_k only if given."""
     if temperature == 0:
-        return logits.argmax(dim=-1).tolist()
+        return int(logits.argmax())
     logits = logits / temperature
     if top_k:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]     # (R, 1)
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
         logits = logits.masked_fill(logits < kth, -math.inf)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0].tolist()
+    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
 
 
 def window_start(n_ids, start, block):
@@ -80,106 +80,58 @@ def retrieval_step(datastore, queries, positions, room, windows, alternatives=0)
     return out
 
 
-def _feed(gen, caches, fresh, restart, device):
-    """Run each row's fresh tokens (a list per row) through Gen in one pass, right-padded, rows
-    where restart is True first emptying their caches: the final state at each row's last fresh
-    token (B, n_embd) (for a row with none, one to ignore)."""
-    counts = [len(f) for f in fresh]
-    T = max(counts)
-    x = torch.tensor([f + [0] * (T - len(f)) for f in fresh], dtype=torch.long,
-                     device=device)                                                 # (B, T)
-    counts, restart = torch.tensor(counts, device=device), torch.tensor(restart, device=device)
-    for cache in caches:
-        cache.next_step(counts, restart)
-    h = gen.hidden(x, caches)                                                       # (B, T, n_embd)
-    return h[torch.arange(len(fresh), device=device), (counts - 1).clamp(min=0)]    # (B, n_embd)
+def check_prompt(prompt):
+    if not len(prompt):
+        raise ValueError("generate() needs a prompt of at least one token (to start a document "
+                         "from nothing, the end-of-document token)")
 
 
 @torch.inference_mode()
-def generate_batch(gen, prompts, max_new_tokens, marker, stop=None, datastore=None,
-                   query_gen=None, retrieve=None, temperature=0.0, top_k=None, alternatives=0,
-                   use_cache=True, generator=None):
-    """Continue each token id list of `prompts` by up to max_new_tokens tokens (one for all, or
-    one per prompt; inserted sequences count), stopping after `stop`. With a datastore, a marker
-    triggers retrieval where retrieve (a bool per prompt, default all) says so. Returns (ids,
-    Retrievals) per prompt. use_cache=False re-reads each window at every step: the reference
-    the cache must agree with. query_gen: another Gen makes the queries (separate supervision).
-    Each distinct prompt runs through Gen once; rows with and without retrieval then decode
-    apart."""
-    if not all(len(p) for p in prompts):
-        raise ValueError("generate() needs a prompt of at least one token (to start a document "
-                         "from nothing, the end-of-document token)")
-    device = next(gen.parameters()).device
-    block, B = gen.config.block_size, len(prompts)
-    budget = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
-    retrieve = [datastore is not None and (retrieve is None or retrieve[b]) for b in range(B)]
-    ids = [list(p) for p in prompts]
-    start = [max(0, len(p) - block) for p in prompts]   # row b's Gen sees ids[b][start[b]:]
-    fed = [len(p) for p in prompts]                     # its caches hold ids[b][start[b]:fed[b]]
-    n_new, retrievals = [0] * B, [[] for _ in range(B)]
-    done = [n <= 0 for n in budget]
-    asking = [False] * B                # the row's last token is a marker that Gen wrote
-
-    def decode(live, caches, h):
-        """Step the rows `live` (in the caches, in order; h (L, n_embd): their last final states)
-        until every one has finished."""
-        while True:
-            # rows at a marker retrieve; the others write their next token
-            at_marker = [i for i, b in enumerate(live) if asking[b]]
-            if at_marker:
-                rows = [live[i] for i in at_marker]
-                windows = [ids[b][start[b]:] for b in rows]
-                queries = marker_step_queries(gen, query_gen, h[at_marker], windows, device)
-                found = retrieval_step(datastore, queries, [len(ids[b]) for b in rows],
-                                       [budget[b] - n_new[b] for b in rows], windows,
-                                       alternatives)
-                for b, (retrieval, inserted) in zip(rows, found):
-                    retrievals[b].append(retrieval)
-                    ids[b].extend(inserted)
-                    n_new[b] += len(inserted)
-                    asking[b], done[b] = False, not inserted or n_new[b] >= budget[b]
-            writing = [i for i, b in enumerate(live) if i not in at_marker and not done[b]]
-            logits = gen.lm_head(h).float()[writing]                              # (W, vocab)
-            for i, token in zip(writing, next_tokens(logits, temperature, top_k, generator)):
-                b = live[i]
-                ids[b].append(token)
-                n_new[b] += 1
-                asking[b] = token == marker and retrieve[b]
-                done[b] = token == stop or (not asking[b] and n_new[b] >= budget[b])
-            kept = [i for i, b in enumerate(live) if not done[b]]
-            if not kept:
-                return
-            # finished rows leave once a quarter of the batch has: leaving copies the caches
-            if len(kept) <= 3 * len(live) // 4:
-                index = torch.tensor(kept, dtype=torch.long, device=device)
-                caches, live = [cache.take(index) for cache in caches], [live[i] for i in kept]
-            fresh, restart = [], []
-            for b in live:
-                s = window_start(len(ids[b]), start[b], block)
-                restart.append((s != start[b] or not use_cache) and not done[b])
-                if restart[-1]:
-                    start[b] = fed[b] = s
-                fresh.append([] if done[b] else ids[b][fed[b]:])  # finished: nothing to feed
-                fed[b] = len(ids[b])
-            h = _feed(gen, caches, fresh, restart, device)                          # (L, n_embd)
-
-    live = [b for b in range(B) if not done[b]]
-    if live:
-        distinct = {}   # prompt -> its row in the prompt pass
-        first = [distinct.setdefault(tuple(ids[b][start[b]:]), len(distinct)) for b in live]
-        caches = new_caches(gen)
-        h = _feed(gen, caches, [list(p) for p in distinct], [False] * len(distinct),
-                  device)                                                           # (U, n_embd)
-        for group in (True, False):
-            rows = [i for i, b in enumerate(live) if retrieve[b] == group]
-            if rows:
-                index = torch.tensor([first[i] for i in rows], dtype=torch.long, device=device)
-                decode([live[i] for i in rows], [cache.take(index) for cache in caches], h[index])
-    return list(zip(ids, retrievals))
-
-
 def generate(gen, prompt, max_new_tokens, marker, stop=None, datastore=None, temperature=0.0,
              top_k=None, alternatives=0, use_cache=True, generator=None, query_gen=None):
-    """generate_batch() of one prompt (at least one token): its (ids, Retrievals)."""
-    return generate_batch(gen, [prompt], max_new_tokens, marker, stop, datastore, query_gen,
-                          None, temperature, top_k, alternatives, use_cache, generator)[0]
+    """Continue the token ids `prompt` (at least one) by up to max_new_tokens tokens (inserted
+    sequences count too), stopping after `stop`. With a datastore, a marker triggers retrieval.
+    Returns the ids (prompt included) and the list of Retrievals. use_cache=False re-reads Gen's
+    whole window at every step: the reference the cache must agree with. query_gen: another Gen
+    that makes the queries (the paper's separate-supervision baseline)."""
+    check_prompt(prompt)
+    device = next(gen.parameters()).device
+    block = gen.config.block_size
+    ids = list(prompt)
+    start = max(0, len(ids) - block)      # Gen sees ids[start:]
+    caches, fed = None, start             # what the caches hold: ids[start:fed]
+    retrievals = []
+
+    def advance():
+        """Run the not yet seen ids through Gen; the final hidden state of the last one."""
+        nonlocal start, caches, fed
+        moved = window_start(len(ids), start, block)
+        if moved != start or not use_cache:
+            start, caches = moved, None
+        if caches is None:
+            caches, fed = new_caches(gen), start
+        x = torch.tensor([ids[fed:]], dtype=torch.long, device=device)
+        fed = len(ids)
+        return gen.hidden(x, caches)[0, -1]
+
+    h = advance()
+    n_new = 0
+    while n_new < max_new_tokens:
+        token = next_token(gen.lm_head(h).float(), temperature, top_k, generator)
+        ids.append(token)
+        n_new += 1
+        if token == stop:
+            break
+        h = advance()
+        if token == marker and datastore is not None:
+            query = marker_step_queries(gen, query_gen, h[None], [ids[start:]], device)
+            (retrieval, inserted), = retrieval_step(datastore, query, [len(ids)],
+                                               [max_new_tokens - n_new], [ids[start:]],
+                                               alternatives)
+            retrievals.append(retrieval)
+            if not inserted:
+                break
+            ids.extend(inserted)
+            n_new += len(inserted)
+            h = advance()
+    return ids, retrievals

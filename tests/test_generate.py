@@ -5,9 +5,10 @@ import torch
 from datastore import Datastore, search
 from machinery import datastore_file
 from embedder import EmbedderConfig, SeqEmbedder
-import generate as batch_module
-from generate import generate, generate_batch
+from generate import generate
 from machinery.kv_cache import new_caches
+from machinery import batch_generate as batch_module
+from machinery.batch_generate import generate_batch
 from model import Gen, GenConfig
 
 MARKER, EOD = 9, 8
