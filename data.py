@@ -1,10 +1,7 @@
 """
-The data of co-supervision: one token stream per split, with retrieval markers, and the batches
-of one training step.
-
-A corpus (machinery/corpora.py) is documents of plain text and *sequences* (a fact, a sentence):
-the datastore entries. In the token stream each sequence is written right after a marker, so
-every marker has exactly one target, the sequence after it:
+The data of co-supervision: one token stream per split, and the batches of one training step.
+A corpus (machinery/corpora.py) is documents of plain text and *sequences* (a fact, a sentence),
+the datastore's entries. Each sequence is written right after a marker, its one target:
 
     Q: Which instrument does Doubrour Piltreimdrouk play?
     <|ret|>Doubrour Piltreimdrouk plays the tuba.
@@ -42,8 +39,7 @@ class Batch(NamedTuple):
     candidate_mask: torch.Tensor  # (N, L) True on real tokens
     target_row: torch.Tensor      # (M,) for each marker, the row of its target in candidates
     candidate_ids: torch.Tensor   # (N,) the datastore id of each candidate
-    neighbours: torch.Tensor      # (M, 2 near) datastore ids: each marker's near_targets, which
-                                  # are no candidates of its L_NSP (-1: none)
+    neighbours: torch.Tensor      # (M, 2 near) ids of each marker's near_targets (-1: none)
 
     def to(self, device):
         return Batch(*(tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device)
@@ -52,13 +48,12 @@ class Batch(NamedTuple):
 
 class Data:
     """A prepared corpus: train and val token streams with their markers, and the datastore's
-    sequences (their tokens and hard negatives) that the markers point to."""
+    sequences, their tokens and hard negatives."""
 
     def __init__(self, path, block_size, transductive=False):
         with open(os.path.join(path, "meta.json")) as f:
             self.meta = json.load(f)
         self.path, self.fingerprint, self.transductive = path, self.meta["key"], transductive
-        # each split's token stream, where its documents start and its markers
         self.train, self.val = (Split(path, name, self.meta["dtype"]) for name in ("train", "val"))
         seqs = np.load(os.path.join(path, "sequences.npz"))
         # the tokens of all sequences end to end: sequence i is seq_tokens[offsets[i]:offsets[i+1]]
@@ -70,12 +65,10 @@ class Data:
                 raise UserError(f"the {name} split has {len(split.ids)} tokens, fewer than one "
                                 f"block ({block_size + 1}): use a larger corpus or a smaller "
                                 "--block_size")
-        # each sequence's hard negatives (n_sequences, h_max), distinct, -1 where none
-        negatives = seqs["hard_negatives"]
+        negatives = seqs["hard_negatives"]  # (n_sequences, h_max), distinct, -1 where none
         self.negatives = {"train": self.held_out(negatives), "val": negatives}
         self.near = 0  # the markers on each side whose targets are no negatives (near_targets)
-        # allowed window starts: anywhere in a stream of text; in a corpus of self-contained
-        # documents, each document's start, and more starts inside a document longer than a window
+        # window starts: anywhere in a text; in self-contained documents, document_windows
         self.starts = {name: document_windows(s.doc_starts, len(s.ids), block_size)
                        if self.meta["aligned"] else None
                        for name, s in (("train", self.train), ("val", self.val))}
@@ -111,8 +104,7 @@ class Data:
 
     def held_out(self, negatives):
         """Training's hard negatives (n_sequences, h), -1 where none: only train's sequences (ids
-        below n_train_sequences), so that Emb_seq never meets a val sequence before it is
-        evaluated on it; with transductive, all of them."""
+        below n_train_sequences), unless transductive: Emb_seq never meets a val one first."""
         if self.transductive:
             return negatives
         negatives = np.where(negatives < self.meta["n_train_sequences"], negatives, -1)
@@ -120,8 +112,7 @@ class Data:
         return np.take_along_axis(negatives, order, axis=1)
 
     def pick_negatives(self, split_name, targets, h, rng):
-        """For each target (M,), h of its hard negatives at random, distinct: (M, h), -1 where it
-        has fewer than h."""
+        """For each target (M,), h of its hard negatives at random: (M, h), -1 past its own."""
         choices = self.negatives[split_name][targets]                   # (M, h_max), -1: none
         keys = rng.random(choices.shape)                                # (M, h_max)
         keys[choices < 0] = 2.0              # above every random key: padding is picked last
@@ -129,11 +120,9 @@ class Data:
         return np.take_along_axis(choices, pick, axis=1)
 
     def use_lexical_negatives(self, tok, width=8, near=2):
-        """Hard negatives from the first stage: for each marker's target, TF-IDF's best
-        candidates for the marker's context, less the targets of the `near` markers on each side
-        (near_targets): what words cannot tell. In train, unless transductive, TF-IDF is over
-        train's sequences alone. A target of several markers keeps its first marker's. Cached
-        beside the prepared corpus."""
+        """Hard negatives from the first stage: for each marker's target, TF-IDF's best candidates
+        for the marker's context, less its near_targets; in train, unless transductive, among
+        train's sequences alone. Cached beside the prepared corpus."""
         self.near = near
         setting = "transductive" if self.transductive else "strict"
         path = os.path.join(self.path, f"lexical_negatives_{setting}_{self.block_size}_{width}_"
@@ -167,8 +156,8 @@ class Data:
         return self.seq_tokens[self.offsets[i]:self.offsets[i + 1]]
 
     def pad_sequences(self, ids, emb_block_size):
-        """Token ids (len(ids), L) of the given sequences, each cut to Emb_seq's emb_block_size
-        and right-padded to the longest, L, and their mask (True on real tokens)."""
+        """Token ids (len(ids), L) of sequences ids, cut to emb_block_size, right-padded to the
+        longest, and their mask (True on real tokens)."""
         lengths = np.minimum(self.offsets[ids + 1] - self.offsets[ids], emb_block_size)  # (n,)
         tokens = np.zeros((len(ids), max(1, lengths.max(initial=1))), dtype=np.int64)
         for row, (i, n) in enumerate(zip(ids, lengths)):
@@ -199,8 +188,8 @@ def near_targets(marker_target, sel, near):
 
 
 class Split:
-    """One split's token stream (a memmap, as nanoGPT's train.bin), where its documents start, and
-    its markers: each one's position in the stream and its target's datastore id."""
+    """One split's token stream (a memmap, as nanoGPT's train.bin), its documents' starts, and each
+    marker's position and target's datastore id."""
 
     def __init__(self, path, name, dtype):
         self.ids = np.memmap(os.path.join(path, f"{name}.bin"), dtype=dtype, mode="r")
@@ -210,29 +199,25 @@ class Split:
 
 
 def document_windows(doc_starts, n_tokens, T):
-    """Window starts for self-contained documents: each document's start, and, where a document
-    is longer than a window, more starts every T/2 tokens and one that ends at its end, so that
-    every token of every document is read and predicted by some window."""
+    """Window starts for self-contained documents: each one's start and, in a document longer
+    than a window, one every T/2 tokens and one that ends at its end."""
     ends = np.append(doc_starts[1:], n_tokens)
     starts = []
     for a, b in zip(doc_starts, ends):
         starts += list(range(a, max(a + 1, b - T), T // 2)) + ([b - T - 1] if b - a > T + 1 else [])
-    # a window needs T + 1 tokens: a start too near the stream's end (the last documents') moves
-    # back to the last start that fits, a window that still reads that document to its end
+    # a window needs T + 1 tokens: a start too near the stream's end moves back to the last fit
     return np.unique(np.minimum(np.array(starts, dtype=np.int64), n_tokens - T - 1))
 
 
 def prepare(corpus, tok, cache_dir, chunk=CHUNK):
-    """Write a corpus, once, as the arrays Data reads, into cache_dir/<key>/ (the key hashes the
-    documents and the tokenizer: machinery/prepare.py); returns that folder. The datastore is
-    train's sequences first (ids below n_train_sequences: those training may use), then val's
-    that training has not seen; each sequence keeps at most 8 hard negatives, never itself."""
+    """Write a corpus, once, as the arrays Data reads, into cache_dir/<key>/ (machinery/prepare.py);
+    returns that folder. The datastore is train's sequences first (ids below n_train_sequences),
+    then val's that training has not seen; each keeps at most 8 hard negatives."""
     path = os.path.join(cache_dir, cache_key(corpus, tok))
     if os.path.exists(os.path.join(path, "meta.json")):
         return path
     train_seqs = dict.fromkeys(s.text for d in corpus.train for s in d if s.sequence)
-    # val sequences that training has seen, as a sequence or inside its text: a leak, so in val
-    # they stay plain text, never a retrieval target
+    # val sequences that training has seen, as a sequence or in its text, stay plain text in val
     val_seqs = {s.text for d in corpus.val for s in d if s.sequence}
     train_text = "\n".join(s.text for d in corpus.train for s in d)
     leaked = (val_seqs & train_seqs.keys()) | found_in(val_seqs - train_seqs.keys(), train_text)

@@ -1,15 +1,12 @@
 """
-The retrieval step and how it is scored.
-
-Retrieval is exact maximum inner product search: for a query q (Gen at a marker) the datastore
-entry returned is
+The retrieval step and how it is scored. Retrieval is exact maximum inner product search: for a
+query q (Gen at a marker) the datastore entry returned is
 
     argmax_j  q . e_j        over every sequence j of the corpus, e_j = Emb_seq(sequence j)
 
-Queries and embeddings are unit vectors, so this is also the nearest neighbour by cosine (faiss
-can stand in for it in generation: machinery/search.py). Evaluation asks where each marker's
-true target lands in that ranking: recall@k (target in the top k) and MRR (mean of 1 / rank),
-beside chance and TF-IDF. The paper's evaluation, two-stage retrieval, ends this file.
+q and e are unit vectors, so this is the nearest neighbour by cosine (faiss can stand in for it in
+generation: machinery/search.py). Evaluation asks where each marker's target lands: recall@k (in
+the top k) and MRR (mean of 1 / rank), beside chance and TF-IDF; then two-stage retrieval.
 """
 
 import math
@@ -22,20 +19,16 @@ from tqdm import tqdm
 from machinery import intervals  # 95% intervals over the markers
 
 
-def dot_scores(queries, keys):
-    """q . e_j of queries (Q, d) against keys (n, d): (Q, n). On a CPU through numpy, on the
-    same memory: the faster product there (experiments/README.md, Performance)."""
-    if keys.device.type == "cpu":
-        return torch.from_numpy(queries.detach().numpy() @ keys.detach().numpy().T)  # (Q, n)
-    return queries.to(keys.device) @ keys.T                                        # (Q, n)
-
-
 def query_chunks(queries, keys, chunk=None):
-    """(s, the scores (c, n) of queries s .. s+c-1 against every key), chunk queries at a time,
-    by default as many as keep the table within 16 MB."""
+    """(s, q . e_j of queries s .. s+c-1 against every key (c, n)), as many queries at a time as
+    keep the table within 16 MB. On a CPU numpy's product, the faster there, on the same memory."""
     chunk = chunk or max(1, 2**22 // max(1, len(keys)))
     for s in range(0, len(queries), chunk):
-        yield s, dot_scores(queries[s:s + chunk], keys)                          # (c, n)
+        q = queries[s:s + chunk]
+        if keys.device.type == "cpu":
+            yield s, torch.from_numpy(q.detach().numpy() @ keys.detach().numpy().T)  # (c, n)
+        else:
+            yield s, q.to(keys.device) @ keys.T                                     # (c, n)
 
 
 def search(queries, embeddings, k=10, chunk=None):
@@ -67,8 +60,8 @@ def score_tolerance(queries, embeddings):
 
 
 def ranks_in(scores, targets, tolerance):
-    """Rank (1 = best) of each row's target (Q,) under scores (Q, n): 1 + the number of OTHER
-    entries scoring at least the target's score minus tolerance (a number, or (Q, 1))."""
+    """Rank (1 = best) of each row's target (Q,) under scores (Q, n): the number of entries
+    scoring at least the target's score minus tolerance (a number, or (Q, 1))."""
     target_scores = scores.gather(1, targets[:, None])                      # (Q, 1)
     return (scores >= target_scores - tolerance).sum(dim=1)                 # (Q,)
 
@@ -86,8 +79,7 @@ def target_ranks(queries, embeddings, targets, chunk=None):
 
 
 def retrieval_metrics(ranks):
-    """recall@1, recall@10 (the share of targets ranked in the top 1 / 10) and MRR (mean 1/rank),
-    each with its 95% interval over the markers, name_ci (machinery/intervals.py)."""
+    """recall@1, recall@10 and MRR (mean 1/rank) of ranks, each with its 95% interval, name_ci."""
     ranks = ranks.double()
     out = {}
     for k in (1, 10):
@@ -109,8 +101,8 @@ def chance_metrics(n):
 
 @torch.inference_mode()
 def marker_queries(gen, contexts, device, batch_size=64):
-    """Gen's query at the last token (a marker) of each context (1-d token arrays), right-padded
-    into batches: under the causal mask, padding cannot change the marker's state."""
+    """Gen's query at the last token (a marker) of each context, right-padded in batches (under
+    the causal mask padding cannot change the marker's state)."""
     out = []
     for s in range(0, len(contexts), batch_size):
         chunk = contexts[s:s + batch_size]
@@ -181,8 +173,7 @@ class Datastore:
         return self.seq_tokens[self.offsets[i]:self.offsets[i + 1]]
 
     def use_first_stage(self, lexical, k, tok):
-        """Two-stage search from now on (rerank) over lexical's top k (a Lexical of this
-        datastore's texts); k = 0: off."""
+        """Two-stage search (rerank) from now on, over lexical's top k; k = 0: off."""
         self.first = (lexical, k, tok) if k else None
         return self
 
@@ -193,9 +184,8 @@ class Datastore:
         return search(queries, self.embeddings, k)
 
     def rerank(self, queries, contexts, k=1):
-        """Two-stage search: the top-k entries for queries (Q, d) among the first stage's K for
-        the texts of contexts (the ids Gen sees at each marker): scores (Q, k), ids (Q, k), best
-        first, and the first stage's rank of each (Q, k). Past its candidates, id -1, score -inf."""
+        """The top-k entries for queries (Q, d) among the first stage's K for the contexts' texts:
+        scores, ids (-1 past the candidates) and the first stage's rank of each, (Q, k) each."""
         lexical, K, tok = self.first
         _, ids = lexical.top([query_text(tok, c) for c in contexts], K)        # (Q, K)
         scores, order = candidate_scores(queries, self.embeddings, ids).topk(
