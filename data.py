@@ -47,8 +47,7 @@ class Batch(NamedTuple):
 
 
 class Data:
-    """A prepared corpus: train and val token streams with their markers, and the datastore's
-    sequences, their tokens and hard negatives."""
+    """A prepared corpus: train and val token streams, and the datastore's sequences."""
 
     def __init__(self, path, block_size, transductive=False):
         with open(os.path.join(path, "meta.json")) as f:
@@ -120,9 +119,8 @@ class Data:
         return np.take_along_axis(choices, pick, axis=1)
 
     def use_lexical_negatives(self, tok, width=8, near=2):
-        """Hard negatives from the first stage: for each marker's target, TF-IDF's best candidates
-        for the marker's context, less its near_targets; in train, unless transductive, among
-        train's sequences alone. Cached beside the prepared corpus."""
+        """Hard negatives from the first stage: for each marker's target, TF-IDF's best for its
+        context but its near_targets (in train, among train's sequences alone). Cached."""
         self.near = near
         setting = "transductive" if self.transductive else "strict"
         path = os.path.join(self.path, f"lexical_negatives_{setting}_{self.block_size}_{width}_"
@@ -156,8 +154,7 @@ class Data:
         return self.seq_tokens[self.offsets[i]:self.offsets[i + 1]]
 
     def pad_sequences(self, ids, emb_block_size):
-        """Token ids (len(ids), L) of sequences ids, cut to emb_block_size, right-padded to the
-        longest, and their mask (True on real tokens)."""
+        """Sequences ids cut to emb_block_size, right-padded (n, L), and their mask (n, L)."""
         lengths = np.minimum(self.offsets[ids + 1] - self.offsets[ids], emb_block_size)  # (n,)
         tokens = np.zeros((len(ids), max(1, lengths.max(initial=1))), dtype=np.int64)
         for row, (i, n) in enumerate(zip(ids, lengths)):
@@ -166,9 +163,8 @@ class Data:
         return torch.from_numpy(tokens), torch.from_numpy(mask)
 
     def marker_contexts(self, split_name, limit=None, block_size=None):
-        """For each marker of a split (the first `limit`), the tokens Gen sees when it writes it
-        (its document up to the marker, at most block_size tokens, by default this run's), and
-        its target sequence id."""
+        """For each marker of a split (the first `limit`), what Gen reads when it writes it (its
+        document up to it, at most block_size tokens), and its target's id."""
         split, block_size = getattr(self, split_name), block_size or self.block_size
         n = len(split.marker_pos) if limit is None else min(limit, len(split.marker_pos))
         doc = split.doc_starts[np.searchsorted(split.doc_starts, split.marker_pos[:n], "right") - 1]
@@ -179,8 +175,8 @@ class Data:
 
 
 def near_targets(marker_target, sel, near):
-    """The targets of the `near` markers on each side of markers sel (M,): (M, 2 near) datastore
-    ids, -1 past the split's ends. The text around a marker's target: likely false negatives."""
+    """The targets of the `near` markers on each side of markers sel (M,), (M, 2 near), -1 past
+    the ends: the text around a marker's target, likely false negatives."""
     offsets = np.concatenate([np.arange(-near, 0), np.arange(1, near + 1)])   # (2 near,)
     idx = np.asarray(sel)[:, None] + offsets[None, :]                        # (M, 2 near)
     inside = (idx >= 0) & (idx < len(marker_target))
@@ -188,8 +184,7 @@ def near_targets(marker_target, sel, near):
 
 
 class Split:
-    """One split's token stream (a memmap, as nanoGPT's train.bin), its documents' starts, and each
-    marker's position and target's datastore id."""
+    """A split's token stream (a memmap, as nanoGPT's train.bin), document starts and markers."""
 
     def __init__(self, path, name, dtype):
         self.ids = np.memmap(os.path.join(path, f"{name}.bin"), dtype=dtype, mode="r")

@@ -32,8 +32,7 @@ def query_chunks(queries, keys, chunk=None):
 
 
 def search(queries, embeddings, k=10, chunk=None):
-    """Exact top-k by inner product of queries (Q, d) over embeddings (n, d) (k at most n):
-    scores (Q, k) and ids (Q, k), best first."""
+    """Exact top-k of queries (Q, d) over embeddings (n, d): scores and ids (Q, k), best first."""
     k = min(k, len(embeddings))
     top = [scores.topk(k, dim=1) for _, scores in query_chunks(queries, embeddings, chunk)]
     return (torch.cat([t.values for t in top] or [torch.zeros(0, k)]),
@@ -46,8 +45,7 @@ def search(queries, embeddings, k=10, chunk=None):
 # every entry within d eps |q| max|e| of the target ties with it: the same ranks on any machine.
 
 def tie_tolerance(width, dtype, scale=1.0):
-    """How far apart rounding can put two equal dot products of width `width`: width * eps *
-    scale, scale bounding |q| |e| (1 for unit vectors)."""
+    """How far rounding can part two equal dot products: width * eps * scale, scale >= |q| |e|."""
     return width * torch.finfo(dtype).eps * scale
 
 
@@ -67,8 +65,7 @@ def ranks_in(scores, targets, tolerance):
 
 
 def target_ranks(queries, embeddings, targets, chunk=None):
-    """Rank (1 = best) of each query's target (Q,) among all embeddings (n, d) for queries
-    (Q, d), ties against it: (Q,)."""
+    """Rank (1 = best) of each query's (Q, d) target (Q,) among all embeddings (n, d): (Q,)."""
     if not (torch.isfinite(queries).all() and torch.isfinite(embeddings).all()):
         raise ValueError("a query or datastore embedding is not finite (NaN or inf): retrieval "
                          "cannot be scored")
@@ -117,8 +114,7 @@ def marker_queries(gen, contexts, device, batch_size=64):
 
 @torch.no_grad()
 def split_queries(gen, data, split, device, ctx, limit=None):
-    """Gen's query at each marker of a split (the first `limit`), (Q, d), each marker's context
-    cut to this Gen's block_size, and each marker's target id (Q,)."""
+    """Gen's query at each marker of a split (the first `limit`), (Q, d), and its target (Q,)."""
     contexts, targets = data.marker_contexts(split, limit, gen.config.block_size)
     with ctx:
         queries = marker_queries(gen, contexts, device)                     # (Q, d)
@@ -140,25 +136,22 @@ def retrieval_quality(gen, embeddings, data, split, device, ctx, limit=None, sta
 
 
 @torch.inference_mode()
-def embed_all(embedder, data, ids=None, batch_size=256, progress=None):
-    """Emb_seq of sequences `ids` (default: all), (len(ids), seq_dim) float32, sorted by length
-    so that each batch pads little."""
-    ids = np.arange(data.n_sequences) if ids is None else np.asarray(ids)
+def embed_all(embedder, data, batch_size=256, progress=None):
+    """Emb_seq of every sequence (n_sequences, seq_dim), float32, in batches of similar lengths."""
     device = next(embedder.parameters()).device
-    order = np.argsort(data.offsets[ids + 1] - data.offsets[ids], kind="stable")
-    out = torch.empty(len(ids), embedder.config.seq_dim)
-    show = len(ids) > 20_000 if progress is None else progress
-    for s in tqdm(range(0, len(ids), batch_size), desc="embedding sequences", disable=not show,
-                  leave=False):
+    order = np.argsort(np.diff(data.offsets), kind="stable")                  # shortest first
+    out = torch.empty(data.n_sequences, embedder.config.seq_dim)
+    show = data.n_sequences > 20_000 if progress is None else progress
+    for s in tqdm(range(0, data.n_sequences, batch_size), desc="embedding sequences",
+                  disable=not show, leave=False):
         rows = order[s:s + batch_size]
-        tokens, mask = data.pad_sequences(ids[rows], embedder.config.block_size)
+        tokens, mask = data.pad_sequences(rows, embedder.config.block_size)
         out[torch.from_numpy(rows)] = embedder(tokens.to(device), mask.to(device)).float().cpu()
     return out
 
 
 class Datastore:
-    """The nonparametric sequence space: every sequence of a corpus embedded by Emb_seq, (n, d),
-    and each entry's token ids (what retrieval inserts), as in data.Data."""
+    """The nonparametric sequence space: every sequence embedded (n, d), and its token ids."""
 
     def __init__(self, embeddings, offsets, seq_tokens, fingerprint):
         self.embeddings, self.offsets, self.seq_tokens = embeddings, offsets, seq_tokens
@@ -240,8 +233,8 @@ def first_stage(lexical, data, tok, split, k, limit=None):
 
 
 def candidate_scores(queries, embeddings, ids, chunk=None):
-    """The learned score q . e_j of each query (Q, d) for its own candidates ids (Q, K): (Q, K),
-    -inf where the id is -1. A chunk of queries at a time, the gathered (c, K, d) within 8 MB."""
+    """q . e_j of each query (Q, d) for its candidates ids (Q, K), -inf where -1: (Q, K). As many
+    queries at a time as keep the gathered (c, K, d) within 8 MB."""
     chunk = chunk or max(1, 2**21 // max(1, ids.shape[1] * embeddings.shape[1]))  # float32
     out = [torch.zeros(0, ids.shape[1])]
     for s in range(0, len(queries), chunk):
@@ -252,8 +245,8 @@ def candidate_scores(queries, embeddings, ids, chunk=None):
 
 
 def candidate_ranks(scores, ids, targets, tolerance=0.0):
-    """Rank (1 = best) of each target among its own candidates ids (Q, K) under scores (Q, K),
-    ties against it; inf where the target is not a candidate. Returns (Q,) float64."""
+    """Rank (1 = best) of each target among its candidates ids (Q, K) under scores (Q, K), inf
+    where it is not one: (Q,) float64."""
     hit = ids == targets[:, None]                                          # (Q, K)
     ranks = ranks_in(scores, hit.double().argmax(dim=1), tolerance).double()   # (Q,)
     return torch.where(hit.any(dim=1), ranks, torch.full_like(ranks, math.inf))
@@ -267,8 +260,7 @@ def rerank_metrics(scores, stage, tolerance=0.0):
 
 
 def first_stage_metrics(stage, lexical):
-    """The first stage alone, named first_stage_*: recall@K (the ceiling of every re-ranked
-    number) and TF-IDF's own order of the K."""
+    """The first stage alone (first_stage_*): recall@K, the ceiling, and TF-IDF's order of K."""
     m = rerank_metrics(stage.scores, stage, lexical.tolerance)
     held = (stage.ids == stage.targets[:, None]).any(dim=1)                # (Q,)
     ceiling = {"first_stage_recall@K": held.double().mean().item() if len(held) else None}

@@ -53,8 +53,7 @@ class SeqEmbedder(nn.Module):
             p.copy_(theirs[name][:p.shape[0]] if name == "wpe.weight" else theirs[name])
 
     def embed_tokens(self, tokens, mask):
-        """e = normalize(W_proj * mean_{i: not pad} Enc(x)_i): unit vectors (N, seq_dim) of
-        tokens (N, L) right-padded, mask (N, L) True on real tokens."""
+        """e (N, seq_dim) of tokens (N, L) right-padded, mask (N, L) True on real tokens."""
         x = self.transformer(tokens, key_mask=mask)                       # (N, L, n_embd)
         m = mask.unsqueeze(-1).to(x.dtype)                                # (N, L, 1)
         if self.config.causal:  # token i has read i tokens: it weighs i (module docstring)

@@ -41,8 +41,7 @@ def nsp_loss(queries, embeddings, target_row, temperature, excluded=None):
 
 
 def false_negatives(candidate_ids, target_row, neighbours):
-    """F_i as a mask (M, N): True where candidate j (candidate_ids (N,): datastore ids) is among
-    marker i's neighbours (M, k), datastore ids, -1 for none, and is not its own target."""
+    """F_i as a mask (M, N): candidate j is one of marker i's neighbours (M, k), not its target."""
     near = (neighbours[:, :, None] == candidate_ids[None, None, :]).any(dim=1)   # (M, N)
     return near & (candidate_ids[None, :] != candidate_ids[target_row][:, None])
 

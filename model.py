@@ -86,8 +86,7 @@ class Block(nn.Module):
 
 
 def init_weights(model, n_layer):
-    """GPT-2's init: N(0, 0.02), and residual projections scaled down by sqrt(2 * n_layer) so the
-    residual stream's variance does not grow with depth; biases (gpt2_block) zero."""
+    """GPT-2's init: N(0, 0.02), residual projections scaled down by sqrt(2 * n_layer)."""
     for name, p in model.named_parameters():
         if p.dim() >= 2:
             std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("c_proj.weight") else 0.02
@@ -147,8 +146,7 @@ class Gen(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight
 
     def hidden(self, idx, caches=None):
-        """Final hidden states h (B, T, n_embd) of token ids (B, T). With caches (one per layer,
-        generate.py), idx continues the tokens already in them."""
+        """Final hidden states h (B, T, n_embd) of token ids (B, T), after those in caches."""
         assert idx.shape[1] <= self.config.block_size, "more tokens than block_size"
         return self.transformer(idx, caches[0].past if caches else 0, caches=caches)
 

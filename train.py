@@ -68,8 +68,7 @@ def learning_rate(it, cfg):
 
 
 def nsp_lr_scale(it, cfg):
-    """The parts only L_NSP trains (Emb_seq, seq_head) learn at learning_rate times this, at most
-    cfg.nsp_lr_scale: when L_NSP joins after nsp_start steps, they warm up again from there."""
+    """The rate of the parts only L_NSP trains, times learning_rate: warmup from nsp_start."""
     if cfg.nsp_start == 0:
         return cfg.nsp_lr_scale
     return cfg.nsp_lr_scale * min(1.0, max(0, it - cfg.nsp_start + 1) / (cfg.warmup_iters + 1))
@@ -92,7 +91,6 @@ def make_optimizer(cfg, gen, embedder, device):
     shared = [p for p in gen.parameters() if all(p is not q for q in nsp_only)]
     groups = []
     for params, nsp in ((shared, False), (nsp_only, True)):
-        params = [p for p in params if p.requires_grad]
         groups += [{"params": [p for p in params if p.dim() >= 2], "nsp": nsp,
                     "weight_decay": cfg.weight_decay},
                    {"params": [p for p in params if p.dim() < 2], "nsp": nsp, "weight_decay": 0.0}]
@@ -110,8 +108,7 @@ def across_processes(batch, lambda_seq, world):
 
 
 def load_run(out_dir, device="auto"):
-    """A finished run for sample.py and evaluate.py: (config, Gen, Emb_seq, Data, Tokenizer), the
-    models in eval mode on the device."""
+    """A trained run, for sample.py and evaluate.py: (config, Gen, Emb_seq, Data, Tokenizer)."""
     path = os.path.join(out_dir, "ckpt.pt")
     ckpt = read_checkpoint(path, f"train one first (train.py --out_dir {out_dir})")
     cfg, device = Config(**ckpt["config"]), pick_device(device)
@@ -169,15 +166,6 @@ def stopped_at(it, ckpt_path, argv, world):
 def diverged(what, it, ckpt_path, saved):
     return UserError(f"{what} not finite at iteration {it}: training stopped; {ckpt_path} holds "
                      f"the last good iteration, {saved}; try a lower --learning_rate")
-
-
-def print_summary(m, chance, ckpt_path, log_path):
-    """The last evaluation beside chance (and, in retrieval_lines, TF-IDF), with intervals."""
-    print(f"\ndone: {m['iter']} iterations; checkpoint {ckpt_path}, log {log_path}")
-    print(f"  NTP loss train {m['train_ntp']:.4f} val {m['val_ntp']:.4f}, NSP loss (val) "
-          + ("n/a" if m["val_nsp"] is None else f"{m['val_nsp']:.4f}"))
-    train = {k[len("train_"):]: v for k, v in m.items() if k.startswith("train_")}
-    print("\n".join(retrieval_lines(m, chance, "val", train)))
 
 
 def main(argv=None):
@@ -311,9 +299,14 @@ def main(argv=None):
             if it % 10 == 0:  # and the heap's free pages back to the system (cli.malloc_for)
                 bar.set_postfix({k: f"{v.item():.3f}" for k, v in stats.items()})
                 malloc_for("training")
-    if master:
+    if master:  # the last evaluation beside chance and TF-IDF, with intervals
         log.close()
-        print_summary(metrics, chance_metrics(data.n_sequences), ckpt_path, log.name)
+        nsp = "n/a" if metrics["val_nsp"] is None else f"{metrics['val_nsp']:.4f}"
+        print(f"\ndone: {metrics['iter']} iterations; checkpoint {ckpt_path}, log {log.name}\n"
+              f"  NTP loss train {metrics['train_ntp']:.4f} val {metrics['val_ntp']:.4f}, "
+              f"NSP loss (val) {nsp}")
+        train = {k[len("train_"):]: v for k, v in metrics.items() if k.startswith("train_")}
+        print("\n".join(retrieval_lines(metrics, chance_metrics(data.n_sequences), "val", train)))
 
 
 if __name__ == "__main__":
