@@ -17,6 +17,7 @@ on text, what TF-IDF ranks highest for the marker's context (use_lexical_negativ
 
 import json
 import os
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
@@ -53,7 +54,11 @@ class Data:
         with open(os.path.join(path, "meta.json")) as f:
             self.meta = json.load(f)
         self.path, self.fingerprint, self.transductive = path, self.meta["key"], transductive
-        self.train, self.val = (Split(path, name, self.meta["dtype"]) for name in ("train", "val"))
+        # each split's token stream (a memmap, as nanoGPT's train.bin) and its arrays: doc_starts,
+        # marker_pos and marker_target (each marker's position and its target's datastore id)
+        self.train, self.val = (SimpleNamespace(
+            ids=np.memmap(os.path.join(path, f"{name}.bin"), dtype=self.meta["dtype"], mode="r"),
+            **np.load(os.path.join(path, f"{name}.npz"))) for name in ("train", "val"))
         seqs = np.load(os.path.join(path, "sequences.npz"))
         # the tokens of all sequences end to end: sequence i is seq_tokens[offsets[i]:offsets[i+1]]
         self.offsets, self.seq_tokens = seqs["offsets"], seqs["tokens"]
@@ -181,16 +186,6 @@ def near_targets(marker_target, sel, near):
     idx = np.asarray(sel)[:, None] + offsets[None, :]                        # (M, 2 near)
     inside = (idx >= 0) & (idx < len(marker_target))
     return np.where(inside, marker_target[np.clip(idx, 0, max(0, len(marker_target) - 1))], -1)
-
-
-class Split:
-    """A split's token stream (a memmap, as nanoGPT's train.bin), document starts and markers."""
-
-    def __init__(self, path, name, dtype):
-        self.ids = np.memmap(os.path.join(path, f"{name}.bin"), dtype=dtype, mode="r")
-        arrays = np.load(os.path.join(path, f"{name}.npz"))
-        self.doc_starts, self.marker_pos = arrays["doc_starts"], arrays["marker_pos"]
-        self.marker_target = arrays["marker_target"]
 
 
 def document_windows(doc_starts, n_tokens, T):

@@ -8,9 +8,8 @@ marker searches the datastore and the best sequence is appended verbatim (the pa
         x_{t+2} .. x_{t+1+|s_j*|} = the tokens of sequence j*  appended, not written one by one
 
 A KV cache (machinery/kv_cache.py) keeps every token's keys and values, so each token, and each
-inserted sequence, runs through Gen once. Positions are absolute, so when the context outgrows
-block_size, Gen's window jumps to its last half, encoded again from position 0 (window_start).
-Evaluation decodes many prompts at once, greedily, the same way (machinery/batch_generate.py).
+inserted sequence, runs through Gen once. Evaluation decodes many prompts at once, greedily, the
+same way (machinery/batch_generate.py).
 """
 
 import math
@@ -45,14 +44,14 @@ def next_token(logits, temperature, top_k, generator):
 
 
 def window_start(n_ids, start, block):
-    """Where Gen's window over n_ids ids starts, given where it started. Positions are absolute,
-    so cached keys cannot slide with the window: past block_size it jumps to the last half."""
+    """Where Gen's window over n_ids ids starts. Positions are absolute, so cached keys cannot
+    slide with the window: past block_size it jumps to the last half, encoded again."""
     return n_ids - block // 2 if n_ids - start > block else start
 
 
 def marker_step_queries(gen, query_gen, h, windows, device):
-    """The queries (R, seq_dim) at R markers: Gen's from its final states there h (R, n_embd),
-    or query_gen's, which reads each window (the ids Gen sees) cut to its own block."""
+    """The queries (R, seq_dim) at R markers: Gen's from its states there h (R, n_embd), or
+    query_gen's, from each window (the ids Gen sees) cut to its own block."""
     if query_gen is None:
         return gen.query(h).float().cpu()
     cut = query_gen.config.block_size
@@ -89,11 +88,10 @@ def check_prompt(prompt):
 @torch.inference_mode()
 def generate(gen, prompt, max_new_tokens, marker, stop=None, datastore=None, temperature=0.0,
              top_k=None, alternatives=0, use_cache=True, generator=None, query_gen=None):
-    """Continue the token ids `prompt` (at least one) by up to max_new_tokens tokens (inserted
-    sequences count too), stopping after `stop`. With a datastore, a marker triggers retrieval.
-    Returns the ids (prompt included) and the list of Retrievals. use_cache=False re-reads Gen's
-    whole window at every step: the reference the cache must agree with. query_gen: another Gen
-    that makes the queries (the paper's separate-supervision baseline)."""
+    """Continue the token ids `prompt` by up to max_new_tokens tokens (inserted ones count),
+    stopping after `stop`; with a datastore, a marker triggers retrieval. Returns the ids and
+    the Retrievals. use_cache=False re-reads the window at every step: the cache's reference.
+    query_gen: another Gen that makes the queries (separate supervision)."""
     check_prompt(prompt)
     device = next(gen.parameters()).device
     block = gen.config.block_size
