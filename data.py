@@ -8,11 +8,9 @@ the datastore's entries. Each sequence is written right after a marker, its one 
     A: tuba.
     <|endoftext|>
 
-The datastore is every distinct sequence: train's first, then val's that training has not seen
-(as a sequence, or inside its text), which stay plain text in val. A batch is B windows of T + 1
-tokens; its M markers are the queries, its N candidates every marker's target once plus up to
-hard_negatives confusable sequences per marker: on facts, look-alike people's (machinery/facts.py);
-on text, what TF-IDF ranks highest for the marker's context (use_lexical_negatives).
+A batch is B windows of T + 1 tokens; its M markers are the queries, its N candidates every
+marker's target once plus up to hard_negatives confusable sequences per marker: on facts,
+look-alike people's (machinery/facts.py); on text, TF-IDF's best (use_lexical_negatives).
 """
 
 import json
@@ -168,8 +166,7 @@ class Data:
         return torch.from_numpy(tokens), torch.from_numpy(mask)
 
     def marker_contexts(self, split_name, limit=None, block_size=None):
-        """For each marker of a split (the first `limit`), what Gen reads when it writes it (its
-        document up to it, at most block_size tokens), and its target's id."""
+        """What Gen reads at each marker (its document up to it, at most block_size), its target."""
         split, block_size = getattr(self, split_name), block_size or self.block_size
         n = len(split.marker_pos) if limit is None else min(limit, len(split.marker_pos))
         doc = split.doc_starts[np.searchsorted(split.doc_starts, split.marker_pos[:n], "right") - 1]
@@ -189,8 +186,7 @@ def near_targets(marker_target, sel, near):
 
 
 def document_windows(doc_starts, n_tokens, T):
-    """Window starts for self-contained documents: each one's start and, in a document longer
-    than a window, one every T/2 tokens and one that ends at its end."""
+    """Window starts: each document's start, every T/2 tokens after, and one ending at its end."""
     ends = np.append(doc_starts[1:], n_tokens)
     starts = []
     for a, b in zip(doc_starts, ends):

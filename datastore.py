@@ -35,8 +35,7 @@ def search(queries, embeddings, k=10, chunk=None):
     """Exact top-k of queries (Q, d) over embeddings (n, d): scores and ids (Q, k), best first."""
     k = min(k, len(embeddings))
     top = [scores.topk(k, dim=1) for _, scores in query_chunks(queries, embeddings, chunk)]
-    return (torch.cat([t.values for t in top] or [torch.zeros(0, k)]),
-            torch.cat([t.indices for t in top] or [torch.zeros(0, k, dtype=torch.long)]))
+    return torch.cat([t.values for t in top]), torch.cat([t.indices for t in top])
 
 
 # The tie rule. Two scores within float rounding of each other tie, and a tie counts against
@@ -98,8 +97,7 @@ def chance_metrics(n):
 
 @torch.inference_mode()
 def marker_queries(gen, contexts, device, batch_size=64):
-    """Gen's query at the last token (a marker) of each context, right-padded in batches (under
-    the causal mask padding cannot change the marker's state)."""
+    """Gen's query at the last token (a marker) of each context, right-padded in batches."""
     out = []
     for s in range(0, len(contexts), batch_size):
         chunk = contexts[s:s + batch_size]
@@ -122,8 +120,7 @@ def split_queries(gen, data, split, device, ctx, limit=None):
 
 
 def retrieval_quality(gen, embeddings, data, split, device, ctx, limit=None, stage=None):
-    """recall@1, recall@10 and MRR of a split's markers (the first `limit`) against the whole
-    datastore `embeddings`; given a FirstStage of the same markers, also reranked_* (below)."""
+    """recall@1, recall@10 and MRR of a split's markers; with a FirstStage, reranked_* too."""
     queries, targets = split_queries(gen, data, split, device, ctx, limit)
     if not len(targets):
         return {"recall@1": None, "recall@10": None, "mrr": None}
@@ -187,9 +184,8 @@ class Datastore:
 
 
 # -----------------------------------------------------------------------------------------------
-# TF-IDF, the training-free lexical retriever: the baseline beside every learned number, and the
-# first stage of two-stage retrieval. Words are lowercase \w+ runs. Over the N datastore
-# sequences, n(w, d) the count of word w in text d, df(w) the number of sequences that hold w:
+# TF-IDF, the training-free baseline and first stage. Words are lowercase \w+ runs. Over the N
+# datastore sequences, n(w, d) the count of word w in text d, df(w) the sequences that hold w:
 #
 #     v_d[w] = tf(w, d) * idf(w),   tf = 1 + log n(w, d)  (0 where n = 0),
 #                                   idf(w) = 1 + log((1 + N) / (1 + df(w)))
@@ -245,8 +241,7 @@ def candidate_scores(queries, embeddings, ids, chunk=None):
 
 
 def candidate_ranks(scores, ids, targets, tolerance=0.0):
-    """Rank (1 = best) of each target among its candidates ids (Q, K) under scores (Q, K), inf
-    where it is not one: (Q,) float64."""
+    """Rank of each target among its candidates ids (Q, K) by scores, inf if none: (Q,) float64."""
     hit = ids == targets[:, None]                                          # (Q, K)
     ranks = ranks_in(scores, hit.double().argmax(dim=1), tolerance).double()   # (Q,)
     return torch.where(hit.any(dim=1), ranks, torch.full_like(ranks, math.inf))

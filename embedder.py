@@ -1,6 +1,6 @@
 """
-Emb_seq: the sequence embedder. It turns a whole sequence (a fact, a sentence) into one unit
-vector; all sequences of a corpus, embedded, are the nonparametric sequence space (the datastore).
+Emb_seq: the sequence embedder, a whole sequence (a fact, a sentence) to one unit vector; all
+sequences embedded are the nonparametric sequence space (the datastore).
 
     e = normalize(W_proj * mean_{i: not pad} Enc(x)_i)
 
@@ -62,6 +62,5 @@ class SeqEmbedder(nn.Module):
         return F.normalize(self.proj(mean), dim=-1)                       # (N, seq_dim)
 
     def forward(self, tokens, mask, buckets=BUCKETS):
-        """embed_tokens, in `buckets` groups of rows of similar length: the same embeddings, less
-        work on padding (machinery/buckets.py)."""
+        """embed_tokens, in groups of similar length: less padding (machinery/buckets.py)."""
         return in_length_buckets(self.embed_tokens, tokens, mask, buckets)

@@ -31,18 +31,6 @@ class Retrieval:
     first_stage_rank: int = None  # two-stage search: where the first stage ranked the entry
 
 
-def next_token(logits, temperature, top_k, generator):
-    """The likeliest token at temperature 0, else one drawn from softmax(logits / temperature),
-    among the top_k only if given."""
-    if temperature == 0:
-        return int(logits.argmax())
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
-
-
 def window_start(n_ids, start, block):
     """Where Gen's window over n_ids ids starts. Positions are absolute, so cached keys cannot
     slide with the window: past block_size it jumps to the last half, encoded again."""
@@ -50,8 +38,7 @@ def window_start(n_ids, start, block):
 
 
 def marker_step_queries(gen, query_gen, h, windows, device):
-    """The queries (R, seq_dim) at R markers: Gen's from its states there h (R, n_embd), or
-    query_gen's, from each window (the ids Gen sees) cut to its own block."""
+    """The queries (R, seq_dim) at R markers: Gen's from h (R, n_embd), or query_gen's."""
     if query_gen is None:
         return gen.query(h).float().cpu()
     cut = query_gen.config.block_size
@@ -115,7 +102,15 @@ def generate(gen, prompt, max_new_tokens, marker, stop=None, datastore=None, tem
     h = advance()
     n_new = 0
     while n_new < max_new_tokens:
-        token = next_token(gen.lm_head(h).float(), temperature, top_k, generator)
+        logits = gen.lm_head(h).float()                                   # (vocab,)
+        if temperature == 0:  # greedy
+            token = int(logits.argmax())
+        else:  # drawn from softmax(logits / temperature), among the top_k only if given
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < kth, -math.inf)
+            token = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
         ids.append(token)
         n_new += 1
         if token == stop:

@@ -3,16 +3,13 @@ The co-supervision objective, each term next to the code that computes it.
 
     L = lambda_tok * L_NTP + lambda_seq * L_NSP
 
-L_NTP, next-token prediction, over every position t of the B windows of T tokens (markers and
-sequence tokens included):
+L_NTP, next-token prediction, over every position t of the B windows of T tokens:
 
     L_NTP = -(1/(B T)) sum_{b,t} log p(x_{b,t+1} | x_{b,<=t})
 
-L_NSP, next-sequence prediction, an InfoNCE over the M markers of a batch. At marker i Gen's query
-q_i (model.py) must score its target sequence's embedding e_{p(i)} (embedder.py) above every other
-candidate in the batch's candidate set C, N sequences (the other markers' targets and the hard
-negatives), less F_i, the likely false negatives of marker i (on text, the targets of the markers
-next to it: data.near_targets):
+L_NSP, next-sequence prediction, an InfoNCE over the M markers of a batch: at marker i Gen's query
+q_i must score its target's embedding e_{p(i)} above the batch's other candidates C (the other
+markers' targets and the hard negatives), less F_i, its likely false negatives (data.near_targets):
 
     L_NSP = -(1/M) sum_i log [ exp(q_i . e_{p(i)} / tau) / sum_{j in C - F_i} exp(q_i . e_j / tau) ]
 
@@ -29,21 +26,14 @@ def ntp_loss(logits, targets):
 
 
 def nsp_loss(queries, embeddings, target_row, temperature, excluded=None):
-    """L_NSP: InfoNCE of queries (M, d) against the candidates' embeddings (N, d); target_row
-    (M,) is p(i), the row of each query's target; excluded (M, N), if given, True where
-    candidate j is in F_i. Returns the loss and the in-batch top-1 accuracy."""
+    """L_NSP of queries (M, d) against the candidates (N, d), target_row (M,) being p(i) and
+    excluded (M, N) F_i; and the in-batch top-1 accuracy."""
     scores = queries.float() @ embeddings.float().T / temperature  # (M, N): q_i . e_j / tau
     if excluded is not None:
         scores = scores.masked_fill(excluded, float("-inf"))      # (M, N): j in F_i counts 0
     loss = F.cross_entropy(scores, target_row)                    # -log softmax at the target
     accuracy = (scores.argmax(dim=1) == target_row).float().mean()
     return loss, accuracy
-
-
-def false_negatives(candidate_ids, target_row, neighbours):
-    """F_i as a mask (M, N): candidate j is one of marker i's neighbours (M, k), not its target."""
-    near = (neighbours[:, :, None] == candidate_ids[None, None, :]).any(dim=1)   # (M, N)
-    return near & (candidate_ids[None, :] != candidate_ids[target_row][:, None])
 
 
 def co_supervision_loss(gen, embedder, batch, lambda_tok, lambda_seq, temperature, gather=None):
@@ -61,7 +51,9 @@ def co_supervision_loss(gen, embedder, batch, lambda_tok, lambda_seq, temperatur
         if gather is not None:
             nsp = gather(*nsp)
         queries, embeddings, target_row, candidate_ids, neighbours = nsp
-        excluded = false_negatives(candidate_ids, target_row, neighbours)  # (M, N)
+        # F_i: the candidates among marker i's neighbours (datastore ids), but its own target
+        near = (neighbours[:, :, None] == candidate_ids[None, None, :]).any(dim=1)   # (M, N)
+        excluded = near & (candidate_ids[None, :] != candidate_ids[target_row][:, None])
         l_nsp, accuracy = nsp_loss(queries, embeddings, target_row, temperature, excluded)
         stats.update(nsp=l_nsp.detach(), nsp_acc=accuracy)
         loss = loss + lambda_seq * l_nsp

@@ -108,8 +108,7 @@ class GenConfig:
 
 
 class Transformer(nn.Module):
-    """The trunk of Gen and of Emb_seq (each its own weights): token and position embeddings,
-    n_layer Blocks, a final LayerNorm."""
+    """The trunk of Gen and of Emb_seq: embeddings, n_layer Blocks, a final LayerNorm."""
 
     def __init__(self, vocab_size, max_len, n_layer, n_head, n_embd, dropout, causal, gpt2_block):
         super().__init__()

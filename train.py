@@ -7,9 +7,8 @@ Train Gen and Emb_seq jointly with semiparametric token-sequence co-supervision:
     python train.py --lambda_seq 0            # NTP only: Emb_seq is never trained
     python train.py --dataset pydoc           # real prose: CPython's documentation
 
-Every eval_interval iterations, and at the end: L_NTP and L_NSP on both splits, retrieval of the
-val markers against the whole datastore, a line in out_dir/log.jsonl and a checkpoint
-out_dir/ckpt.pt. Ctrl-C (or SIGTERM) saves and stops; --resume continues exactly where it stopped.
+Every eval_interval iterations and at the end: losses, retrieval of the val markers, a line in
+out_dir/log.jsonl and out_dir/ckpt.pt. Ctrl-C saves and stops; --resume continues exactly there.
 Several processes: torchrun (README). Every flag: machinery/config.py, or --help.
 """
 
@@ -43,8 +42,7 @@ from machinery.lexical import lexical_index, lexical_metrics
 from machinery.plots import plot_run
 from model import Gen, GenConfig
 
-# The recipe's numbers that depend on the corpus, for flags left at -1 (experiments/README.md,
-# The default recipe).
+# The recipe's numbers for flags left at -1 (experiments/README.md, The default recipe).
 RECIPE = {"facts": {"max_iters": 1200, "eval_interval": 300, "nsp_lr_scale": 0.3},
           "text": {"max_iters": 2400, "eval_interval": 600, "nsp_lr_scale": 1.0}}
 
@@ -85,8 +83,8 @@ def build_models(cfg, vocab_size):
 
 
 def make_optimizer(cfg, gen, embedder, device):
-    """AdamW, weight decay on matrices only, as in nanoGPT. The parts only L_NSP trains (Emb_seq,
-    seq_head) are groups of their own, marked "nsp", at their own rate (nsp_lr_scale)."""
+    """AdamW, weight decay on matrices only, as in nanoGPT; the parts only L_NSP trains (Emb_seq,
+    seq_head) in groups marked "nsp", with a rate of their own (nsp_lr_scale)."""
     nsp_only = [*gen.seq_head.parameters(), *embedder.parameters()]
     shared = [p for p in gen.parameters() if all(p is not q for q in nsp_only)]
     groups = []
@@ -122,8 +120,7 @@ def load_run(out_dir, device="auto"):
 
 @torch.no_grad()
 def loss_estimates(gen, embedder, data, cfg, device, ctx, split, measure_nsp=True):
-    """Mean L_NTP and L_NSP over eval_iters fixed batches of a split (the same each time, so the
-    curves are smooth), whatever their weights; L_NSP is None without markers or measure_nsp."""
+    """Mean L_NTP and L_NSP (None without markers or measure_nsp) over eval_iters fixed batches."""
     rng = np.random.default_rng(cfg.seed + 1)
     ntp, nsp = [], []
     for _ in range(cfg.eval_iters):
@@ -138,8 +135,7 @@ def loss_estimates(gen, embedder, data, cfg, device, ctx, split, measure_nsp=Tru
 
 
 def evaluate(gen, embedder, data, cfg, device, ctx, baseline, stage):
-    """Losses on both splits, retrieval of val's markers (and train's first 500) against the whole
-    datastore and re-ranking stage's candidates, beside `baseline`: TF-IDF's numbers."""
+    """Losses on both splits, retrieval of val's markers (and train's first 500), and baseline."""
     gen.eval(), embedder.eval()
     out = {}
     for split in ("train", "val"):
@@ -176,8 +172,7 @@ def main(argv=None):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     malloc_for("transient")  # preparing the corpus: large arrays that come and go (cli.py)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    # the batches: each process its own; a run from another's weights (--init_from) a stream of
-    # its own too: with the seed alone it would replay that run's batches from its first
+    # the batches: each process its own, and --init_from's not a replay of the base run's
     rng = np.random.default_rng([cfg.seed + rank, 1] if cfg.init_from else cfg.seed + rank)
     ctx = autocast(device, cfg.dtype)  # bfloat16 on a GPU, plain float32 on a CPU
     data, tok = load_data(cfg)
@@ -205,8 +200,7 @@ def main(argv=None):
               f"tokens, {len(data.train.marker_pos):,} / {len(data.val.marker_pos):,} markers, "
               f"datastore of {data.n_sequences:,} sequences; device {device}"
               + (f", {world} processes" if world > 1 else ""))
-    # the copies the step runs: compiled, and with several processes wrapped in DDP; they share
-    # the plain modules' parameters, which are what is saved and evaluated
+    # the step runs copies (compiled; DDP) that share the parameters saved and evaluated
     step_gen, step_embedder = (torch.compile(gen), torch.compile(embedder)) if cfg.compile else (
         gen, embedder)
     step_gen = distributed.wrap(step_gen, device, find_unused=True)  # seq_head: only with L_NSP
