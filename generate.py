@@ -9,7 +9,7 @@ marker searches the datastore and the best sequence is appended verbatim (the pa
 
 A KV cache (machinery/kv_cache.py) keeps every token's keys and values, so each token, and each
 inserted sequence, runs through Gen once. Evaluation decodes many prompts at once, greedily, the
-same way (machinery/batch_generate.py).
+same way (machinery/batch_generate.py): the same tokens but where batched rounding turns a tie.
 """
 
 import math

@@ -10,7 +10,8 @@ def _feed(gen, caches, fresh, restart, device):
     """Each row's fresh tokens through Gen in one pass, right-padded, rows where restart is True
     emptying their caches first: the final state at each row's last one (B, n_embd)."""
     counts = torch.tensor([[len(f)] for f in fresh], device=device)                 # (B, 1)
-    x = torch.tensor([f + [0] * (int(counts.max()) - len(f)) for f in fresh], device=device)
+    T = int(counts.max())
+    x = torch.tensor([f + [0] * (T - len(f)) for f in fresh], device=device)          # (B, T)
     restart = torch.tensor(restart, device=device)[:, None]                         # (B, 1)
     for cache in caches:  # the rows that restart drop what they hold
         cache.past, cache.fresh = torch.where(restart, 0, cache.past), counts

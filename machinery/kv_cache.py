@@ -4,9 +4,8 @@ import torch
 
 
 class KVCache:
-    """One attention layer's keys and values, in buffers of block_size tokens filled in place.
-    Rows may differ in length (machinery/batch_generate.py): row b holds past[b] tokens, and a
-    step brings it fresh[b] new ones (default all T), right-padded to a common width T."""
+    """One attention layer's keys and values in buffers of block_size tokens, filled in place.
+    Row b holds past[b] tokens; a step brings it fresh[b] more (default T), right-padded to T."""
 
     def __init__(self, block_size):
         self.block_size, self.fresh = block_size, None
