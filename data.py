@@ -105,8 +105,7 @@ class Data:
                      torch.from_numpy(neighbours))
 
     def held_out(self, negatives):
-        """Training's hard negatives (n_sequences, h), -1 where none: only train's sequences (ids
-        below n_train_sequences), unless transductive: Emb_seq never meets a val one first."""
+        """Training's hard negatives: train's sequences only, unless transductive, -1 where none."""
         if self.transductive:
             return negatives
         negatives = np.where(negatives < self.meta["n_train_sequences"], negatives, -1)
@@ -196,9 +195,8 @@ def document_windows(doc_starts, n_tokens, T):
 
 
 def prepare(corpus, tok, cache_dir, chunk=CHUNK):
-    """Write a corpus, once, as the arrays Data reads, into cache_dir/<key>/ (machinery/prepare.py);
-    returns that folder. The datastore is train's sequences first (ids below n_train_sequences),
-    then val's that training has not seen; each keeps at most 8 hard negatives."""
+    """Write a corpus once, as the arrays Data reads, into cache_dir/<key>/, and return that. The
+    datastore: train's sequences (ids below n_train_sequences), then val's training has not seen."""
     path = os.path.join(cache_dir, cache_key(corpus, tok))
     if os.path.exists(os.path.join(path, "meta.json")):
         return path

@@ -38,10 +38,9 @@ def search(queries, embeddings, k=10, chunk=None):
     return torch.cat([t.values for t in top]), torch.cat([t.indices for t in top])
 
 
-# The tie rule. Two scores within float rounding of each other tie, and a tie counts against
-# the target: n identical embeddings rank every target n-th. A dot product of width d is off by
-# at most about d (eps / 2) |q| |e|, its rounding up to the BLAS kernel and thread count, so
-# every entry within d eps |q| max|e| of the target ties with it: the same ranks on any machine.
+# The tie rule: a tie counts against the target. A dot product of width d is off by at most about
+# d (eps / 2) |q| |e|, its rounding up to the BLAS kernel and thread count, so every entry within
+# d eps |q| max|e| of the target ties with it: the same ranks on any machine.
 
 def tie_tolerance(width, dtype, scale=1.0):
     """How far rounding can part two equal dot products: width * eps * scale, scale >= |q| |e|."""
@@ -57,8 +56,7 @@ def score_tolerance(queries, embeddings):
 
 
 def ranks_in(scores, targets, tolerance):
-    """Rank (1 = best) of each row's target (Q,) under scores (Q, n): the number of entries
-    scoring at least the target's score minus tolerance (a number, or (Q, 1))."""
+    """Rank (1 = best) of each row's target (Q,): the entries scoring >= its score - tolerance."""
     target_scores = scores.gather(1, targets[:, None])                      # (Q, 1)
     return (scores >= target_scores - tolerance).sum(dim=1)                 # (Q,)
 
@@ -266,8 +264,7 @@ def first_stage_metrics(stage, lexical):
 
 
 def reranking(scores, stage, tolerance=0.0):
-    """rerank_metrics of scores (Q, K) ordering stage's candidates, and their MRR minus that of
-    TF-IDF's own order on the same markers, with its 95% interval (_ci) and two-sided p (_p)."""
+    """rerank_metrics of scores (Q, K), and their MRR minus TF-IDF's order's, paired: _ci and _p."""
     if not len(stage.targets):
         return {**rerank_metrics(scores, stage), "mrr_minus_first_stage": None}
     ranks = candidate_ranks(scores, stage.ids, stage.targets, tolerance)             # (Q,)

@@ -45,9 +45,8 @@ class SeqEmbedder(nn.Module):
 
     @torch.no_grad()
     def start_from(self, gen):
-        """Copy Gen's trunk into this one (embeddings, the first n_layer blocks, the final norm),
-        as the paper starts both networks from one pretrained LM. Needs the same width, heads and
-        gpt2_block, at most Gen's layers and block_size."""
+        """Copy Gen's trunk into this one, as the paper starts both networks from one pretrained
+        LM: the same width, heads and gpt2_block, at most Gen's layers and block_size."""
         theirs = gen.transformer.state_dict()
         for name, p in self.transformer.state_dict().items():
             p.copy_(theirs[name][:p.shape[0]] if name == "wpe.weight" else theirs[name])

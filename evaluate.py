@@ -50,9 +50,8 @@ def question_lexical(lexical, qs, tok):
 def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
                    modes=("retrieval", "no_retrieval", "gold"), reword_questions=False,
                    batch_size=EvalConfig.batch_size, lexical=None):
-    """The answers to the first `limit` questions of a split, for each of `modes`: retrieval in
-    the loop, Gen alone, Gen given the gold sequence; with reword_questions, of those questions
-    reworded, with their retrieval metrics (and TF-IDF's, given lexical)."""
+    """Answers to the first `limit` questions of a split for each of `modes` (reword_questions:
+    reworded, with their retrieval metrics, and TF-IDF's given lexical)."""
     qs = questions(data, tok, split, limit)
     if reword_questions:
         qs = reworded(qs, tok)
@@ -103,9 +102,8 @@ WEIGHTS = (0, 0.05, 0.1, 0.25, 0.5, 1, 2, 4)   # the combined score's w, chosen 
 
 
 def retrieval(gen, datastore, data, tok, lexical, k, device, ctx):
-    """Retrieval of train's first 480 markers and of val's, {split: metrics}: against the whole
-    datastore (learned and TF-IDF), and two-stage: the first stage's k, re-ranked by the learned
-    score (reranked_*) and by learned + w * TF-IDF (combined_*, w chosen on train)."""
+    """Retrieval of train's first 480 markers and of val's: learned and TF-IDF, and two-stage,
+    the first stage's k re-ranked (reranked_*) and by learned + w TF-IDF (combined_*)."""
     out, weight = {}, None
     for split, limit in (("train", 480), ("val", None)):
         queries, targets = split_queries(gen, data, split, device, ctx, limit)

@@ -47,9 +47,8 @@ def marker_step_queries(gen, query_gen, h, windows, device):
 
 
 def retrieval_step(datastore, queries, positions, room, windows, alternatives=0):
-    """The retrieval step of R markers: search the datastore with queries (R, d) (two-stage: among
-    the first stage's candidates for the windows). For each, its Retrieval (at positions[r]) and
-    the tokens to insert, cut to room[r]. No candidate: id -1, nothing inserted, the row ends."""
+    """The retrieval step of R markers, queries (R, d): each one's Retrieval (at positions[r]) and
+    the tokens to insert, cut to room[r]. No candidate (two-stage): id -1, nothing inserted."""
     if datastore.first is not None:
         scores, top, stage = datastore.rerank(queries, windows, k=1 + alternatives)
         stage = stage[:, 0].tolist()

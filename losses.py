@@ -37,9 +37,8 @@ def nsp_loss(queries, embeddings, target_row, temperature, excluded=None):
 
 
 def co_supervision_loss(gen, embedder, batch, lambda_tok, lambda_seq, temperature, gather=None):
-    """L = lambda_tok * L_NTP + lambda_seq * L_NSP on one batch, and its parts for logging.
-    Without lambda_seq > 0 and markers, Emb_seq does not run: exactly NTP training. gather
-    (several processes, train.py) widens the markers and candidates to every process's."""
+    """L on one batch, and its parts. Without lambda_seq > 0 and markers Emb_seq does not run:
+    exactly NTP training. gather (train.py) widens the candidates to every process's."""
     with_nsp = lambda_seq > 0 and (len(batch.target_row) > 0 or gather is not None)
     logits, queries = gen(batch.x, batch.marker_index if with_nsp else None)  # (B, T, V), (M, d)
     l_ntp = ntp_loss(logits, batch.y)

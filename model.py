@@ -33,9 +33,8 @@ class SelfAttention(nn.Module):
         self.flash = hasattr(F, "scaled_dot_product_attention")
 
     def forward(self, x, key_mask=None, cache=None):
-        """softmax(Q K^T / sqrt(d)) V per head of x (B, T, n_embd). Gen in training: token t
-        attends to tokens 0..t. Emb_seq (key_mask): to every real token (up to it where causal),
-        never to padding. Gen generating (cache): the cache says which keys each new token sees."""
+        """softmax(Q K^T / sqrt(d)) V per head of x (B, T, n_embd): causal in Gen; Emb_seq never
+        attends to padding (key_mask); in generation the cache says which keys a token sees."""
         B, T, n_embd = x.shape
         q, k, v = (t.view(B, T, self.n_head, n_embd // self.n_head).transpose(1, 2)
                    for t in self.c_attn(x).split(n_embd, dim=2))    # (B, H, T, n_embd/H) each

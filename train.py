@@ -45,6 +45,7 @@ from model import Gen, GenConfig
 # The recipe's numbers for flags left at -1 (experiments/README.md, The default recipe).
 RECIPE = {"facts": {"max_iters": 1200, "eval_interval": 300, "nsp_lr_scale": 0.3},
           "text": {"max_iters": 2400, "eval_interval": 600, "nsp_lr_scale": 1.0}}
+TRIM_EVERY = 10  # steps between two trims of the heap (a text's candidates vary in shape)
 
 
 def configure(argv=None):
@@ -286,13 +287,14 @@ def main(argv=None):
             optimizer.step()
             step_time += time.perf_counter() - t0
             steps += 1
+            if it % TRIM_EVERY == 0:  # the heap's free pages back to the system (cli.malloc_for)
+                malloc_for("training")
             stop, not_finite = distributed.any_rank(interrupt.set, not torch.isfinite(loss),
                                                     device=device)
             if not_finite:
                 raise diverged("the loss is", it, ckpt_path, saved)
-            if it % 10 == 0:  # and the heap's free pages back to the system (cli.malloc_for)
+            if it % 10 == 0:
                 bar.set_postfix({k: f"{v.item():.3f}" for k, v in stats.items()})
-                malloc_for("training")
     if master:  # the last evaluation beside chance and TF-IDF, with intervals
         log.close()
         nsp = "n/a" if metrics["val_nsp"] is None else f"{metrics['val_nsp']:.4f}"
