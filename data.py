@@ -105,7 +105,8 @@ class Data:
                      torch.from_numpy(neighbours))
 
     def held_out(self, negatives):
-        """Training's hard negatives: train's sequences only, unless transductive, -1 where none."""
+        """Training's hard negatives, -1 where none: train's sequences only (unless transductive),
+        so that Emb_seq never meets a val sequence before it is evaluated on it."""
         if self.transductive:
             return negatives
         negatives = np.where(negatives < self.meta["n_train_sequences"], negatives, -1)

@@ -3,7 +3,7 @@ The co-supervision objective, each term next to the code that computes it.
 
     L = lambda_tok * L_NTP + lambda_seq * L_NSP
 
-L_NTP, next-token prediction, over every position t of the B windows of T tokens:
+L_NTP, next-token prediction, over every token of the B windows of T (markers and sequences too):
 
     L_NTP = -(1/(B T)) sum_{b,t} log p(x_{b,t+1} | x_{b,<=t})
 

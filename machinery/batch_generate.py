@@ -11,7 +11,8 @@ def _feed(gen, caches, fresh, restart, device):
     emptying their caches first: the final state at each row's last one (B, n_embd)."""
     counts = torch.tensor([[len(f)] for f in fresh], device=device)                 # (B, 1)
     T = int(counts.max())
-    x = torch.tensor([f + [0] * (T - len(f)) for f in fresh], device=device)          # (B, T)
+    x = torch.tensor([f + [0] * (T - len(f)) for f in fresh], dtype=torch.long,
+                     device=device)                                                 # (B, T)
     restart = torch.tensor(restart, device=device)[:, None]                         # (B, 1)
     for cache in caches:  # the rows that restart drop what they hold
         cache.past, cache.fresh = torch.where(restart, 0, cache.past), counts

@@ -8,9 +8,8 @@ class KVCache:
     Row b holds past[b] tokens; a step brings it fresh[b] more (default T), right-padded to T."""
 
     def __init__(self, block_size):
-        self.block_size, self.fresh = block_size, None
-        self.past = 0  # each row's tokens held, the position of its next: (B, 1) after a step
-        self.k = self.v = None
+        self.block_size, self.past = block_size, 0  # tokens held per row: (B, 1) after a step
+        self.k = self.v = self.fresh = None
 
     def extend(self, k, v):
         """Keep the real ones of the new k and v (B, H, T, D). Returns the keys and values up to
