@@ -1,33 +1,21 @@
 """
-The data of co-supervision: one token stream per split, with retrieval markers, and the batches
-of one training step.
-
-Every corpus (machinery/corpora.py) is documents of plain text and *sequences* (a fact, a
-sentence): the datastore entries. In the token stream each sequence is written right after a
-retrieval marker (write_stream), so every marker has exactly one target, the sequence after it:
+The data of co-supervision: one token stream per split, and the batches of one training step.
+A corpus (machinery/corpora.py) is documents of plain text and *sequences* (a fact, a sentence),
+the datastore's entries. Each sequence is written right after a marker, its one target:
 
     Q: Which instrument does Doubrour Piltreimdrouk play?
     <|ret|>Doubrour Piltreimdrouk plays the tuba.
     A: tuba.
     <|endoftext|>
 
-L_NTP trains on every token of a window (markers and sequence tokens included, as the paper's
-code does); L_NSP trains Gen's query at each marker to pick its target out of the batch's
-candidates. The datastore is every distinct sequence: train's first, then val's that training
-has not seen (as a sequence, or inside its text: seen_in_training), which stay plain text in val.
-
-A batch is B windows of T + 1 tokens. Its M markers are the queries; its N candidates are every
-marker's target once, plus up to h = hard_negatives confusable sequences per marker. Hard
-negatives are the corpus's own: on facts the same attribute of the people whose names look most
-alike, and of look-alikes who share the person's value (machinery/facts.py); on text, what the
-lexical first stage ranks highest for the marker's context (use_lexical_negatives), the
-sequences two-stage retrieval asks the learned score to tell apart. The targets of the markers
-on each side of a marker (the text around its target: likely false negatives) are then no
-candidates of that marker (near_targets).
+A batch is B windows of T + 1 tokens; its M markers are the queries, its N candidates every
+marker's target once plus up to hard_negatives confusable sequences per marker: on facts,
+look-alike people's (machinery/facts.py); on text, TF-IDF's best (use_lexical_negatives).
 """
 
 import json
 import os
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
@@ -50,8 +38,7 @@ class Batch(NamedTuple):
     candidate_mask: torch.Tensor  # (N, L) True on real tokens
     target_row: torch.Tensor      # (M,) for each marker, the row of its target in candidates
     candidate_ids: torch.Tensor   # (N,) the datastore id of each candidate
-    neighbours: torch.Tensor      # (M, 2 near) datastore ids: each marker's near_targets, which
-                                  # are no candidates of its L_NSP (-1: none)
+    neighbours: torch.Tensor      # (M, 2 near) ids of each marker's near_targets (-1: none)
 
     def to(self, device):
         return Batch(*(tuple(t.to(device) for t in v) if isinstance(v, tuple) else v.to(device)
@@ -59,15 +46,17 @@ class Batch(NamedTuple):
 
 
 class Data:
-    """A prepared corpus: train and val token streams with their markers, and the datastore's
-    sequences (their tokens and hard negatives) that the markers point to."""
+    """A prepared corpus: train and val token streams, and the datastore's sequences."""
 
     def __init__(self, path, block_size, transductive=False):
         with open(os.path.join(path, "meta.json")) as f:
             self.meta = json.load(f)
         self.path, self.fingerprint, self.transductive = path, self.meta["key"], transductive
-        # each split's token stream, where its documents start and its markers
-        self.train, self.val = (Split(path, name, self.meta["dtype"]) for name in ("train", "val"))
+        # each split's token stream (a memmap, as nanoGPT's train.bin) and its arrays: doc_starts,
+        # marker_pos and marker_target (each marker's position and its target's datastore id)
+        self.train, self.val = (SimpleNamespace(
+            ids=np.memmap(os.path.join(path, f"{name}.bin"), dtype=self.meta["dtype"], mode="r"),
+            **np.load(os.path.join(path, f"{name}.npz"))) for name in ("train", "val"))
         seqs = np.load(os.path.join(path, "sequences.npz"))
         # the tokens of all sequences end to end: sequence i is seq_tokens[offsets[i]:offsets[i+1]]
         self.offsets, self.seq_tokens = seqs["offsets"], seqs["tokens"]
@@ -78,12 +67,10 @@ class Data:
                 raise UserError(f"the {name} split has {len(split.ids)} tokens, fewer than one "
                                 f"block ({block_size + 1}): use a larger corpus or a smaller "
                                 "--block_size")
-        # each sequence's hard negatives (n_sequences, h_max), distinct, -1 where none
-        negatives = seqs["hard_negatives"]
+        negatives = seqs["hard_negatives"]  # (n_sequences, h_max), distinct, -1 where none
         self.negatives = {"train": self.held_out(negatives), "val": negatives}
         self.near = 0  # the markers on each side whose targets are no negatives (near_targets)
-        # allowed window starts: anywhere in a stream of text; in a corpus of self-contained
-        # documents, each document's start, and more starts inside a document longer than a window
+        # window starts: anywhere in a text; in self-contained documents, document_windows
         self.starts = {name: document_windows(s.doc_starts, len(s.ids), block_size)
                        if self.meta["aligned"] else None
                        for name, s in (("train", self.train), ("val", self.val))}
@@ -118,9 +105,8 @@ class Data:
                      torch.from_numpy(neighbours))
 
     def held_out(self, negatives):
-        """Training's hard negatives (n_sequences, h), -1 where none: strictly held out, only
-        train's sequences (ids below n_train_sequences), so that Emb_seq never meets a val
-        sequence before it is evaluated on it; with transductive, all of them."""
+        """Training's hard negatives, -1 where none: train's sequences only (unless transductive),
+        so that Emb_seq never meets a val sequence before it is evaluated on it."""
         if self.transductive:
             return negatives
         negatives = np.where(negatives < self.meta["n_train_sequences"], negatives, -1)
@@ -128,8 +114,7 @@ class Data:
         return np.take_along_axis(negatives, order, axis=1)
 
     def pick_negatives(self, split_name, targets, h, rng):
-        """For each target (M,), h of its hard negatives at random, distinct: (M, h), -1 where it
-        has fewer than h."""
+        """For each target (M,), h of its hard negatives at random: (M, h), -1 past its own."""
         choices = self.negatives[split_name][targets]                   # (M, h_max), -1: none
         keys = rng.random(choices.shape)                                # (M, h_max)
         keys[choices < 0] = 2.0              # above every random key: padding is picked last
@@ -137,12 +122,8 @@ class Data:
         return np.take_along_axis(choices, pick, axis=1)
 
     def use_lexical_negatives(self, tok, width=8, near=2):
-        """Hard negatives from the first stage: for each marker's target, TF-IDF's best
-        candidates for the marker's context, less the target and the targets of the `near`
-        markers on each side (likely false negatives, near_targets). L_NSP then learns what words
-        cannot tell. In train, unless transductive, TF-IDF is over train's sequences alone: no val
-        sequence is a negative or weighs a word. Cached beside the prepared corpus; a sequence
-        that is the target of several markers keeps its first marker's."""
+        """Hard negatives from the first stage: for each marker's target, TF-IDF's best for its
+        context but its near_targets (in train, among train's sequences alone). Cached."""
         self.near = near
         setting = "transductive" if self.transductive else "strict"
         path = os.path.join(self.path, f"lexical_negatives_{setting}_{self.block_size}_{width}_"
@@ -176,8 +157,7 @@ class Data:
         return self.seq_tokens[self.offsets[i]:self.offsets[i + 1]]
 
     def pad_sequences(self, ids, emb_block_size):
-        """Token ids (len(ids), L) of the given sequences, each cut to Emb_seq's emb_block_size
-        and right-padded to the longest, L, and their mask (True on real tokens)."""
+        """Sequences ids cut to emb_block_size, right-padded (n, L), and their mask (n, L)."""
         lengths = np.minimum(self.offsets[ids + 1] - self.offsets[ids], emb_block_size)  # (n,)
         tokens = np.zeros((len(ids), max(1, lengths.max(initial=1))), dtype=np.int64)
         for row, (i, n) in enumerate(zip(ids, lengths)):
@@ -186,9 +166,7 @@ class Data:
         return torch.from_numpy(tokens), torch.from_numpy(mask)
 
     def marker_contexts(self, split_name, limit=None, block_size=None):
-        """For each marker of a split (the first `limit`), the tokens Gen sees when it writes the
-        marker (its document up to the marker, at most block_size tokens: the Gen's that reads
-        them, by default this run's), and its target sequence id."""
+        """What Gen reads at each marker (its document up to it, at most block_size), its target."""
         split, block_size = getattr(self, split_name), block_size or self.block_size
         n = len(split.marker_pos) if limit is None else min(limit, len(split.marker_pos))
         doc = split.doc_starts[np.searchsorted(split.doc_starts, split.marker_pos[:n], "right") - 1]
@@ -199,80 +177,35 @@ class Data:
 
 
 def near_targets(marker_target, sel, near):
-    """The targets of the `near` markers on each side of markers sel (M,) of a split whose
-    markers point to marker_target: (M, 2 near) datastore ids, -1 past the split's ends. The
-    text around a marker's own target: likely false negatives for it."""
+    """The targets of the `near` markers on each side of markers sel (M,), (M, 2 near), -1 past
+    the ends: the text around a marker's target, likely false negatives."""
     offsets = np.concatenate([np.arange(-near, 0), np.arange(1, near + 1)])   # (2 near,)
     idx = np.asarray(sel)[:, None] + offsets[None, :]                        # (M, 2 near)
     inside = (idx >= 0) & (idx < len(marker_target))
     return np.where(inside, marker_target[np.clip(idx, 0, max(0, len(marker_target) - 1))], -1)
 
 
-class Split:
-    """One split's token stream (a memmap, as nanoGPT's train.bin), where its documents start, and
-    its markers: each one's position in the stream and its target's datastore id."""
-
-    def __init__(self, path, name, dtype):
-        self.ids = np.memmap(os.path.join(path, f"{name}.bin"), dtype=dtype, mode="r")
-        arrays = np.load(os.path.join(path, f"{name}.npz"))
-        self.doc_starts, self.marker_pos = arrays["doc_starts"], arrays["marker_pos"]
-        self.marker_target = arrays["marker_target"]
-
-
 def document_windows(doc_starts, n_tokens, T):
-    """Window starts for self-contained documents: each document's start, and, where a document
-    is longer than a window, more starts every T/2 tokens and one that ends at its end, so that
-    every token of every document is read and predicted by some window."""
+    """Window starts: each document's start, every T/2 tokens after, and one ending at its end."""
     ends = np.append(doc_starts[1:], n_tokens)
     starts = []
     for a, b in zip(doc_starts, ends):
         starts += list(range(a, max(a + 1, b - T), T // 2)) + ([b - T - 1] if b - a > T + 1 else [])
-    # a window needs T + 1 tokens: a start too near the stream's end (the last documents') moves
-    # back to the last start that fits, a window that still reads that document to its end
+    # a window needs T + 1 tokens: a start too near the stream's end moves back to the last fit
     return np.unique(np.minimum(np.array(starts, dtype=np.int64), n_tokens - T - 1))
 
 
-def write_stream(stream, docs, leaked, tok, seq_id, sequence_tokens, chunk=CHUNK):
-    """Write a split's documents to stream (its .append(ids) adds tokens, its .n counts them),
-    each datastore sequence right after a marker, a `leaked` one as plain text, and the
-    end-of-document token after each. Returns where its documents start, and each marker's
-    position and target sequence id. sequence_tokens(i): sequence i's tokens."""
-    doc_starts, marker_pos, marker_target = [], [], []
-    for doc in docs:
-        doc_starts.append(stream.n)
-        for seg in doc:
-            if seg.sequence and seg.text not in leaked:    # <marker> sequence tokens
-                i = seq_id[seg.text]
-                marker_pos.append(stream.n), marker_target.append(i)
-                stream.append(np.array([tok.marker]))
-                stream.append(sequence_tokens(i))
-            else:                                           # plain text, a long one in pieces
-                for ids in encode_pieces(tok, seg.text, chunk):
-                    stream.append(ids)
-        stream.append(np.array([tok.eod]))
-    return doc_starts, marker_pos, marker_target
-
-
-def seen_in_training(corpus):
-    """The val sequences that training has seen, as a sequence or anywhere inside its text: a
-    leak, so in val they stay plain text, never a retrieval target."""
-    train_seqs = {s.text for d in corpus.train for s in d if s.sequence}
-    val_seqs = {s.text for d in corpus.val for s in d if s.sequence}
-    seen = val_seqs & train_seqs
-    train_text = "\n".join(s.text for d in corpus.train for s in d)
-    return seen | found_in(val_seqs - seen, train_text)   # a fast `t in train_text`
-
-
 def prepare(corpus, tok, cache_dir, chunk=CHUNK):
-    """Write a corpus, once, as the arrays Data reads, into cache_dir/<key>/ (the key hashes the
-    documents and the tokenizer: machinery/prepare.py); returns that folder. The datastore is
-    train's sequences first (ids below n_train_sequences: those training may use), then val's
-    that training has not seen; each sequence keeps at most 8 hard negatives, never itself."""
+    """Write a corpus once, as the arrays Data reads, into cache_dir/<key>/, and return that. The
+    datastore: train's sequences (ids below n_train_sequences), then val's training has not seen."""
     path = os.path.join(cache_dir, cache_key(corpus, tok))
     if os.path.exists(os.path.join(path, "meta.json")):
         return path
-    leaked = seen_in_training(corpus)
     train_seqs = dict.fromkeys(s.text for d in corpus.train for s in d if s.sequence)
+    # val sequences that training has seen, as a sequence or in its text, stay plain text in val
+    val_seqs = {s.text for d in corpus.val for s in d if s.sequence}
+    train_text = "\n".join(s.text for d in corpus.train for s in d)
+    leaked = (val_seqs & train_seqs.keys()) | found_in(val_seqs - train_seqs.keys(), train_text)
     texts = list(dict.fromkeys([*train_seqs, *(s.text for d in corpus.val for s in d
                                                if s.sequence and s.text not in leaked)]))
     seq_id = {t: i for i, t in enumerate(texts)}
@@ -285,8 +218,20 @@ def prepare(corpus, tok, cache_dir, chunk=CHUNK):
             "n_train_sequences": len(train_seqs)}
     for name, docs, leak in (("train", corpus.train, set()), ("val", corpus.val, leaked)):
         stream = TokenFile(os.path.join(tmp, f"{name}.bin"), dtype)
-        starts, pos, target = write_stream(stream, docs, leak, tok, seq_id,
-                                           lambda i: tokens[offsets[i]:offsets[i + 1]], chunk)
+        starts, pos, target = [], [], []  # where documents start; each marker and its target
+        for doc in docs:
+            starts.append(stream.n)
+            for seg in doc:
+                if seg.sequence and seg.text not in leak:    # <marker> sequence tokens
+                    i = seq_id[seg.text]
+                    pos.append(stream.n)
+                    target.append(i)
+                    stream.append(np.array([tok.marker]))
+                    stream.append(tokens[offsets[i]:offsets[i + 1]])
+                else:                                         # plain text, a long one in pieces
+                    for ids in encode_pieces(tok, seg.text, chunk):
+                        stream.append(ids)
+            stream.append(np.array([tok.eod]))
         stream.close()
         np.savez(os.path.join(tmp, f"{name}.npz"), doc_starts=np.array(starts, dtype=np.int64),
                  marker_pos=np.array(pos, dtype=np.int64),

@@ -1,18 +1,12 @@
 """
-The retrieval step and how it is scored.
-
-Retrieval is exact maximum inner product search: for a query q (Gen at a marker) the datastore
-entry returned is
+The retrieval step and how it is scored. Retrieval is exact maximum inner product search: for a
+query q (Gen at a marker) the datastore entry returned is
 
     argmax_j  q . e_j        over every sequence j of the corpus, e_j = Emb_seq(sequence j)
 
-Queries and embeddings are unit vectors, so this is also the nearest neighbour by cosine (faiss
-can stand in for generation's search on a datastore of millions: machinery/search.py).
-Evaluation asks where each marker's true target lands in that ranking: recall@k (target in the
-top k) and MRR (mean of 1 / rank), against the whole datastore, beside chance and TF-IDF, a
-training-free retriever, on the same markers. The paper evaluates otherwise: a first stage
-(TF-IDF) retrieves each question's top K and the learned score only re-ranks those (two-stage
-retrieval, end of this file); both are reported.
+q and e are unit vectors, so this is the nearest neighbour by cosine (faiss can stand in for it in
+generation: machinery/search.py). Evaluation asks where each marker's target lands: recall@k (in
+the top k) and MRR (mean of 1 / rank), beside chance and TF-IDF; then two-stage retrieval.
 """
 
 import math
@@ -25,41 +19,31 @@ from tqdm import tqdm
 from machinery import intervals  # 95% intervals over the markers
 
 
-def dot_scores(queries, keys):
-    """q . e_j of queries (Q, d) against keys (n, d): (Q, n). On a CPU through numpy, on the
-    same memory (.numpy() copies nothing): the faster product there (experiments/bench.py)."""
-    if keys.device.type == "cpu":
-        return torch.from_numpy(queries.detach().numpy() @ keys.detach().numpy().T)  # (Q, n)
-    return queries.to(keys.device) @ keys.T                                        # (Q, n)
-
-
 def query_chunks(queries, keys, chunk=None):
-    """(s, the scores (c, n) of queries s .. s+c-1 against every key), chunk queries at a time,
-    by default as many as keep the table within 16 MB, whatever the datastore's size."""
+    """(s, q . e_j of queries s .. s+c-1 against every key (c, n)), as many queries at a time as
+    keep the table within 16 MB. On a CPU numpy's product, the faster there, on the same memory."""
     chunk = chunk or max(1, 2**22 // max(1, len(keys)))
     for s in range(0, len(queries), chunk):
-        yield s, dot_scores(queries[s:s + chunk], keys)                          # (c, n)
+        q = queries[s:s + chunk]
+        if keys.device.type == "cpu":
+            yield s, torch.from_numpy(q.detach().numpy() @ keys.detach().numpy().T)  # (c, n)
+        else:
+            yield s, q.to(keys.device) @ keys.T                                     # (c, n)
 
 
 def search(queries, embeddings, k=10, chunk=None):
-    """Exact top-k by inner product of queries (Q, d) over embeddings (n, d) (k at most n):
-    scores (Q, k) and ids (Q, k), best first."""
+    """Exact top-k of queries (Q, d) over embeddings (n, d): scores and ids (Q, k), best first."""
     k = min(k, len(embeddings))
     top = [scores.topk(k, dim=1) for _, scores in query_chunks(queries, embeddings, chunk)]
-    return (torch.cat([t.values for t in top] or [torch.zeros(0, k)]),
-            torch.cat([t.indices for t in top] or [torch.zeros(0, k, dtype=torch.long)]))
+    return torch.cat([t.values for t in top]), torch.cat([t.indices for t in top])
 
 
-# The tie rule. Two scores tie when they are within float rounding of each other, and a tie
-# counts against the target: n identical embeddings rank every target n-th, not first. A dot
-# product of width d in floating point is off by at most about d u |q| |e| (u = eps / 2, the unit
-# roundoff), and which way it rounds depends on the BLAS kernel, the instruction set and the
-# thread count. Two scores equal in exact arithmetic thus differ by at most d eps |q| max|e|:
-# every entry within that of the target ties with it, and the ranks are the same on any machine.
+# The tie rule: a tie counts against the target. A dot product of width d is off by at most about
+# d (eps / 2) |q| |e|, its rounding up to the BLAS kernel and thread count, so every entry within
+# d eps |q| max|e| of the target ties with it: the same ranks on any machine.
 
 def tie_tolerance(width, dtype, scale=1.0):
-    """How far apart rounding can put two dot products of width `width` equal in exact
-    arithmetic: width * eps * scale, scale bounding |q| |e| (1 for unit vectors)."""
+    """How far rounding can part two equal dot products: width * eps * scale, scale >= |q| |e|."""
     return width * torch.finfo(dtype).eps * scale
 
 
@@ -72,15 +56,13 @@ def score_tolerance(queries, embeddings):
 
 
 def ranks_in(scores, targets, tolerance):
-    """Rank (1 = best) of each row's target (Q,) under scores (Q, n): 1 + the number of OTHER
-    entries scoring at least the target's score minus tolerance (a number, or (Q, 1))."""
+    """Rank (1 = best) of each row's target (Q,): the entries scoring >= its score - tolerance."""
     target_scores = scores.gather(1, targets[:, None])                      # (Q, 1)
     return (scores >= target_scores - tolerance).sum(dim=1)                 # (Q,)
 
 
 def target_ranks(queries, embeddings, targets, chunk=None):
-    """Rank (1 = best) of each query's target (Q,) among all embeddings (n, d) for queries
-    (Q, d), ties against it: (Q,). A score that is not finite would make the ranks meaningless."""
+    """Rank (1 = best) of each query's (Q, d) target (Q,) among all embeddings (n, d): (Q,)."""
     if not (torch.isfinite(queries).all() and torch.isfinite(embeddings).all()):
         raise ValueError("a query or datastore embedding is not finite (NaN or inf): retrieval "
                          "cannot be scored")
@@ -91,8 +73,7 @@ def target_ranks(queries, embeddings, targets, chunk=None):
 
 
 def retrieval_metrics(ranks):
-    """recall@1, recall@10 (the share of targets ranked in the top 1 / 10) and MRR (mean 1/rank),
-    each with its 95% interval over the markers, name_ci (machinery/intervals.py)."""
+    """recall@1, recall@10 and MRR (mean 1/rank) of ranks, each with its 95% interval, name_ci."""
     ranks = ranks.double()
     out = {}
     for k in (1, 10):
@@ -114,8 +95,7 @@ def chance_metrics(n):
 
 @torch.inference_mode()
 def marker_queries(gen, contexts, device, batch_size=64):
-    """Gen's query at the last token (a marker) of each context (a list of 1-d token arrays),
-    right-padded into batches: under the causal mask, padding cannot change the marker's state."""
+    """Gen's query at the last token (a marker) of each context, right-padded in batches."""
     out = []
     for s in range(0, len(contexts), batch_size):
         chunk = contexts[s:s + batch_size]
@@ -130,8 +110,7 @@ def marker_queries(gen, contexts, device, batch_size=64):
 
 @torch.no_grad()
 def split_queries(gen, data, split, device, ctx, limit=None):
-    """Gen's query at each marker of a split (the first `limit`), (Q, d), and each marker's
-    target id (Q,). Each marker's context is cut to what this Gen can read: its own block_size."""
+    """Gen's query at each marker of a split (the first `limit`), (Q, d), and its target (Q,)."""
     contexts, targets = data.marker_contexts(split, limit, gen.config.block_size)
     with ctx:
         queries = marker_queries(gen, contexts, device)                     # (Q, d)
@@ -139,9 +118,7 @@ def split_queries(gen, data, split, device, ctx, limit=None):
 
 
 def retrieval_quality(gen, embeddings, data, split, device, ctx, limit=None, stage=None):
-    """recall@1, recall@10 and MRR of a split's markers (the first `limit`) against the whole
-    datastore `embeddings`; with a FirstStage of the same markers, also reranked_*: the learned
-    score re-ranking the first stage's K (two-stage retrieval, below)."""
+    """recall@1, recall@10 and MRR of a split's markers; with a FirstStage, reranked_* too."""
     queries, targets = split_queries(gen, data, split, device, ctx, limit)
     if not len(targets):
         return {"recall@1": None, "recall@10": None, "mrr": None}
@@ -154,26 +131,22 @@ def retrieval_quality(gen, embeddings, data, split, device, ctx, limit=None, sta
 
 
 @torch.inference_mode()
-def embed_all(embedder, data, ids=None, batch_size=256, progress=None):
-    """The datastore's embeddings: Emb_seq of sequences `ids` (default: all), (len(ids), seq_dim)
-    float32. Sorted by length first, so that each batch pads little."""
-    ids = np.arange(data.n_sequences) if ids is None else np.asarray(ids)
+def embed_all(embedder, data, batch_size=256, progress=None):
+    """Emb_seq of every sequence (n_sequences, seq_dim), float32, in batches of similar lengths."""
     device = next(embedder.parameters()).device
-    order = np.argsort(data.offsets[ids + 1] - data.offsets[ids], kind="stable")
-    out = torch.empty(len(ids), embedder.config.seq_dim)
-    show = len(ids) > 20_000 if progress is None else progress
-    for s in tqdm(range(0, len(ids), batch_size), desc="embedding sequences", disable=not show,
-                  leave=False):
+    order = np.argsort(np.diff(data.offsets), kind="stable")                  # shortest first
+    out = torch.empty(data.n_sequences, embedder.config.seq_dim)
+    show = data.n_sequences > 20_000 if progress is None else progress
+    for s in tqdm(range(0, data.n_sequences, batch_size), desc="embedding sequences",
+                  disable=not show, leave=False):
         rows = order[s:s + batch_size]
-        tokens, mask = data.pad_sequences(ids[rows], embedder.config.block_size)
+        tokens, mask = data.pad_sequences(rows, embedder.config.block_size)
         out[torch.from_numpy(rows)] = embedder(tokens.to(device), mask.to(device)).float().cpu()
     return out
 
 
 class Datastore:
-    """The nonparametric sequence space: every sequence of a corpus embedded by Emb_seq, (n, d),
-    with the token ids of each entry (what retrieval inserts): entry i is
-    seq_tokens[offsets[i]:offsets[i + 1]], as in data.Data. Kept on disk: datastore_file.py."""
+    """The nonparametric sequence space: every sequence embedded (n, d), and its token ids."""
 
     def __init__(self, embeddings, offsets, seq_tokens, fingerprint):
         self.embeddings, self.offsets, self.seq_tokens = embeddings, offsets, seq_tokens
@@ -188,8 +161,7 @@ class Datastore:
         return self.seq_tokens[self.offsets[i]:self.offsets[i + 1]]
 
     def use_first_stage(self, lexical, k, tok):
-        """Two-stage search from now on (rerank): the learned score re-ranks the top k of lexical
-        (a Lexical of this datastore's texts) for the query text of each context; k = 0: off."""
+        """Two-stage search (rerank) from now on, over lexical's top k; k = 0: off."""
         self.first = (lexical, k, tok) if k else None
         return self
 
@@ -200,9 +172,8 @@ class Datastore:
         return search(queries, self.embeddings, k)
 
     def rerank(self, queries, contexts, k=1):
-        """Two-stage search: the top-k entries for queries (Q, d) among the first stage's K for
-        the texts of contexts (the ids Gen sees at each marker): scores (Q, k), ids (Q, k), best
-        first, and the first stage's rank of each (Q, k). Past its candidates, id -1, score -inf."""
+        """The top-k entries for queries (Q, d) among the first stage's K for the contexts' texts:
+        scores, ids (-1 past the candidates) and the first stage's rank of each, (Q, k) each."""
         lexical, K, tok = self.first
         _, ids = lexical.top([query_text(tok, c) for c in contexts], K)        # (Q, K)
         scores, order = candidate_scores(queries, self.embeddings, ids).topk(
@@ -211,28 +182,23 @@ class Datastore:
 
 
 # -----------------------------------------------------------------------------------------------
-# TF-IDF, the training-free lexical retriever: the baseline every learned number stands beside,
-# and the first stage of two-stage retrieval (below). Words are lowercase \w+ runs. Over the N
-# datastore sequences, with n(w, d) the count of word w in text d and df(w) the number of
-# sequences that hold w (sublinear tf, smoothed idf):
+# TF-IDF, the training-free baseline and first stage. Words are lowercase \w+ runs. Over the N
+# datastore sequences, n(w, d) the count of word w in text d, df(w) the sequences that hold w:
 #
 #     v_d[w] = tf(w, d) * idf(w),   tf = 1 + log n(w, d)  (0 where n = 0),
 #                                   idf(w) = 1 + log((1 + N) / (1 + df(w)))
 #     s(q, j) = v_q . v_j / (|v_q| |v_j|)          (0 where either vector is all zero)
 #
-# The query is the text Gen sees at the marker (query_text). An entry that shares no word with
-# it scores 0 and ties with every other such one. machinery/lexical.py computes s over a whole
-# corpus: sparse vectors, a chunk of queries at a time.
+# The query is the text Gen sees at the marker (query_text). machinery/lexical.py computes s over
+# a whole corpus: sparse vectors, a chunk of queries at a time.
 
 def query_text(tok, ids):
-    """The lexical query of a context: its text, special tokens (marker, end of document) left
-    out."""
+    """The lexical query of a context: its text, without the marker and end of document."""
     return tok.decode([t for t in ids if t not in (tok.marker, tok.eod)])
 
 
 def marker_texts(data, tok, split, limit=None):
-    """The lexical query of each marker of a split (the first limit): the text Gen sees there.
-    Returns (strings, target ids (Q,))."""
+    """The lexical query of each marker of a split (the first limit), and its target id (Q,)."""
     contexts, targets = data.marker_contexts(split, limit)
     return [query_text(tok, c) for c in contexts], targets
 
@@ -243,9 +209,8 @@ def marker_texts(data, tok, split, limit=None):
 #
 #     j* = argmax_{j in C_K(q)}  q . e_j
 #
-# A target outside C_K(q) is a miss (rank infinite: recall 0, reciprocal rank 0), so the first
-# stage's recall@K is the ceiling of every re-ranked number. TF-IDF's own order of the same K is
-# the line the learned order must beat.
+# A target outside C_K(q) is a miss (reciprocal rank 0), so the first stage's recall@K is the
+# ceiling of every re-ranked number; TF-IDF's own order of the K is the line to beat.
 
 class FirstStage(NamedTuple):
     ids: torch.Tensor       # (Q, K) each query's candidates, TF-IDF's best first
@@ -262,9 +227,8 @@ def first_stage(lexical, data, tok, split, k, limit=None):
 
 
 def candidate_scores(queries, embeddings, ids, chunk=None):
-    """The learned score q . e_j of each query (Q, d) for its own candidates ids (Q, K): (Q, K),
-    -inf where the id is -1. A chunk of queries at a time: the gathered embeddings (chunk, K, d)
-    stay within 8 MB by default."""
+    """q . e_j of each query (Q, d) for its candidates ids (Q, K), -inf where -1: (Q, K). As many
+    queries at a time as keep the gathered (c, K, d) within 8 MB."""
     chunk = chunk or max(1, 2**21 // max(1, ids.shape[1] * embeddings.shape[1]))  # float32
     out = [torch.zeros(0, ids.shape[1])]
     for s in range(0, len(queries), chunk):
@@ -275,9 +239,7 @@ def candidate_scores(queries, embeddings, ids, chunk=None):
 
 
 def candidate_ranks(scores, ids, targets, tolerance=0.0):
-    """Rank (1 = best) of each target among its own candidates ids (Q, K) under scores (Q, K):
-    1 + the number of other candidates scoring at least the target's minus tolerance (a tie
-    counts against it); inf where the target is not a candidate. Returns (Q,) float64."""
+    """Rank of each target among its candidates ids (Q, K) by scores, inf if none: (Q,) float64."""
     hit = ids == targets[:, None]                                          # (Q, K)
     ranks = ranks_in(scores, hit.double().argmax(dim=1), tolerance).double()   # (Q,)
     return torch.where(hit.any(dim=1), ranks, torch.full_like(ranks, math.inf))
@@ -291,8 +253,7 @@ def rerank_metrics(scores, stage, tolerance=0.0):
 
 
 def first_stage_metrics(stage, lexical):
-    """The first stage alone, named first_stage_*: recall@K (the share of targets among the K:
-    the ceiling of every re-ranked number) and TF-IDF's own order of the K."""
+    """The first stage alone (first_stage_*): recall@K, the ceiling, and TF-IDF's order of K."""
     m = rerank_metrics(stage.scores, stage, lexical.tolerance)
     held = (stage.ids == stage.targets[:, None]).any(dim=1)                # (Q,)
     ceiling = {"first_stage_recall@K": held.double().mean().item() if len(held) else None}
@@ -303,9 +264,7 @@ def first_stage_metrics(stage, lexical):
 
 
 def reranking(scores, stage, tolerance=0.0):
-    """rerank_metrics of scores (Q, K) ordering stage's candidates, and their MRR minus that of
-    TF-IDF's own order, paired on the same markers, with its 95% interval (_ci) and two-sided p
-    (_p): whether the learned order beats TF-IDF's, or only seems to."""
+    """rerank_metrics of scores (Q, K), and their MRR minus TF-IDF's order's, paired: _ci and _p."""
     if not len(stage.targets):
         return {**rerank_metrics(scores, stage), "mrr_minus_first_stage": None}
     ranks = candidate_ranks(scores, stage.ids, stage.targets, tolerance)             # (Q,)

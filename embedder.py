@@ -1,16 +1,14 @@
 """
-Emb_seq: the sequence embedder. It turns a whole sequence (a fact, a sentence) into one unit
-vector; all sequences of a corpus, embedded, are the nonparametric sequence space (the datastore).
+Emb_seq: the sequence embedder, a whole sequence (a fact, a sentence) to one unit vector; all
+sequences embedded are the nonparametric sequence space (the datastore).
 
     e = normalize(W_proj * mean_{i: not pad} Enc(x)_i)
 
-Enc is a small bidirectional transformer (model.py's Transformer, not causal) with its own
-token embedding and its own sizes. Mean pooling over real tokens only, so padding never changes an
-embedding. (The paper's code takes the encoder's last-token state instead; mean pooling suits a
-bidirectional encoder, where no single position has read the whole sequence by construction.)
-Started from GPT-2 (machinery/gpt2.py), Enc reads causally, as GPT-2 was trained, and the mean is
-weighted by position (SGPT's pooling): token i has read tokens 1..i, so it counts i times. README,
-Starting from GPT-2, says why.
+Enc is a small bidirectional transformer (model.py's Transformer) with its own weights and
+sizes. The mean is over real tokens only, so padding never changes an embedding (the paper's code
+takes the last token's state; in a bidirectional encoder no one position has read the whole
+sequence). Started from GPT-2, Enc reads causally, as GPT-2 was trained, and token i, having read
+tokens 1..i, counts i times in the mean (SGPT's pooling).
 """
 
 from dataclasses import dataclass
@@ -47,18 +45,14 @@ class SeqEmbedder(nn.Module):
 
     @torch.no_grad()
     def start_from(self, gen):
-        """Copy Gen's trunk into this one (token and position embeddings, the first n_layer
-        blocks, the final norm), as the paper starts both networks from one pretrained LM: the
-        token space Gen has learned becomes Emb_seq's start. Attention here stays as this
-        Emb_seq's config says. Needs the same width, heads and gpt2_block, at most Gen's layers,
-        a block_size at most Gen's."""
+        """Copy Gen's trunk into this one, as the paper starts both networks from one pretrained
+        LM: the same width, heads and gpt2_block, at most Gen's layers and block_size."""
         theirs = gen.transformer.state_dict()
         for name, p in self.transformer.state_dict().items():
             p.copy_(theirs[name][:p.shape[0]] if name == "wpe.weight" else theirs[name])
 
     def embed_tokens(self, tokens, mask):
-        """e = normalize(W_proj * mean_{i: not pad} Enc(x)_i): unit vectors (N, seq_dim) of
-        tokens (N, L) right-padded, mask (N, L) True on real tokens."""
+        """e (N, seq_dim) of tokens (N, L) right-padded, mask (N, L) True on real tokens."""
         x = self.transformer(tokens, key_mask=mask)                       # (N, L, n_embd)
         m = mask.unsqueeze(-1).to(x.dtype)                                # (N, L, 1)
         if self.config.causal:  # token i has read i tokens: it weighs i (module docstring)
@@ -67,8 +61,5 @@ class SeqEmbedder(nn.Module):
         return F.normalize(self.proj(mean), dim=-1)                       # (N, seq_dim)
 
     def forward(self, tokens, mask, buckets=BUCKETS):
-        """embed_tokens, run in `buckets` groups of rows of similar length, each cut to its own
-        longest row: the same embeddings, less work on padding (machinery/buckets.py)."""
+        """embed_tokens, in groups of similar length: less padding (machinery/buckets.py)."""
         return in_length_buckets(self.embed_tokens, tokens, mask, buckets)
-
-    # every sequence of a corpus embedded (the datastore's vectors): machinery/datastore_file.py

@@ -5,17 +5,9 @@ documents that end in an answer, such as `facts`) answers written with retrieval
     python evaluate.py --out_dir out
     python evaluate.py --out_dir out_ntp --query_from out_nsp    # separate supervision
 
-Prints one JSON object and writes it, with each marker's 1/rank (reciprocal_ranks), to
-OUT_DIR/eval.json (with --query_from OTHER, to OUT_DIR/eval_query_from_<OTHER's folder name>.json;
-OTHER's folder is only read); then, on stderr, every retrieval figure with its 95% interval. For
-the val split (held-out people for `facts`) and a sample of train: L_NTP (ntp, ppl); recall@1,
-recall@10 and MRR of the learned queries against the whole datastore, and of TF-IDF (lexical_*);
-two-stage retrieval (datastore.py): the first stage's ceiling and own order (first_stage_*), the
-learned score re-ranking its K (reranked_*) and learned + w TF-IDF (combined_*), each paired
-against TF-IDF's order (*_mrr_minus_first_stage); answers (answer_em_retrieval,
-answer_em_no_retrieval, answer_em_gold, marker_rate, retrieval_acc); and for `facts`,
-val_reworded: held-out questions worded as no training document words them (machinery/facts.py).
-README, Sampling and evaluation, says what each figure means.
+Prints one JSON object and writes it, with each marker's 1/rank, to OUT_DIR/eval.json (with
+--query_from OTHER, to OUT_DIR/eval_query_from_<OTHER's folder name>.json); then each retrieval
+figure with its 95% interval on stderr. README, Sampling and evaluation, says what each means.
 """
 
 import json
@@ -41,9 +33,7 @@ from train import load_run, loss_estimates
 
 
 def question_retrieval(gen, datastore, qs, tok, device):
-    """recall@1, recall@10 and MRR of Gen's query at a marker placed right after each question,
-    against the whole datastore: retrieval alone, whether or not Gen would write the marker. Each
-    context is cut to what this Gen reads: its own block_size."""
+    """recall@1, recall@10 and MRR of Gen's query at a marker put right after each question."""
     contexts = [np.append(prompt, tok.marker).astype(np.int64)[-gen.config.block_size:]
                 for prompt, _, _ in qs]
     queries = marker_queries(gen, contexts, device)                       # (Q, d)
@@ -52,8 +42,7 @@ def question_retrieval(gen, datastore, qs, tok, device):
 
 
 def question_lexical(lexical, qs, tok):
-    """TF-IDF's recall@1, recall@10 and MRR for the same questions, each question's words against
-    every sequence's: the training-free line beside question_retrieval, named lexical_*."""
+    """TF-IDF's recall@1, recall@10 and MRR for the same questions, named lexical_*."""
     ranks = lexical.ranks([tok.decode(prompt) for prompt, _, _ in qs], [t for _, t, _ in qs])
     return {f"lexical_{k}": v for k, v in retrieval_metrics(ranks).items()}
 
@@ -61,12 +50,8 @@ def question_lexical(lexical, qs, tok):
 def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
                    modes=("retrieval", "no_retrieval", "gold"), reword_questions=False,
                    batch_size=EvalConfig.batch_size, lexical=None):
-    """The answer metrics of the first `limit` questions of a split, for each of `modes`:
-    retrieval in the loop, Gen alone, Gen given the gold sequence; with reword_questions, of those
-    questions reworded (the generalisation test), with their retrieval metrics too, and TF-IDF's
-    beside them if a lexical index is given. Decoded batch_size questions at a time
-    (machinery/batch_generate.py): a question asked with and without retrieval is two prompts of
-    one batch, so a batch holds up to twice batch_size prompts."""
+    """Answers to the first `limit` questions of a split for each of `modes` (reword_questions:
+    reworded, with their retrieval metrics, and TF-IDF's given lexical)."""
     qs = questions(data, tok, split, limit)
     if reword_questions:
         qs = reworded(qs, tok)
@@ -77,9 +62,7 @@ def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
     budgets = [len(gold) + 32 for _, _, gold in qs]
     hits = {}
 
-    def decode(given, retrieve, known=()):
-        """Greedy generation of the prompts `given` (question i % len(qs)'s), with retrieval in
-        the loop where `retrieve` says so; batch_size questions at a time (decode_prompts)."""
+    def decode(given, retrieve, known=()):  # prompt i is question i % len(qs)'s
         return decode_prompts(gen, given, [budgets[i % len(qs)] for i in range(len(given))],
                               tok.marker, tok.eod, datastore, query_gen, retrieve,
                               batch_size * max(1, len(given) // len(qs)), known)
@@ -119,10 +102,8 @@ WEIGHTS = (0, 0.05, 0.1, 0.25, 0.5, 1, 2, 4)   # the combined score's w, chosen 
 
 
 def retrieval(gen, datastore, data, tok, lexical, k, device, ctx):
-    """Every retrieval number of train's first 480 markers and all of val's, {split: metrics}:
-    against the whole datastore (learned and TF-IDF), and two-stage: the first stage's ceiling
-    and order of its k candidates, the learned score re-ranking them (reranked_*), and learned +
-    w * TF-IDF (combined_*), w chosen on the train markers, never on val."""
+    """Retrieval of train's first 480 markers and of val's: learned and TF-IDF, and two-stage,
+    the first stage's k re-ranked (reranked_*) and by learned + w TF-IDF (combined_*)."""
     out, weight = {}, None
     for split, limit in (("train", 480), ("val", None)):
         queries, targets = split_queries(gen, data, split, device, ctx, limit)
@@ -151,24 +132,6 @@ def retrieval(gen, datastore, data, tok, lexical, k, device, ctx):
     return out
 
 
-def eval_inputs(query_from, out_dir, embedder, data, device="auto"):
-    """The Gen that makes the queries (None: the run's own), the datastore it searches and the
-    path of the result: the run's datastore (out_dir/datastore.pt, built if missing or stale) and
-    out_dir/eval.json; with --query_from OTHER (separate supervision), OTHER's Gen and a datastore
-    of OTHER's Emb_seq (OTHER's own if fresh, else one in memory: OTHER's folder is only read)."""
-    if not query_from:
-        path = os.path.join(out_dir, "datastore.pt")
-        return None, datastore_file.load_or_build(path, embedder, data), os.path.join(out_dir,
-                                                                                    "eval.json")
-    _, query_gen, retriever, other_data, _ = load_run(query_from, device)
-    if other_data.fingerprint != data.fingerprint:
-        raise UserError(f"{query_from} was trained on other data than {out_dir}")
-    datastore = (datastore_file.load(os.path.join(query_from, "datastore.pt"), retriever, data)
-                 or datastore_file.build(retriever, data))
-    name = os.path.basename(os.path.normpath(query_from))
-    return query_gen, datastore, os.path.join(out_dir, f"eval_query_from_{name}.json")
-
-
 @torch.inference_mode()
 def main(argv=None):
     args, _ = parse_config(EvalConfig, __doc__, argv)
@@ -176,9 +139,18 @@ def main(argv=None):
     cfg, gen, embedder, data, tok = load_run(args.out_dir, args.device)
     device = next(gen.parameters()).device.type
     ctx = autocast(device, cfg.dtype)
-    # the run's datastore and Gen, or with --query_from OTHER, OTHER's (eval_inputs)
-    query_gen, datastore, path = eval_inputs(args.query_from, args.out_dir, embedder, data,
-                                             args.device)
+    query_gen, path = None, os.path.join(args.out_dir, "eval.json")
+    if args.query_from:  # separate supervision: OTHER's Gen and Emb_seq (its folder only read)
+        _, query_gen, retriever, other, _ = load_run(args.query_from, args.device)
+        if other.fingerprint != data.fingerprint:
+            raise UserError(f"{args.query_from} was trained on other data than {args.out_dir}")
+        datastore = (datastore_file.load(os.path.join(args.query_from, "datastore.pt"),
+                                         retriever, data) or datastore_file.build(retriever, data))
+        name = os.path.basename(os.path.normpath(args.query_from))
+        path = os.path.join(args.out_dir, f"eval_query_from_{name}.json")
+    else:
+        datastore = datastore_file.load_or_build(os.path.join(args.out_dir, "datastore.pt"),
+                                                 embedder, data)
     lexical = lexical_index(data, tok)   # TF-IDF: the baseline and the first stage
     use_search(datastore, args.index, cfg, data, tok, lexical)
     result = {"out_dir": args.out_dir, "query_from": args.query_from or None,

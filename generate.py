@@ -8,13 +8,8 @@ marker searches the datastore and the best sequence is appended verbatim (the pa
         x_{t+2} .. x_{t+1+|s_j*|} = the tokens of sequence j*  appended, not written one by one
 
 A KV cache (machinery/kv_cache.py) keeps every token's keys and values, so each token, and each
-inserted sequence, runs through Gen once. Positions are absolute, so when the context outgrows
-block_size, Gen's window jumps to the context's last half, encoded again from position 0
-(window_start).
-
-generate() continues one prompt and is the reference. Evaluation decodes many prompts at once,
-greedily (machinery/batch_generate.py): the same tokens, unless two logits or two entries' scores
-lie within float rounding of each other, since a batched product rounds differently.
+inserted sequence, runs through Gen once. Evaluation decodes many prompts at once, greedily, the
+same way (machinery/batch_generate.py): the same tokens but where batched rounding turns a tie.
 """
 
 import math
@@ -36,26 +31,14 @@ class Retrieval:
     first_stage_rank: int = None  # two-stage search: where the first stage ranked the entry
 
 
-def _next_token(logits, temperature, top_k, generator):
-    if temperature == 0:  # greedy
-        return int(logits.argmax())
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, -float("inf"))
-    return int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
-
-
 def window_start(n_ids, start, block):
-    """Where Gen's window over n_ids ids starts, given where it started. Positions are absolute,
-    so cached keys cannot slide with the window: past block_size it jumps to the last half."""
+    """Where Gen's window over n_ids ids starts. Positions are absolute, so cached keys cannot
+    slide with the window: past block_size it jumps to the last half, encoded again."""
     return n_ids - block // 2 if n_ids - start > block else start
 
 
 def marker_step_queries(gen, query_gen, h, windows, device):
-    """The queries (R, seq_dim) at R markers: Gen's from its final states there h (R, n_embd),
-    or query_gen's, which reads each window (the ids Gen sees, up to the marker) cut to its own
-    block, in one pass."""
+    """The queries (R, seq_dim) at R markers: Gen's from h (R, n_embd), or query_gen's."""
     if query_gen is None:
         return gen.query(h).float().cpu()
     cut = query_gen.config.block_size
@@ -64,10 +47,8 @@ def marker_step_queries(gen, query_gen, h, windows, device):
 
 
 def retrieval_step(datastore, queries, positions, room, windows, alternatives=0):
-    """The retrieval step of R markers: search the datastore with queries (R, d) (with a first
-    stage, among its candidates for the windows' texts). For each, its Retrieval (at
-    positions[r]) and the tokens to insert, cut to room[r], what is left of its budget. With no
-    candidate (no entry shares a word with the window): id -1, nothing inserted, the row ends."""
+    """The retrieval step of R markers, queries (R, d): each one's Retrieval (at positions[r]) and
+    the tokens to insert, cut to room[r]. No candidate (two-stage): id -1, nothing inserted."""
     if datastore.first is not None:
         scores, top, stage = datastore.rerank(queries, windows, k=1 + alternatives)
         stage = stage[:, 0].tolist()
@@ -93,12 +74,10 @@ def check_prompt(prompt):
 @torch.inference_mode()
 def generate(gen, prompt, max_new_tokens, marker, stop=None, datastore=None, temperature=0.0,
              top_k=None, alternatives=0, use_cache=True, generator=None, query_gen=None):
-    """Continue the token ids `prompt` by up to max_new_tokens tokens (inserted sequences count
-    too), stopping after `stop`. With a datastore, a marker triggers retrieval. Returns the ids
-    (prompt included) and the list of Retrievals. use_cache=False re-reads Gen's whole window
-    (window_start) at every step: slower, and the reference that the cache must agree with.
-    query_gen: another Gen that makes the queries (the paper's separate-supervision baseline).
-    The prompt must hold at least one token: Gen's first prediction reads the last one."""
+    """Continue the token ids `prompt` by up to max_new_tokens tokens (inserted ones count),
+    stopping after `stop`; with a datastore, a marker triggers retrieval. Returns the ids and
+    the Retrievals. use_cache=False re-reads the window at every step: the cache's reference.
+    query_gen: another Gen that makes the queries (separate supervision)."""
     check_prompt(prompt)
     device = next(gen.parameters()).device
     block = gen.config.block_size
@@ -122,7 +101,15 @@ def generate(gen, prompt, max_new_tokens, marker, stop=None, datastore=None, tem
     h = advance()
     n_new = 0
     while n_new < max_new_tokens:
-        token = _next_token(gen.lm_head(h).float(), temperature, top_k, generator)
+        logits = gen.lm_head(h).float()                                   # (vocab,)
+        if temperature == 0:  # greedy
+            token = int(logits.argmax())
+        else:  # drawn from softmax(logits / temperature), among the top_k only if given
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < kth, -math.inf)
+            token = int(torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator))
         ids.append(token)
         n_new += 1
         if token == stop:

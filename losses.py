@@ -3,22 +3,18 @@ The co-supervision objective, each term next to the code that computes it.
 
     L = lambda_tok * L_NTP + lambda_seq * L_NSP
 
-L_NTP, next-token prediction, over every position t of the B windows of T tokens (markers and
-sequence tokens included):
+L_NTP, next-token prediction, over every token of the B windows of T (markers and sequences too):
 
     L_NTP = -(1/(B T)) sum_{b,t} log p(x_{b,t+1} | x_{b,<=t})
 
-L_NSP, next-sequence prediction, an InfoNCE over the M markers of a batch. At marker i Gen's query
-q_i (model.py) must score its target sequence's embedding e_{p(i)} (embedder.py) above every other
-candidate in the batch's candidate set C, N sequences (the other markers' targets and the hard
-negatives), less F_i, the likely false negatives of marker i (on text, the targets of the markers
-next to it: data.near_targets):
+L_NSP, next-sequence prediction, an InfoNCE over the M markers of a batch: at marker i Gen's query
+q_i must score its target's embedding e_{p(i)} above the batch's other candidates C (the other
+markers' targets and the hard negatives), less F_i, its likely false negatives (data.near_targets):
 
     L_NSP = -(1/M) sum_i log [ exp(q_i . e_{p(i)} / tau) / sum_{j in C - F_i} exp(q_i . e_j / tau) ]
 
-q and e are unit vectors, so q . e is a cosine in [-1, 1] and tau (the temperature) sets how sharp
-the softmax is. (The paper's code uses a raw dot product with no temperature: experiments/README.md,
-"Where cosup differs from the paper's official code".)
+q and e are unit vectors, so q . e is a cosine in [-1, 1] and tau sets how sharp the softmax is
+(the paper's code uses a raw dot product: experiments/README.md, "Where cosup differs").
 """
 
 import torch.nn.functional as F
@@ -30,9 +26,8 @@ def ntp_loss(logits, targets):
 
 
 def nsp_loss(queries, embeddings, target_row, temperature, excluded=None):
-    """L_NSP: InfoNCE of queries (M, d) against the candidates' embeddings (N, d); target_row
-    (M,) is p(i), the row of each query's target; excluded (M, N), if given, True where
-    candidate j is in F_i. Returns the loss and the in-batch top-1 accuracy."""
+    """L_NSP of queries (M, d) against the candidates (N, d), target_row (M,) being p(i) and
+    excluded (M, N) F_i; and the in-batch top-1 accuracy."""
     scores = queries.float() @ embeddings.float().T / temperature  # (M, N): q_i . e_j / tau
     if excluded is not None:
         scores = scores.masked_fill(excluded, float("-inf"))      # (M, N): j in F_i counts 0
@@ -41,21 +36,9 @@ def nsp_loss(queries, embeddings, target_row, temperature, excluded=None):
     return loss, accuracy
 
 
-def false_negatives(candidate_ids, target_row, neighbours):
-    """F_i as a mask (M, N): True where candidate j (candidate_ids (N,): datastore ids) is among
-    marker i's neighbours (M, k), datastore ids, -1 for none, and is not its own target."""
-    near = (neighbours[:, :, None] == candidate_ids[None, None, :]).any(dim=1)   # (M, N)
-    return near & (candidate_ids[None, :] != candidate_ids[target_row][:, None])
-
-
 def co_supervision_loss(gen, embedder, batch, lambda_tok, lambda_seq, temperature, gather=None):
-    """L = lambda_tok * L_NTP + lambda_seq * L_NSP on one batch, and its parts for logging.
-
-    L_NSP is computed when lambda_seq > 0 and there are markers. When it is not, Emb_seq does not
-    run at all: with lambda_seq = 0 it gets no gradient and this is exactly NTP training.
-    gather (several processes: train.py): widens the markers and candidates to those of every
-    process, so C is the union of all processes' candidates; L_NSP then runs even on a batch
-    without markers of its own, since the others' count here too. F_i: batch.neighbours."""
+    """L on one batch, and its parts. Without lambda_seq > 0 and markers Emb_seq does not run:
+    exactly NTP training. gather (train.py) widens the candidates to every process's."""
     with_nsp = lambda_seq > 0 and (len(batch.target_row) > 0 or gather is not None)
     logits, queries = gen(batch.x, batch.marker_index if with_nsp else None)  # (B, T, V), (M, d)
     l_ntp = ntp_loss(logits, batch.y)
@@ -67,7 +50,9 @@ def co_supervision_loss(gen, embedder, batch, lambda_tok, lambda_seq, temperatur
         if gather is not None:
             nsp = gather(*nsp)
         queries, embeddings, target_row, candidate_ids, neighbours = nsp
-        excluded = false_negatives(candidate_ids, target_row, neighbours)  # (M, N)
+        # F_i: the candidates among marker i's neighbours (datastore ids), but its own target
+        near = (neighbours[:, :, None] == candidate_ids[None, None, :]).any(dim=1)   # (M, N)
+        excluded = near & (candidate_ids[None, :] != candidate_ids[target_row][:, None])
         l_nsp, accuracy = nsp_loss(queries, embeddings, target_row, temperature, excluded)
         stats.update(nsp=l_nsp.detach(), nsp_acc=accuracy)
         loss = loss + lambda_seq * l_nsp

@@ -6,13 +6,10 @@ Gen has two heads on the same final hidden state h_t:
   - lm_head scores the next *token*:       p(x_{t+1} | x_<=t) = softmax(h_t W_tok^T)   (for L_NTP)
   - seq_head makes a *query* for the next *sequence*, used at retrieval markers only:
         q_t = normalize(W_seq h_t)                                                   (for L_NSP)
-The query is compared with Emb_seq's sequence embeddings (embedder.py); losses.py has both losses.
 
-Emb_seq is built from the same parts (Transformer, below) with its own weights, and runs them
-without the causal mask.
-
-With gpt2_block, every Linear and LayerNorm has a bias and GELU is its tanh approximation: the
-block computes what GPT-2's does, so GPT-2's weights can be read into it (machinery/gpt2.py).
+Emb_seq (embedder.py) is built from the same Transformer with its own weights, not causal. With
+gpt2_block, every Linear and LayerNorm has a bias and GELU is its tanh approximation, as GPT-2's
+block, so GPT-2's weights can be read into it (machinery/gpt2.py).
 """
 
 import math
@@ -36,23 +33,16 @@ class SelfAttention(nn.Module):
         self.flash = hasattr(F, "scaled_dot_product_attention")
 
     def forward(self, x, key_mask=None, cache=None):
-        """Multi-head self-attention of x (B, T, n_embd), softmax(Q K^T / sqrt(d)) V per head,
-        with one of three masks:
-        - Gen in training (causal, no key_mask, no cache): token t attends to tokens 0..t;
-        - Emb_seq (key_mask): every real token attends to every real token (to those up to it
-          where causal, as when started from GPT-2), never to padding;
-        - Gen generating (cache, from generate.py): the new tokens continue those whose keys and
-          values the cache holds; the cache says which keys each new token sees."""
+        """softmax(Q K^T / sqrt(d)) V per head of x (B, T, n_embd): causal in Gen; Emb_seq never
+        attends to padding (key_mask); in generation the cache says which keys a token sees."""
         B, T, n_embd = x.shape
         q, k, v = (t.view(B, T, self.n_head, n_embd // self.n_head).transpose(1, 2)
                    for t in self.c_attn(x).split(n_embd, dim=2))    # (B, H, T, n_embd/H) each
         mask, causal = None, self.causal
         if key_mask is not None:  # (B, T), True on real tokens: padding is never attended to
             mask = key_mask[:, None, None, :]                           # (B, 1, 1, T)
-        if cache is not None:
+        if cache is not None:  # no mask back: nothing past, the new tokens plainly causal
             k, v, mask = cache.extend(k, v)                             # (B, H, S, n_embd/H) each
-            # no mask: nothing past (the new tokens see each other causally), or one new token
-            # that sees every key
             causal = mask is None and T > 1
         if self.flash:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
@@ -95,8 +85,7 @@ class Block(nn.Module):
 
 
 def init_weights(model, n_layer):
-    """GPT-2's init: N(0, 0.02), and residual projections scaled down by sqrt(2 * n_layer) so the
-    residual stream's variance does not grow with depth; biases (gpt2_block) zero."""
+    """GPT-2's init: N(0, 0.02), residual projections scaled down by sqrt(2 * n_layer)."""
     for name, p in model.named_parameters():
         if p.dim() >= 2:
             std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("c_proj.weight") else 0.02
@@ -118,9 +107,7 @@ class GenConfig:
 
 
 class Transformer(nn.Module):
-    """The trunk that Gen and Emb_seq share in design (each has its own weights): token and
-    position embeddings, n_layer Blocks, a final LayerNorm. Causal in Gen, bidirectional in Emb_seq.
-    """
+    """The trunk of Gen and of Emb_seq: embeddings, n_layer Blocks, a final LayerNorm."""
 
     def __init__(self, vocab_size, max_len, n_layer, n_head, n_embd, dropout, causal, gpt2_block):
         super().__init__()
@@ -132,13 +119,12 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(n_embd, bias=gpt2_block)
 
     def forward(self, idx, past=0, key_mask=None, caches=None):
-        """Hidden states (B, T, n_embd) of token ids idx (B, T) at positions past .. past+T-1.
-        past is an int, or (B, 1) when rows of different lengths decode together (evaluation's
-        answers, machinery/batch_generate.py): each row then reads at its own positions."""
+        """Hidden states (B, T, n_embd) of token ids idx (B, T) at positions past .. past+T-1;
+        past is 0, or (B, 1) in generation, where each row reads at its own positions."""
         T = idx.shape[1]
         pos = torch.arange(T, device=idx.device) + past                  # (T,) or (B, T)
-        if torch.is_tensor(past):  # a short row's padding may run past the last position: its
-            pos = pos.clamp(max=self.wpe.num_embeddings - 1)  # states are never read
+        # a short row's padding may run past the last position: its states are never read
+        pos = pos.clamp(max=self.wpe.num_embeddings - 1)
         x = self.drop(self.wte(idx) + self.wpe(pos))                     # (B, T, n_embd)
         for i, block in enumerate(self.blocks):
             x = block(x, key_mask, caches[i] if caches else None)        # (B, T, n_embd)
@@ -158,12 +144,9 @@ class Gen(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight
 
     def hidden(self, idx, caches=None):
-        """Final hidden states h (B, T, n_embd) of token ids (B, T). With caches (one per layer,
-        generate.py), idx continues the tokens already in them."""
-        past = caches[0].past if caches else 0     # an int, or (B, 1): the cache checks its rows
-        assert torch.is_tensor(past) or past + idx.shape[1] <= self.config.block_size, \
-            "more tokens than block_size"
-        return self.transformer(idx, past, caches=caches)
+        """Final hidden states h (B, T, n_embd) of token ids (B, T), after those in caches."""
+        assert idx.shape[1] <= self.config.block_size, "more tokens than block_size"
+        return self.transformer(idx, caches[0].past if caches else 0, caches=caches)
 
     def query(self, h):
         """q = normalize(W_seq h): a unit vector, so q . e is its cosine with an embedding."""

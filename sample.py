@@ -5,9 +5,8 @@ fetches the best sequence from the datastore, which is inserted verbatim (genera
     python sample.py --out_dir out                       # a held-out question of the corpus
     python sample.py --out_dir out --prompt "Q: Where does Vok Droulki live?\n"
 
-Each inserted sequence is shown as [#id score: text], with the runners-up under
---show_retrieval K; under two-stage search (--index first_stage, a text run's default) as
-[#id score TF-IDF #r: text], r being where the first stage ranked it (1: TF-IDF's own choice).
+Each inserted sequence is shown as [#id score: text] (the runners-up with --show_retrieval K);
+under two-stage search as [#id score TF-IDF #r: text], r its first stage rank.
 """
 
 import os

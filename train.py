@@ -7,9 +7,8 @@ Train Gen and Emb_seq jointly with semiparametric token-sequence co-supervision:
     python train.py --lambda_seq 0            # NTP only: Emb_seq is never trained
     python train.py --dataset pydoc           # real prose: CPython's documentation
 
-Every eval_interval iterations, and at the end: L_NTP and L_NSP on both splits, retrieval of the
-val markers against the whole datastore, a line in out_dir/log.jsonl and a checkpoint
-out_dir/ckpt.pt. Ctrl-C (or SIGTERM) saves and stops; --resume continues exactly where it stopped.
+Every eval_interval iterations and at the end: losses, retrieval of the val markers, a line in
+out_dir/log.jsonl and out_dir/ckpt.pt. Ctrl-C saves and stops; --resume continues exactly there.
 Several processes: torchrun (README). Every flag: machinery/config.py, or --help.
 """
 
@@ -43,18 +42,14 @@ from machinery.lexical import lexical_index, lexical_metrics
 from machinery.plots import plot_run
 from model import Gen, GenConfig
 
-# The recipe's numbers that depend on the corpus, for flags left at -1: a text needs twice the
-# steps of facts, evaluations come every quarter of the run, and on facts the parts only L_NSP
-# trains learn at 0.3 of the rate (experiments/README.md, The default recipe).
+# The recipe's numbers for flags left at -1 (experiments/README.md, The default recipe).
 RECIPE = {"facts": {"max_iters": 1200, "eval_interval": 300, "nsp_lr_scale": 0.3},
           "text": {"max_iters": 2400, "eval_interval": 600, "nsp_lr_scale": 1.0}}
 # oneDNN, behind some of torch's CPU kernels, keeps a compiled kernel for each new tensor shape, up
-# to 1,024 of them. A text's L_NSP candidates change shape at every step, so the default cache
-# grows all run long (experiments/README.md, Memory); a few entries keep the shapes that repeat.
+# to 1,024 of them; a text's L_NSP candidates change shape every step, and the cache would grow
+# all run long. A few entries keep the shapes that repeat.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
-# Steps between two trims of the heap: a text's L_NSP candidates differ in shape from batch to
-# batch, and what they free stays resident until trimmed.
-TRIM_EVERY = 10
+TRIM_EVERY = 10  # steps between two trims of the heap (a text's candidates vary in shape)
 
 
 def configure(argv=None):
@@ -76,9 +71,7 @@ def learning_rate(it, cfg):
 
 
 def nsp_lr_scale(it, cfg):
-    """The parts only L_NSP trains (Emb_seq, seq_head) learn at learning_rate times this, at most
-    cfg.nsp_lr_scale. When L_NSP joins after nsp_start > 0 steps of NTP alone, they are still at
-    their initialisation: they warm up again, warmup_iters long, from nsp_start."""
+    """The rate of the parts only L_NSP trains, times learning_rate: warmup from nsp_start."""
     if cfg.nsp_start == 0:
         return cfg.nsp_lr_scale
     return cfg.nsp_lr_scale * min(1.0, max(0, it - cfg.nsp_start + 1) / (cfg.warmup_iters + 1))
@@ -95,13 +88,12 @@ def build_models(cfg, vocab_size):
 
 
 def make_optimizer(cfg, gen, embedder, device):
-    """AdamW, weight decay on matrices only, as in nanoGPT. The parts only L_NSP trains (Emb_seq,
-    Gen's seq_head) are groups of their own, marked "nsp": their rate is scaled (nsp_lr_scale)."""
+    """AdamW, weight decay on matrices only, as in nanoGPT; the parts only L_NSP trains (Emb_seq,
+    seq_head) in groups marked "nsp", with a rate of their own (nsp_lr_scale)."""
     nsp_only = [*gen.seq_head.parameters(), *embedder.parameters()]
     shared = [p for p in gen.parameters() if all(p is not q for q in nsp_only)]
     groups = []
     for params, nsp in ((shared, False), (nsp_only, True)):
-        params = [p for p in params if p.requires_grad]
         groups += [{"params": [p for p in params if p.dim() >= 2], "nsp": nsp,
                     "weight_decay": cfg.weight_decay},
                    {"params": [p for p in params if p.dim() < 2], "nsp": nsp, "weight_decay": 0.0}]
@@ -111,8 +103,7 @@ def make_optimizer(cfg, gen, embedder, device):
 
 def across_processes(batch, lambda_seq, world):
     """W > 1 processes: L_NSP over all their markers and candidates (the gather), weighted by W,
-    since DDP averages W gradients that each reach one process's part. All processes run L_NSP
-    or none (DDP waits for all): none only when no batch holds a marker."""
+    since DDP averages W gradients. All processes run L_NSP or none (DDP waits for all)."""
     if world == 1 or lambda_seq == 0:
         return None, lambda_seq
     markers = distributed.total(len(batch.target_row), batch.x.device)
@@ -120,8 +111,7 @@ def across_processes(batch, lambda_seq, world):
 
 
 def load_run(out_dir, device="auto"):
-    """A finished run for sample.py and evaluate.py: (config, Gen, Emb_seq, Data, Tokenizer), the
-    models in eval mode on the device."""
+    """A trained run, for sample.py and evaluate.py: (config, Gen, Emb_seq, Data, Tokenizer)."""
     path = os.path.join(out_dir, "ckpt.pt")
     ckpt = read_checkpoint(path, f"train one first (train.py --out_dir {out_dir})")
     cfg, device = Config(**ckpt["config"]), pick_device(device)
@@ -135,10 +125,7 @@ def load_run(out_dir, device="auto"):
 
 @torch.no_grad()
 def loss_estimates(gen, embedder, data, cfg, device, ctx, split, measure_nsp=True):
-    """Mean L_NTP and L_NSP over eval_iters fixed batches of a split (the same batches each time,
-    so the curves are smooth); L_NSP is None where the split has no marker, or without
-    measure_nsp (then Emb_seq does not run). Each part is measured whatever its loss weight:
-    L_NSP even in a run that trains without it."""
+    """Mean L_NTP and L_NSP (None without markers or measure_nsp) over eval_iters fixed batches."""
     rng = np.random.default_rng(cfg.seed + 1)
     ntp, nsp = [], []
     for _ in range(cfg.eval_iters):
@@ -153,9 +140,7 @@ def loss_estimates(gen, embedder, data, cfg, device, ctx, split, measure_nsp=Tru
 
 
 def evaluate(gen, embedder, data, cfg, device, ctx, baseline, stage):
-    """Losses on both splits, retrieval of val's markers (and train's first 500) against the whole
-    datastore, re-ranking the first stage's candidates (stage) for the same val markers, and
-    beside them `baseline`: TF-IDF's numbers on those markers."""
+    """Losses on both splits, retrieval of val's markers (and train's first 500), and baseline."""
     gen.eval(), embedder.eval()
     out = {}
     for split in ("train", "val"):
@@ -184,18 +169,6 @@ def diverged(what, it, ckpt_path, saved):
                      f"the last good iteration, {saved}; try a lower --learning_rate")
 
 
-def print_summary(m, chance, ckpt_path, log_path):
-    """The last evaluation beside chance (and, in retrieval_lines, TF-IDF), with intervals."""
-    def f(v):
-        return "n/a" if v is None else f"{v:.4f}"
-    print(f"\ndone: {m['iter']} iterations, {f(m['ms_per_iter'])} ms/iter")
-    print(f"  NTP loss        train {f(m['train_ntp'])}   val {f(m['val_ntp'])}")
-    print(f"  NSP loss (val)  {f(m['val_nsp'])}")
-    train = {k[len("train_"):]: v for k, v in m.items() if k.startswith("train_")}
-    print("\n".join(retrieval_lines(m, chance, "val", train)))
-    print(f"  checkpoint {ckpt_path}, log {log_path}")
-
-
 def main(argv=None):
     cfg = configure(argv)
     check_out_dir(cfg)  # before preparing anything: never another run's checkpoint replaced
@@ -204,8 +177,7 @@ def main(argv=None):
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     malloc_for("transient")  # preparing the corpus: large arrays that come and go (cli.py)
     torch.manual_seed(cfg.seed)  # the same initial weights in every process
-    # the batches: each process its own; a run from another's weights (--init_from) a stream of
-    # its own too: with the seed alone it would replay that run's batches from its first
+    # the batches: each process its own, and --init_from's not a replay of the base run's
     rng = np.random.default_rng([cfg.seed + rank, 1] if cfg.init_from else cfg.seed + rank)
     ctx = autocast(device, cfg.dtype)  # bfloat16 on a GPU, plain float32 on a CPU
     data, tok = load_data(cfg)
@@ -232,8 +204,7 @@ def main(argv=None):
               f"tokens, {len(data.train.marker_pos):,} / {len(data.val.marker_pos):,} markers, "
               f"datastore of {data.n_sequences:,} sequences; device {device}"
               + (f", {world} processes" if world > 1 else ""))
-    # the copies the step runs: compiled, and with several processes wrapped in DDP; they share
-    # the plain modules' parameters, which are what is saved and evaluated
+    # the step runs copies (compiled; DDP) that share the parameters saved and evaluated
     step_gen, step_embedder = (torch.compile(gen), torch.compile(embedder)) if cfg.compile else (
         gen, embedder)
     step_gen = distributed.wrap(step_gen, device, find_unused=True)  # seq_head: only with L_NSP
@@ -328,9 +299,14 @@ def main(argv=None):
                 raise diverged("the loss is", it, ckpt_path, saved)
             if it % 10 == 0:
                 bar.set_postfix({k: f"{v.item():.3f}" for k, v in stats.items()})
-    if master:
+    if master:  # the last evaluation beside chance and TF-IDF, with intervals
         log.close()
-        print_summary(metrics, chance_metrics(data.n_sequences), ckpt_path, log.name)
+        nsp = "n/a" if metrics["val_nsp"] is None else f"{metrics['val_nsp']:.4f}"
+        print(f"\ndone: {metrics['iter']} iterations; checkpoint {ckpt_path}, log {log.name}\n"
+              f"  NTP loss train {metrics['train_ntp']:.4f} val {metrics['val_ntp']:.4f}, "
+              f"NSP loss (val) {nsp}")
+        train = {k[len("train_"):]: v for k, v in metrics.items() if k.startswith("train_")}
+        print("\n".join(retrieval_lines(metrics, chance_metrics(data.n_sequences), "val", train)))
 
 
 if __name__ == "__main__":

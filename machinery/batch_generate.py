@@ -1,126 +1,59 @@
-"""
-Many prompts decoded at once, greedily (evaluate.py's answers): generate.generate() of each, one
-forward pass per step for every unfinished row (generate_batch), in batches of similar prompts
-(decode_prompts), none decoded twice (already_decoded). generate() is the reference, tested token
-for token (tests/test_generate.py). Rows have different lengths, so BatchKVCache holds each row's
-own count of tokens, and Gen reads each row at its own positions (model.Transformer's `past`).
-"""
+"""Many prompts decoded at once, greedily (evaluate.py's answers): generate.generate() of each."""
 
 import torch
 
 from generate import check_prompt, marker_step_queries, retrieval_step, window_start
-
-
-class BatchKVCache:
-    """A KVCache for B rows of different lengths: row b holds its n[b] tokens in slots
-    0 .. n[b]-1. A step brings row b fresh[b] new tokens, right-padded to a common width T: only
-    the real ones are kept, and new token i of row b sees its row's keys 0 .. n[b] + i."""
-
-    def __init__(self, block_size, rows, device):
-        self.block_size = block_size
-        self.n = torch.zeros(rows, dtype=torch.long, device=device)     # (B,) tokens held
-        self.fresh = None               # (B,) real tokens of the next step (next_step)
-        self.k = self.v = None
-
-    def next_step(self, fresh, restart):
-        """The next extend brings fresh[b] real tokens to row b; rows where restart (B,) first
-        drop what they hold."""
-        self.n, self.fresh = torch.where(restart, 0, self.n), fresh
-
-    def extend(self, k, v):
-        """Keep the real ones of the new k and v (B, H, T, D). Returns the keys and values up to
-        the longest row (B, H, S, D) each, and which keys each new token sees (B, 1, T, S)."""
-        B, H, T, D = k.shape
-        if self.k is None:  # zeros: a masked-out slot still gets weight 0, and 0 * NaN is NaN
-            self.k = k.new_zeros(B, H, self.block_size, D)
-            self.v = v.new_zeros(B, H, self.block_size, D)
-        cols = torch.arange(T, device=k.device)
-        rows, i = (cols < self.fresh[:, None]).nonzero(as_tuple=True)  # the real new tokens
-        slots = self.n[rows] + i
-        self.k[rows, :, slots], self.v[rows, :, slots] = k[rows, :, i], v[rows, :, i]
-        end = self.n + self.fresh                                       # (B,)
-        S = int(end.max())
-        assert S <= self.block_size, "more tokens than block_size"
-        mask = None  # every row starting from nothing: right-padded, so plainly causal
-        if self.n.any():
-            sees = (self.n[:, None] + cols)[:, None, :, None]                  # (B, 1, T, 1)
-            mask = torch.arange(S, device=k.device) <= sees                     # (B, 1, T, S)
-        self.n = end
-        return self.k[:, :, :S], self.v[:, :, :S], mask
-
-    def take(self, rows):
-        """A cache of only the rows (R,) given, in that order (a row given twice is copied)."""
-        out = BatchKVCache(self.block_size, 0, self.n.device)
-        out.n = self.n[rows]
-        if self.k is not None:
-            out.k, out.v = self.k[rows], self.v[rows]
-        return out
-
-    @property
-    def past(self):
-        """Each row's tokens held: the position of its next one, (B, 1)."""
-        return self.n[:, None]
+from machinery.kv_cache import new_caches
 
 
 def _feed(gen, caches, fresh, restart, device):
-    """Run each row's fresh tokens (a list per row) through Gen in one pass, right-padded; rows
-    where restart is True first empty their caches. Returns the final state at each row's last
-    fresh token (B, n_embd) (for a row with none, a state to ignore)."""
-    counts = [len(f) for f in fresh]
-    T = max(counts)
+    """Each row's fresh tokens through Gen in one pass, right-padded, rows where restart is True
+    emptying their caches first: the final state at each row's last one (B, n_embd)."""
+    counts = torch.tensor([[len(f)] for f in fresh], device=device)                 # (B, 1)
+    T = int(counts.max())
     x = torch.tensor([f + [0] * (T - len(f)) for f in fresh], dtype=torch.long,
                      device=device)                                                 # (B, T)
-    counts, restart = torch.tensor(counts, device=device), torch.tensor(restart, device=device)
-    for cache in caches:
-        cache.next_step(counts, restart)
+    restart = torch.tensor(restart, device=device)[:, None]                         # (B, 1)
+    for cache in caches:  # the rows that restart drop what they hold
+        cache.past, cache.fresh = torch.where(restart, 0, cache.past), counts
     h = gen.hidden(x, caches)                                                       # (B, T, n_embd)
-    return h[torch.arange(len(fresh), device=device), (counts - 1).clamp(min=0)]    # (B, n_embd)
+    return h[torch.arange(len(fresh), device=device), (counts[:, 0] - 1).clamp(min=0)]
 
 
 @torch.inference_mode()
 def generate_batch(gen, prompts, max_new_tokens, marker, stop=None, datastore=None,
                    query_gen=None, retrieve=None):
-    """generate() of each of the token id lists `prompts`, greedy, all at once. Each row has its
-    own budget (max_new_tokens: one for all, or one per prompt), retrievals and end; retrieve
-    (one bool per prompt, default all True) says whose markers search the datastore. Returns
-    (ids, Retrievals) per prompt: generate()'s, unless a batched product's rounding turns a near
-    tie of two tokens or entries. Each distinct prompt runs through Gen once (a question asked
-    with and without retrieval shares that pass); then rows with retrieval and rows without
-    decode as two batches, since a step runs every row as wide as its widest."""
+    """generate() of each prompt, greedy, all at once (a budget for all or each; retrieval where
+    retrieve, a bool per prompt, says so). Each distinct prompt runs through Gen once; then rows
+    with and without retrieval decode apart, since a step runs every row as wide as its widest."""
     for p in prompts:
         check_prompt(p)
-    device = next(gen.parameters()).device
-    block, B = gen.config.block_size, len(prompts)
+    device, block, B = next(gen.parameters()).device, gen.config.block_size, len(prompts)
     budget = [max_new_tokens] * B if isinstance(max_new_tokens, int) else list(max_new_tokens)
     retrieve = [datastore is not None and (retrieve is None or retrieve[b]) for b in range(B)]
     ids = [list(p) for p in prompts]
     start = [max(0, len(p) - block) for p in prompts]   # row b's Gen sees ids[b][start[b]:]
     fed = [len(p) for p in prompts]                     # its caches hold ids[b][start[b]:fed[b]]
-    n_new, retrievals = [0] * B, [[] for _ in range(B)]
-    done = [n <= 0 for n in budget]
+    n_new, retrievals, done = [0] * B, [[] for _ in range(B)], [n <= 0 for n in budget]
     asking = [False] * B                # the row's last token is a marker that Gen wrote
 
-    def decode(live, caches, h):
-        """Step the rows `live` (in the caches, in order; h (L, n_embd): their last final states)
-        until every one has finished."""
+    def decode(live, caches, h):  # steps the rows `live` (h: their last final states) to the end
         while True:
-            # rows at a marker retrieve; the others write their next token
-            at_marker = [i for i, b in enumerate(live) if asking[b]]
+            at_marker = [i for i, b in enumerate(live) if asking[b]]  # they retrieve, not write
             if at_marker:
                 rows = [live[i] for i in at_marker]
                 windows = [ids[b][start[b]:] for b in rows]
                 queries = marker_step_queries(gen, query_gen, h[at_marker], windows, device)
                 found = retrieval_step(datastore, queries, [len(ids[b]) for b in rows],
-                                  [budget[b] - n_new[b] for b in rows], windows)
+                                       [budget[b] - n_new[b] for b in rows], windows)
                 for b, (retrieval, inserted) in zip(rows, found):
                     retrievals[b].append(retrieval)
                     ids[b].extend(inserted)
                     n_new[b] += len(inserted)
                     asking[b], done[b] = False, not inserted or n_new[b] >= budget[b]
             tokens = gen.lm_head(h).float().argmax(dim=-1).tolist()                # (L,)
-            retrieved = set(at_marker)
             for i, b in enumerate(live):
-                if i not in retrieved and not done[b]:
+                if i not in at_marker and not done[b]:
                     ids[b].append(tokens[i])
                     n_new[b] += 1
                     asking[b] = tokens[i] == marker and retrieve[b]
@@ -128,10 +61,8 @@ def generate_batch(gen, prompts, max_new_tokens, marker, stop=None, datastore=No
             kept = [i for i, b in enumerate(live) if not done[b]]
             if not kept:
                 return
-            # finished rows leave the batch once a quarter of it has finished: leaving copies
-            # the caches, which at every row's end would cost more than the finished rows' padding
-            if len(kept) <= 3 * len(live) // 4:
-                index = torch.tensor(kept, dtype=torch.long, device=device)
+            if len(kept) <= 3 * len(live) // 4:  # the finished leave once a quarter has finished
+                index = torch.tensor(kept, device=device)
                 caches, live = [cache.take(index) for cache in caches], [live[i] for i in kept]
             fresh, restart = [], []
             for b in live:
@@ -143,28 +74,22 @@ def generate_batch(gen, prompts, max_new_tokens, marker, stop=None, datastore=No
                 fed[b] = len(ids[b])
             h = _feed(gen, caches, fresh, restart, device)                          # (L, n_embd)
 
-    live = [b for b in range(B) if not done[b]]
-    if not live:
-        return list(zip(ids, retrievals))
     distinct = {}   # prompt -> its row in the prompt pass
-    first = [distinct.setdefault(tuple(ids[b][start[b]:]), len(distinct)) for b in live]
-    caches = [BatchKVCache(block, len(distinct), device) for _ in range(gen.config.n_layer)]
-    h = _feed(gen, caches, [list(p) for p in distinct], [False] * len(distinct),
-              device)                                                               # (U, n_embd)
+    first = [distinct.setdefault(tuple(ids[b][start[b]:]), len(distinct)) for b in range(B)]
+    caches = new_caches(gen)
+    h = _feed(gen, caches, [list(p) for p in distinct], [False] * len(distinct), device)
     for group in (True, False):
-        rows = [i for i, b in enumerate(live) if retrieve[b] == group]
+        rows = [b for b in range(B) if retrieve[b] == group and not done[b]]
         if rows:
-            index = torch.tensor([first[i] for i in rows], dtype=torch.long, device=device)
-            decode([live[i] for i in rows], [cache.take(index) for cache in caches], h[index])
+            index = torch.tensor([first[b] for b in rows], device=device)
+            decode(rows, [cache.take(index) for cache in caches], h[index])
     return list(zip(ids, retrievals))
 
 
 def decode_prompts(gen, prompts, budgets, marker, stop, datastore, query_gen, retrieve,
                    batch_size, known=()):
-    """generate_batch() of every prompt (with its budget, and retrieval where retrieve[i] says
-    so), batch_size at a time, but those whose outcome `known` holds, {i: (ids, retrievals)}.
-    Prompts are sorted by length, so a batch pads little and one question's prompts sit side by
-    side (they share a pass through Gen). Returns (ids, Retrievals) per prompt, in order."""
+    """generate_batch() of every prompt but those `known` holds ({i: (ids, retrievals)}),
+    batch_size at a time, sorted by length: a batch pads little, a question's prompts meet."""
     outs = dict(known)
     todo = sorted((i for i in range(len(prompts)) if i not in outs),
                   key=lambda i: (len(prompts[i]), prompts[i]))
@@ -177,11 +102,8 @@ def decode_prompts(gen, prompts, budgets, marker, stop, datastore, query_gen, re
 
 
 def already_decoded(retrieved, given, eod, block_size):
-    """Greedy decoding is a function of the context. Where retrieval in the loop (retrieved:
-    (ids, Retrievals) per question) put the gold sequence right after the question (the context
-    `given` here), then wrote to the end of the document with no other marker, inside one window,
-    Gen given the gold sequence writes the same tokens: {i: (ids, [])} of those questions, which
-    need not be decoded twice."""
+    """{i: (ids, [])} of the questions whose retrieval in the loop wrote `given` (the gold
+    sequence after the question), then the rest in one window: greedy, Gen given it writes that."""
     return {i: (ids, []) for i, ((ids, retrievals), g) in enumerate(zip(retrieved, given))
             if ids[:len(g)] == g and len(retrievals) == 1 and ids[-1] == eod
             and len(ids) <= block_size}

@@ -1,42 +1,41 @@
-"""
-The KV cache of generation (generate.py): each layer's keys and values of the tokens seen so far,
-so that each new token runs through Gen once instead of the whole context again.
-"""
+"""The KV cache of generation: each layer's keys and values of the tokens seen so far."""
 
 import torch
 
 
 class KVCache:
-    """One attention layer's keys and values, in buffers of block_size tokens allocated once and
-    filled in place: a token's step costs no allocation and no copy of the past."""
+    """One attention layer's keys and values in buffers of block_size tokens, filled in place.
+    Row b holds past[b] tokens; a step brings it fresh[b] more (default T), right-padded to T."""
 
     def __init__(self, block_size):
-        self.block_size, self.n = block_size, 0
-        self.k = self.v = None
+        self.block_size, self.past = block_size, 0  # tokens held per row: (B, 1) after a step
+        self.k = self.v = self.fresh = None
 
     def extend(self, k, v):
-        """Append the new tokens' k and v (B, H, T, D). Returns all keys and values so far
-        (B, H, n, D) each, and which of them each new token sees: None where attention's plain
-        rule says it (nothing past: causal; one new token: every key), else a mask (T, n), True
-        where new token i, at position past + i, sees key j <= past + i."""
+        """Keep the real ones of the new k and v (B, H, T, D). Returns the keys and values up to
+        the longest row (B, H, S, D) each, and which keys each new token sees: new token i of row
+        b sees keys 0 .. past[b] + i, (B, 1, T, S), or None where nothing is past (causal)."""
         B, H, T, D = k.shape
-        if self.k is None:
-            self.k = k.new_empty(B, H, self.block_size, D)
-            self.v = v.new_empty(B, H, self.block_size, D)
-        past, self.n = self.n, self.n + T
-        self.k[:, :, past:self.n], self.v[:, :, past:self.n] = k, v
-        mask = None
-        if past and T > 1:
-            rows = torch.arange(T, device=k.device)[:, None]
-            mask = torch.arange(self.n, device=k.device) <= past + rows             # (T, n)
-        return self.k[:, :, :self.n], self.v[:, :, :self.n], mask
+        if self.k is None:  # zeros: a masked-out slot still gets weight 0, and 0 * NaN is NaN
+            self.k = k.new_zeros(B, H, self.block_size, D)
+            self.v = v.new_zeros(B, H, self.block_size, D)
+        n = self.past + torch.zeros(B, 1, dtype=torch.long, device=k.device)    # (B, 1)
+        fresh = torch.full_like(n, T) if self.fresh is None else self.fresh     # (B, 1)
+        cols = torch.arange(T, device=k.device)
+        rows, i = (cols < fresh).nonzero(as_tuple=True)  # the real new tokens
+        self.k[rows, :, n[rows, 0] + i] = k[rows, :, i]
+        self.v[rows, :, n[rows, 0] + i] = v[rows, :, i]
+        self.past = n + fresh
+        S = int(self.past.max())
+        mask = torch.arange(S, device=k.device) <= (n + cols)[:, None, :, None]  # (B, 1, T, S)
+        return self.k[:, :, :S], self.v[:, :, :S], mask if n.any() else None
 
-    @property
-    def past(self):
-        """The tokens held: the position of the next one."""
-        return self.n
+    def take(self, rows):
+        """A cache of only the rows (R,) given, in that order (a row given twice is copied)."""
+        out = KVCache(self.block_size)
+        out.past, out.k, out.v = self.past[rows], self.k[rows], self.v[rows]
+        return out
 
 
-def new_caches(gen):
-    """One empty KVCache per layer of Gen."""
+def new_caches(gen):  # one per layer of Gen
     return [KVCache(gen.config.block_size) for _ in range(gen.config.n_layer)]
