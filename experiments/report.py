@@ -1,6 +1,6 @@
 """
-The protocol's report: experiments/results/runs.jsonl in, table.md (the primary comparison, the
-tables, the paired tests) and PNG plots out. Every number comes from the records alone.
+The protocol's report: runs.jsonl in, table.md (the primary comparison, the tables, the paired
+tests) and PNG plots out, every number from the records alone.
 
     python -m experiments.report
 """
@@ -29,25 +29,19 @@ FACTS = [("val_ntp", "val NTP loss", False), ("recall@1", "held-out recall@1", T
          ("reworded_recall@1", "reworded: recall@1", True), ("reworded_mrr", "reworded: MRR", True)]
 TEXT = [("val_ntp", "val NTP loss", False), ("recall@1", "val recall@1", True),
         ("recall@10", "val recall@10", True), ("mrr", "val MRR", True)]
-# Fixed before the grid ran: co-supervision at the default lambda_seq minus separate supervision,
-# paired by seed, on these metrics.
+# Fixed before the grid ran: co-supervision at lambda_seq 0.5 minus separate supervision.
 TESTED, BASELINE = "co0.5", "sep"
 PRIMARY = {"facts": ["answer_em_retrieval", "recall@1"], "text": ["mrr"]}
 GENERALISATION = ["reworded_answer_em_retrieval", "reworded_recall@1"]  # facts, secondary
 CURVES = ["pretrained", "ntp-ft", "nsp-ft", "co0.1", "co0.5", "scratch"]
-# The confirmatory test, fixed on 2026-12-02 before any of its runs (the commit history shows the
-# order). The first protocol chose co0.1 after looking (it beat sep on held-out answers and
-# recall@1 in 5 of 5 seeds), so it is tested on new seeds: each metric a two-sided paired t-test
-# at alpha 0.05 / 2 (Bonferroni), confirmed only if co0.1 is better on both. Reported either way.
+# Fixed before any of its runs: co0.1, chosen after looking at the first protocol, on new seeds;
+# each metric a two-sided paired t-test at alpha 0.05 / 2, confirmed only if better on both.
 CONFIRMATORY = {"dataset": "facts", "tested": "co0.1", "baseline": "sep",
                 "seeds": [2001, 2002, 2003, 2004, 2005], "steps": "800+1600",
                 "metrics": ["answer_em_retrieval", "recall@1"], "alpha": 0.025,
                 "name": "Confirmatory test", "about": "new seeds 2001 to 2005"}
-# The test world, fixed on 2026-12-07 before any of its runs. Every choice of recipe, weight and
-# budget was made on `facts`; `facts_test` is a world none of them has seen (machinery/corpora.py).
-# The primary comparison runs there once, tested as the confirmatory test is, and its result is
-# the headline either way (python -m experiments.grid --datasets facts_test --lambdas 0.5
-# --results experiments/results/test_world). The band on that world: band.TEST_WORLD_BAND.
+# Fixed before any of its runs: the primary comparison on facts_test, a world no choice of recipe,
+# weight or budget has seen, tested as the confirmatory test is; the headline either way.
 TEST_WORLD = {"dataset": "facts_test", "tested": "co0.5", "baseline": "sep",
               "seeds": [1337, 1338, 1339, 1340, 1341], "steps": "800+1600",
               "metrics": ["answer_em_retrieval", "recall@1"], "alpha": 0.025,
@@ -93,8 +87,8 @@ def values(runs, variant, field):
 
 
 def t_test(diffs):
-    """Paired t-test of per-seed differences: (mean, t, two-sided p). The p-value integrates
-    Student's t density with n - 1 degrees of freedom beyond |t| (x = |t| + tan(phi))."""
+    """Paired t-test of per-seed differences: (mean, t, two-sided p), integrating Student's t
+    density with n - 1 degrees of freedom beyond |t| (x = |t| + tan(phi))."""
     d = np.asarray(diffs, dtype=float)
     n, mean, sd = len(d), float(d.mean()), float(d.std(ddof=1))
     if sd == 0:
@@ -121,8 +115,8 @@ def fmt(vals):
 
 
 def lexical_values(runs, field):
-    """TF-IDF's values of a retrieval field over seeds, from the first variant that has them (it
-    does not train: every run of a seed has the same); [] where TF-IDF has no counterpart."""
+    """TF-IDF's values of a retrieval field over seeds, from the first variant that has them (every
+    run of a seed has the same); [] where TF-IDF has no counterpart."""
     name = re.sub(r"^(reworded_)?(recall@\d+|mrr)$", r"\1lexical_\2", field)
     if name == field:
         return []
@@ -134,8 +128,7 @@ def lexical_values(runs, field):
 
 
 def paired(runs, a, b, field):
-    """`a`'s and `b`'s values of one metric on the seeds where both have it, in seed order. A
-    variant with two runs of one seed (two budgets or settings mixed) is an error."""
+    """`a`'s and `b`'s values of one metric on the seeds where both have it, in seed order."""
     pairs = {}
     for variant in (a, b):
         for r in runs:
@@ -150,7 +143,7 @@ def paired(runs, a, b, field):
 
 def compare(runs, a, b, field, title, higher, short=False):
     """`a` minus `b` on one metric, paired by seed: the means, the per-seed differences, a paired
-    t-test and a sign count. short: one clause, for the summary sentence."""
+    t-test and a sign count; short: one clause."""
     mine, theirs = paired(runs, a, b, field)
     if not mine:
         return None
@@ -166,14 +159,18 @@ def compare(runs, a, b, field, title, higher, short=False):
             f"{a} better in {wins} of {len(diffs)} seeds")
 
 
+def pvalue(p):
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3g}"
+
+
 def finding(runs, a, b, field, title, higher):
-    """What one paired test shows, as a clause: which of a and b is better on the metric at
-    p < ALPHA, or that no difference is shown; None without two seeds of both."""
+    """Which of a and b one paired test shows better at p < ALPHA, or that it shows no difference;
+    None without two seeds of both."""
     mine, theirs = paired(runs, a, b, field)
     if len(mine) < 2:
         return None
     mean, _, p = t_test(np.subtract(mine, theirs))
-    shown = f"({a} - {b} = {mean:+.3f}, {'p < 0.001' if p < 0.001 else f'p = {p:.3g}'})"
+    shown = f"({a} - {b} = {mean:+.3f}, {pvalue(p)})"
     if p >= ALPHA:
         return f"no difference shown on {title} {shown}"
     better, worse = (a, b) if (mean > 0) == higher else (b, a)
@@ -181,8 +178,8 @@ def finding(runs, a, b, field, title, higher):
 
 
 def summary(records):
-    """The primary result per dataset in one sentence, and in one more what its test shows, with
-    TF-IDF's value beside it; on facts the same for held-out questions reworded (secondary)."""
+    """Per dataset, the primary result and what its test shows, TF-IDF's value beside it; on facts
+    the same for reworded questions (secondary)."""
     lines = []
     for dataset in datasets(records):
         runs = [r for r in records if r["dataset"] == dataset]
@@ -209,9 +206,8 @@ def summary(records):
 
 
 def confirmatory(records, c=CONFIRMATORY):
-    """A test fixed before its runs (CONFIRMATORY, TEST_WORLD) on its own dataset, seeds and
-    budget: its verdict in one sentence, its comparisons, and whether its runs had flattened;
-    [] until all its runs are in."""
+    """A test fixed before its runs (CONFIRMATORY, TEST_WORLD): its verdict, its comparisons and
+    whether its runs had flattened; [] until all its runs are in."""
     runs = [r for r in records if r["dataset"] == c["dataset"] and r["seed"] in c["seeds"]
             and r["steps"] == c["steps"]]
     titles = {f: t for f, t, _ in FACTS}
@@ -235,8 +231,8 @@ def datasets(records):
 
 
 def table(records):
-    """table.md's text. A dataset's runs at two budgets or settings (a runs.jsonl appended to by
-    grids of other flags) are an error: they would mix in every mean and pairing."""
+    """table.md's text. A dataset's runs at two budgets or settings are an error: they would mix
+    in every mean and pairing."""
     confirm = confirmatory(records) + confirmatory(records, TEST_WORLD)
     records = [r for r in records if r["seed"] not in CONFIRMATORY["seeds"]]
     for dataset in datasets(records):
@@ -260,7 +256,6 @@ def table(records):
         for variant in variants(runs):
             cells = [fmt(values(runs, variant, f)) for f, _, _ in fields]
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-        # the training-free line every learned number must beat, on the same markers/questions
         lexical = [fmt(lexical_values(runs, f)) for f, _, _ in fields]
         lines += ["| TF-IDF (no training) | " + " | ".join(lexical) + " |", "",
                   *flatness(runs, kind(dataset)), "Primary:"]
@@ -276,10 +271,9 @@ def table(records):
 
 
 def flatness(runs, corpus_kind):
-    """Whether each trained variant had finished learning when it was measured: what the last
-    quarter of its steps added to its retrieval metric and to its val NTP loss, over seeds. A
-    variant is judged on what it trains (L_NTP alone on val NTP loss, L_NSP alone on retrieval),
-    on average and seed by seed; a val NTP loss that rises is over-fitting, not flat."""
+    """Whether each variant had finished learning: what the last quarter of its steps added to
+    retrieval and to val NTP loss, judged on what it trains, on average and seed by seed; a val
+    NTP loss that rises is over-fitting, not flat."""
     metric = "recall@1" if corpus_kind == "facts" else "mrr"
     lines = [f"Last quarter of each run's steps (flattened: {metric} gains at most {FLAT} and val "
              f"NTP loss moves at most {FLAT}, on average and on every seed; pretrained and ntp-ft "
@@ -335,8 +329,7 @@ def secondary(dataset):
 
 
 def plots(records, out_dir):
-    """Per dataset: the metrics against lambda_seq (with several co-supervised weights), and the
-    learning curves over steps since random weights. The paths written."""
+    """Per dataset, the metrics against lambda_seq and the learning curves; the paths written."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
