@@ -329,20 +329,18 @@ def secondary(dataset):
 
 
 def plots(records, out_dir):
-    """Per dataset, the metrics against lambda_seq and the learning curves; the paths written."""
+    """Per dataset, the metrics against lambda_seq and the learning curves, as PNGs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    written = []
     records = [r for r in records if r["seed"] not in CONFIRMATORY["seeds"]]  # its own lines
     for dataset in datasets(records):
         runs = [r for r in records if r["dataset"] == dataset]
-        fields = [m for m in (FACTS if kind(dataset) == "facts" else TEXT)[:5]
-                  if m[0] != "recall@10" and any(r.get(m[0]) is not None for r in runs)]
         co = [v for v in variants(runs) if v.startswith("co")]
         if len(co) > 1:  # the lambda plot: co-supervision against lambda_seq, baselines as lines
             lams = [float(v[2:]) for v in co]
-            shown = [m for m in fields if None not in values(runs, co[0], m[0])]
+            shown = [m for m in (FACTS if kind(dataset) == "facts" else TEXT)[:5]
+                     if m[0] != "recall@10" and None not in values(runs, co[0], m[0])]
             fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.3), squeeze=False)
             for ax, (field, title, _) in zip(axes[0], shown):
                 means, sds = zip(*(mean_sd(values(runs, v, field)) for v in co))
@@ -357,8 +355,8 @@ def plots(records, out_dir):
                 ax.set(xlabel="lambda_seq")
                 ax.set_title(title, fontsize=9)
             axes[0, 0].legend(fontsize=7)
-            written.append(save(fig, f"{dataset}: against lambda_seq (mean +- std over seeds)",
-                                out_dir, f"lambda_{slug(dataset)}.png"))
+            save(fig, f"{dataset}: against lambda_seq (mean +- std over seeds)",
+                 os.path.join(out_dir, f"lambda_{slug(dataset)}.png"))
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
         for ax, field in zip(axes, ("recall@1" if kind(dataset) == "facts" else "mrr", "val_ntp")):
             for variant in CURVES:
@@ -377,17 +375,15 @@ def plots(records, out_dir):
                    title=field if field.startswith("val") else f"val {field}")
         axes[1].set_yscale("log")  # nsp-ft's untrained lm_head (~5) would flatten the rest
         axes[0].legend(fontsize=7)
-        written.append(save(fig, f"{dataset}: learning curves (mean over seeds)", out_dir,
-                            f"curves_{slug(dataset)}.png"))
+        save(fig, f"{dataset}: learning curves (mean over seeds)",
+             os.path.join(out_dir, f"curves_{slug(dataset)}.png"))
         plt.close("all")
-    return written
 
 
-def save(fig, title, out_dir, name):
+def save(fig, title, path):
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, name), dpi=100)
-    return os.path.join(out_dir, name)
+    fig.savefig(path, dpi=100)
 
 
 def slug(dataset):
@@ -399,7 +395,7 @@ def write(records, out_dir):
     text = table(records)  # before the file opens: a refused folder keeps its table.md
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(text + "\n")
-    return plots(records, out_dir)
+    plots(records, out_dir)
 
 
 @dataclass
