@@ -49,7 +49,6 @@ class BandConfig:
     train_args: str = flag("", "train.py flags beside --lambda_seq 0.5 and the defaults")
     seeds: str = flag("1337,1338,1339,1340,1341", "comma-separated seeds")
     threads: str = flag("1,2", "comma-separated thread counts; every seed runs at each")
-    questions: int = flag(480, "held-out questions for answer exact match (facts only)")
     results: str = flag(os.path.join("experiments", "results", "band"), "where records go")
     work_dir: str = flag("out_band", "where the runs' checkpoints and logs go")
 
@@ -108,9 +107,8 @@ def run(cfg, seed, threads):
         failed = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
         train_s = time.perf_counter() - t0
         if not failed:
-            failed = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"),
-                                     "--out_dir", out,
-                                     "--questions", str(cfg.questions if facts else 0)],
+            evaluate = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--out_dir", out]
+            failed = subprocess.run(evaluate + ([] if facts else ["--questions", "0"]),
                                     stdout=subprocess.DEVNULL, stderr=log, env=env).returncode
     if failed:
         raise UserError(f"seed {seed}, {threads} threads failed: see {out}/train.out")

@@ -1,6 +1,6 @@
 """
-How fast cosup is, each figure beside an anchor measured in the same run: the two sides take
-turns and each reports a median, because timings on a small shared machine drift.
+How fast cosup is: each figure beside an anchor timed in the same run, the two sides taking turns
+and each reporting its median, because timings on a small shared machine drift.
 
     python -m experiments.bench                    # one JSON object
     python -m experiments.bench --parts search     # only search, beside numpy's
@@ -18,6 +18,7 @@ import torch
 
 from data import load_data
 from datastore import search
+from experiments.band import ROOT
 from generate import generate
 from losses import co_supervision_loss
 from machinery import datastore_file
@@ -25,36 +26,37 @@ from machinery.cli import UserError, flag, main_guard, parse_config
 from machinery.config import Config, autocast, pick_device
 from train import build_models, make_optimizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 PARTS = ("co_supervision_overhead", "sampling", "search", "evaluation")
 
 
 @dataclass
 class BenchConfig:
-    repeats: int = flag(30, "timed repeats of each training step (the median is reported)")
+    repeats: int = flag(30, "timed rounds of each training step (the median is reported)")
     parts: str = flag("all", "the sections to run, comma-separated: " + ", ".join(PARTS))
 
 
 def alternate(sides, rounds):
-    """Each side's median seconds a call over `rounds` rounds in which the sides take turns,
-    after one untimed round that warms them up, and each side's last result."""
+    """Each side's median ms a call over `rounds` rounds in which the sides take turns, after an
+    untimed round that warms them up; the first side's time over the second's; each side's last
+    result."""
     times, results = {name: [] for name in sides}, {}
     for _ in range(rounds + 1):
         for name, fn in sides.items():
             t0 = time.perf_counter()
             results[name] = fn()
             times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t[1:])) for name, t in times.items()}, results
+    ms = {f"ms_{name}": 1000 * float(np.median(t[1:])) for name, t in times.items()}
+    first, second = ms.values()
+    return {**ms, "ratio": first / second}, results
 
 
 def overhead(args):
-    """A training step with lambda_seq 0.5 over one with lambda_seq 0, the default demo's
-    settings, on the same models."""
+    """A training step of the default demo with lambda_seq 0.5 over one with lambda_seq 0, on the
+    same models: what co-supervision costs."""
     cfg, device = Config(), pick_device("auto")
     data, _ = load_data(cfg)
     gen, embedder = build_models(cfg, data.meta["vocab_size"])
     gen.to(device), embedder.to(device)
-    params = list(gen.parameters()) + list(embedder.parameters())
     optimizer = make_optimizer(cfg, gen, embedder, device)
     rng = np.random.default_rng(cfg.seed)
 
@@ -66,22 +68,19 @@ def overhead(args):
                                           lambda_seq, cfg.temperature)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_([*gen.parameters(), *embedder.parameters()],
+                                       cfg.grad_clip)
         optimizer.step()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-    s, _ = alternate({"ntp": lambda: step(0.0), "co": lambda: step(0.5)}, args.repeats)
-    return {"ms_per_iter_lambda_seq_0": 1000 * s["ntp"], "ms_per_iter_lambda_seq_0.5":
-            1000 * s["co"], "ratio": s["co"] / s["ntp"]}
+    return alternate({"co": lambda: step(0.5), "ntp": lambda: step(0.0)}, args.repeats)[0]
 
 
 def sampling(args):
-    """Tokens/s with the KV cache and with full recompute, 512 new tokens at block 256, sampled
-    with a fixed seed (the same tokens both ways), retrieval in the loop, untrained models: the
-    default demo's Gen and a larger one, where the cache saves more compute."""
+    """512 new tokens at block 256, retrieval in the loop, full recompute over the KV cache, with
+    one seed (the same tokens both ways): the default demo's untrained Gen and a larger one."""
     out = {}
-    for name, (n_layer, n_head, n_embd, rounds) in {"default_2x128": (2, 4, 128, 3),
-                                                     "6x384": (6, 6, 384, 2)}.items():
+    for n_layer, n_head, n_embd in ((2, 4, 128), (6, 6, 384)):
         cfg = Config(block_size=256, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
         data, tok = load_data(cfg)
         torch.manual_seed(cfg.seed)
@@ -93,12 +92,10 @@ def sampling(args):
         def sample(use_cache):
             return generate(gen, prompt, 512, tok.marker, None, store, temperature=1.0,
                             use_cache=use_cache, generator=torch.Generator().manual_seed(cfg.seed))
-        s, runs = alternate({"cache": lambda: sample(True), "recompute": lambda: sample(False)},
-                            rounds)
-        out[name] = {"tokens_per_s_kv_cache": 512 / s["cache"], "tokens_per_s_recompute":
-                     512 / s["recompute"], "speedup": s["recompute"] / s["cache"],
-                     "retrievals": len(runs["cache"][1]),
-                     "same_tokens": runs["cache"][0] == runs["recompute"][0]}
+        times, runs = alternate({"recompute": lambda: sample(False),
+                                 "cache": lambda: sample(True)}, 3)
+        out[f"{n_layer}x{n_embd}"] = {**times, "retrievals": len(runs["cache"][1]),
+                                      "same_tokens": runs["cache"][0] == runs["recompute"][0]}
     return out
 
 
@@ -117,20 +114,18 @@ def numpy_top_k(queries, keys, k):
 
 
 def search_speed(args):
-    """Top-10 search over 10k, 100k and 1M random unit vectors (d = 128), one query at a time
-    (generation) and 64 at a time (evaluation), beside numpy_top_k."""
+    """Top-10 search over 10k, 100k and 1M random unit vectors (d = 128) beside numpy_top_k, one
+    query at a time (generation) and 64 at a time (evaluation)."""
     rng, out = np.random.default_rng(1337), {}
     for n in (10_000, 100_000, 1_000_000):
         keys, queries = random_unit(rng, n), random_unit(rng, 64)          # (N, d), (64, d)
         keys_t, queries_t = torch.from_numpy(keys), torch.from_numpy(queries)
         for q in (1, 64):
-            s, ids = alternate({"cosup": lambda: search(queries_t[:q], keys_t, k=10)[1].numpy(),
-                                "numpy": lambda: numpy_top_k(queries[:q], keys, 10)},
-                               {1: (20, 10), 64: (5, 3)}[q][n == 1_000_000])
-            out[f"search_{n}_{q}_quer{'y' if q == 1 else 'ies'}"] = {
-                **{f"ms_per_query_{name}": 1000 * t / q for name, t in s.items()},
-                "ratio": s["cosup"] / s["numpy"],
-                "top10_agree": float((ids["cosup"] == ids["numpy"]).all(axis=1).mean())}
+            times, ids = alternate({"cosup": lambda: search(queries_t[:q], keys_t, 10)[1].numpy(),
+                                    "numpy": lambda: numpy_top_k(queries[:q], keys, 10)},
+                                   {1: (20, 10), 64: (5, 3)}[q][n == 1_000_000])
+            same = float((ids["cosup"] == ids["numpy"]).all(axis=1).mean())
+            out[f"{n}_keys_{q}_queries"] = {**times, "top10_agree": same}
     return out
 
 
@@ -143,9 +138,9 @@ def one_at_a_time(gen, prompts, max_new_tokens, marker, stop=None, datastore=Non
 
 
 def evaluation(args):
-    """`python evaluate.py` on the default run (out/) in a fresh process, beside the same program
-    answering one question at a time (one_at_a_time for generate_batch); both must print the
-    same. The untimed first round builds the run's datastore."""
+    """`python evaluate.py` on the default run (out/), beside the same program answering one
+    question at a time (one_at_a_time for generate_batch); both must print the same. The untimed
+    first round builds the run's datastore."""
     if not os.path.isfile(os.path.join(ROOT, "out", "ckpt.pt")):
         return {"skipped": "no trained run in out/ (python train.py makes one)"}
     patched = ("import sys, evaluate, experiments.bench as b, machinery.batch_generate as g\n"
@@ -157,11 +152,9 @@ def evaluation(args):
         if done.returncode:
             raise RuntimeError(f"evaluation failed:\n{done.stderr[-2000:]}")
         return json.loads(done.stdout)
-    s, printed = alternate({"batched": lambda: evaluate("evaluate.py"),
-                            "one_at_a_time": lambda: evaluate("-c", patched)}, 2)
-    return {"s_batched": s["batched"], "s_one_at_a_time": s["one_at_a_time"],
-            "speedup": s["one_at_a_time"] / s["batched"],
-            "same_numbers": printed["batched"] == printed["one_at_a_time"]}
+    times, printed = alternate({"one_at_a_time": lambda: evaluate("-c", patched),
+                                "batched": lambda: evaluate("evaluate.py")}, 2)
+    return {**times, "same_numbers": printed["batched"] == printed["one_at_a_time"]}
 
 
 def main(argv=None):

@@ -145,8 +145,6 @@ class Grid:
             if facts:
                 record.update(self.answers(ntp, query_from=nsp))
         else:
-            flags = variants(cfg, lambdas)[variant][0]
-            record["lambda_seq"] = float(flags[flags.index("--lambda_seq") + 1])
             out = self.trained(dataset, variant, seed, lambdas)
             final, curve = read_log(out)
             record.update(final, curve=curve)
@@ -181,9 +179,7 @@ def check(cfg):
         raise UserError("--lambdas: co-supervision needs lambda_seq > 0 (0 is ntp-ft)")
     if 0.5 not in lambdas:
         raise UserError("--lambdas must include 0.5: the primary comparison uses it")
-    datasets = [d for d in cfg.datasets.split(",") if d]
-    if not datasets:
-        raise UserError("--datasets is empty")
+    datasets = cfg.datasets.split(",")
     for d in datasets:
         if not is_facts(d) and d != "pydoc" and not os.path.isfile(d):
             raise UserError(f"--datasets: {d!r} is neither a facts world, pydoc nor a file")

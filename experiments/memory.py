@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from experiments.report import ROOT
+from experiments.band import ROOT
 from machinery.cli import UserError, flag, main_guard, parse_config
 
 PARTS = ("demo", "text_3mb", "text_50mb")

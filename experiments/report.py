@@ -1,8 +1,6 @@
 """
-The protocol's report: runs.jsonl in, table.md (the primary comparison, the tables, the paired
-tests) and PNG plots out, every number from the records alone.
-
-    python -m experiments.report
+The protocol's report, from runs.jsonl alone: table.md (the primary comparison, the tables, the
+paired tests) and the learning curves. `python -m experiments.report`
 """
 
 import math
@@ -13,12 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from experiments.band import last_quarter_gain
+from experiments.band import ROOT, last_quarter_gain
 from machinery.checkpoint import read_jsonl
 from machinery.cli import UserError, flag, main_guard, parse_config
 from machinery.corpora import is_facts
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 RESULTS = os.path.join("experiments", "results")                     # from the repository's root
 
 # (record field, column title, higher is better)
@@ -68,6 +65,10 @@ def load(path):
 
 def kind(dataset):
     return "facts" if is_facts(dataset) else "text"
+
+
+def columns(dataset):
+    return FACTS if is_facts(dataset) else TEXT
 
 
 def order(variant):
@@ -178,18 +179,16 @@ def summary(records):
     lines = []
     for dataset in datasets(records):
         runs = [r for r in records if r["dataset"] == dataset]
-        titles = {f: t for f, t, _ in (FACTS if kind(dataset) == "facts" else TEXT)}
+        titles = {f: t for f, t, _ in columns(dataset)}
         parts = [compare(runs, TESTED, BASELINE, f, titles[f], True, short=True)
                  for f in PRIMARY[kind(dataset)]]
         if not all(parts):
             continue
         lines.append(f"- **{dataset}**: co-supervision ({TESTED}) minus separate supervision "
                      f"({BASELINE}): " + "; ".join(parts) + ".")
-        tests = [("Result", PRIMARY[kind(dataset)])]
-        if kind(dataset) == "facts":
-            tests.append(("Generalisation (secondary; held-out questions in a wording no "
-                          "training document uses)", GENERALISATION))
-        for name, fields in tests:
+        tests = [("Result", PRIMARY[kind(dataset)]), ("Generalisation (secondary; held-out "
+                 "questions in a wording no training document uses)", GENERALISATION)]
+        for name, fields in tests[:1 + is_facts(dataset)]:
             short = {f: titles[f].replace("reworded: ", "") for f in fields}
             found = [finding(runs, TESTED, BASELINE, f, short[f], True) for f in fields]
             if all(found):
@@ -242,8 +241,7 @@ def table(records):
              "freedom):", "", *summary(records), "", *confirm]
     for dataset in datasets(records):
         runs = [r for r in records if r["dataset"] == dataset]
-        fields = [m for m in (FACTS if kind(dataset) == "facts" else TEXT)
-                  if any(r.get(m[0]) is not None for r in runs)]
+        fields = [m for m in columns(dataset) if any(r.get(m[0]) is not None for r in runs)]
         seeds, steps = len({r["seed"] for r in runs}), runs[0]["steps"]
         lines += [f"#### {dataset}: {seeds} seed(s), {steps} steps (pretraining + fine-tuning)", "",
                   "| variant | " + " | ".join(title for _, title, _ in fields) + " |",
