@@ -1,14 +1,11 @@
 """
-A training recipe's band: the same run over seeds and thread counts, and how far its numbers
-spread. One run's digits are not a result: seed, thread count and instruction set all move float
-rounding (experiments/README.md, The default recipe).
+A recipe's band: `python train.py --lambda_seq 0.5` (plus --train_args) and `python evaluate.py`
+over seeds and thread counts, and how far the numbers spread, since seed, threads and instruction
+set all move float rounding. Records go to --results/NAME.jsonl (a finished run is not redone),
+the band's table to --results/NAME.md.
 
     python -m experiments.band                      # the default run, 5 seeds x 1 and 2 threads
     python -m experiments.band --name mytext --train_args "--dataset pydoc" --seeds 1337,1338
-
-Each run is `python train.py --lambda_seq 0.5 --seed S` (plus --train_args), then `python
-evaluate.py`; its record (the metrics, the last quarter's gain, on a text TEXT_METRICS) goes to
---results/NAME.jsonl, where a finished run is not redone; the band's table to --results/NAME.md.
 """
 
 import dataclasses
@@ -164,26 +161,19 @@ def _fmt(v, key):
 
 def main(argv=None):
     cfg, _ = parse_config(BandConfig, __doc__, argv)
-    seeds = _ints(cfg.seeds, "seeds")
-    threads = _ints(cfg.threads, "threads")
+    seeds, threads = _ints(cfg.seeds, "seeds"), _ints(cfg.threads, "threads")
     os.makedirs(cfg.results, exist_ok=True)
     path = os.path.join(cfg.results, f"{cfg.name}.jsonl")
     records = read_jsonl(path)[0] if os.path.exists(path) else []
-    if any(r["train_args"] != cfg.train_args for r in records):
-        raise UserError(f"{path} holds runs with other --train_args: give another --name")
-    if any(r.get("defaults") != defaults() for r in records):
-        raise UserError(f"{path} holds runs made under other train.py defaults: give another "
-                        "--name")
+    if any((r["train_args"], r.get("defaults")) != (cfg.train_args, defaults()) for r in records):
+        raise UserError(f"{path} holds runs with other --train_args or other train.py defaults: "
+                        "give another --name")
     done = {(r["seed"], r["threads"]) for r in records}
-    for seed in seeds:
-        for n in threads:
-            if (seed, n) in done:
-                continue
-            print(f"{cfg.name}: seed {seed}, {n} threads", file=sys.stderr, flush=True)
-            record = run(cfg, seed, n)
-            with open(path, "a") as f:  # one line per finished run: an interrupted band resumes
-                f.write(json.dumps(record) + "\n")
-            records.append(record)
+    for seed, n in [(s, n) for s in seeds for n in threads if (s, n) not in done]:
+        print(f"{cfg.name}: seed {seed}, {n} threads", file=sys.stderr, flush=True)
+        records.append(run(cfg, seed, n))
+        with open(path, "a") as f:  # one line per finished run: an interrupted band resumes
+            f.write(json.dumps(records[-1]) + "\n")
     mine = [r for r in records if r["seed"] in seeds and r["threads"] in threads]
     text = table(sorted(mine, key=lambda r: (r["threads"], r["seed"])))
     with open(os.path.join(cfg.results, f"{cfg.name}.md"), "w") as f:

@@ -1,14 +1,11 @@
 """
 The paper's comparison: co-supervision against separate supervision, both fine-tuned from one
-pretrained Gen, over seeds, on `facts` (or pydoc, or a corpus you name).
+pretrained Gen, over seeds. Per seed, `pretrained` trains L_NTP alone; from it `ntp-ft` (L_NTP),
+`nsp-ft` (L_NSP) and `co<lambda>` (both); `sep` trains nothing: ntp-ft's Gen writes, nsp-ft's
+networks retrieve. Each finished run is a line of --results/runs.jsonl (a rerun redoes nothing).
 
     python -m experiments.grid                   # the full protocol (experiments/README.md)
     python -m experiments.grid --quick           # 2 seeds, few steps, one lambda: to see it work
-
-Per seed: `pretrained` trains L_NTP alone; from it, `ntp-ft` (L_NTP alone), `nsp-ft` (L_NSP
-alone) and `co<lambda>` (both). `sep` trains nothing: ntp-ft's Gen writes, nsp-ft's networks
-retrieve. Each finished run is a line of --results/runs.jsonl (a rerun redoes nothing); then
-report.py writes table.md and the plots.
 """
 
 import hashlib
@@ -133,15 +130,13 @@ class Grid:
 
     def run(self, dataset, variant, seed, lambdas):
         """Train (or, for sep, combine) and measure one run of the protocol; its record."""
-        cfg, t0 = self.cfg, time.time()
+        cfg, t0, facts = self.cfg, time.time(), is_facts(dataset)
         record = {"dataset": dataset, "variant": variant, "seed": seed,
                   "steps": f"{cfg.pretrain_iters}+{cfg.iters}", "setting": setting(cfg)}
-        facts = is_facts(dataset)
         if variant == "sep":  # ntp-ft's Gen writes, nsp-ft's Gen and Emb_seq retrieve
             ntp = self.trained(dataset, "ntp-ft", seed, lambdas)
             nsp = self.trained(dataset, "nsp-ft", seed, lambdas)
-            (ntp_final, _), (nsp_final, _) = read_log(ntp), read_log(nsp)
-            record.update(nsp_final, val_ntp=ntp_final["val_ntp"])
+            record.update(read_log(nsp)[0], val_ntp=read_log(ntp)[0]["val_ntp"])
             if facts:
                 record.update(self.answers(ntp, query_from=nsp))
         else:

@@ -1,13 +1,9 @@
 """
 Peak resident memory where users feel it, each in a fresh process with a fresh cache, beside the
-floor of a Python that imported torch and nothing else:
-
-  demo       `python train.py` for 100 steps, L_NSP from the first, two evaluations
-  text_3mb   preparing and training on a 3 MB .txt: 20 steps, one evaluation
-  text_50mb  preparing a 50 MB .txt (load_data alone)
-
-The texts are pydoc's topics repeated, every sentence numbered (a repeated sentence would be one
-datastore entry, and its val copies would be caught as leaks).
+floor of a Python that imported torch alone: `demo` (python train.py, 100 steps, two
+evaluations), `text_3mb` (preparing and training on a 3 MB .txt: 20 steps, one evaluation) and
+`text_50mb` (preparing a 50 MB .txt). The texts are pydoc's topics repeated, every sentence
+numbered, so that no sentence repeats.
 
     python -m experiments.memory --parts demo,text_3mb
 """

@@ -1,13 +1,10 @@
 """
-The texts of the real-text measurements (experiments/README.md, Real text from a base), cut from
-Project Gutenberg's files:
+The texts of the real-text measurements, cut from Project Gutenberg's files into --out_dir:
+sherlock_base.txt (The Complete Sherlock Holmes without The Hound of the Baskervilles: the base's
+text), hound.txt (the Hound alone: a text the base never saw) and NAME_tune.txt, the training part
+of pydoc, alice.txt and hound.txt, whose own last tenth stands in for val when a recipe is chosen.
 
     python -m experiments.texts --sherlock sherlock.txt --alice alice.txt
-
-writes to --out_dir sherlock_base.txt (The Complete Sherlock Holmes without The Hound of the
-Baskervilles: the base's text), hound.txt (the Hound alone: a text the base never saw) and
-NAME_tune.txt, the training part of pydoc, alice.txt and hound.txt, whose own last tenth stands in
-for val when a fine-tuning recipe is chosen.
 """
 
 import os
