@@ -114,13 +114,8 @@ def lexical_values(runs, field):
     """TF-IDF's values of a retrieval field over seeds, from the first variant that has them (every
     run of a seed has the same); [] where TF-IDF has no counterpart."""
     name = re.sub(r"^(reworded_)?(recall@\d+|mrr)$", r"\1lexical_\2", field)
-    if name == field:
-        return []
-    for variant in variants(runs):
-        vals = values(runs, variant, name)
-        if any(v is not None for v in vals):
-            return vals
-    return []
+    found = [values(runs, v, name) for v in variants(runs)] if name != field else []
+    return next((vals for vals in found if any(v is not None for v in vals)), [])
 
 
 def paired(runs, a, b, field):
