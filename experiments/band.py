@@ -1,26 +1,11 @@
 """
-A training recipe's band: the same run over several seeds and thread counts, and how far its
-numbers spread. One run's digits are not a result: the seed, the thread count, the instruction set
-and the BLAS kernel all move float rounding, and rounding moves a trajectory (experiments/README.md,
-The default recipe).
+A recipe's band: `python train.py --lambda_seq 0.5` (plus --train_args) and `python evaluate.py`
+over seeds and thread counts, and how far the numbers spread, since seed, threads and instruction
+set all move float rounding. Records go to --results/NAME.jsonl (a finished run is not redone),
+the band's table to --results/NAME.md.
 
     python -m experiments.band                      # the default run, 5 seeds x 1 and 2 threads
-    python -m experiments.band --name clip0 --seeds 1337 --threads 2 --train_args "--grad_clip 0"
     python -m experiments.band --name mytext --train_args "--dataset pydoc" --seeds 1337,1338
-
-Each run is `python train.py --lambda_seq 0.5 --seed S` with the defaults (plus --train_args),
-OMP_NUM_THREADS threads, then `python evaluate.py` (on `facts`, with the held-out answers). For
-each it records held-out recall@1, recall@10 and MRR, val NTP loss, answer exact match with
-retrieval (and the rest of evaluate.py's val and val_reworded figures), the wall time of
-training, and the last quarter's gain (recall@1 at the end minus at three quarters of the steps,
-read off the learning curve: how flat the curve has become); on a text, also TEXT_METRICS, the
-figures of re-ranking TF-IDF's candidates, where a text's result lies. It prints one row per run
-and the band: mean, standard deviation (ddof 1), min, max and max - min; a figure a corpus cannot
-have (answers on a text) is blank.
-
-Records go to --results/<name>.jsonl, one line per finished run (a run already there, with the
-same flags and train.py defaults, is not redone: an interrupted band goes on where it stopped);
-the table to --results/<name>.md. Checkpoints go to --work_dir.
 """
 
 import dataclasses
@@ -42,19 +27,15 @@ from machinery.config import Config
 from machinery.corpora import is_facts
 from machinery.intervals import paired_difference
 
-# The default run's band on the test world (machinery/corpora.py: facts_test, a world no choice of
-# recipe has seen), fixed on 2026-12-07 before any of its runs, with the recipe frozen as it is:
-#   python -m experiments.band --name test_world --train_args "--dataset facts_test"
-# It holds if every run's held-out recall@1 is at least 0.93 and the largest minus the smallest is
-# at most 0.05, the criteria the tuning world's band was held to; reported either way.
+# The default run's band on the test world (facts_test, which no choice of recipe has seen), fixed
+# before its runs: it holds if every run's recall@1 is at least 0.93 and their spread at most 0.05.
 TEST_WORLD_BAND = {"name": "test_world", "train_args": "--dataset facts_test",
                    "seeds": [1337, 1338, 1339, 1340, 1341], "threads": [1, 2],
                    "min_recall@1": 0.93, "max_spread": 0.05}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 METRICS = ("recall@1", "recall@10", "mrr", "val_ntp", "answer_em_retrieval", "last_quarter_gain",
            "train_s")
-# a text's runs also record (evaluate.py's val): the learned score re-ranking TF-IDF's top K, its
-# MRR minus TF-IDF's own order's on the same markers, TF-IDF's order, learned + w TF-IDF
+# a text's runs also record evaluate.py's re-ranking of TF-IDF's top K, where its result lies
 TEXT_METRICS = ("reranked_mrr", "reranked_recall@1", "reranked_mrr_minus_first_stage",
                 "first_stage_mrr", "combined_mrr")
 
@@ -65,8 +46,6 @@ class BandConfig:
     train_args: str = flag("", "train.py flags beside --lambda_seq 0.5 and the defaults")
     seeds: str = flag("1337,1338,1339,1340,1341", "comma-separated seeds")
     threads: str = flag("1,2", "comma-separated thread counts; every seed runs at each")
-    questions: int = flag(480, "held-out questions for answer exact match (evaluate.py; facts "
-                          "only: a text has no answers)")
     results: str = flag(os.path.join("experiments", "results", "band"), "where records go")
     work_dir: str = flag("out_band", "where the runs' checkpoints and logs go")
 
@@ -82,17 +61,14 @@ def _ints(text, name):
 
 
 def instruction_set():
-    """The widest x86 vector extension of this CPU (what BLAS kernels are chosen by), or the
-    machine's architecture elsewhere."""
+    """The widest x86 vector extension of this CPU (BLAS picks its kernels by it), else the
+    machine's architecture."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
     except OSError:
         flags = []
-    for ext in ("avx512f", "avx2", "avx"):
-        if ext in flags:
-            return ext
-    return platform.machine()
+    return next((ext for ext in ("avx512f", "avx2", "avx") if ext in flags), platform.machine())
 
 
 def last_quarter_gain(curve, metric="recall@1"):
@@ -103,27 +79,21 @@ def last_quarter_gain(curve, metric="recall@1"):
     return float(values[-1] - np.interp(0.75 * steps[-1], steps, values))
 
 
-# Flags added after records were made, at the default that does what the runs did before the flag
-# existed: left out of the hash, so that adding a flag does not orphan the records.
+# Flags added after records were made, at the default that does what the runs did before: left
+# out of the hash, so that adding a flag does not orphan the records.
 ADDED = {"gpt2_block": False}
 
 
 def defaults():
-    """A short hash of train.py's defaults: a run is reused only under the defaults it ran with
-    (its flags alone do not say what it ran once a default changes)."""
+    """A short hash of train.py's defaults: a run is reused only under the defaults it ran with."""
     config = {k: v for k, v in dataclasses.asdict(Config()).items()
               if k not in ADDED or ADDED[k] != v}
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def corpus(cfg):
-    """The corpus the band's runs train on: --dataset in --train_args, else train.py's."""
-    return parse_config(Config, "", cfg.train_args.split())[0].dataset
-
-
 def run(cfg, seed, threads):
     """Train and evaluate one run in fresh processes with `threads` threads; its record."""
-    facts = is_facts(corpus(cfg))
+    facts = is_facts(parse_config(Config, "", cfg.train_args.split())[0].dataset)
     out = os.path.join(cfg.work_dir, f"{cfg.name}-s{seed}-t{threads}")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     argv = [sys.executable, os.path.join(ROOT, "train.py"), "--lambda_seq", "0.5",
@@ -134,9 +104,8 @@ def run(cfg, seed, threads):
         failed = subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
         train_s = time.perf_counter() - t0
         if not failed:
-            failed = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"),
-                                     "--out_dir", out,
-                                     "--questions", str(cfg.questions if facts else 0)],
+            evaluate = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--out_dir", out]
+            failed = subprocess.run(evaluate + ([] if facts else ["--questions", "0"]),
                                     stdout=subprocess.DEVNULL, stderr=log, env=env).returncode
     if failed:
         raise UserError(f"seed {seed}, {threads} threads failed: see {out}/train.out")
@@ -158,11 +127,9 @@ def run(cfg, seed, threads):
 
 
 def pooled_difference(records):
-    """The runs' learned re-ranking MRR minus TF-IDF's own order's, on the same val markers,
-    pooled: each marker's 1/rank under the learned order averaged over the runs, minus its
-    1/rank under TF-IDF's (the same in every run of one text), with the paired bootstrap's
-    interval and p over the markers (machinery/intervals.py). Seeds move the learned order, the
-    markers are drawn once: this interval holds both. (difference, [lo, hi], p)."""
+    """The runs' learned re-ranking MRR minus TF-IDF's order's on the same val markers: each
+    marker's 1/rank averaged over the runs, paired with TF-IDF's (the same in every run), with the
+    paired bootstrap's interval and p over the markers. (difference, [lo, hi], p)."""
     ranks = [r["eval"]["val"]["reciprocal_ranks"] for r in records]
     if any(r["first_stage"] != ranks[0]["first_stage"] for r in ranks):
         raise UserError("the runs rank other markers (or TF-IDF ranks them otherwise): they "
@@ -172,8 +139,8 @@ def pooled_difference(records):
 
 
 def table(records):
-    """The runs, one row each, then the band of each metric (TEXT_METRICS where a run has them);
-    a figure a run lacks (None: answers on a text) is blank and left out of the band."""
+    """The runs, one row each, then the band of each metric: mean, sd (ddof 1), min, max and
+    max - min. A figure a run lacks (answers on a text) is blank and left out of the band."""
     metrics = [*METRICS, *(k for k in TEXT_METRICS if any(k in r for r in records))]
     head = ["seed", "threads", "cpu", *metrics]
     rows = [" | ".join(head), " | ".join("---" for _ in head)]
@@ -194,26 +161,19 @@ def _fmt(v, key):
 
 def main(argv=None):
     cfg, _ = parse_config(BandConfig, __doc__, argv)
-    seeds = _ints(cfg.seeds, "seeds")
-    threads = _ints(cfg.threads, "threads")
+    seeds, threads = _ints(cfg.seeds, "seeds"), _ints(cfg.threads, "threads")
     os.makedirs(cfg.results, exist_ok=True)
     path = os.path.join(cfg.results, f"{cfg.name}.jsonl")
     records = read_jsonl(path)[0] if os.path.exists(path) else []
-    if any(r["train_args"] != cfg.train_args for r in records):
-        raise UserError(f"{path} holds runs with other --train_args: give another --name")
-    if any(r.get("defaults") != defaults() for r in records):
-        raise UserError(f"{path} holds runs made under other train.py defaults: give another "
-                        "--name")
+    if any((r["train_args"], r.get("defaults")) != (cfg.train_args, defaults()) for r in records):
+        raise UserError(f"{path} holds runs with other --train_args or other train.py defaults: "
+                        "give another --name")
     done = {(r["seed"], r["threads"]) for r in records}
-    for seed in seeds:
-        for n in threads:
-            if (seed, n) in done:
-                continue
-            print(f"{cfg.name}: seed {seed}, {n} threads", file=sys.stderr, flush=True)
-            record = run(cfg, seed, n)
-            with open(path, "a") as f:  # one line per finished run: an interrupted band resumes
-                f.write(json.dumps(record) + "\n")
-            records.append(record)
+    for seed, n in [(s, n) for s in seeds for n in threads if (s, n) not in done]:
+        print(f"{cfg.name}: seed {seed}, {n} threads", file=sys.stderr, flush=True)
+        records.append(run(cfg, seed, n))
+        with open(path, "a") as f:  # one line per finished run: an interrupted band resumes
+            f.write(json.dumps(records[-1]) + "\n")
     mine = [r for r in records if r["seed"] in seeds and r["threads"] in threads]
     text = table(sorted(mine, key=lambda r: (r["threads"], r["seed"])))
     with open(os.path.join(cfg.results, f"{cfg.name}.md"), "w") as f:

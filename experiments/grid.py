@@ -1,18 +1,11 @@
 """
 The paper's comparison: co-supervision against separate supervision, both fine-tuned from one
-pretrained Gen, over seeds, on `facts` (or pydoc, or a corpus you name).
+pretrained Gen, over seeds. Per seed, `pretrained` trains L_NTP alone; from it `ntp-ft` (L_NTP),
+`nsp-ft` (L_NSP) and `co<lambda>` (both); `sep` trains nothing: ntp-ft's Gen writes, nsp-ft's
+networks retrieve. Each finished run is a line of --results/runs.jsonl (a rerun redoes nothing).
 
     python -m experiments.grid                   # the full protocol (experiments/README.md)
     python -m experiments.grid --quick           # 2 seeds, few steps, one lambda: to see it work
-    python -m experiments.grid --datasets mybook.txt --seeds 3
-
-Per seed, each run is train.py with its defaults and the flags below. `pretrained` trains L_NTP
-alone for --pretrain_iters steps. From it (--init_from), --iters steps each: `ntp-ft` (L_NTP
-alone), `nsp-ft` (L_NSP alone) and `co<lambda>` (L_NTP + lambda L_NSP, on text lambda 0.5 only).
-`sep`, separate supervision, trains nothing: ntp-ft's Gen writes, nsp-ft's Gen and Emb_seq
-retrieve. `scratch` (--scratch) is co0.5 from random weights for all the steps. The confirmatory
-test's seeds (report.CONFIRMATORY) run only what it compares. Each finished run is a line of
---results/runs.jsonl (a rerun redoes nothing), then report.py writes table.md and the plots.
 """
 
 import hashlib
@@ -48,29 +41,26 @@ class ExperimentConfig:
     lambdas: str = flag("0.1,0.5", "lambda_seq of the co-supervised runs on facts, 0.5 among them")
     evals: int = flag(4, "evaluations of every run after its first: its learning curve's points")
     questions: int = flag(200, "held-out questions per facts run, asked as trained and reworded")
-    results: str = flag(report.RESULTS, "where runs.jsonl, table.md and the plots go")
+    results: str = flag(report.RESULTS, "where runs.jsonl and table.md go")
     work_dir: str = flag("out_experiments", "where the runs' checkpoints and logs go")
     train_args: str = flag("", "extra train.py flags for every run (e.g. a tiny model, for tests)")
     scratch: bool = flag(False, "also run scratch, co-supervision from random weights (secondary)")
 
 
 # the protocol's own flags, whatever train.py's defaults become: L_NSP from the first step (stage
-# 1 has put the token space in place), the default recipe's temperature, and facts questions in
-# three wordings, so that training shows that other words ask the same (the reworded set: a fourth)
+# 1 has put the token space in place), and questions in three wordings (the reworded set: a fourth)
 PROTOCOL = ["--nsp_start", "0", "--temperature", "0.1", "--facts_wordings", "3"]
-# train.py's behaviour when the committed records were made, kept after its default changed: the
-# parts only L_NSP trains learn at the full rate
+# train.py's behaviour when the committed records were made, kept after its default changed
 AS_RECORDED = ["--nsp_lr_scale", "1"]
 # What the runs' code does that no flag says, counted up when it changes so that no record made
-# before is reused: 2, a stage-2 run draws batches of its own (at 1, the committed records' tag
-# aa91db77, it replayed stage 1's batch order)
+# before is reused (2: a stage-2 run draws batches of its own)
 BEHAVIOUR = 2
 GRID_FLAGS = {"dataset", "seed", "max_iters", "eval_interval", "out_dir", "lambda_seq",
               "lambda_tok", "init_from", "resume", "overwrite"}
 
 
 def setting(cfg):
-    """What every run depends on besides its dataset, variant, seed and steps, as a short hash:
+    """A short hash of what every run depends on besides its dataset, variant, seed and steps:
     part of each run's folder and record key, so a changed setting never reuses stale runs."""
     text = json.dumps([band.defaults(), PROTOCOL, AS_RECORDED, cfg.train_args.split(),
                        cfg.questions, cfg.evals, BEHAVIOUR])
@@ -102,8 +92,7 @@ class Grid:
                                           f"{cfg.pretrain_iters}+{cfg.iters}-{setting(cfg)}")
 
     def trained(self, dataset, variant, seed, lambdas):
-        """The run's out_dir, trained now unless work_dir has it whole (a fresh clone has
-        results/ but not the checkpoints: stage 2 and sep retrain what they start from)."""
+        """The run's out_dir, trained now (with what it starts from) unless work_dir has it."""
         out = self.run_dir(dataset, variant, seed)
         if not os.path.isfile(os.path.join(out, "done")):
             flags, start, iters = variants(self.cfg, lambdas)[variant]
@@ -117,8 +106,6 @@ class Grid:
             shutil.rmtree(out, ignore_errors=True)  # a run cut short earlier starts again
             os.makedirs(out)
             with open(os.path.join(out, "train.out"), "w") as log:
-                # every core for each run, one run at a time: on 2 cores two 1-thread trainings
-                # did less work than one 2-thread training
                 env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())}
                 if subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
                     raise UserError(f"training {dataset}/{variant}/seed {seed} failed: see "
@@ -128,9 +115,8 @@ class Grid:
 
     @torch.inference_mode()
     def answers(self, out, query_from=None, modes=("retrieval",)):
-        """Held-out answer metrics (evaluate.py's), as asked in training and reworded (with the
-        reworded questions' retrieval, learned and TF-IDF). OUT's Gen writes; with query_from,
-        that run's Gen makes the queries and its Emb_seq the datastore (sep)."""
+        """Held-out answer metrics (evaluate.py's), as asked in training and reworded. OUT's Gen
+        writes; with query_from, that run's Gen and Emb_seq retrieve (sep)."""
         _, gen, embedder, data, tok = load_run(out, "cpu")
         query_gen = None
         if query_from:
@@ -144,20 +130,16 @@ class Grid:
 
     def run(self, dataset, variant, seed, lambdas):
         """Train (or, for sep, combine) and measure one run of the protocol; its record."""
-        cfg, t0 = self.cfg, time.time()
+        cfg, t0, facts = self.cfg, time.time(), is_facts(dataset)
         record = {"dataset": dataset, "variant": variant, "seed": seed,
                   "steps": f"{cfg.pretrain_iters}+{cfg.iters}", "setting": setting(cfg)}
-        facts = is_facts(dataset)
         if variant == "sep":  # ntp-ft's Gen writes, nsp-ft's Gen and Emb_seq retrieve
             ntp = self.trained(dataset, "ntp-ft", seed, lambdas)
             nsp = self.trained(dataset, "nsp-ft", seed, lambdas)
-            (ntp_final, _), (nsp_final, _) = read_log(ntp), read_log(nsp)
-            record.update(nsp_final, val_ntp=ntp_final["val_ntp"])
+            record.update(read_log(nsp)[0], val_ntp=read_log(ntp)[0]["val_ntp"])
             if facts:
                 record.update(self.answers(ntp, query_from=nsp))
         else:
-            flags = variants(cfg, lambdas)[variant][0]
-            record["lambda_seq"] = float(flags[flags.index("--lambda_seq") + 1])
             out = self.trained(dataset, variant, seed, lambdas)
             final, curve = read_log(out)
             record.update(final, curve=curve)
@@ -192,9 +174,7 @@ def check(cfg):
         raise UserError("--lambdas: co-supervision needs lambda_seq > 0 (0 is ntp-ft)")
     if 0.5 not in lambdas:
         raise UserError("--lambdas must include 0.5: the primary comparison uses it")
-    datasets = [d for d in cfg.datasets.split(",") if d]
-    if not datasets:
-        raise UserError("--datasets is empty")
+    datasets = cfg.datasets.split(",")
     for d in datasets:
         if not is_facts(d) and d != "pydoc" and not os.path.isfile(d):
             raise UserError(f"--datasets: {d!r} is neither a facts world, pydoc nor a file")
@@ -223,13 +203,12 @@ def main(argv=None):
     done, steps, tag = report.load(path), f"{cfg.pretrain_iters}+{cfg.iters}", setting(cfg)
     cells = [(d, v, s, lams) for d, lams in datasets.items()
              for s in range(1337, 1337 + cfg.seeds) for v in variants(cfg, lams)]
-    confirm = report.CONFIRMATORY  # its seeds: its two variants and what they start from
+    confirm = report.CONFIRMATORY  # its seeds run only what it compares
     lams = datasets.get(confirm["dataset"])
     if lams is not None and confirm["tested"] in variants(cfg, lams):
         cells += [(confirm["dataset"], v, s, lams) for s in confirm["seeds"]
                   for v in ("pretrained", "ntp-ft", "nsp-ft", confirm["tested"], "sep")]
-    # one seed after another, and within a seed stage 1 first and sep last: an interrupted grid
-    # leaves whole seeds in runs.jsonl, which a fresh clone (no checkpoints) never trains again
+    # one seed after another, stage 1 first and sep last: an interrupted grid leaves whole seeds
     rank = {"pretrained": 0, "sep": 2}
     cells.sort(key=lambda c: (c[2] in confirm["seeds"], c[0], c[2], rank.get(c[1], 1)))
     todo = [c for c in cells if report.key(c[0], c[1], c[2], steps, tag) not in done]
@@ -248,7 +227,7 @@ def main(argv=None):
         torch.set_num_threads(threads)
     wanted = {report.key(c[0], c[1], c[2], steps, tag) for c in cells}
     report.write([r for k, r in report.load(path).items() if k in wanted], cfg.results)
-    print(f"results in {cfg.results}/: table.md and the plots")
+    print(f"results in {cfg.results}/table.md")
 
 
 if __name__ == "__main__":

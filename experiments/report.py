@@ -1,8 +1,6 @@
 """
-The protocol's report: experiments/results/runs.jsonl in, table.md (the primary comparison, the
-tables, the paired tests) and PNG plots out. Every number comes from the records alone.
-
-    python -m experiments.report
+The protocol's report, from runs.jsonl alone: table.md, the primary comparison, the tables and
+the paired tests. `python -m experiments.report`
 """
 
 import math
@@ -13,12 +11,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from experiments.band import last_quarter_gain
+from experiments.band import ROOT, last_quarter_gain
 from machinery.checkpoint import read_jsonl
 from machinery.cli import UserError, flag, main_guard, parse_config
 from machinery.corpora import is_facts
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 RESULTS = os.path.join("experiments", "results")                     # from the repository's root
 
 # (record field, column title, higher is better)
@@ -29,25 +26,18 @@ FACTS = [("val_ntp", "val NTP loss", False), ("recall@1", "held-out recall@1", T
          ("reworded_recall@1", "reworded: recall@1", True), ("reworded_mrr", "reworded: MRR", True)]
 TEXT = [("val_ntp", "val NTP loss", False), ("recall@1", "val recall@1", True),
         ("recall@10", "val recall@10", True), ("mrr", "val MRR", True)]
-# Fixed before the grid ran: co-supervision at the default lambda_seq minus separate supervision,
-# paired by seed, on these metrics.
+# Fixed before the grid ran: co-supervision at lambda_seq 0.5 minus separate supervision.
 TESTED, BASELINE = "co0.5", "sep"
 PRIMARY = {"facts": ["answer_em_retrieval", "recall@1"], "text": ["mrr"]}
 GENERALISATION = ["reworded_answer_em_retrieval", "reworded_recall@1"]  # facts, secondary
-CURVES = ["pretrained", "ntp-ft", "nsp-ft", "co0.1", "co0.5", "scratch"]
-# The confirmatory test, fixed on 2026-12-02 before any of its runs (the commit history shows the
-# order). The first protocol chose co0.1 after looking (it beat sep on held-out answers and
-# recall@1 in 5 of 5 seeds), so it is tested on new seeds: each metric a two-sided paired t-test
-# at alpha 0.05 / 2 (Bonferroni), confirmed only if co0.1 is better on both. Reported either way.
+# Fixed before any of its runs: co0.1, chosen after looking at the first protocol, on new seeds;
+# each metric a two-sided paired t-test at alpha 0.05 / 2, confirmed only if better on both.
 CONFIRMATORY = {"dataset": "facts", "tested": "co0.1", "baseline": "sep",
                 "seeds": [2001, 2002, 2003, 2004, 2005], "steps": "800+1600",
                 "metrics": ["answer_em_retrieval", "recall@1"], "alpha": 0.025,
                 "name": "Confirmatory test", "about": "new seeds 2001 to 2005"}
-# The test world, fixed on 2026-12-07 before any of its runs. Every choice of recipe, weight and
-# budget was made on `facts`; `facts_test` is a world none of them has seen (machinery/corpora.py).
-# The primary comparison runs there once, tested as the confirmatory test is, and its result is
-# the headline either way (python -m experiments.grid --datasets facts_test --lambdas 0.5
-# --results experiments/results/test_world). The band on that world: band.TEST_WORLD_BAND.
+# Fixed before any of its runs: the primary comparison on facts_test, a world no choice of recipe,
+# weight or budget has seen, tested as the confirmatory test is; the headline either way.
 TEST_WORLD = {"dataset": "facts_test", "tested": "co0.5", "baseline": "sep",
               "seeds": [1337, 1338, 1339, 1340, 1341], "steps": "800+1600",
               "metrics": ["answer_em_retrieval", "recall@1"], "alpha": 0.025,
@@ -76,6 +66,10 @@ def kind(dataset):
     return "facts" if is_facts(dataset) else "text"
 
 
+def columns(dataset):
+    return FACTS if is_facts(dataset) else TEXT
+
+
 def order(variant):
     """pretrained, ntp-ft, nsp-ft, sep, the co-supervised runs by lambda_seq, scratch."""
     fixed = {"pretrained": 0, "ntp-ft": 1, "nsp-ft": 2, "sep": 3, "scratch": 1e9}
@@ -93,8 +87,8 @@ def values(runs, variant, field):
 
 
 def t_test(diffs):
-    """Paired t-test of per-seed differences: (mean, t, two-sided p). The p-value integrates
-    Student's t density with n - 1 degrees of freedom beyond |t| (x = |t| + tan(phi))."""
+    """Paired t-test of per-seed differences: (mean, t, two-sided p), integrating Student's t
+    density with n - 1 degrees of freedom beyond |t| (x = |t| + tan(phi))."""
     d = np.asarray(diffs, dtype=float)
     n, mean, sd = len(d), float(d.mean()), float(d.std(ddof=1))
     if sd == 0:
@@ -107,35 +101,24 @@ def t_test(diffs):
     return mean, t, float(min(1.0, 2 * np.trapezoid(density, phi)))
 
 
-def mean_sd(vals):
-    """Mean and sample standard deviation (ddof 1: seeds are a sample) of the values not None."""
-    vals = [v for v in vals if v is not None]
-    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-
-
 def fmt(vals):
+    """Mean +- sample standard deviation (ddof 1: seeds are a sample) of the values not None."""
     vals = [v for v in vals if v is not None]
     if len(vals) < 2:
         return f"{vals[0]:.3f}" if vals else "-"
-    return "{:.3f} +- {:.3f}".format(*mean_sd(vals))
+    return f"{np.mean(vals):.3f} +- {np.std(vals, ddof=1):.3f}"
 
 
 def lexical_values(runs, field):
-    """TF-IDF's values of a retrieval field over seeds, from the first variant that has them (it
-    does not train: every run of a seed has the same); [] where TF-IDF has no counterpart."""
+    """TF-IDF's values of a retrieval field over seeds, from the first variant that has them (every
+    run of a seed has the same); [] where TF-IDF has no counterpart."""
     name = re.sub(r"^(reworded_)?(recall@\d+|mrr)$", r"\1lexical_\2", field)
-    if name == field:
-        return []
-    for variant in variants(runs):
-        vals = values(runs, variant, name)
-        if any(v is not None for v in vals):
-            return vals
-    return []
+    found = [values(runs, v, name) for v in variants(runs)] if name != field else []
+    return next((vals for vals in found if any(v is not None for v in vals)), [])
 
 
 def paired(runs, a, b, field):
-    """`a`'s and `b`'s values of one metric on the seeds where both have it, in seed order. A
-    variant with two runs of one seed (two budgets or settings mixed) is an error."""
+    """`a`'s and `b`'s values of one metric on the seeds where both have it, in seed order."""
     pairs = {}
     for variant in (a, b):
         for r in runs:
@@ -150,7 +133,7 @@ def paired(runs, a, b, field):
 
 def compare(runs, a, b, field, title, higher, short=False):
     """`a` minus `b` on one metric, paired by seed: the means, the per-seed differences, a paired
-    t-test and a sign count. short: one clause, for the summary sentence."""
+    t-test and a sign count; short: one clause."""
     mine, theirs = paired(runs, a, b, field)
     if not mine:
         return None
@@ -166,14 +149,18 @@ def compare(runs, a, b, field, title, higher, short=False):
             f"{a} better in {wins} of {len(diffs)} seeds")
 
 
+def pvalue(p):
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3g}"
+
+
 def finding(runs, a, b, field, title, higher):
-    """What one paired test shows, as a clause: which of a and b is better on the metric at
-    p < ALPHA, or that no difference is shown; None without two seeds of both."""
+    """Which of a and b one paired test shows better at p < ALPHA, or that it shows no difference;
+    None without two seeds of both."""
     mine, theirs = paired(runs, a, b, field)
     if len(mine) < 2:
         return None
     mean, _, p = t_test(np.subtract(mine, theirs))
-    shown = f"({a} - {b} = {mean:+.3f}, {'p < 0.001' if p < 0.001 else f'p = {p:.3g}'})"
+    shown = f"({a} - {b} = {mean:+.3f}, {pvalue(p)})"
     if p >= ALPHA:
         return f"no difference shown on {title} {shown}"
     better, worse = (a, b) if (mean > 0) == higher else (b, a)
@@ -181,23 +168,21 @@ def finding(runs, a, b, field, title, higher):
 
 
 def summary(records):
-    """The primary result per dataset in one sentence, and in one more what its test shows, with
-    TF-IDF's value beside it; on facts the same for held-out questions reworded (secondary)."""
+    """Per dataset, the primary result and what its test shows, TF-IDF's value beside it; on facts
+    the same for reworded questions (secondary)."""
     lines = []
     for dataset in datasets(records):
         runs = [r for r in records if r["dataset"] == dataset]
-        titles = {f: t for f, t, _ in (FACTS if kind(dataset) == "facts" else TEXT)}
+        titles = {f: t for f, t, _ in columns(dataset)}
         parts = [compare(runs, TESTED, BASELINE, f, titles[f], True, short=True)
                  for f in PRIMARY[kind(dataset)]]
         if not all(parts):
             continue
         lines.append(f"- **{dataset}**: co-supervision ({TESTED}) minus separate supervision "
                      f"({BASELINE}): " + "; ".join(parts) + ".")
-        tests = [("Result", PRIMARY[kind(dataset)])]
-        if kind(dataset) == "facts":
-            tests.append(("Generalisation (secondary; held-out questions in a wording no "
-                          "training document uses)", GENERALISATION))
-        for name, fields in tests:
+        tests = [("Result", PRIMARY[kind(dataset)]), ("Generalisation (secondary; held-out "
+                 "questions in a wording no training document uses)", GENERALISATION)]
+        for name, fields in tests[:1 + is_facts(dataset)]:
             short = {f: titles[f].replace("reworded: ", "") for f in fields}
             found = [finding(runs, TESTED, BASELINE, f, short[f], True) for f in fields]
             if all(found):
@@ -209,9 +194,8 @@ def summary(records):
 
 
 def confirmatory(records, c=CONFIRMATORY):
-    """A test fixed before its runs (CONFIRMATORY, TEST_WORLD) on its own dataset, seeds and
-    budget: its verdict in one sentence, its comparisons, and whether its runs had flattened;
-    [] until all its runs are in."""
+    """A test fixed before its runs (CONFIRMATORY, TEST_WORLD): its verdict, its comparisons and
+    whether its runs had flattened; [] until all its runs are in."""
     runs = [r for r in records if r["dataset"] == c["dataset"] and r["seed"] in c["seeds"]
             and r["steps"] == c["steps"]]
     titles = {f: t for f, t, _ in FACTS}
@@ -235,8 +219,8 @@ def datasets(records):
 
 
 def table(records):
-    """table.md's text. A dataset's runs at two budgets or settings (a runs.jsonl appended to by
-    grids of other flags) are an error: they would mix in every mean and pairing."""
+    """table.md's text. A dataset's runs at two budgets or settings are an error: they would mix
+    in every mean and pairing."""
     confirm = confirmatory(records) + confirmatory(records, TEST_WORLD)
     records = [r for r in records if r["seed"] not in CONFIRMATORY["seeds"]]
     for dataset in datasets(records):
@@ -251,8 +235,7 @@ def table(records):
              "freedom):", "", *summary(records), "", *confirm]
     for dataset in datasets(records):
         runs = [r for r in records if r["dataset"] == dataset]
-        fields = [m for m in (FACTS if kind(dataset) == "facts" else TEXT)
-                  if any(r.get(m[0]) is not None for r in runs)]
+        fields = [m for m in columns(dataset) if any(r.get(m[0]) is not None for r in runs)]
         seeds, steps = len({r["seed"] for r in runs}), runs[0]["steps"]
         lines += [f"#### {dataset}: {seeds} seed(s), {steps} steps (pretraining + fine-tuning)", "",
                   "| variant | " + " | ".join(title for _, title, _ in fields) + " |",
@@ -260,7 +243,6 @@ def table(records):
         for variant in variants(runs):
             cells = [fmt(values(runs, variant, f)) for f, _, _ in fields]
             lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-        # the training-free line every learned number must beat, on the same markers/questions
         lexical = [fmt(lexical_values(runs, f)) for f, _, _ in fields]
         lines += ["| TF-IDF (no training) | " + " | ".join(lexical) + " |", "",
                   *flatness(runs, kind(dataset)), "Primary:"]
@@ -276,10 +258,9 @@ def table(records):
 
 
 def flatness(runs, corpus_kind):
-    """Whether each trained variant had finished learning when it was measured: what the last
-    quarter of its steps added to its retrieval metric and to its val NTP loss, over seeds. A
-    variant is judged on what it trains (L_NTP alone on val NTP loss, L_NSP alone on retrieval),
-    on average and seed by seed; a val NTP loss that rises is over-fitting, not flat."""
+    """Whether each variant had finished learning: what the last quarter of its steps added to
+    retrieval and to val NTP loss, judged on what it trains, on average and seed by seed; a val
+    NTP loss that rises is over-fitting, not flat."""
     metric = "recall@1" if corpus_kind == "facts" else "mrr"
     lines = [f"Last quarter of each run's steps (flattened: {metric} gains at most {FLAT} and val "
              f"NTP loss moves at most {FLAT}, on average and on every seed; pretrained and ntp-ft "
@@ -334,69 +315,6 @@ def secondary(dataset):
     return [(TESTED, "scratch", "mrr"), (TESTED, "ntp-ft", "val_ntp")]
 
 
-def plots(records, out_dir):
-    """Per dataset: the metrics against lambda_seq (with several co-supervised weights), and the
-    learning curves over steps since random weights. The paths written."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    written = []
-    records = [r for r in records if r["seed"] not in CONFIRMATORY["seeds"]]  # its own lines
-    for dataset in datasets(records):
-        runs = [r for r in records if r["dataset"] == dataset]
-        fields = [m for m in (FACTS if kind(dataset) == "facts" else TEXT)[:5]
-                  if m[0] != "recall@10" and any(r.get(m[0]) is not None for r in runs)]
-        co = [v for v in variants(runs) if v.startswith("co")]
-        if len(co) > 1:  # the lambda plot: co-supervision against lambda_seq, baselines as lines
-            lams = [float(v[2:]) for v in co]
-            shown = [m for m in fields if None not in values(runs, co[0], m[0])]
-            fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.3), squeeze=False)
-            for ax, (field, title, _) in zip(axes[0], shown):
-                means, sds = zip(*(mean_sd(values(runs, v, field)) for v in co))
-                ax.errorbar(lams, means, yerr=sds, marker="o", capsize=3, label="co")
-                for i, base in enumerate(("ntp-ft", "nsp-ft", "sep", "scratch")):
-                    vals = [v for v in values(runs, base, field) if v is not None]
-                    if vals:
-                        ax.axhline(np.mean(vals), ls="--", color=f"C{i + 1}", label=base)
-                ax.set_xscale("log")
-                ax.set_xticks(lams, [f"{lam:g}" for lam in lams])
-                ax.minorticks_off()
-                ax.set(xlabel="lambda_seq")
-                ax.set_title(title, fontsize=9)
-            axes[0, 0].legend(fontsize=7)
-            written.append(save(fig, f"{dataset}: against lambda_seq (mean +- std over seeds)",
-                                out_dir, f"lambda_{slug(dataset)}.png"))
-        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-        for ax, field in zip(axes, ("recall@1" if kind(dataset) == "facts" else "mrr", "val_ntp")):
-            for variant in CURVES:
-                curves = [r for r in runs if r["variant"] == variant and "curve" in r]
-                if curves:  # stage 2 starts where pretraining ended: one axis of total steps
-                    stage2 = variant not in ("pretrained", "scratch")
-                    shift = int(curves[0]["steps"].split("+")[0]) if stage2 else 0
-                    ys = np.mean([[np.nan if c[field] is None else c[field] for c in r["curve"]]
-                                  for r in curves], axis=0)
-                    ax.plot([c["iter"] + shift for c in curves[0]["curve"]], ys, marker=".",
-                            label=variant)
-            lexical = values(runs, "pretrained", f"lexical_{field}")
-            if lexical and lexical[0] is not None:
-                ax.axhline(lexical[0], ls="--", color="grey", label="TF-IDF")
-            ax.set(xlabel="steps since random weights",
-                   title=field if field.startswith("val") else f"val {field}")
-        axes[1].set_yscale("log")  # nsp-ft's untrained lm_head (~5) would flatten the rest
-        axes[0].legend(fontsize=7)
-        written.append(save(fig, f"{dataset}: learning curves (mean over seeds)", out_dir,
-                            f"curves_{slug(dataset)}.png"))
-        plt.close("all")
-    return written
-
-
-def save(fig, title, out_dir, name):
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, name), dpi=100)
-    return os.path.join(out_dir, name)
-
-
 def slug(dataset):
     """A file-name form of a dataset: facts, pydoc, or a corpus file's name without extension."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(dataset))[0])
@@ -406,12 +324,11 @@ def write(records, out_dir):
     text = table(records)  # before the file opens: a refused folder keeps its table.md
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(text + "\n")
-    return plots(records, out_dir)
 
 
 @dataclass
 class ReportConfig:
-    results: str = flag(RESULTS, "the folder with runs.jsonl; table.md and plots are rewritten")
+    results: str = flag(RESULTS, "the folder with runs.jsonl; its table.md is rewritten")
 
 
 def main(argv=None):

@@ -1,17 +1,10 @@
 """
-The texts of the real-text measurements (experiments/README.md, Real text from a base), cut from
-files anyone can fetch from Project Gutenberg:
+The texts of the real-text measurements, cut from Project Gutenberg's files into --out_dir:
+sherlock_base.txt (The Complete Sherlock Holmes without The Hound of the Baskervilles: the base's
+text), hound.txt (the Hound alone: a text the base never saw) and NAME_tune.txt, the training part
+of pydoc, alice.txt and hound.txt, whose own last tenth stands in for val when a recipe is chosen.
 
     python -m experiments.texts --sherlock sherlock.txt --alice alice.txt
-
-writes to --out_dir:
-    sherlock_base.txt    The Complete Sherlock Holmes without The Hound of the Baskervilles: the
-                         base's text (2.7 MB)
-    hound.txt            The Hound of the Baskervilles alone (324 KB): a small text the base never
-                         saw, by the same author
-    NAME_tune.txt        the training part of pydoc, alice.txt and hound.txt (their val left out):
-                         as a .txt its own last tenth stands in for val, so a fine-tuning recipe is
-                         chosen on training markers held out from the gradient, never on val
 """
 
 import os
@@ -20,21 +13,20 @@ from dataclasses import dataclass
 from machinery.cli import UserError, flag, main_guard, parse_config
 from machinery.corpora import load_corpus, read_text
 
-HOUND = "THE HOUND OF THE BASKERVILLES"   # its title line, and the next book's
+HOUND = "THE HOUND OF THE BASKERVILLES"
 AFTER_HOUND = "THE VALLEY OF FEAR"
 
 
 @dataclass
 class TextsConfig:
-    sherlock: str = flag("../shared/corpora/sherlock.txt", "The Complete Sherlock Holmes, plain "
-                                                           "text")
-    alice: str = flag("../shared/corpora/alice.txt", "Alice's Adventures in Wonderland, plain text")
+    sherlock: str = flag("../shared/corpora/sherlock.txt", "The Complete Sherlock Holmes")
+    alice: str = flag("../shared/corpora/alice.txt", "Alice's Adventures in Wonderland")
     out_dir: str = flag(os.path.join("data_cache", "texts"), "where the texts go")
 
 
 def cut_hound(text):
-    """(the text without The Hound of the Baskervilles, the Hound alone), cut at the title lines
-    (a book's title alone on its line, in capitals; the table of contents does not capitalise)."""
+    """(the text without The Hound of the Baskervilles, the Hound alone), cut at its title and
+    the next book's (in capitals alone on a line: the table of contents does not capitalise)."""
     lines = text.split("\n")
     titles = [i for i, line in enumerate(lines) if line.strip() in (HOUND, AFTER_HOUND)]
     if len(titles) != 2:
@@ -65,6 +57,7 @@ def main(argv=None):
     for name, dataset in (("hound", os.path.join(cfg.out_dir, "hound.txt")),
                           ("alice", cfg.alice), ("pydoc", "pydoc")):
         write(os.path.join(cfg.out_dir, f"{name}_tune.txt"), training_part(dataset))
+
 
 if __name__ == "__main__":
     main_guard(main)
