@@ -16,12 +16,14 @@ import torch
 
 from data import load_data
 from datastore import search
+from generate import generate
 from losses import co_supervision_loss
+from machinery import datastore_file
 from machinery.cli import UserError, flag, main_guard, parse_config
 from machinery.config import Config, autocast, pick_device
 from train import build_models, make_optimizer
 
-PARTS = ("co_supervision_overhead", "search")
+PARTS = ("co_supervision_overhead", "sampling", "search")
 
 
 @dataclass
@@ -71,6 +73,29 @@ def overhead(args):
     return alternate({"co": lambda: step(0.5), "ntp": lambda: step(0.0)}, args.repeats)[0]
 
 
+def sampling(args):
+    """512 new tokens at block 256, retrieval in the loop, full recompute over the KV cache, with
+    one seed (the same tokens both ways): the default demo's untrained Gen and a larger one."""
+    out = {}
+    for n_layer, n_head, n_embd in ((2, 4, 128), (6, 6, 384)):
+        cfg = Config(block_size=256, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+        data, tok = load_data(cfg)
+        torch.manual_seed(cfg.seed)
+        gen, embedder = build_models(cfg, tok.vocab_size)
+        gen.eval(), embedder.eval()
+        store = datastore_file.build(embedder, data, progress=False)
+        prompt = [int(t) for t in data.val.ids[:64]]
+
+        def sample(use_cache):
+            return generate(gen, prompt, 512, tok.marker, None, store, temperature=1.0,
+                            use_cache=use_cache, generator=torch.Generator().manual_seed(cfg.seed))
+        times, runs = alternate({"recompute": lambda: sample(False),
+                                 "cache": lambda: sample(True)}, 3)
+        out[f"{n_layer}x{n_embd}"] = {**times, "retrievals": len(runs["cache"][1]),
+                                      "same_tokens": runs["cache"][0] == runs["recompute"][0]}
+    return out
+
+
 def random_unit(rng, n, d=128):
     """n random unit vectors (n, d), float32: directions uniform on the sphere."""
     x = rng.standard_normal((n, d), dtype=np.float32)
@@ -108,7 +133,7 @@ def main(argv=None):
     chosen = PARTS if args.parts == "all" else args.parts.split(",")
     if not set(chosen) <= set(PARTS):
         raise UserError(f"--parts takes all or some of {', '.join(PARTS)}, got {args.parts!r}")
-    parts = {"co_supervision_overhead": overhead, "search": search_speed}
+    parts = {"co_supervision_overhead": overhead, "sampling": sampling, "search": search_speed}
     result = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     for name in [p for p in PARTS if p in chosen]:
         t0 = time.perf_counter()
