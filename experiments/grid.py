@@ -41,7 +41,7 @@ class ExperimentConfig:
     lambdas: str = flag("0.1,0.5", "lambda_seq of the co-supervised runs on facts, 0.5 among them")
     evals: int = flag(4, "evaluations of every run after its first: its learning curve's points")
     questions: int = flag(200, "held-out questions per facts run, asked as trained and reworded")
-    results: str = flag(report.RESULTS, "where runs.jsonl and table.md go")
+    results: str = flag(report.RESULTS, "where runs.jsonl, table.md and the plots go")
     work_dir: str = flag("out_experiments", "where the runs' checkpoints and logs go")
     train_args: str = flag("", "extra train.py flags for every run (e.g. a tiny model, for tests)")
     scratch: bool = flag(False, "also run scratch, co-supervision from random weights (secondary)")
@@ -227,7 +227,7 @@ def main(argv=None):
         torch.set_num_threads(threads)
     wanted = {report.key(c[0], c[1], c[2], steps, tag) for c in cells}
     report.write([r for k, r in report.load(path).items() if k in wanted], cfg.results)
-    print(f"results in {cfg.results}/table.md")
+    print(f"results in {cfg.results}/: table.md and the plots")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """
-The protocol's report, from runs.jsonl alone: table.md, the primary comparison, the tables and
-the paired tests. `python -m experiments.report`
+The protocol's report, from runs.jsonl alone: table.md (the primary comparison, the tables, the
+paired tests) and the learning curves. `python -m experiments.report`
 """
 
 import math
@@ -30,6 +30,7 @@ TEXT = [("val_ntp", "val NTP loss", False), ("recall@1", "val recall@1", True),
 TESTED, BASELINE = "co0.5", "sep"
 PRIMARY = {"facts": ["answer_em_retrieval", "recall@1"], "text": ["mrr"]}
 GENERALISATION = ["reworded_answer_em_retrieval", "reworded_recall@1"]  # facts, secondary
+CURVES = ["pretrained", "ntp-ft", "nsp-ft", "co0.1", "co0.5", "scratch"]
 # Fixed before any of its runs: co0.1, chosen after looking at the first protocol, on new seeds;
 # each metric a two-sided paired t-test at alpha 0.05 / 2, confirmed only if better on both.
 CONFIRMATORY = {"dataset": "facts", "tested": "co0.1", "baseline": "sep",
@@ -315,6 +316,38 @@ def secondary(dataset):
     return [(TESTED, "scratch", "mrr"), (TESTED, "ntp-ft", "val_ntp")]
 
 
+def plots(records, out_dir):
+    """Per dataset, the learning curves since random weights (mean over seeds), as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    records = [r for r in records if r["seed"] not in CONFIRMATORY["seeds"]]  # its own lines
+    for dataset in datasets(records):
+        runs = [r for r in records if r["dataset"] == dataset]
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+        for ax, field in zip(axes, ("recall@1" if kind(dataset) == "facts" else "mrr", "val_ntp")):
+            for variant in CURVES:
+                curves = [r for r in runs if r["variant"] == variant and "curve" in r]
+                if curves:  # stage 2 starts where pretraining ended: one axis of total steps
+                    stage2 = variant not in ("pretrained", "scratch")
+                    shift = int(curves[0]["steps"].split("+")[0]) if stage2 else 0
+                    ys = np.mean([[np.nan if c[field] is None else c[field] for c in r["curve"]]
+                                  for r in curves], axis=0)
+                    ax.plot([c["iter"] + shift for c in curves[0]["curve"]], ys, marker=".",
+                            label=variant)
+            lexical = values(runs, "pretrained", f"lexical_{field}")
+            if lexical and lexical[0] is not None:
+                ax.axhline(lexical[0], ls="--", color="grey", label="TF-IDF")
+            ax.set(xlabel="steps since random weights",
+                   title=field if field.startswith("val") else f"val {field}")
+        axes[1].set_yscale("log")  # nsp-ft's untrained lm_head (~5) would flatten the rest
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{dataset}: learning curves (mean over seeds)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, f"curves_{slug(dataset)}.png"), dpi=100)
+        plt.close("all")
+
+
 def slug(dataset):
     """A file-name form of a dataset: facts, pydoc, or a corpus file's name without extension."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(dataset))[0])
@@ -324,11 +357,12 @@ def write(records, out_dir):
     text = table(records)  # before the file opens: a refused folder keeps its table.md
     with open(os.path.join(out_dir, "table.md"), "w") as f:
         f.write(text + "\n")
+    plots(records, out_dir)
 
 
 @dataclass
 class ReportConfig:
-    results: str = flag(RESULTS, "the folder with runs.jsonl; its table.md is rewritten")
+    results: str = flag(RESULTS, "the folder with runs.jsonl; table.md and plots are rewritten")
 
 
 def main(argv=None):

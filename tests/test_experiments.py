@@ -268,6 +268,7 @@ def test_protocol_runs_from_one_pretrained_start_reports_and_resumes(tmp_path, c
     table = (tmp_path / "results" / "table.md").read_text()
     assert "| co0.5 |" in table and "| sep |" in table and "| scratch |" in table
     assert "- **facts**: co-supervision (co0.5) minus separate supervision (sep)" in table
+    assert (tmp_path / "results" / "curves_facts.png").stat().st_size > 1000
     grid.main(argv)   # everything is in runs.jsonl: nothing is run again
     assert (tmp_path / "results" / "runs.jsonl").read_text().splitlines() == lines
     assert "6 runs in the protocol, 6 already in" in capsys.readouterr().out
