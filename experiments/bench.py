@@ -7,6 +7,8 @@ and each reporting its median, because timings on a small shared machine drift.
 """
 
 import json
+import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -16,6 +18,7 @@ import torch
 
 from data import load_data
 from datastore import search
+from experiments.band import ROOT
 from generate import generate
 from losses import co_supervision_loss
 from machinery import datastore_file
@@ -23,7 +26,7 @@ from machinery.cli import UserError, flag, main_guard, parse_config
 from machinery.config import Config, autocast, pick_device
 from train import build_models, make_optimizer
 
-PARTS = ("co_supervision_overhead", "sampling", "search")
+PARTS = ("co_supervision_overhead", "sampling", "search", "evaluation")
 
 
 @dataclass
@@ -126,6 +129,34 @@ def search_speed(args):
     return out
 
 
+def one_at_a_time(gen, prompts, max_new_tokens, marker, stop=None, datastore=None,
+                  query_gen=None, retrieve=None):
+    """generate_batch()'s anchor: generate(), the reference, for one prompt after another."""
+    retrieve = retrieve or [True] * len(prompts)
+    return [generate(gen, p, n, marker, stop, datastore if r else None, query_gen=query_gen)
+            for p, n, r in zip(prompts, max_new_tokens, retrieve)]
+
+
+def evaluation(args):
+    """`python evaluate.py` on the default run (out/), beside the same program answering one
+    question at a time (one_at_a_time for generate_batch); both must print the same. The untimed
+    first round builds the run's datastore."""
+    if not os.path.isfile(os.path.join(ROOT, "out", "ckpt.pt")):
+        return {"skipped": "no trained run in out/ (python train.py makes one)"}
+    patched = ("import sys, evaluate, experiments.bench as b, machinery.batch_generate as g\n"
+               "g.generate_batch = b.one_at_a_time\nevaluate.main(sys.argv[1:])\n")
+
+    def evaluate(*program):
+        done = subprocess.run([sys.executable, *program, "--out_dir", "out"], cwd=ROOT,
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"evaluation failed:\n{done.stderr[-2000:]}")
+        return json.loads(done.stdout)
+    times, printed = alternate({"one_at_a_time": lambda: evaluate("-c", patched),
+                                "batched": lambda: evaluate("evaluate.py")}, 2)
+    return {**times, "same_numbers": printed["batched"] == printed["one_at_a_time"]}
+
+
 def main(argv=None):
     args, _ = parse_config(BenchConfig, __doc__, argv)
     if args.repeats < 1:
@@ -133,7 +164,8 @@ def main(argv=None):
     chosen = PARTS if args.parts == "all" else args.parts.split(",")
     if not set(chosen) <= set(PARTS):
         raise UserError(f"--parts takes all or some of {', '.join(PARTS)}, got {args.parts!r}")
-    parts = {"co_supervision_overhead": overhead, "sampling": sampling, "search": search_speed}
+    parts = {"co_supervision_overhead": overhead, "sampling": sampling, "search": search_speed,
+             "evaluation": evaluation}
     result = {"torch": torch.__version__, "threads": torch.get_num_threads()}
     for name in [p for p in PARTS if p in chosen]:
         t0 = time.perf_counter()
