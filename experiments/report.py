@@ -102,12 +102,17 @@ def t_test(diffs):
     return mean, t, float(min(1.0, 2 * np.trapezoid(density, phi)))
 
 
+def mean_sd(vals):
+    """Mean and sample standard deviation (ddof 1: seeds are a sample) of the values not None."""
+    vals = [v for v in vals if v is not None]
+    return float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+
+
 def fmt(vals):
-    """Mean +- sample standard deviation (ddof 1: seeds are a sample) of the values not None."""
     vals = [v for v in vals if v is not None]
     if len(vals) < 2:
         return f"{vals[0]:.3f}" if vals else "-"
-    return f"{np.mean(vals):.3f} +- {np.std(vals, ddof=1):.3f}"
+    return "{:.3f} +- {:.3f}".format(*mean_sd(vals))
 
 
 def lexical_values(runs, field):
@@ -317,13 +322,34 @@ def secondary(dataset):
 
 
 def plots(records, out_dir):
-    """Per dataset, the learning curves since random weights (mean over seeds), as a PNG."""
+    """Per dataset, the metrics against lambda_seq and the learning curves, as PNGs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     records = [r for r in records if r["seed"] not in CONFIRMATORY["seeds"]]  # its own lines
     for dataset in datasets(records):
         runs = [r for r in records if r["dataset"] == dataset]
+        co = [v for v in variants(runs) if v.startswith("co")]
+        if len(co) > 1:  # the lambda plot: co-supervision against lambda_seq, baselines as lines
+            lams = [float(v[2:]) for v in co]
+            shown = [m for m in (FACTS if kind(dataset) == "facts" else TEXT)[:5]
+                     if m[0] != "recall@10" and None not in values(runs, co[0], m[0])]
+            fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.3), squeeze=False)
+            for ax, (field, title, _) in zip(axes[0], shown):
+                means, sds = zip(*(mean_sd(values(runs, v, field)) for v in co))
+                ax.errorbar(lams, means, yerr=sds, marker="o", capsize=3, label="co")
+                for i, base in enumerate(("ntp-ft", "nsp-ft", "sep", "scratch")):
+                    vals = [v for v in values(runs, base, field) if v is not None]
+                    if vals:
+                        ax.axhline(np.mean(vals), ls="--", color=f"C{i + 1}", label=base)
+                ax.set_xscale("log")
+                ax.set_xticks(lams, [f"{lam:g}" for lam in lams])
+                ax.minorticks_off()
+                ax.set(xlabel="lambda_seq")
+                ax.set_title(title, fontsize=9)
+            axes[0, 0].legend(fontsize=7)
+            save(fig, f"{dataset}: against lambda_seq (mean +- std over seeds)",
+                 os.path.join(out_dir, f"lambda_{slug(dataset)}.png"))
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
         for ax, field in zip(axes, ("recall@1" if kind(dataset) == "facts" else "mrr", "val_ntp")):
             for variant in CURVES:
@@ -342,10 +368,15 @@ def plots(records, out_dir):
                    title=field if field.startswith("val") else f"val {field}")
         axes[1].set_yscale("log")  # nsp-ft's untrained lm_head (~5) would flatten the rest
         axes[0].legend(fontsize=7)
-        fig.suptitle(f"{dataset}: learning curves (mean over seeds)")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, f"curves_{slug(dataset)}.png"), dpi=100)
+        save(fig, f"{dataset}: learning curves (mean over seeds)",
+             os.path.join(out_dir, f"curves_{slug(dataset)}.png"))
         plt.close("all")
+
+
+def save(fig, title, path):
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def slug(dataset):

@@ -36,9 +36,24 @@ def test_t_test_at_the_protocols_four_degrees_of_freedom():
     assert t == pytest.approx(2.776) and p == pytest.approx(0.05, abs=2e-4)
 
 
-def test_a_cell_is_the_mean_and_the_sample_sd_over_seeds():
-    assert report.fmt([0.2, 0.4, 0.9]) == "0.500 +- 0.361"  # ddof 1
-    assert report.fmt([0.2, None]) == "0.200" and report.fmt([None]) == "-"
+def test_the_lambda_plot_shows_the_tables_spread(tmp_path, monkeypatch):
+    import matplotlib.axes
+    bars = []
+    errorbar = matplotlib.axes.Axes.errorbar
+
+    def record_bars(self, x, y, yerr=None, **kw):
+        bars.append((list(y), list(yerr)))
+        return errorbar(self, x, y, yerr=yerr, **kw)
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", record_bars)
+    runs = [record(f"co{lam:g}", s, **{"recall@1": v, "val_ntp": 1.0},
+                   curve=[{"iter": 0, "val_ntp": 1.0, "recall@1": v}])
+            for lam, vals in ((0.1, (0.2, 0.4, 0.9)), (0.5, (0.5, 0.5, 0.8)))
+            for s, v in zip((1, 2, 3), vals)]
+    report.plots(runs, str(tmp_path))
+    means, sds = bars[[i for i, (y, _) in enumerate(bars) if y[0] != 1.0][0]]
+    assert means == pytest.approx([0.5, 0.6]) and sds == pytest.approx([0.360555, 0.173205],
+                                                                       abs=1e-5)  # ddof 1
+    assert report.fmt([0.2, 0.4, 0.9]) == "0.500 +- 0.361"
 
 
 def test_a_changed_setting_never_reuses_runs(tmp_path):
