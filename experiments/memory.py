@@ -1,11 +1,17 @@
 """
 Peak resident memory where users feel it, each in a fresh process with a fresh cache, beside the
-floor of a Python that imported torch alone: `demo` (python train.py, 100 steps, two
-evaluations), `text_3mb` (preparing and training on a 3 MB .txt: 20 steps, one evaluation) and
-`text_50mb` (preparing a 50 MB .txt). The texts are pydoc's topics repeated, every sentence
-numbered, so that no sentence repeats.
+floor of a Python that imported torch and nothing else:
+
+  demo       `python train.py` for 100 steps, L_NSP from the first, two evaluations
+  text_3mb   preparing and training on a 3 MB .txt: 20 steps, one evaluation
+  text_run   a whole default run on a 3 MB .txt (or --text), every evaluation: about 20 minutes
+  text_50mb  preparing a 50 MB .txt (load_data alone)
+
+The texts are pydoc's topics repeated, every sentence numbered: a repeated sentence would be one
+datastore entry, and its val copies would be caught as leaks.
 
     python -m experiments.memory --parts demo,text_3mb
+    python -m experiments.memory --parts text_run --text sherlock.txt
 """
 
 import itertools
@@ -21,9 +27,10 @@ from dataclasses import dataclass
 from experiments.band import ROOT
 from machinery.cli import UserError, flag, main_guard, parse_config
 
-PARTS = ("demo", "text_3mb", "text_50mb")
-# Runs `python script args...`, then prints the process's own peak resident set in KB (Linux's
-# VmHWM) as the last line of stderr, however the script exits.
+PARTS = ("demo", "text_3mb", "text_run", "text_50mb")
+# Runs `python script args...`, then prints the process's peak resident set in KB as the last
+# line of stderr, however the script exits: Linux's VmHWM, this program's own peak (ru_maxrss
+# would count the parent's memory the child held between fork and exec).
 CHILD = ("import atexit, runpy, sys\n"
          "def peak():\n"
          "    kb = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
@@ -39,6 +46,7 @@ PREPARE = ("import sys\nfrom data import load_data\nfrom machinery.config import
 @dataclass
 class MemoryConfig:
     parts: str = flag("all", "the measurements to run, comma-separated: " + ", ".join(PARTS))
+    text: str = flag("", "text_run's .txt (default: a 3 MB numbered text, as text_3mb's)")
 
 
 def peak_mb(script, *args):
@@ -76,16 +84,22 @@ def main(argv=None):
     chosen = PARTS if cfg.parts == "all" else cfg.parts.split(",")
     if not set(chosen) <= set(PARTS):
         raise UserError(f"--parts takes all or some of {', '.join(PARTS)}, got {cfg.parts!r}")
+    if cfg.text and not os.path.isfile(cfg.text):
+        raise UserError(f"--text: no such file: {cfg.text}")
     with tempfile.TemporaryDirectory() as tmp:
-        def train(name, steps, *flags):  # a fresh run and cache each, L_NSP from the first step
-            return peak_mb(os.path.join(ROOT, "train.py"), *flags, "--nsp_start", "0",
-                           "--max_iters", steps, "--eval_interval", steps,
-                           "--out_dir", f"{tmp}/{name}", "--cache_dir", f"{tmp}/{name}_cache")
-        runs = {"demo": lambda: train("demo", "100"),
-                "text_3mb": lambda: train("text_3mb", "20", "--dataset",
-                                          numbered_text(f"{tmp}/3mb.txt", 3e6)),
-                "text_50mb": lambda: peak_mb(write(f"{tmp}/prepare.py", PREPARE),
-                                             numbered_text(f"{tmp}/50mb.txt", 50e6),
+        def text(mb):
+            return numbered_text(f"{tmp}/{mb}mb.txt", mb * 1e6)
+
+        def train(name, *flags):  # a fresh run and cache each
+            return peak_mb(os.path.join(ROOT, "train.py"), *flags, "--out_dir", f"{tmp}/{name}",
+                           "--cache_dir", f"{tmp}/{name}_cache")
+        short = ["--nsp_start", "0", "--max_iters"]  # L_NSP from the first of so few steps
+        runs = {"demo": lambda: train("demo", *short, "100", "--eval_interval", "100"),
+                "text_3mb": lambda: train("text_3mb", "--dataset", text(3), *short, "20",
+                                          "--eval_interval", "20"),
+                "text_run": lambda: train("text_run", "--dataset", os.path.abspath(cfg.text)
+                                          if cfg.text else text(3)),
+                "text_50mb": lambda: peak_mb(write(f"{tmp}/prepare.py", PREPARE), text(50),
                                              f"{tmp}/prepare_cache")}
         floor, _ = peak_mb(write(f"{tmp}/floor.py", "import torch\n"))
         result = {"torch_import_floor_mb": floor}

@@ -339,6 +339,23 @@ def test_memory_peak_of_a_process_counts_what_it_allocated(tmp_path):
         memory.peak_mb(str(tmp_path / "missing.py"))
 
 
+def test_memory_measures_a_whole_text_run_with_its_evaluations(tmp_path, monkeypatch, capsys):
+    """text_run is train.py on the text with its defaults, to the end: no flag shortens the run or
+    leaves out its evaluations or first stage."""
+    from experiments import memory
+    text = tmp_path / "book.txt"
+    text.write_text("A sentence.\n")
+    calls = []
+    monkeypatch.setattr(memory, "peak_mb", lambda *a: calls.append(a) or (300.0, 1.0))
+    memory.main(["--parts", "text_run", "--text", str(text)])
+    script, *args = calls[1]                      # calls[0]: the floor, a Python with torch
+    assert script.endswith("train.py") and args[:2] == ["--dataset", str(text)]
+    assert [a for a in args if a.startswith("--")] == ["--dataset", "--out_dir", "--cache_dir"]
+    assert json.loads(capsys.readouterr().out)["text_run"]["peak_mb"] == 300.0
+    with pytest.raises(UserError, match="--text: no such file"):
+        memory.main(["--parts", "text_run", "--text", str(tmp_path / "none.txt")])
+
+
 def test_numbered_text_has_no_sentence_twice(tmp_path):
     from experiments import memory
     text = open(memory.numbered_text(str(tmp_path / "t.txt"), 1_200_000), encoding="utf-8").read()
