@@ -264,7 +264,7 @@ def tune_table():
                        if f.endswith(".jsonl")):
         runs = records(f"text_tune/{name}")
         flags = runs[0]["train_args"].split("--init_from out_base")[-1]
-        flags = flags.replace("--eval_interval 300", "").strip()  # every run: a finer curve
+        flags = " ".join(flags.replace("--eval_interval 300", "").split())  # all: a finer curve
         title = f"`{flags}`" if flags else "the text defaults (2,400 steps, L_NSP from step 300)"
         rows.append(text_row(title, runs) + f" {runs[0]['train_s']:.0f} s |")
     return "\n".join(rows) + "\n"
