@@ -23,6 +23,7 @@ import torch
 
 from data import load_data
 from datastore import search
+from experiments.band import ROOT
 from generate import generate
 from losses import co_supervision_loss
 from machinery import datastore_file
@@ -31,7 +32,6 @@ from machinery.config import Config, autocast, pick_device
 from machinery.search import FaissIndex
 from train import build_models, make_optimizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 PARTS = ("ntp_step", "co_supervision_overhead", "sampling", "search", "evaluation")
 
 
