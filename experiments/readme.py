@@ -14,14 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from experiments import report
-from experiments.band import pooled_difference
+from experiments.band import ROOT, pooled_difference
 from machinery.checkpoint import read_jsonl
 from machinery.cli import UserError, flag, main_guard, parse_config
 from machinery.intervals import paired_difference
 
-RESULTS = os.path.join(report.ROOT, "experiments", "results")
-FILES = [os.path.join(report.ROOT, "README.md"),
-         os.path.join(report.ROOT, "experiments", "README.md")]
+RESULTS = os.path.join(ROOT, "experiments", "results")
+FILES = [os.path.join(ROOT, "README.md"),
+         os.path.join(ROOT, "experiments", "README.md")]
 BLOCK = re.compile(r"(<!-- readme.py (\S+) -->\n)(.*?)(<!-- /readme.py -->)", re.S)
 pvalue = report.pvalue
 
@@ -294,7 +294,7 @@ def main(argv=None):
             if m.group(2) not in want:
                 raise UserError(f"{path}: no block named {m.group(2)!r}")
             if m.group(3) != want[m.group(2)]:
-                stale.append(f"{os.path.relpath(path, report.ROOT)}: {m.group(2)}")
+                stale.append(f"{os.path.relpath(path, ROOT)}: {m.group(2)}")
             return m.group(1) + want[m.group(2)] + m.group(4)
         new = BLOCK.sub(fill, text)
         if not cfg.check and new != text:

@@ -1,6 +1,6 @@
 """
-The protocol's report, from runs.jsonl alone: table.md (the primary comparison, the tables, the
-paired tests) and the learning curves. `python -m experiments.report`
+The protocol's report from runs.jsonl alone: table.md (the primary comparison, the tables, the
+paired tests) and the plots. `python -m experiments.report`
 """
 
 import math
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from experiments.band import ROOT, last_quarter_gain
+from experiments.band import last_quarter_gain
 from machinery.checkpoint import read_jsonl
 from machinery.cli import UserError, flag, main_guard, parse_config
 from machinery.corpora import is_facts
@@ -39,10 +39,9 @@ CONFIRMATORY = {"dataset": "facts", "tested": "co0.1", "baseline": "sep",
                 "name": "Confirmatory test", "about": "new seeds 2001 to 2005"}
 # Fixed before any of its runs: the primary comparison on facts_test, a world no choice of recipe,
 # weight or budget has seen, tested as the confirmatory test is; the headline either way.
-TEST_WORLD = {"dataset": "facts_test", "tested": "co0.5", "baseline": "sep",
-              "seeds": [1337, 1338, 1339, 1340, 1341], "steps": "800+1600",
-              "metrics": ["answer_em_retrieval", "recall@1"], "alpha": 0.025,
-              "name": "Test world", "about": "a world no choice has seen, seeds 1337 to 1341"}
+TEST_WORLD = {**CONFIRMATORY, "dataset": "facts_test", "tested": "co0.5",
+              "seeds": [1337, 1338, 1339, 1340, 1341], "name": "Test world",
+              "about": "a world no choice has seen, seeds 1337 to 1341"}
 FLAT = 0.02   # the most a flattened curve gains in its last quarter (recall, or val NTP's fall)
 ALPHA = 0.05  # the level at which a result sentence calls a difference shown (two-sided)
 
@@ -71,14 +70,15 @@ def columns(dataset):
     return FACTS if is_facts(dataset) else TEXT
 
 
-def order(variant):
-    """pretrained, ntp-ft, nsp-ft, sep, the co-supervised runs by lambda_seq, scratch."""
-    fixed = {"pretrained": 0, "ntp-ft": 1, "nsp-ft": 2, "sep": 3, "scratch": 1e9}
-    return fixed.get(variant, 4 + float(variant[2:]) if variant.startswith("co") else 1e8)
+def datasets(records):
+    return sorted({r["dataset"] for r in records}, key=lambda d: (d != "facts", d != "pydoc", d))
 
 
 def variants(runs):
-    return sorted({r["variant"] for r in runs}, key=order)
+    """pretrained, ntp-ft, nsp-ft, sep, the co-supervised runs by lambda_seq, scratch."""
+    fixed = {"pretrained": 0, "ntp-ft": 1, "nsp-ft": 2, "sep": 3, "scratch": 1e9}
+    return sorted({r["variant"] for r in runs},
+                  key=lambda v: fixed[v] if v in fixed else 4 + float(v[2:]))
 
 
 def values(runs, variant, field):
@@ -88,8 +88,8 @@ def values(runs, variant, field):
 
 
 def t_test(diffs):
-    """Paired t-test of per-seed differences: (mean, t, two-sided p), integrating Student's t
-    density with n - 1 degrees of freedom beyond |t| (x = |t| + tan(phi))."""
+    """Paired t-test of per-seed differences: (mean, t, two-sided p). p integrates Student's t
+    density (n - 1 degrees of freedom) beyond |t|, with x = |t| + tan(phi)."""
     d = np.asarray(diffs, dtype=float)
     n, mean, sd = len(d), float(d.mean()), float(d.std(ddof=1))
     if sd == 0:
@@ -115,9 +115,13 @@ def fmt(vals):
     return "{:.3f} +- {:.3f}".format(*mean_sd(vals))
 
 
+def pvalue(p):
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3g}"
+
+
 def lexical_values(runs, field):
-    """TF-IDF's values of a retrieval field over seeds, from the first variant that has them (every
-    run of a seed has the same); [] where TF-IDF has no counterpart."""
+    """TF-IDF's values of a retrieval field over seeds (every run of a seed has the same); []
+    where TF-IDF has none."""
     name = re.sub(r"^(reworded_)?(recall@\d+|mrr)$", r"\1lexical_\2", field)
     found = [values(runs, v, name) for v in variants(runs)] if name != field else []
     return next((vals for vals in found if any(v is not None for v in vals)), [])
@@ -126,20 +130,19 @@ def lexical_values(runs, field):
 def paired(runs, a, b, field):
     """`a`'s and `b`'s values of one metric on the seeds where both have it, in seed order."""
     pairs = {}
-    for variant in (a, b):
-        for r in runs:
-            if r["variant"] == variant and r.get(field) is not None:
-                if variant in pairs.setdefault(r["seed"], {}):
-                    raise UserError(f"{variant} has 2 runs of seed {r['seed']}: runs of two "
-                                    "budgets or settings mixed")
-                pairs[r["seed"]][variant] = r[field]
+    for r in runs:
+        if r["variant"] in (a, b) and r.get(field) is not None:
+            if r["variant"] in pairs.setdefault(r["seed"], {}):
+                raise UserError(f"{r['variant']} has 2 runs of seed {r['seed']}: runs of two "
+                                "budgets or settings mixed")
+            pairs[r["seed"]][r["variant"]] = r[field]
     seeds = sorted(s for s, p in pairs.items() if len(p) == 2)
     return [pairs[s][a] for s in seeds], [pairs[s][b] for s in seeds]
 
 
 def compare(runs, a, b, field, title, higher, short=False):
-    """`a` minus `b` on one metric, paired by seed: the means, the per-seed differences, a paired
-    t-test and a sign count; short: one clause."""
+    """`a` minus `b` on one metric, paired by seed: means, per-seed differences, the paired
+    t-test, the sign count; short: one clause."""
     mine, theirs = paired(runs, a, b, field)
     if not mine:
         return None
@@ -155,13 +158,9 @@ def compare(runs, a, b, field, title, higher, short=False):
             f"{a} better in {wins} of {len(diffs)} seeds")
 
 
-def pvalue(p):
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3g}"
-
-
 def finding(runs, a, b, field, title, higher):
-    """Which of a and b one paired test shows better at p < ALPHA, or that it shows no difference;
-    None without two seeds of both."""
+    """Which of a and b the paired test shows better at p < ALPHA, or no difference; None
+    without two seeds of both."""
     mine, theirs = paired(runs, a, b, field)
     if len(mine) < 2:
         return None
@@ -174,8 +173,8 @@ def finding(runs, a, b, field, title, higher):
 
 
 def summary(records):
-    """Per dataset, the primary result and what its test shows, TF-IDF's value beside it; on facts
-    the same for reworded questions (secondary)."""
+    """Per dataset, the primary result and what its test shows, TF-IDF beside it; on facts the
+    same for reworded questions (secondary)."""
     lines = []
     for dataset in datasets(records):
         runs = [r for r in records if r["dataset"] == dataset]
@@ -200,8 +199,8 @@ def summary(records):
 
 
 def confirmatory(records, c=CONFIRMATORY):
-    """A test fixed before its runs (CONFIRMATORY, TEST_WORLD): its verdict, its comparisons and
-    whether its runs had flattened; [] until all its runs are in."""
+    """A test fixed before its runs (CONFIRMATORY, TEST_WORLD): verdict, comparisons, flatness;
+    [] until all its runs are in."""
     runs = [r for r in records if r["dataset"] == c["dataset"] and r["seed"] in c["seeds"]
             and r["steps"] == c["steps"]]
     titles = {f: t for f, t, _ in FACTS}
@@ -220,13 +219,9 @@ def confirmatory(records, c=CONFIRMATORY):
             *lines, "", "On its seeds, too:", "", *flatness(runs, kind(c["dataset"]))]
 
 
-def datasets(records):
-    return sorted({r["dataset"] for r in records}, key=lambda d: (d != "facts", d != "pydoc", d))
-
-
 def table(records):
-    """table.md's text. A dataset's runs at two budgets or settings are an error: they would mix
-    in every mean and pairing."""
+    """table.md's text. Runs of one dataset at two budgets or settings are an error: every mean
+    and pairing would mix them."""
     confirm = confirmatory(records) + confirmatory(records, TEST_WORLD)
     records = [r for r in records if r["seed"] not in CONFIRMATORY["seeds"]]
     for dataset in datasets(records):
@@ -263,9 +258,28 @@ def table(records):
     return "\n".join(lines)
 
 
+def secondary(dataset):
+    """(a, b, field) comparisons reported beside the primary one, labelled as such."""
+    if is_facts(dataset):  # co0.1: the lambda nearest the paper's weighting, L_NSP / 100
+        return [("co0.1", BASELINE, "answer_em_retrieval"), ("co0.1", BASELINE, "recall@1"),
+                (TESTED, BASELINE, "reworded_answer_em_retrieval"),
+                (TESTED, BASELINE, "reworded_recall@1"),
+                (TESTED, "scratch", "answer_em_retrieval"), (TESTED, "scratch", "recall@1"),
+                (TESTED, "ntp-ft", "val_ntp")]
+    return [(TESTED, "scratch", "mrr"), (TESTED, "ntp-ft", "val_ntp")]
+
+
+def gains(runs, variant, metric):
+    """(seed, what the last quarter of its steps added to metric) for each run of a variant
+    with a curve of the metric, in seed order."""
+    return [(r["seed"], last_quarter_gain(r["curve"], metric))
+            for r in sorted(runs, key=lambda r: r["seed"]) if r["variant"] == variant
+            and len(r.get("curve", [])) > 1 and None not in [p[metric] for p in r["curve"]]]
+
+
 def flatness(runs, corpus_kind):
     """Whether each variant had finished learning: what the last quarter of its steps added to
-    retrieval and to val NTP loss, judged on what it trains, on average and seed by seed; a val
+    retrieval and to val NTP loss, judged on what it trains, on average and seed by seed. A val
     NTP loss that rises is over-fitting, not flat."""
     metric = "recall@1" if corpus_kind == "facts" else "mrr"
     lines = [f"Last quarter of each run's steps (flattened: {metric} gains at most {FLAT} and val "
@@ -277,17 +291,14 @@ def flatness(runs, corpus_kind):
                                     "flat)", "no curve to judge")}
     flat, on_average, learning, rising_loss, no_curve = judged.values()
     for variant in variants(r for r in runs if "curve" in r):
-        seeded = [(r["seed"], r["curve"]) for r in sorted(runs, key=lambda r: r["seed"])
-                  if r["variant"] == variant and len(r.get("curve", [])) > 1]
-        gains = [[(s, last_quarter_gain(c, m)) for s, c in seeded
-                  if None not in [p[m] for p in c]] for m in (metric, "val_ntp")]
-        lines.append(f"| {variant} | " + " | ".join(fmt([g for _, g in gs]) for gs in gains)
+        both = [gains(runs, variant, m) for m in (metric, "val_ntp")]
+        lines.append(f"| {variant} | " + " | ".join(fmt([g for _, g in gs]) for gs in both)
                      + " |")
         trains = {"pretrained": (1,), "ntp-ft": (1,), "nsp-ft": (0,)}.get(variant, (0, 1))
         # judged on the digits the table prints, so that 0.020 in the table reads as flattened;
         # a fall in val NTP loss is its gain
-        signed = {i: [(s, round(g * (-1 if i else 1), 3)) for s, g in gains[i]]
-                  for i in trains if gains[i]}
+        signed = {i: [(s, round(g * (-1 if i else 1), 3)) for s, g in both[i]]
+                  for i in trains if both[i]}
         means = {i: round(float(np.mean([g for _, g in v])), 3) for i, v in signed.items()}
         gaining = sorted({s for v in signed.values() for s, g in v if g > FLAT})
         rising = sorted(s for s, g in signed.get(1, []) if g < -FLAT)
@@ -310,29 +321,23 @@ def flatness(runs, corpus_kind):
     return lines + ["", verdict + ".", ""]
 
 
-def secondary(dataset):
-    """(a, b, field) comparisons reported beside the primary one, labelled as such."""
-    if kind(dataset) == "facts":  # co0.1: the lambda nearest the paper's weighting, L_NSP / 100
-        return [("co0.1", BASELINE, "answer_em_retrieval"), ("co0.1", BASELINE, "recall@1"),
-                (TESTED, BASELINE, "reworded_answer_em_retrieval"),
-                (TESTED, BASELINE, "reworded_recall@1"),
-                (TESTED, "scratch", "answer_em_retrieval"), (TESTED, "scratch", "recall@1"),
-                (TESTED, "ntp-ft", "val_ntp")]
-    return [(TESTED, "scratch", "mrr"), (TESTED, "ntp-ft", "val_ntp")]
-
-
 def plots(records, out_dir):
     """Per dataset, the metrics against lambda_seq and the learning curves, as PNGs."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    def save(fig, title, name):
+        fig.suptitle(title)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, f"{name}_{slug(dataset)}.png"), dpi=100)
     records = [r for r in records if r["seed"] not in CONFIRMATORY["seeds"]]  # its own lines
     for dataset in datasets(records):
         runs = [r for r in records if r["dataset"] == dataset]
         co = [v for v in variants(runs) if v.startswith("co")]
         if len(co) > 1:  # the lambda plot: co-supervision against lambda_seq, baselines as lines
             lams = [float(v[2:]) for v in co]
-            shown = [m for m in (FACTS if kind(dataset) == "facts" else TEXT)[:5]
+            shown = [m for m in columns(dataset)[:5]
                      if m[0] != "recall@10" and None not in values(runs, co[0], m[0])]
             fig, axes = plt.subplots(1, len(shown), figsize=(3.6 * len(shown), 3.3), squeeze=False)
             for ax, (field, title, _) in zip(axes[0], shown):
@@ -348,10 +353,9 @@ def plots(records, out_dir):
                 ax.set(xlabel="lambda_seq")
                 ax.set_title(title, fontsize=9)
             axes[0, 0].legend(fontsize=7)
-            save(fig, f"{dataset}: against lambda_seq (mean +- std over seeds)",
-                 os.path.join(out_dir, f"lambda_{slug(dataset)}.png"))
+            save(fig, f"{dataset}: against lambda_seq (mean +- std over seeds)", "lambda")
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-        for ax, field in zip(axes, ("recall@1" if kind(dataset) == "facts" else "mrr", "val_ntp")):
+        for ax, field in zip(axes, ("recall@1" if is_facts(dataset) else "mrr", "val_ntp")):
             for variant in CURVES:
                 curves = [r for r in runs if r["variant"] == variant and "curve" in r]
                 if curves:  # stage 2 starts where pretraining ended: one axis of total steps
@@ -368,15 +372,8 @@ def plots(records, out_dir):
                    title=field if field.startswith("val") else f"val {field}")
         axes[1].set_yscale("log")  # nsp-ft's untrained lm_head (~5) would flatten the rest
         axes[0].legend(fontsize=7)
-        save(fig, f"{dataset}: learning curves (mean over seeds)",
-             os.path.join(out_dir, f"curves_{slug(dataset)}.png"))
+        save(fig, f"{dataset}: learning curves (mean over seeds)", "curves")
         plt.close("all")
-
-
-def save(fig, title, path):
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
 
 
 def slug(dataset):
