@@ -1,8 +1,7 @@
 """
 A recipe's band: `python train.py --lambda_seq 0.5` (plus --train_args) and `python evaluate.py`
-over seeds and thread counts, and how far the numbers spread, since seed, threads and instruction
-set all move float rounding. Records go to --results/NAME.jsonl (a finished run is not redone),
-the band's table to --results/NAME.md.
+over seeds and thread counts, and how far the numbers spread (seed, threads and instruction set
+all move float rounding). Records go to --results/NAME.jsonl, the table to --results/NAME.md.
 
     python -m experiments.band                      # the default run, 5 seeds x 1 and 2 threads
     python -m experiments.band --name mytext --train_args "--dataset pydoc" --seeds 1337,1338
@@ -60,9 +59,16 @@ def _ints(text, name):
     return values
 
 
+def chosen(parts, names):
+    """The names --parts asks for (all: every one), in the order of names: bench's and memory's."""
+    asked = names if parts == "all" else parts.split(",")
+    if not set(asked) <= set(names):
+        raise UserError(f"--parts takes all or some of {', '.join(names)}, got {parts!r}")
+    return [name for name in names if name in asked]
+
+
 def instruction_set():
-    """The widest x86 vector extension of this CPU (BLAS picks its kernels by it), else the
-    machine's architecture."""
+    """This CPU's widest x86 vector extension (BLAS picks kernels by it), else its architecture."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
@@ -72,22 +78,17 @@ def instruction_set():
 
 
 def last_quarter_gain(curve, metric="recall@1"):
-    """metric at the last evaluation minus its value (interpolated) at three quarters of the
-    steps: what the last quarter of training added."""
+    """What the last quarter of training added: metric at the end minus at 3/4 (interpolated)."""
     steps = np.array([r["iter"] for r in curve], dtype=float)
     values = np.array([r[metric] for r in curve], dtype=float)
     return float(values[-1] - np.interp(0.75 * steps[-1], steps, values))
 
 
-# Flags added after records were made, at the default that does what the runs did before: left
-# out of the hash, so that adding a flag does not orphan the records.
-ADDED = {"gpt2_block": False}
-
-
 def defaults():
     """A short hash of train.py's defaults: a run is reused only under the defaults it ran with."""
-    config = {k: v for k, v in dataclasses.asdict(Config()).items()
-              if k not in ADDED or ADDED[k] != v}
+    config = dataclasses.asdict(Config())
+    if not config["gpt2_block"]:  # added after the records, off as they ran: left out of the hash
+        del config["gpt2_block"]
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -127,9 +128,8 @@ def run(cfg, seed, threads):
 
 
 def pooled_difference(records):
-    """The runs' learned re-ranking MRR minus TF-IDF's order's on the same val markers: each
-    marker's 1/rank averaged over the runs, paired with TF-IDF's (the same in every run), with the
-    paired bootstrap's interval and p over the markers. (difference, [lo, hi], p)."""
+    """Learned re-ranking MRR minus TF-IDF's order's on the same val markers, each marker's 1/rank
+    averaged over the runs: (difference, [lo, hi], p), by the paired bootstrap over markers."""
     ranks = [r["eval"]["val"]["reciprocal_ranks"] for r in records]
     if any(r["first_stage"] != ranks[0]["first_stage"] for r in ranks):
         raise UserError("the runs rank other markers (or TF-IDF ranks them otherwise): they "
@@ -139,8 +139,8 @@ def pooled_difference(records):
 
 
 def table(records):
-    """The runs, one row each, then the band of each metric: mean, sd (ddof 1), min, max and
-    max - min. A figure a run lacks (answers on a text) is blank and left out of the band."""
+    """The runs, one row each, then each metric's mean, sd (ddof 1), min, max and max - min. A
+    figure a run lacks (answers on a text) is blank and left out of the band."""
     metrics = [*METRICS, *(k for k in TEXT_METRICS if any(k in r for r in records))]
     head = ["seed", "threads", "cpu", *metrics]
     rows = [" | ".join(head), " | ".join("---" for _ in head)]

@@ -1,10 +1,8 @@
 """
-How fast cosup is, each figure beside an anchor measured in the same run: the two sides take
-turns and each reports a median, because timings on a small shared machine drift. The figures of
-experiments/README.md's Performance table; memory is experiments/memory.py's.
+How fast cosup is, each figure beside an anchor measured in the same run, the two sides taking
+turns (timings on a shared machine drift): experiments/README.md's Performance table.
 
     python -m experiments.bench                    # one JSON object (about 4 minutes on 2 cores)
-    python -m experiments.bench --out bench.json   # and writes it
     python -m experiments.bench --parts search     # only search: exact, numpy's, faiss's
     python -m experiments.bench --parts evaluation --eval_run out    # evaluate.py on a run
 """
@@ -23,7 +21,7 @@ import torch
 
 from data import load_data
 from datastore import search
-from experiments.band import ROOT
+from experiments.band import ROOT, chosen
 from generate import generate
 from losses import co_supervision_loss
 from machinery import datastore_file
@@ -37,7 +35,6 @@ PARTS = ("ntp_step", "co_supervision_overhead", "sampling", "search", "evaluatio
 
 @dataclass
 class BenchConfig:
-    out: str = flag("", "also write the JSON object to this file")
     repeats: int = flag(30, "timed repeats of each training step (the median is reported)")
     device: str = flag("auto", "auto, cpu, cuda, cuda:N or mps (training-step figures)")
     seed: int = flag(1337, "random seed")
@@ -47,8 +44,8 @@ class BenchConfig:
 
 
 def alternate(sides, rounds):
-    """Each side's median seconds a call over `rounds` rounds in which the sides take turns,
-    after one untimed round that warms them up, and each side's last result."""
+    """Each side's median seconds a call over `rounds` rounds of turns after one untimed warm-up
+    round, and each side's last result."""
     times, results = {name: [] for name in sides}, {}
     for _ in range(rounds + 1):
         for name, fn in sides.items():
@@ -93,15 +90,15 @@ def ntp_step(args, device):
 
 
 def train_flops(model, n_layer, T, width):
-    """Training FLOPs per token, nanoGPT's estimate: 6 per weight (forward and backward) plus
-    the attention scores, 12 n_layer T width; position embeddings are free."""
+    """Training FLOPs per token, nanoGPT's estimate: 6 per weight (position embeddings are free)
+    plus attention's 12 n_layer T width."""
     n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
     return 6 * n + 12 * n_layer * T * width
 
 
 def overhead(args, device):
-    """A step with lambda_seq 0.5 over one with lambda_seq 0, the default demo's settings, on the
-    same models; and its floor: Emb_seq's FLOPs over Gen's, candidates padded and not."""
+    """A default step with lambda_seq 0.5 over one with 0, on the same models; and its floor,
+    Emb_seq's FLOPs over Gen's, candidates padded and not."""
     cfg = Config(seed=args.seed)
     data, _ = load_data(cfg)
     step, gen, embedder = stepper(cfg, data, device)
@@ -123,9 +120,8 @@ def overhead(args, device):
 
 
 def sampling(args):
-    """Tokens/s with the KV cache and with full recompute, 512 new tokens at block 256, sampled
-    with a fixed seed (the same tokens both ways), retrieval in the loop, untrained models: the
-    default demo's Gen and a larger one, where the cache saves more compute."""
+    """Tokens/s with the KV cache and with full recompute: 512 tokens at block 256, a fixed seed
+    (the same tokens both ways), retrieval in the loop, untrained Gens of two sizes."""
     out = {}
     for name, (n_layer, n_head, n_embd, rounds) in {"default_2x128": (2, 4, 128, 3),
                                                      "6x384": (6, 6, 384, 2)}.items():
@@ -165,11 +161,9 @@ def numpy_top_k(queries, keys, k):
 
 
 def search_speed(args):
-    """Top-10 search over 10k, 100k and 1M random unit vectors (d = 128), one query at a time
-    (generation) and 64 at a time (evaluation): exact search beside numpy_top_k and, installed,
-    faiss (its recall@10 against exact search, and how often its top-1 is exact's for queries
-    near a key, as trained queries are). Random directions are the hardest case for an index
-    that partitions the keys: they form no clusters."""
+    """Top-10 search over 10k, 100k and 1M random unit vectors (d = 128), 1 and 64 queries at a
+    time: exact search beside numpy_top_k and, if installed, faiss (its recall@10, and its top-1
+    for queries near a key, as trained queries are)."""
     try:
         import faiss  # noqa: F401 (optional: the faiss figures only)
     except ImportError:
@@ -213,9 +207,8 @@ def one_at_a_time(gen, prompts, max_new_tokens, marker, stop=None, datastore=Non
 
 
 def evaluation(args):
-    """`python evaluate.py` on a trained run, end to end in a fresh process, beside the same
-    program answering one question at a time (one_at_a_time for generate_batch), on a copy of
-    the run whose datastore the untimed first round builds; the two must print the same."""
+    """`python evaluate.py` on a copy of a trained run in a fresh process, beside the same program
+    answering one question at a time (one_at_a_time for generate_batch): both print the same."""
     if not os.path.isfile(os.path.join(args.eval_run, "ckpt.pt")):
         return {"skipped": f"no trained run in {args.eval_run} (python train.py makes one)"}
     patched = ("import sys, evaluate, experiments.bench as b, machinery.batch_generate as g\n"
@@ -241,26 +234,17 @@ def main(argv=None):
     args, _ = parse_config(BenchConfig, __doc__, argv)
     if args.repeats < 1:
         raise UserError(f"--repeats must be positive, got {args.repeats}")
-    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
-        raise UserError(f"--out {args.out}: no directory {os.path.dirname(args.out)} to write in")
-    chosen = PARTS if args.parts == "all" else args.parts.split(",")
-    if not set(chosen) <= set(PARTS):
-        raise UserError(f"--parts takes all or some of {', '.join(PARTS)}, got {args.parts!r}")
     device = pick_device(args.device)
     result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device}
     parts = {"ntp_step": lambda: ntp_step(args, device),
              "co_supervision_overhead": lambda: overhead(args, device),
              "sampling": lambda: sampling(args),
              "search": lambda: search_speed(args), "evaluation": lambda: evaluation(args)}
-    for name in [p for p in PARTS if p in chosen]:
+    for name in chosen(args.parts, PARTS):
         t0 = time.perf_counter()
         result[name] = parts[name]()
         print(f"{name}: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    print(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

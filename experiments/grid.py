@@ -20,15 +20,15 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from machinery import datastore_file
 from evaluate import answer_metrics
 from experiments import band, report
+from machinery import datastore_file
 from machinery.checkpoint import read_jsonl
-from train import load_run
 from machinery.cli import Interrupted, UserError, flag, main_guard, parse_config
-from machinery.lexical import lexical_index
 from machinery.config import Config, check_config
 from machinery.corpora import is_facts
+from machinery.lexical import lexical_index
+from train import load_run
 
 
 @dataclass
@@ -80,75 +80,69 @@ def variants(cfg, lambdas):
     return out
 
 
-class Grid:
-    """The runs of one protocol; trains each at most once, however many runs start from it."""
+def run_dir(cfg, dataset, variant, seed):
+    return os.path.join(cfg.work_dir, f"{report.slug(dataset)}-{variant}-s{seed}-"
+                                      f"{cfg.pretrain_iters}+{cfg.iters}-{setting(cfg)}")
 
-    def __init__(self, cfg):
-        self.cfg = cfg
 
-    def run_dir(self, dataset, variant, seed):
-        cfg = self.cfg
-        return os.path.join(cfg.work_dir, f"{report.slug(dataset)}-{variant}-s{seed}-"
-                                          f"{cfg.pretrain_iters}+{cfg.iters}-{setting(cfg)}")
+def trained(cfg, dataset, variant, seed, lambdas):
+    """The run's out_dir, trained now (with what it starts from) unless work_dir has it."""
+    out = run_dir(cfg, dataset, variant, seed)
+    if not os.path.isfile(os.path.join(out, "done")):
+        flags, start, iters = variants(cfg, lambdas)[variant]
+        argv = [sys.executable, os.path.join(band.ROOT, "train.py"),
+                "--dataset", dataset, "--seed", str(seed), "--max_iters", str(iters),
+                "--eval_interval", str(max(1, iters // cfg.evals)), "--out_dir", out,
+                *flags, *PROTOCOL, *AS_RECORDED, *cfg.train_args.split()]
+        if start:
+            argv += ["--init_from", trained(cfg, dataset, start, seed, lambdas)]
+        shutil.rmtree(out, ignore_errors=True)  # a run cut short earlier starts again
+        os.makedirs(out)
+        with open(os.path.join(out, "train.out"), "w") as log:
+            env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())}
+            if subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
+                raise UserError(f"training {dataset}/{variant}/seed {seed} failed: see "
+                                f"{os.path.join(out, 'train.out')}")
+        open(os.path.join(out, "done"), "w").close()
+    return out
 
-    def trained(self, dataset, variant, seed, lambdas):
-        """The run's out_dir, trained now (with what it starts from) unless work_dir has it."""
-        out = self.run_dir(dataset, variant, seed)
-        if not os.path.isfile(os.path.join(out, "done")):
-            flags, start, iters = variants(self.cfg, lambdas)[variant]
-            argv = [sys.executable, os.path.join(report.ROOT, "train.py"),
-                    "--dataset", dataset, "--seed", str(seed), "--max_iters", str(iters),
-                    "--eval_interval", str(max(1, iters // self.cfg.evals)),
-                    "--out_dir", out, *flags, *PROTOCOL, *AS_RECORDED,
-                    *self.cfg.train_args.split()]
-            if start:
-                argv += ["--init_from", self.trained(dataset, start, seed, lambdas)]
-            shutil.rmtree(out, ignore_errors=True)  # a run cut short earlier starts again
-            os.makedirs(out)
-            with open(os.path.join(out, "train.out"), "w") as log:
-                env = {**os.environ, "OMP_NUM_THREADS": str(os.cpu_count())}
-                if subprocess.run(argv, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
-                    raise UserError(f"training {dataset}/{variant}/seed {seed} failed: see "
-                                    f"{os.path.join(out, 'train.out')}")
-            open(os.path.join(out, "done"), "w").close()
-        return out
 
-    @torch.inference_mode()
-    def answers(self, out, query_from=None, modes=("retrieval",)):
-        """Held-out answer metrics (evaluate.py's), as asked in training and reworded. OUT's Gen
-        writes; with query_from, that run's Gen and Emb_seq retrieve (sep)."""
-        _, gen, embedder, data, tok = load_run(out, "cpu")
-        query_gen = None
-        if query_from:
-            _, query_gen, embedder, _, _ = load_run(query_from, "cpu")
-        store = datastore_file.build(embedder, data, progress=False)
-        n = self.cfg.questions
-        asked = answer_metrics(gen, store, data, tok, "val", n, query_gen, modes)
-        new = answer_metrics(gen, store, data, tok, "val", n, query_gen, modes,
-                             reword_questions=True, lexical=lexical_index(data, tok))
-        return {**asked, **{f"reworded_{k}": v for k, v in new.items()}}
+@torch.inference_mode()
+def answers(out, n, query_from=None, modes=("retrieval",)):
+    """Held-out answer metrics (evaluate.py's) on n questions, as asked in training and reworded.
+    OUT's Gen writes; with query_from, that run's Gen and Emb_seq retrieve (sep)."""
+    _, gen, embedder, data, tok = load_run(out, "cpu")
+    query_gen = None
+    if query_from:
+        _, query_gen, embedder, _, _ = load_run(query_from, "cpu")
+    store = datastore_file.build(embedder, data, progress=False)
+    asked = answer_metrics(gen, store, data, tok, "val", n, query_gen, modes)
+    new = answer_metrics(gen, store, data, tok, "val", n, query_gen, modes,
+                         reword_questions=True, lexical=lexical_index(data, tok))
+    return {**asked, **{f"reworded_{k}": v for k, v in new.items()}}
 
-    def run(self, dataset, variant, seed, lambdas):
-        """Train (or, for sep, combine) and measure one run of the protocol; its record."""
-        cfg, t0, facts = self.cfg, time.time(), is_facts(dataset)
-        record = {"dataset": dataset, "variant": variant, "seed": seed,
-                  "steps": f"{cfg.pretrain_iters}+{cfg.iters}", "setting": setting(cfg)}
-        if variant == "sep":  # ntp-ft's Gen writes, nsp-ft's Gen and Emb_seq retrieve
-            ntp = self.trained(dataset, "ntp-ft", seed, lambdas)
-            nsp = self.trained(dataset, "nsp-ft", seed, lambdas)
-            record.update(read_log(nsp)[0], val_ntp=read_log(ntp)[0]["val_ntp"])
-            if facts:
-                record.update(self.answers(ntp, query_from=nsp))
-        else:
-            out = self.trained(dataset, variant, seed, lambdas)
-            final, curve = read_log(out)
-            record.update(final, curve=curve)
-            if facts and variant == "ntp-ft":  # Gen alone: its queries were never trained
-                record.update(self.answers(out, modes=("no_retrieval",)))
-            elif facts and variant not in ("pretrained", "nsp-ft"):  # nsp-ft cannot write
-                record.update(self.answers(out))
-        record["wall_s"] = round(time.time() - t0, 1)
-        return record
+
+def run(cfg, dataset, variant, seed, lambdas):
+    """Train (or, for sep, combine) and measure one run of the protocol; its record."""
+    t0, facts, n = time.time(), is_facts(dataset), cfg.questions
+    record = {"dataset": dataset, "variant": variant, "seed": seed,
+              "steps": f"{cfg.pretrain_iters}+{cfg.iters}", "setting": setting(cfg)}
+    if variant == "sep":  # ntp-ft's Gen writes, nsp-ft's Gen and Emb_seq retrieve
+        ntp = trained(cfg, dataset, "ntp-ft", seed, lambdas)
+        nsp = trained(cfg, dataset, "nsp-ft", seed, lambdas)
+        record.update(read_log(nsp)[0], val_ntp=read_log(ntp)[0]["val_ntp"])
+        if facts:
+            record.update(answers(ntp, n, query_from=nsp))
+    else:
+        out = trained(cfg, dataset, variant, seed, lambdas)
+        final, curve = read_log(out)
+        record.update(final, curve=curve)
+        if facts and variant == "ntp-ft":  # Gen alone: its queries were never trained
+            record.update(answers(out, n, modes=("no_retrieval",)))
+        elif facts and variant not in ("pretrained", "nsp-ft"):  # nsp-ft cannot write
+            record.update(answers(out, n))
+    record["wall_s"] = round(time.time() - t0, 1)
+    return record
 
 
 CURVE = ("iter", "val_ntp", "val_nsp", "recall@1", "mrr")
@@ -174,10 +168,6 @@ def check(cfg):
         raise UserError("--lambdas: co-supervision needs lambda_seq > 0 (0 is ntp-ft)")
     if 0.5 not in lambdas:
         raise UserError("--lambdas must include 0.5: the primary comparison uses it")
-    datasets = cfg.datasets.split(",")
-    for d in datasets:
-        if not is_facts(d) and d != "pydoc" and not os.path.isfile(d):
-            raise UserError(f"--datasets: {d!r} is neither a facts world, pydoc nor a file")
     if min(cfg.seeds, cfg.pretrain_iters, cfg.iters, cfg.questions, cfg.evals) < 1:
         raise UserError("--seeds, --pretrain_iters, --iters, --questions and --evals must be "
                         "positive")
@@ -185,10 +175,12 @@ def check(cfg):
     clash = sorted(GRID_FLAGS & {a[2:].split("=")[0] for a in args if a.startswith("--")})
     if clash:
         raise UserError(f"--train_args: the grid sets --{clash[0]} itself for each run")
-    try:
-        check_config(parse_config(Config, "", args)[0])
-    except UserError as e:
-        raise UserError(f"--train_args: {e}") from None
+    datasets = cfg.datasets.split(",")
+    for d in datasets:  # each run's train.py flags, checked as train.py checks them
+        try:
+            check_config(parse_config(Config, "", args + ["--dataset", d])[0])
+        except UserError as e:
+            raise UserError(f"--datasets, --train_args: {e}") from None
     for folder in (cfg.results, cfg.work_dir):
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise UserError(f"{folder} is a file, not a directory")
@@ -213,11 +205,11 @@ def main(argv=None):
     cells.sort(key=lambda c: (c[2] in confirm["seeds"], c[0], c[2], rank.get(c[1], 1)))
     todo = [c for c in cells if report.key(c[0], c[1], c[2], steps, tag) not in done]
     print(f"{len(cells)} runs in the protocol, {len(cells) - len(todo)} already in {path}")
-    threads, grid = torch.get_num_threads(), Grid(cfg)
+    threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count())  # for the answers computed here, as for the trainings
     try:
         for cell in tqdm(todo, desc="grid", dynamic_ncols=True):
-            record = grid.run(*cell)
+            record = run(cfg, *cell)
             with open(path, "a") as f:  # one line per finished run: an interrupted grid resumes
                 f.write(json.dumps(record) + "\n")
     except KeyboardInterrupt:  # the run in flight got Ctrl-C too: it saves and stops

@@ -1,14 +1,14 @@
 """
-Peak resident memory where users feel it, each in a fresh process with a fresh cache, beside the
-floor of a Python that imported torch and nothing else:
+Peak resident memory where users feel it, each in a fresh process and cache, beside the floor of
+a Python that imported torch alone:
 
   demo       `python train.py` for 100 steps, L_NSP from the first, two evaluations
   text_3mb   preparing and training on a 3 MB .txt: 20 steps, one evaluation
   text_run   a whole default run on a 3 MB .txt (or --text), every evaluation: about 20 minutes
   text_50mb  preparing a 50 MB .txt (load_data alone)
 
-The texts are pydoc's topics repeated, every sentence numbered: a repeated sentence would be one
-datastore entry, and its val copies would be caught as leaks.
+The texts are pydoc's topics repeated, every sentence numbered (a repeated sentence would be one
+datastore entry, its val copies caught as leaks).
 
     python -m experiments.memory --parts demo,text_3mb
     python -m experiments.memory --parts text_run --text sherlock.txt
@@ -24,13 +24,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from experiments.band import ROOT
+from experiments.band import ROOT, chosen
 from machinery.cli import UserError, flag, main_guard, parse_config
 
 PARTS = ("demo", "text_3mb", "text_run", "text_50mb")
-# Runs `python script args...`, then prints the process's peak resident set in KB as the last
-# line of stderr, however the script exits: Linux's VmHWM, this program's own peak (ru_maxrss
-# would count the parent's memory the child held between fork and exec).
+# Runs `python script args...`, then prints its peak resident set in KB as stderr's last line,
+# however it exits: Linux's VmHWM (ru_maxrss would count the parent's pages held before exec).
 CHILD = ("import atexit, runpy, sys\n"
          "def peak():\n"
          "    kb = [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0]\n"
@@ -81,9 +80,7 @@ def write(path, text):
 
 def main(argv=None):
     cfg, _ = parse_config(MemoryConfig, __doc__, argv)
-    chosen = PARTS if cfg.parts == "all" else cfg.parts.split(",")
-    if not set(chosen) <= set(PARTS):
-        raise UserError(f"--parts takes all or some of {', '.join(PARTS)}, got {cfg.parts!r}")
+    parts = chosen(cfg.parts, PARTS)
     if cfg.text and not os.path.isfile(cfg.text):
         raise UserError(f"--text: no such file: {cfg.text}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,7 +100,7 @@ def main(argv=None):
                                              f"{tmp}/prepare_cache")}
         floor, _ = peak_mb(write(f"{tmp}/floor.py", "import torch\n"))
         result = {"torch_import_floor_mb": floor}
-        for name in chosen:
+        for name in parts:
             mb, seconds = runs[name]()
             result[name] = {"peak_mb": mb, "seconds": seconds, "over_floor_mb": mb - floor}
             print(f"{name}: peak {mb:.0f} MB ({mb - floor:.0f} over the floor)", file=sys.stderr)

@@ -45,8 +45,8 @@ def field(record, path):
 
 def spread(records, path):
     """mean +- sd (min to max) over a band's runs."""
-    v = np.array([field(r, path) for r in records], dtype=float)
-    return f"{v.mean():.3f} +- {v.std(ddof=1):.3f} ({v.min():.3f} to {v.max():.3f})"
+    v = [field(r, path) for r in records]
+    return f"{report.fmt(v)} ({min(v):.3f} to {max(v):.3f})"
 
 
 # (row title, band metric, TF-IDF's metric on the same questions or None, chance)
@@ -66,8 +66,8 @@ BAND_ROWS = [
 
 
 def band_table():
-    """The default run's band on the test world (the headline) and on the tuning world, NTP-only
-    training beside them, TF-IDF on the same questions and chance."""
+    """The default run's band on the test world (the headline) and the tuning world, beside
+    NTP-only training, TF-IDF and chance."""
     worlds = [("test world", records("band/test_world.jsonl")),
               ("tuning world", records("band/default.jsonl"))]
     ntp = records("band/ntp_only_test.jsonl")[0]
@@ -125,14 +125,12 @@ def clause(records, a, b, metric, what=""):
 
 
 def last_quarter(records, variant, metric):
-    """Per-seed last-quarter gains of a variant's curve."""
-    return [report.last_quarter_gain(r["curve"], metric) for r in records
-            if r["variant"] == variant and len(r.get("curve", [])) > 1]
+    return [g for _, g in report.gains(records, variant, metric)]
 
 
 def comparison():
-    """The paper's comparison in a paragraph: the test world's pre-registered result first, then
-    the tuning world's tests in the order they were made, with what did not hold."""
+    """The paper's comparison in a paragraph: the test world's pre-registered result, then the
+    tuning world's tests in the order they were made."""
     tw, c = grid("test_world"), report.TEST_WORLD
     verdict = report.confirmatory(tw, c)[0].split("): ", 1)[1].split(":")[0]
     first = [r for r in grid("first_protocol") if r["dataset"] == "facts"]
@@ -194,9 +192,8 @@ def mean_range(values):
 
 
 def text_row(title, runs):
-    """One row of a real-text table: the learned score re-ranking TF-IDF's candidates against
-    TF-IDF's order (the difference pooled over the runs, band.pooled_difference), and the whole
-    datastore."""
+    """One row of a real-text table: the learned re-ranking of TF-IDF's candidates against
+    TF-IDF's order (pooled over the runs), and the whole datastore."""
     val = [r["eval"]["val"] for r in runs]
     tfidf = val[0]["first_stage_mrr"]
     learned = [v["reranked_mrr"] for v in val]
@@ -239,8 +236,8 @@ def base_itself():
 
 
 def base_lift(name, title):
-    """What the base adds on one text: the learned re-ranking MRR from the base minus from
-    scratch, paired on its val markers (each marker's 1/rank averaged over a start's runs)."""
+    """What the base adds on one text: learned re-ranking MRR from the base minus from scratch,
+    paired on the val markers (each marker's 1/rank averaged over a start's runs)."""
     scratch, based = records(f"text/{name}_scratch.jsonl"), records(f"text/{name}_base.jsonl")
     if not scratch or not based:
         return ""

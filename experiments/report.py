@@ -6,7 +6,6 @@ paired tests) and the plots. `python -m experiments.report`
 import math
 import os
 import re
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,12 +51,9 @@ def key(dataset, variant, seed, steps, setting=None):
 
 
 def load(path):
-    """The records of runs.jsonl by key; a later line for the same run wins."""
-    if not os.path.exists(path):
-        return {}
-    records, broken = read_jsonl(path)
-    for n in broken:  # a line cut short by a crash: that run is simply done again
-        print(f"note: {path} line {n} is not a whole record; skipping it", file=sys.stderr)
+    """The records of runs.jsonl by key; a later line for the same run wins, and a line a crash
+    cut short is skipped (that run is done again)."""
+    records = read_jsonl(path)[0] if os.path.exists(path) else []
     return {key(r["dataset"], r["variant"], r["seed"], r["steps"], r.get("setting")): r
             for r in records}
 

@@ -1,8 +1,8 @@
 """
-The texts of the real-text measurements, cut from Project Gutenberg's files into --out_dir:
-sherlock_base.txt (The Complete Sherlock Holmes without The Hound of the Baskervilles: the base's
-text), hound.txt (the Hound alone: a text the base never saw) and NAME_tune.txt, the training part
-of pydoc, alice.txt and hound.txt, whose own last tenth stands in for val when a recipe is chosen.
+The real-text measurements' texts, cut from Project Gutenberg's files into --out_dir:
+sherlock_base.txt (the base's text: Sherlock Holmes without The Hound of the Baskervilles),
+hound.txt (the Hound, which the base never saw) and NAME_tune.txt, the training part of pydoc,
+alice.txt and hound.txt (its last tenth stands in for val when a recipe is chosen).
 
     python -m experiments.texts --sherlock sherlock.txt --alice alice.txt
 """
@@ -25,8 +25,8 @@ class TextsConfig:
 
 
 def cut_hound(text):
-    """(the text without The Hound of the Baskervilles, the Hound alone), cut at its title and
-    the next book's (in capitals alone on a line: the table of contents does not capitalise)."""
+    """(the text without the Hound, the Hound alone), cut at its title line and the next book's
+    (capitals alone on a line: the table of contents does not capitalise)."""
     lines = text.split("\n")
     titles = [i for i, line in enumerate(lines) if line.strip() in (HOUND, AFTER_HOUND)]
     if len(titles) != 2:

@@ -64,7 +64,7 @@ def test_a_changed_setting_never_reuses_runs(tmp_path):
             ([], ["--train_args", "--n_embd 64"], ["--questions", "7"], ["--evals", "3"])]
     settings = [grid.setting(c) for c in cfgs]
     assert len(set(settings)) == 4
-    dirs = {grid.Grid(c).run_dir("facts", "co0.5", 1337) for c in cfgs}
+    dirs = {grid.run_dir(c, "facts", "co0.5", 1337) for c in cfgs}
     assert len(dirs) == 4
     keys = {report.key("facts", "co0.5", 1337, "400+400", s) for s in settings}
     assert len(keys) == 4
@@ -83,7 +83,7 @@ def test_a_changed_default_of_train_py_never_reuses_runs(monkeypatch):
     config = band.Config
     monkeypatch.setattr(band, "Config", lambda: dataclasses.replace(config(), learning_rate=1e-3))
     assert grid.setting(cfg) != before
-    assert grid.Grid(cfg).run_dir("facts", "co0.5", 1337).endswith(grid.setting(cfg))
+    assert grid.run_dir(cfg, "facts", "co0.5", 1337).endswith(grid.setting(cfg))
 
 
 def record(variant, seed, dataset="facts", **metrics):
@@ -267,8 +267,8 @@ def test_protocol_runs_from_one_pretrained_start_reports_and_resumes(tmp_path, c
         assert records["scratch", seed]["curve"][0]["val_ntp"] != pre["val_ntp"]
         assert [c["iter"] for c in records["scratch", seed]["curve"]] == [0, 4, 8]  # 2 evals
         # sep by another path: evaluate.py, ntp-ft's Gen writing, nsp-ft's networks retrieving
-        sep, run = records["sep", seed], grid.Grid(grid.parse_config(grid.ExperimentConfig, "",
-                                                                     argv)[0]).run_dir
+        cfg = grid.parse_config(grid.ExperimentConfig, "", argv)[0]
+        sep, run = records["sep", seed], lambda *cell: grid.run_dir(cfg, *cell)
         eval_script.main(["--out_dir", run("facts", "ntp-ft", seed), "--query_from",
                           run("facts", "nsp-ft", seed), "--questions", "2"])
         other = json.loads(open(next(p for p in glob.glob(run("facts", "ntp-ft", seed) + "/*.json")
@@ -298,13 +298,12 @@ def test_answers_write_with_one_run_and_retrieve_with_the_other(run_train, monke
     seen = []
     monkeypatch.setattr(grid, "answer_metrics", lambda gen, store, data, tok, split, n, query_gen,
                         *rest, **kw: seen.append((gen, store, query_gen)) or {})
-    g = grid.Grid(grid.parse_config(grid.ExperimentConfig, "", ["--questions", "1"])[0])
 
     def same(module, run, part):
         ckpt = torch.load(run / "ckpt.pt", weights_only=False)[part]
         return all(torch.equal(p, ckpt[k]) for k, p in module.state_dict().items())
-    g.answers(str(a), query_from=str(b))
-    g.answers(str(a))
+    grid.answers(str(a), 1, query_from=str(b))
+    grid.answers(str(a), 1)
     (writer, store, queries), (own_writer, own_store, own_queries) = seen[0], seen[2]
     assert same(writer, a, "gen") and same(queries, b, "gen") and not same(queries, a, "gen")
     _, _, emb_b, data, _ = load_run(str(b), "cpu")
