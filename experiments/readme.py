@@ -253,18 +253,22 @@ def base_lift(name, title):
 
 
 def tune_table():
-    """The fine-tuning recipes tried from the base, on held-out training markers of pydoc."""
+    """The fine-tuning recipes tried from a base, on held-out training markers of pydoc: the
+    2,400-step base's rows first, then those of the base named in --init_from."""
     head, rule = TEXT_HEAD.replace("| text | val markers", "| from the base, seed 1337 | "
                                                            "held-out training markers").split("\n")
-    rows = [head + " train s |", rule + " --- |"]
-    for name in sorted(f for f in os.listdir(os.path.join(RESULTS, "text_tune"))
-                       if f.endswith(".jsonl")):
-        runs = records(f"text_tune/{name}")
-        flags = runs[0]["train_args"].split("--init_from out_base")[-1]
-        flags = " ".join(flags.replace("--eval_interval 300", "").split())  # all: a finer curve
-        title = f"`{flags}`" if flags else "the text defaults (2,400 steps, L_NSP from step 300)"
-        rows.append(text_row(title, runs) + f" {runs[0]['train_s']:.0f} s |")
-    return "\n".join(rows) + "\n"
+    rows = []
+    for name in os.listdir(os.path.join(RESULTS, "text_tune")):
+        if name.endswith(".jsonl"):
+            runs = records(f"text_tune/{name}")
+            base, _, flags = runs[0]["train_args"].split("--init_from ")[-1].partition(" ")
+            flags = " ".join(flags.replace("--eval_interval 300", "").split())  # a finer curve
+            title = f"`{flags}`" if flags else "the text defaults (2,400 steps, L_NSP from step 300)"
+            if base != "out_base":
+                title += f", from `{base}`"
+            rows.append(((base != "out_base", name),
+                         text_row(title, runs) + f" {runs[0]['train_s']:.0f} s |"))
+    return "\n".join([head + " train s |", rule + " --- |"] + [r for _, r in sorted(rows)]) + "\n"
 
 
 def blocks():
