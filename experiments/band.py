@@ -60,7 +60,7 @@ def _ints(text, name):
 
 
 def chosen(parts, names):
-    """The names --parts asks for (all: every one), in the order of names: bench's and memory's."""
+    """The names --parts asks for (all: every one), in the order of names (bench's)."""
     asked = names if parts == "all" else parts.split(",")
     if not set(asked) <= set(names):
         raise UserError(f"--parts takes all or some of {', '.join(names)}, got {parts!r}")

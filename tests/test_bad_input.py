@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from experiments import band, bench, memory
+from experiments import band, bench, texts
 import evaluate as eval_script
 from experiments import grid as experiments
 from experiments import report
@@ -18,7 +18,7 @@ from machinery.cli import main_guard
 from conftest import TINY, write_tiktoken
 
 SCRIPTS = {"train": train, "sample": sample, "eval": eval_script, "experiments": experiments,
-           "report": report, "bench": bench, "memory": memory, "band": band}
+           "report": report, "bench": bench, "texts": texts, "band": band}
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +155,7 @@ CASES = [
     ("bench", ["--repeats", "0"], "--repeats must be positive"),
     ("bench", ["--device", "tpu"], "unknown device 'tpu'"),
     ("bench", ["--parts", "search,speed"], "--parts takes all or some of ntp_step"),
-    ("memory", ["--parts", "demo,speed"], "--parts takes all or some of demo"),
+    ("texts", ["--numbered", "-1"], "--numbered takes a size in MB, 0 or more"),
     ("band", ["--seeds", "1,x"], "--seeds takes comma-separated whole numbers"),
     ("band", ["--threads", "0"], "--threads must be positive"),
 ]

@@ -324,41 +324,11 @@ def test_init_from_copies_the_weights(run_train):
         run_train("--max_iters", "0", "--init_from", str(a), "--n_embd", "64", name="c")
 
 
-def test_memory_peak_of_a_process_counts_what_it_allocated(tmp_path):
-    from experiments import memory
-    small = tmp_path / "small.py"
-    small.write_text("x = 1\n")
-    big = tmp_path / "big.py"
-    big.write_text("import sys\nblock = bytearray(300 * 2**20)  # touched: resident\n"
-                   "block[::4096] = b'x' * len(block[::4096])\nsys.exit(0)\n")
-    base, _ = memory.peak_mb(str(small))
-    peak, _ = memory.peak_mb(str(big))
-    assert 290 < peak - base < 320
-    with pytest.raises(UserError, match="failed"):
-        memory.peak_mb(str(tmp_path / "missing.py"))
-
-
-def test_memory_measures_a_whole_text_run_with_its_evaluations(tmp_path, monkeypatch, capsys):
-    """text_run is train.py on the text with its defaults, to the end: no flag shortens the run or
-    leaves out its evaluations or first stage."""
-    from experiments import memory
-    text = tmp_path / "book.txt"
-    text.write_text("A sentence.\n")
-    calls = []
-    monkeypatch.setattr(memory, "peak_mb", lambda *a: calls.append(a) or (300.0, 1.0))
-    memory.main(["--parts", "text_run", "--text", str(text)])
-    script, *args = calls[1]                      # calls[0]: the floor, a Python with torch
-    assert script.endswith("train.py") and args[:2] == ["--dataset", str(text)]
-    assert [a for a in args if a.startswith("--")] == ["--dataset", "--out_dir", "--cache_dir"]
-    assert json.loads(capsys.readouterr().out)["text_run"]["peak_mb"] == 300.0
-    with pytest.raises(UserError, match="--text: no such file"):
-        memory.main(["--parts", "text_run", "--text", str(tmp_path / "none.txt")])
-
-
 def test_numbered_text_has_no_sentence_twice(tmp_path):
-    from experiments import memory
-    text = open(memory.numbered_text(str(tmp_path / "t.txt"), 1_200_000), encoding="utf-8").read()
-    assert len(text.encode()) >= 1_200_000
+    from experiments import texts
+    texts.main(["--numbered", "2", "--out_dir", str(tmp_path)])
+    text = open(tmp_path / "numbered_2mb.txt", encoding="utf-8").read()
+    assert len(text.encode()) >= 2_000_000
     numbers = [int(n) for n in re.findall(r" \(s(\d+)\)[.!?]\s", text)]
     assert len(numbers) > 5_000 and numbers == list(range(len(numbers)))  # every end, once
 
