@@ -134,12 +134,11 @@ def resume(path, cfg, data, tok):
 def init_from(path, cfg, gen, embedder, tok):
     """--init_from: Gen's and Emb_seq's weights from another run's out_dir (any data, the same
     tokenizer and sizes) or GPT-2 (machinery/gpt2.py). Returns the base's provenance."""
-    folder = gpt2.find(path)
-    if folder:
-        return gpt2.load(folder, gen, embedder, tok)
+    if gpt2.is_gpt2(path):
+        return gpt2.load(path, gen, embedder, tok)
     ckpt = read_checkpoint(os.path.join(path, "ckpt.pt"),
                            "--init_from takes the out_dir of a trained run, or a GPT-2 "
-                           "checkpoint (README, Starting from GPT-2)")
+                           "folder with config.json (README, Starting from GPT-2)")
     trained = ckpt["config"]
     differ = [f"--{k} {trained[k]} (this run: {getattr(cfg, k)})" for k in MODEL_SHAPE
               if trained[k] != getattr(cfg, k)]

@@ -75,8 +75,7 @@ class Config:
     resume: bool = flag(False, "continue from out_dir/ckpt.pt")
     overwrite: bool = flag(False, "start afresh, removing the run already in out_dir")
     init_from: str = flag("", "start from a base's weights: a run's out_dir (same tokenizer and "
-                              "sizes), or gpt2, gpt2-medium, gpt2-large, gpt2-xl or a folder "
-                              "(README, Starting from GPT-2)")
+                              "sizes), or a GPT-2's folder (README, Starting from GPT-2)")
 
 
 def check_config(cfg):
