@@ -7,8 +7,8 @@ from machinery.kv_cache import new_caches
 
 
 def _feed(gen, caches, fresh, restart, device):
-    """Each row's fresh tokens through Gen in one pass, right-padded, rows where restart is True
-    emptying their caches first: the final state at each row's last one (B, n_embd)."""
+    """Each row's fresh tokens through Gen, right-padded (restarting rows empty their caches
+    first): the final state at each row's last token (B, n_embd)."""
     counts = torch.tensor([[len(f)] for f in fresh], device=device)                 # (B, 1)
     T = int(counts.max())
     x = torch.tensor([f + [0] * (T - len(f)) for f in fresh], dtype=torch.long,

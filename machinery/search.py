@@ -1,7 +1,5 @@
-"""
-How generation searches a run's datastore (--index): exact search over every entry, faiss
-(approximate, an optional install) or two-stage (the learned score re-ranks TF-IDF's top K).
-"""
+"""How generation searches a run's datastore (--index): exactly, with faiss (approximate, an
+optional install), or in two stages (the learned score re-ranks TF-IDF's top K)."""
 
 import math
 
@@ -60,8 +58,8 @@ def use_index(datastore, kind):
 
 
 def use_search(datastore, kind, cfg, data, tok, lexical=None):
-    """Set how generation searches a run's datastore; auto: first_stage on a text corpus (where
-    the learned score alone is far below TF-IDF's), exact on facts. lexical: if already built."""
+    """Set how generation searches the datastore; auto: first_stage on text (where the learned
+    score alone is far below TF-IDF's), exact on facts. lexical: if already built."""
     if kind == "auto":
         kind = "exact" if is_facts(cfg.dataset) else "first_stage"
     if kind == "first_stage":
