@@ -23,9 +23,8 @@ def _feed(gen, caches, fresh, restart, device):
 @torch.inference_mode()
 def generate_batch(gen, prompts, max_new_tokens, marker, stop=None, datastore=None,
                    query_gen=None, retrieve=None):
-    """generate() of each prompt, greedy, all at once (a budget for all or each; retrieval where
-    retrieve, a bool per prompt, says so). Each distinct prompt runs through Gen once; then rows
-    with and without retrieval decode apart, since a step runs every row as wide as its widest."""
+    """generate() of each prompt, greedy, all at once (a budget for all or each; retrieve: a bool
+    per prompt). Rows with and without retrieval decode apart: a step is as wide as its widest."""
     for p in prompts:
         check_prompt(p)
     device, block, B = next(gen.parameters()).device, gen.config.block_size, len(prompts)
@@ -88,8 +87,7 @@ def generate_batch(gen, prompts, max_new_tokens, marker, stop=None, datastore=No
 
 def decode_prompts(gen, prompts, budgets, marker, stop, datastore, query_gen, retrieve,
                    batch_size):
-    """generate_batch() of every prompt, batch_size at a time, sorted by length: a batch pads
-    little, and a question's prompts meet in one batch."""
+    """generate_batch() of every prompt, batch_size at a time, sorted by length: little padding."""
     outs = {}
     todo = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), prompts[i]))
     for s in range(0, len(todo), batch_size):

@@ -1,8 +1,5 @@
-"""
-Every flag with its default and help: train.py's Config (a checkpoint keeps it), sample.py's
-SampleConfig and evaluate.py's EvalConfig. The checks that turn a bad value into a one-line error;
-the device and precision.
-"""
+"""Every flag with its default and help (train.py's Config, which a checkpoint keeps; sample.py's
+and evaluate.py's); the checks that make a bad value a one-line error; the device and precision."""
 
 import math
 from contextlib import nullcontext

@@ -1,7 +1,5 @@
-"""
-A corpus: documents; a document: segments; a segment: plain text or a *sequence* (a datastore
-entry). Each dataset's reader gives train and val documents and the default hard negatives.
-"""
+"""A corpus: documents; a document: segments; a segment: plain text or a *sequence* (a datastore
+entry). Each dataset's reader gives train and val documents and the default hard negatives."""
 
 import json
 import os

@@ -1,7 +1,5 @@
-"""
-out_dir/datastore.pt: a run's datastore embeddings, saved with a fingerprint of the Emb_seq
-weights and data that built them, and used again only while both match.
-"""
+"""out_dir/datastore.pt: a run's datastore embeddings, with a fingerprint of the Emb_seq weights
+and data that built them; used again only while both match."""
 
 import hashlib
 import os

@@ -1,7 +1,5 @@
-"""
---init_from a folder holding a GPT-2 (config.json, model.safetensors and vocab.json, as Hugging
-Face's download writes them): Gen and Emb_seq start from its weights, read from disk only.
-"""
+"""--init_from a GPT-2's folder (config.json, model.safetensors, vocab.json, as Hugging Face's
+download writes it): Gen and Emb_seq start from its weights, read from disk only."""
 
 import dataclasses
 import json

@@ -13,7 +13,7 @@ WORD = re.compile(r"\w+")
 
 
 def tfidf_vectors(texts, vocab, idf):
-    """The unit vectors v_d / |v_d| of texts, sparse (len(texts), len(vocab)); other words dropped."""
+    """Unit vectors v_d / |v_d| of texts, sparse (len(texts), len(vocab)); other words dropped."""
     rows, cols, vals = [], [], []
     for row, text in enumerate(texts):
         for w, n in Counter(WORD.findall(text.lower())).items():

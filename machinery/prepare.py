@@ -12,7 +12,7 @@ CHUNK = 1 << 20           # characters of a long text encoded at a time
 
 
 def cache_key(corpus, tok):
-    """A hash of everything preparation reads: other documents, negatives or tokenizer, a new key."""
+    """A hash of all that preparation reads: other documents, negatives or tokenizer: a new key."""
     h = hashlib.sha256(repr((FORMAT_VERSION, tok.fingerprint, corpus.aligned)).encode())
     for docs in (corpus.train, corpus.val):
         h.update(b"split")
@@ -85,7 +85,7 @@ def found_in(needles, haystack):
 
 
 def publish(tmp, path):
-    """tmp, written whole, becomes path at once; if another process got there first, theirs stays."""
+    """tmp, written whole, becomes path at once; if another process was first, theirs stays."""
     try:
         os.replace(tmp, path)
     except OSError:

@@ -21,8 +21,8 @@ def load_faiss():
 
 
 class FaissIndex:
-    """Approximate top-k by inner product, for a datastore of millions (IVF-Flat): the keys in
-    sqrt(N) lists by k-means; a query scores exactly the keys of its nprobe nearest lists."""
+    """Approximate top-k by inner product for millions of keys (IVF-Flat): sqrt(N) k-means lists;
+    a query scores the keys of its nprobe nearest lists."""
 
     def __init__(self, embeddings, nprobe=32):
         faiss = load_faiss()
