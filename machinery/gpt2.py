@@ -14,9 +14,8 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 
 
 def is_gpt2(path):
-    """True for a folder with config.json; a run's out_dir (ckpt.pt) is checkpoint.init_from's."""
-    return (os.path.isfile(os.path.join(path, "config.json"))
-            and not os.path.isfile(os.path.join(path, "ckpt.pt")))
+    """A folder with config.json: a GPT-2's, not a run's out_dir (checkpoint.init_from)."""
+    return os.path.isfile(os.path.join(path, "config.json"))
 
 
 def read_config(folder):
