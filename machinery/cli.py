@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass  # --help shows each flag's default, and the script's docstring as written
+    """--help shows each flag's default, and the script's docstring as written."""
 
 
 def flag(default, help):
