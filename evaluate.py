@@ -21,7 +21,7 @@ from datastore import (candidate_ranks, candidate_scores, chance_metrics, first_
                        first_stage_metrics, marker_queries, rerank_metrics, retrieval_metrics,
                        score_tolerance, split_queries, reranking, target_ranks)
 from machinery import datastore_file
-from machinery.batch_generate import decode_prompts
+from machinery.batch_generate import already_decoded, decode_prompts
 from machinery.cli import UserError, main_guard, parse_config
 from machinery.config import EvalConfig, autocast, check_eval_config
 from machinery.corpora import is_facts
@@ -62,10 +62,10 @@ def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
     budgets = [len(gold) + 32 for _, _, gold in qs]
     hits = {}
 
-    def decode(given, retrieve):  # prompt i is question i % len(qs)'s
+    def decode(given, retrieve, known=()):  # prompt i is question i % len(qs)'s
         return decode_prompts(gen, given, [budgets[i % len(qs)] for i in range(len(given))],
                               tok.marker, tok.eod, datastore, query_gen, retrieve,
-                              batch_size * max(1, len(given) // len(qs)))
+                              batch_size * max(1, len(given) // len(qs)), known)
 
     def count(name, outs):
         hits[name] = sum(answer(tok, ids[len(prompt):]) == want
@@ -87,7 +87,8 @@ def answer_metrics(gen, datastore, data, tok, split, limit, query_gen=None,
     if "gold" in modes:
         given = [prompt + [tok.marker] + [int(t) for t in data.sequence(target)]
                  for prompt, (_, target, _) in zip(prompts, qs)]
-        count("answer_em_gold", decode(given, [False] * len(given)))
+        known = already_decoded(outs.get("retrieval", []), given, tok.eod, gen.config.block_size)
+        count("answer_em_gold", decode(given, [False] * len(given), known))
     out = {k: v / len(qs) for k, v in hits.items()}
     if reword_questions:
         device = next(gen.parameters()).device

@@ -86,13 +86,23 @@ def generate_batch(gen, prompts, max_new_tokens, marker, stop=None, datastore=No
 
 
 def decode_prompts(gen, prompts, budgets, marker, stop, datastore, query_gen, retrieve,
-                   batch_size):
-    """generate_batch() of every prompt, batch_size at a time, sorted by length: little padding."""
-    outs = {}
-    todo = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), prompts[i]))
+                   batch_size, known=()):
+    """generate_batch() of every prompt but those `known` holds ({i: (ids, retrievals)}),
+    batch_size at a time, sorted by length: little padding."""
+    outs = dict(known)
+    todo = sorted((i for i in range(len(prompts)) if i not in outs),
+                  key=lambda i: (len(prompts[i]), prompts[i]))
     for s in range(0, len(todo), batch_size):
         batch = todo[s:s + batch_size]
         outs.update(zip(batch, generate_batch(
             gen, [prompts[i] for i in batch], [budgets[i] for i in batch], marker, stop,
             datastore, query_gen, [retrieve[i] for i in batch])))
     return [outs[i] for i in range(len(prompts))]
+
+
+def already_decoded(retrieved, given, eod, block_size):
+    """{i: (ids, [])} of the questions whose retrieval in the loop wrote `given` (the gold
+    sequence after the question), then the rest in one window: greedy, Gen given it writes that."""
+    return {i: (ids, []) for i, ((ids, retrievals), g) in enumerate(zip(retrieved, given))
+            if ids[:len(g)] == g and len(retrievals) == 1 and ids[-1] == eod
+            and len(ids) <= block_size}
