@@ -87,8 +87,7 @@ def generate_batch(gen, prompts, max_new_tokens, marker, stop=None, datastore=No
 
 def decode_prompts(gen, prompts, budgets, marker, stop, datastore, query_gen, retrieve,
                    batch_size, known=()):
-    """generate_batch() of every prompt but those `known` holds ({i: (ids, retrievals)}),
-    batch_size at a time, sorted by length: little padding."""
+    """generate_batch() of every prompt not in known, batch_size at a time, shortest first."""
     outs = dict(known)
     todo = sorted((i for i in range(len(prompts)) if i not in outs),
                   key=lambda i: (len(prompts[i]), prompts[i]))

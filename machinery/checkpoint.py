@@ -30,8 +30,8 @@ def check_out_dir(cfg):
 
 
 def open_log(cfg, start):
-    """log.jsonl, open for writing. --overwrite removes the old run's files; --resume keeps the
-    records up to the checkpoint's iteration (a run killed before saving logged more)."""
+    """log.jsonl to write; --overwrite removes the old run's files, --resume the records after
+    start (a run killed before saving logged them)."""
     path = os.path.join(cfg.out_dir, "log.jsonl")
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -123,8 +123,7 @@ def resume(path, cfg, data, tok):
 
 
 def init_from(path, cfg, gen, embedder, tok):
-    """Gen's and Emb_seq's weights from a run's out_dir (same tokenizer and sizes, any data) or a
-    GPT-2's folder (gpt2.py). Returns the base's provenance."""
+    """Weights from a run's out_dir (same tokenizer and sizes) or a GPT-2's; their provenance."""
     if gpt2.is_gpt2(path):
         return gpt2.load(path, gen, embedder, tok)
     ckpt = read_checkpoint(os.path.join(path, "ckpt.pt"),

@@ -51,8 +51,7 @@ def parse_config(cls, description, argv=None):
 
 @contextmanager
 def interruptible(notice):
-    """Inside, a first Ctrl-C or SIGTERM only sets flag.set and prints notice: the job stops at its
-    next safe point. A second stops it at once."""
+    """A first Ctrl-C or SIGTERM sets flag.set (stop at a safe point); a second stops at once."""
     flag = SimpleNamespace(set=False)
 
     def restore():
@@ -92,8 +91,7 @@ def malloc_for(phase):
 
 
 def main_guard(main):
-    """main(); a UserError ends in one line and exit code 2, Ctrl-C in one line and 130. Every
-    process leaves its group, together when all end."""
+    """main(); a UserError ends in one line and exit code 2, Ctrl-C in one line and 130."""
     together = False
     try:
         main()

@@ -47,8 +47,7 @@ BREAKS = {"sentence": re.compile(r"(?<=[.!?])\s+"), "line": re.compile(r"\n+")}
 
 
 def _text_documents(text, split):
-    """A text as one document, each sentence (or line) a sequence, the whitespace between them
-    plain text; `none`: all plain text, no markers."""
+    """A text as one document, each sentence (or line) a sequence; `none`: plain text only."""
     if split == "none":
         return [[Segment(text)]] if text else []
     doc, pos = [], 0

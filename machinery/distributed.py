@@ -44,8 +44,7 @@ def rank():
 
 
 def wrap(model, device, find_unused=False):
-    """DDP for several processes, the model itself for one. find_unused: some steps leave some
-    parameters without gradient (seq_head before L_NSP joins)."""
+    """DDP for several processes; find_unused: seq_head has no gradient before L_NSP joins."""
     if world_size() == 1:
         return model
     device_ids = [device] if device.startswith("cuda") else None

@@ -37,8 +37,7 @@ def read_config(folder):
 
 
 def settle_config(cfg):
-    """--init_from a GPT-2: the tokenizer, the block and both networks' sizes are the
-    checkpoint's (Emb_seq is its whole trunk); a flag given another value is an error."""
+    """The tokenizer and both networks' sizes are the GPT-2's; a flag set otherwise, an error."""
     folder = cfg.init_from
     if not is_gpt2(folder):
         return

@@ -58,8 +58,8 @@ def use_index(datastore, kind):
 
 
 def use_search(datastore, kind, cfg, data, tok, lexical=None):
-    """Set how generation searches the datastore; auto: first_stage on text (where the learned
-    score alone is far below TF-IDF's), exact on facts. lexical: if already built."""
+    """Set how generation searches; auto: first_stage on text (TF-IDF beats the learned score
+    alone there), exact on facts. lexical: if already built."""
     if kind == "auto":
         kind = "exact" if is_facts(cfg.dataset) else "first_stage"
     if kind == "first_stage":
