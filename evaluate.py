@@ -144,8 +144,8 @@ def main(argv=None):
         _, query_gen, retriever, other, _ = load_run(args.query_from, args.device)
         if other.fingerprint != data.fingerprint:
             raise UserError(f"{args.query_from} was trained on other data than {args.out_dir}")
-        datastore = (datastore_file.load(os.path.join(args.query_from, "datastore.pt"),
-                                         retriever, data) or datastore_file.build(retriever, data))
+        datastore = datastore_file.load_or_build(os.path.join(args.query_from, "datastore.pt"),
+                                                 retriever, data, save=False)
         name = os.path.basename(os.path.normpath(args.query_from))
         path = os.path.join(args.out_dir, f"eval_query_from_{name}.json")
     else:

@@ -1,19 +1,19 @@
 """
-What the nine tutorial files lean on, kept out of their way. The method itself is in the nine
-files; three modules here are faster forms of their code, and import from them: lexical.py
-(datastore.py's TF-IDF over a whole corpus), batch_generate.py (generate.generate, many prompts at
-once) and buckets.py (embedder.embed_tokens over a batch's candidates). datastore_file.py and
-prompts.py use datastore.py's Datastore, embed_all and query_text, as the scripts do.
+What the nine tutorial files lean on, kept out of their way. Three modules import from the nine
+files because they are faster forms of their code: lexical.py (datastore.py's TF-IDF over a whole
+corpus), batch_generate.py (generate.generate, many prompts at once) and buckets.py
+(embedder.embed_tokens over a batch's candidates). datastore_file.py and prompts.py use
+datastore.py's Datastore, embed_all and query_text, as the scripts do.
 
     cli.py          flags from a config dataclass; one-line errors; Ctrl-C; glibc's malloc
-    config.py       every flag (train.py's, sample.py's, evaluate.py's), checks, device, autocast
+    config.py       every flag of train.py, sample.py and evaluate.py; checks; device; autocast
     corpora.py      corpora as documents of segments: facts, pydoc, .txt and .jsonl readers
     facts.py        the generated `facts` world
     tokenizer.py    the tokenizer (bytes, or GPT-2's BPE offline) with the marker token
     prepare.py      the prepared-data cache's key; long texts prepared in pieces
     checkpoint.py   ckpt.pt written whole, read back with one-line errors; --resume; --init_from
     distributed.py  several processes (torchrun): DDP, L_NSP's candidates gathered from all
-    datastore_file.py  out_dir/datastore.pt, loaded only while fresh
+    datastore_file.py  out_dir/datastore.pt, used only while fresh
     buckets.py      Emb_seq over a batch's candidates in length buckets
     lexical.py      TF-IDF over a whole corpus, a chunk of queries at a time
     intervals.py    95% intervals of the retrieval figures, the paired difference of two orders
@@ -21,6 +21,6 @@ prompts.py use datastore.py's Datastore, embed_all and query_text, as the script
     kv_cache.py     generate.py's KV cache
     batch_generate.py  many prompts decoded at once (evaluation's answers)
     prompts.py      sample.py's prompt and display; evaluate.py's questions and answers
-    gpt2.py         --init_from gpt2: GPT-2's config and weights read from disk
+    gpt2.py         --init_from a GPT-2's folder: its config and weights read from disk
     plots.py        curves.png, redrawn from log.jsonl at every evaluation
 """

@@ -7,8 +7,8 @@ from machinery.kv_cache import new_caches
 
 
 def _feed(gen, caches, fresh, restart, device):
-    """Each row's fresh tokens through Gen in one pass, right-padded, rows where restart is True
-    emptying their caches first: the final state at each row's last one (B, n_embd)."""
+    """Each row's fresh tokens through Gen, right-padded (restarting rows empty their caches
+    first): the final state at each row's last token (B, n_embd)."""
     counts = torch.tensor([[len(f)] for f in fresh], device=device)                 # (B, 1)
     T = int(counts.max())
     x = torch.tensor([f + [0] * (T - len(f)) for f in fresh], dtype=torch.long,
@@ -23,9 +23,8 @@ def _feed(gen, caches, fresh, restart, device):
 @torch.inference_mode()
 def generate_batch(gen, prompts, max_new_tokens, marker, stop=None, datastore=None,
                    query_gen=None, retrieve=None):
-    """generate() of each prompt, greedy, all at once (a budget for all or each; retrieval where
-    retrieve, a bool per prompt, says so). Each distinct prompt runs through Gen once; then rows
-    with and without retrieval decode apart, since a step runs every row as wide as its widest."""
+    """generate() of each prompt, greedy, all at once (a budget for all or each; retrieve: a bool
+    per prompt). Rows with and without retrieval decode apart: a step is as wide as its widest."""
     for p in prompts:
         check_prompt(p)
     device, block, B = next(gen.parameters()).device, gen.config.block_size, len(prompts)
@@ -88,8 +87,7 @@ def generate_batch(gen, prompts, max_new_tokens, marker, stop=None, datastore=No
 
 def decode_prompts(gen, prompts, budgets, marker, stop, datastore, query_gen, retrieve,
                    batch_size, known=()):
-    """generate_batch() of every prompt but those `known` holds ({i: (ids, retrievals)}),
-    batch_size at a time, sorted by length: a batch pads little, a question's prompts meet."""
+    """generate_batch() of every prompt not in known, batch_size at a time, shortest first."""
     outs = dict(known)
     todo = sorted((i for i in range(len(prompts)) if i not in outs),
                   key=lambda i: (len(prompts[i]), prompts[i]))

@@ -1,7 +1,5 @@
-"""
-Emb_seq over a training batch's candidates in groups of similar length, each cut to its own
-longest row: the embeddings of embedder.embed_tokens (up to float rounding), less padding read.
-"""
+"""Emb_seq over a batch's candidates in groups of similar length, each cut to its longest row:
+embedder.embed_tokens' embeddings (up to float rounding), less padding read."""
 
 import torch
 

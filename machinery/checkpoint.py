@@ -1,8 +1,5 @@
-"""
-A run's out_dir: ckpt.pt written whole or not at all, read back with one-line errors; every
-process's random streams, so that --resume goes on exactly; log.jsonl. What a checkpoint holds,
-and when it is written, is train.py's.
-"""
+"""A run's out_dir: ckpt.pt written whole, read back with one-line errors; log.jsonl; the
+random streams that let --resume go on exactly. What a checkpoint holds is train.py's."""
 
 import glob
 import json
@@ -33,8 +30,8 @@ def check_out_dir(cfg):
 
 
 def open_log(cfg, start):
-    """log.jsonl, open for writing; --overwrite removes the old run's files, --resume cuts the
-    log back to the checkpoint's iteration (a run killed before saving it logged it)."""
+    """log.jsonl to write; --overwrite removes the old run's files, --resume the records after
+    start (a run killed before saving logged them)."""
     path = os.path.join(cfg.out_dir, "log.jsonl")
     try:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -43,13 +40,16 @@ def open_log(cfg, start):
     for name in RUN_FILES if cfg.overwrite else ():
         for old in glob.glob(os.path.join(glob.escape(cfg.out_dir), name)):
             os.remove(old)
-    if cfg.resume:
-        keep_log_until(path, start)
+    if cfg.resume and os.path.exists(path):
+        records, _ = read_jsonl(path)  # and a line a crash cut goes
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records if r["iter"] <= start)
+        os.replace(path + ".tmp", path)
     return open(path, "a" if cfg.resume else "w")
 
 
 def save_checkpoint(path, **state):
-    """Write a temporary file, flush it to disk, then rename: a crash leaves the last one whole."""
+    """Written to a temporary file, flushed, then renamed: a crash leaves the last one whole."""
     with open(path + ".tmp", "wb") as f:
         torch.save(state, f)
         f.flush()
@@ -85,15 +85,6 @@ def read_jsonl(path):
             except ValueError:
                 broken.append(n)
     return records, broken
-
-
-def keep_log_until(path, last):
-    """Keep the log's records up to iteration `last` (and drop a line a crash cut)."""
-    if os.path.exists(path):
-        records, _ = read_jsonl(path)
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records if r["iter"] <= last)
-        os.replace(path + ".tmp", path)
 
 
 def read_checkpoint(path, missing):
@@ -132,14 +123,12 @@ def resume(path, cfg, data, tok):
 
 
 def init_from(path, cfg, gen, embedder, tok):
-    """--init_from: Gen's and Emb_seq's weights from another run's out_dir (any data, the same
-    tokenizer and sizes) or GPT-2 (machinery/gpt2.py). Returns the base's provenance."""
-    folder = gpt2.find(path)
-    if folder:
-        return gpt2.load(folder, gen, embedder, tok)
+    """Weights from a run's out_dir (same tokenizer and sizes) or a GPT-2's; their provenance."""
+    if gpt2.is_gpt2(path):
+        return gpt2.load(path, gen, embedder, tok)
     ckpt = read_checkpoint(os.path.join(path, "ckpt.pt"),
                            "--init_from takes the out_dir of a trained run, or a GPT-2 "
-                           "checkpoint (README, Starting from GPT-2)")
+                           "folder with config.json (README, Starting from GPT-2)")
     trained = ckpt["config"]
     differ = [f"--{k} {trained[k]} (this run: {getattr(cfg, k)})" for k in MODEL_SHAPE
               if trained[k] != getattr(cfg, k)]

@@ -1,7 +1,5 @@
-"""
-Command-line plumbing shared by the scripts: a config dataclass becomes argparse flags, a user's
-mistake one line on stderr (exit code 2), and Ctrl-C or SIGTERM a request to stop at a safe point.
-"""
+"""The scripts' command lines: a config dataclass's flags, a user's mistake as one line (exit
+code 2), Ctrl-C or SIGTERM as a request to stop at a safe point."""
 
 import argparse
 import ctypes
@@ -27,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows each flag's default, and the script's docstring as it is written."""
+    """--help shows each flag's default, and the script's docstring as written."""
 
 
 def flag(default, help):
@@ -53,8 +51,7 @@ def parse_config(cls, description, argv=None):
 
 @contextmanager
 def interruptible(notice):
-    """Inside, a first Ctrl-C or SIGTERM (a scheduler's stop) only sets flag.set and says `notice`:
-    the job stops at its next safe point. A second signal stops it at once."""
+    """A first Ctrl-C or SIGTERM sets flag.set (stop at a safe point); a second stops at once."""
     flag = SimpleNamespace(set=False)
 
     def restore():
@@ -83,8 +80,8 @@ MALLOC = {"transient": 1 << 20, "training": 32 << 20}  # glibc's mmap threshold,
 
 
 def malloc_for(phase):
-    """Hand glibc's free heap pages back, and give blocks of MALLOC[phase] or more their own
-    mapping, returned when freed (large, short-lived arrays). Elsewhere than glibc: nothing."""
+    """glibc: free heap pages handed back; blocks of MALLOC[phase] or more mapped apart, returned
+    when freed (large, short-lived arrays). Elsewhere: nothing."""
     try:
         libc = ctypes.CDLL(None)
         libc.malloc_trim(0)
@@ -94,8 +91,7 @@ def malloc_for(phase):
 
 
 def main_guard(main):
-    """Run main(); a UserError ends it with one line and exit code 2, Ctrl-C with one line and
-    exit code 130 (rank 0 speaks). Every process leaves its group: together when all end."""
+    """main(); a UserError ends in one line and exit code 2, Ctrl-C in one line and 130."""
     together = False
     try:
         main()

@@ -1,8 +1,5 @@
-"""
-Every flag with its default and help: train.py's Config (a checkpoint keeps it), sample.py's
-SampleConfig and evaluate.py's EvalConfig. The checks that turn a bad value into a one-line error;
-the device and precision.
-"""
+"""Every flag with its default and help (train.py's Config, which a checkpoint keeps; sample.py's
+and evaluate.py's); the checks that make a bad value a one-line error; the device and precision."""
 
 import math
 from contextlib import nullcontext
@@ -75,8 +72,7 @@ class Config:
     resume: bool = flag(False, "continue from out_dir/ckpt.pt")
     overwrite: bool = flag(False, "start afresh, removing the run already in out_dir")
     init_from: str = flag("", "start from a base's weights: a run's out_dir (same tokenizer and "
-                              "sizes), or gpt2, gpt2-medium, gpt2-large, gpt2-xl or a folder "
-                              "(README, Starting from GPT-2)")
+                              "sizes), or a GPT-2's folder (README, Starting from GPT-2)")
 
 
 def check_config(cfg):
@@ -96,6 +92,7 @@ def check_config(cfg):
          "nsp_lr_scale"), lambda v: v > 0, "positive")
     bad(("max_iters", "nsp_start", "hard_negatives", "warmup_iters"), lambda v: v >= 0, ">= 0")
     bad(("first_stage",), lambda v: v >= 1, ">= 1")
+    bad(("val_fraction", "facts_heldout"), lambda v: 0 < v < 1, "between 0 and 1")
     bad(("facts_wordings",), lambda v: 1 <= v <= MAX_WORDINGS, f"1 to {MAX_WORDINGS}")
     for width, heads in (("n_embd", "n_head"), ("emb_embd", "emb_head")):
         if getattr(cfg, width) % getattr(cfg, heads):
@@ -112,8 +109,6 @@ def check_config(cfg):
         if getattr(cfg, name) not in choices:
             raise UserError(f"--{name} must be {', '.join(choices[:-1])} or {choices[-1]}, "
                             f"got {getattr(cfg, name)!r}")
-    if not 0 < cfg.val_fraction < 1 or not 0 < cfg.facts_heldout < 1:
-        raise UserError("--val_fraction and --facts_heldout must be between 0 and 1")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume and --overwrite contradict each other: choose one")
     if cfg.init_from:  # a GPT-2 gives the tokenizer and the sizes (machinery/gpt2.py)

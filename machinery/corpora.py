@@ -1,8 +1,5 @@
-"""
-A corpus is a list of documents; a document, a list of segments; a segment, plain text or a
-*sequence* (a datastore entry). A reader for each dataset (`facts`, `pydoc`, .txt, .jsonl) returns
-train and val documents and the default hard negatives.
-"""
+"""A corpus: documents; a document: segments; a segment: plain text or a *sequence* (a datastore
+entry). Each dataset's reader gives train and val documents and the default hard negatives."""
 
 import json
 import os
@@ -27,7 +24,7 @@ class Corpus:
 
 
 def read_text(path):
-    """A UTF-8 text file's text, or a one-line error that says what is wrong with the file."""
+    """A UTF-8 text file's text, or a one-line error saying what is wrong with it."""
     if not os.path.isfile(path):
         raise UserError(f"file not found: {path}")
     try:
@@ -50,8 +47,7 @@ BREAKS = {"sentence": re.compile(r"(?<=[.!?])\s+"), "line": re.compile(r"\n+")}
 
 
 def _text_documents(text, split):
-    """A text as one document, each sentence (or line) a sequence; `none`: plain text, no markers.
-    The whitespace between sequences stays as plain text, so the stream reproduces the text."""
+    """A text as one document, each sentence (or line) a sequence; `none`: plain text only."""
     if split == "none":
         return [[Segment(text)]] if text else []
     doc, pos = [], 0

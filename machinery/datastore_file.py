@@ -1,13 +1,10 @@
-"""
-out_dir/datastore.pt: a run's Datastore, saved with a fingerprint of the Emb_seq weights and data
-that built it, and used again only while both match.
-"""
+"""out_dir/datastore.pt: a run's datastore embeddings, with a fingerprint of the Emb_seq weights
+and data that built them; used again only while both match."""
 
 import hashlib
 import os
 import sys
 
-import numpy as np
 import torch
 
 from datastore import Datastore, embed_all
@@ -28,31 +25,23 @@ def build(embedder, data, progress=True):
     return Datastore(embeddings, data.offsets, data.seq_tokens, fingerprint(embedder, data))
 
 
-def load(path, embedder, data):
-    """The datastore saved at path if this Emb_seq built it from this data, else None."""
-    if not os.path.exists(path):
-        return None
-    current = fingerprint(embedder, data)
-    try:
-        saved = torch.load(path, weights_only=True)
-        if saved["fingerprint"] == current:
-            return Datastore(saved["embeddings"], saved["offsets"].numpy(),
-                             saved["seq_tokens"].numpy(), current)
-    except Exception:  # cut short, or not a datastore: as good as stale
-        pass
-    print(f"{path} is stale or unreadable (another Emb_seq or other data): not used",
-          file=sys.stderr)
-    return None
-
-
-def load_or_build(path, embedder, data):
-    """The datastore saved at path if it is fresh; else build it and save it there whole."""
-    store = load(path, embedder, data)
-    if store is None:
-        print(f"building the datastore: {data.n_sequences:,} sequences", file=sys.stderr)
-        store = build(embedder, data)
-        torch.save({"embeddings": store.embeddings, "offsets": torch.from_numpy(store.offsets),
-                    "seq_tokens": torch.from_numpy(store.seq_tokens.astype(np.int64)),
-                    "fingerprint": store.fingerprint}, path + ".tmp")
+def load_or_build(path, embedder, data, save=True):
+    """The datastore saved at path if this Emb_seq built it from this data; else build it, and
+    save it there whole unless save is False (another run's folder, only read)."""
+    if os.path.exists(path):
+        current = fingerprint(embedder, data)
+        try:  # the tokens are data's own: the fingerprint says it is this data
+            saved = torch.load(path, weights_only=True)
+            if saved["fingerprint"] == current:
+                return Datastore(saved["embeddings"], data.offsets, data.seq_tokens, current)
+        except Exception:  # cut short, or not a datastore: as good as stale
+            pass
+        print(f"{path} is stale or unreadable (another Emb_seq or other data): not used",
+              file=sys.stderr)
+    print(f"building the datastore: {data.n_sequences:,} sequences", file=sys.stderr)
+    store = build(embedder, data)
+    if save:
+        torch.save({"embeddings": store.embeddings, "fingerprint": store.fingerprint},
+                   path + ".tmp")
         os.replace(path + ".tmp", path)
     return store

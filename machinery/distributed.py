@@ -1,7 +1,5 @@
-"""
-Several processes (torchrun), each drawing its own batch: DDP averages the gradients, rank 0 alone
-evaluates, logs and saves, and L_NSP takes its negatives from every process (gather_candidates).
-"""
+"""Several processes (torchrun), each its own batch: DDP averages the gradients, rank 0 alone
+evaluates, logs and saves, and L_NSP takes negatives from every process (gather_candidates)."""
 
 import os
 
@@ -30,8 +28,7 @@ def setup(device):
 
 
 def teardown(together=False):
-    """Leave the process group, if in one. together: all are leaving now, so wait for them all
-    first (a gloo process that leaves while another is still in the group can abort)."""
+    """Leave the process group, if in one; together: wait for all first (gloo can abort else)."""
     if dist.is_initialized():
         if together:
             dist.barrier()
@@ -47,8 +44,7 @@ def rank():
 
 
 def wrap(model, device, find_unused=False):
-    """DDP for several processes, the model itself for one. find_unused: some steps leave some
-    parameters without gradient (seq_head, before L_NSP joins)."""
+    """DDP for several processes; find_unused: seq_head has no gradient before L_NSP joins."""
     if world_size() == 1:
         return model
     device_ids = [device] if device.startswith("cuda") else None
@@ -90,8 +86,7 @@ def broadcast_object(obj):
 
 
 def _all_gather_rows(t):
-    """Every process's t, in rank order, without gradient; its first dimension may differ between
-    processes (padded to the longest for all_gather, then cut)."""
+    """Every process's t in rank order, no gradient; first dimensions may differ (padded, cut)."""
     size = torch.tensor([len(t)], device=t.device)
     sizes = [torch.empty_like(size) for _ in range(world_size())]
     dist.all_gather(sizes, size)
@@ -104,10 +99,9 @@ def _all_gather_rows(t):
 
 
 def gather_candidates(queries, embeddings, target_row, candidate_ids, neighbours):
-    """The queries and candidates of all processes, for one L_NSP over the W batches together:
-    the same five arguments, every process's, the candidates each sequence once (its first copy),
-    their ids sorted. Only this process's part carries gradient, so the sum of the processes'
-    gradients is L_NSP's (train.py weights L_NSP by W to undo DDP's averaging)."""
+    """The five arguments of all processes, for one L_NSP over their W batches: each candidate
+    once (its first copy), ids sorted. Only this process's part has gradient, so the processes'
+    gradients sum to L_NSP's (train.py weights L_NSP by W against DDP's averaging)."""
     rank = dist.get_rank()
     all_queries = _all_gather_rows(queries.detach())
     all_embeddings = _all_gather_rows(embeddings.detach())

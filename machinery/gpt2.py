@@ -1,10 +1,7 @@
-"""
---init_from gpt2 (gpt2-medium, gpt2-large, gpt2-xl, or a folder): Gen and Emb_seq start from one
-pretrained GPT-2, read from disk only (a Hugging Face download's folder, or Hugging Face's cache).
-"""
+"""--init_from a GPT-2's folder (config.json, model.safetensors, vocab.json, as Hugging Face's
+download writes it): Gen and Emb_seq start from its weights, read from disk only."""
 
 import dataclasses
-import glob
 import json
 import os
 
@@ -13,30 +10,12 @@ import torch
 from machinery.cli import UserError
 from machinery.tokenizer import GPT2_FILE_ENV
 
-NAMES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-HOW_TO_GET = "README, Starting from GPT-2, says how to get one"
 
 
-def find(init_from):
-    """The folder of the GPT-2 checkpoint that --init_from names (in Hugging Face's cache, for a
-    name), or None where it names a run of this program (checkpoint.init_from)."""
-    if os.path.isfile(os.path.join(init_from, "ckpt.pt")):
-        return None
-    if os.path.isfile(os.path.join(init_from, "config.json")):
-        return init_from
-    if init_from not in NAMES:
-        return None
-    home = os.environ.get("HF_HOME", os.path.join("~", ".cache", "huggingface"))
-    hub = os.path.expanduser(os.environ.get("HF_HUB_CACHE", os.path.join(home, "hub")))
-    found = [path for repo in (init_from, f"openai-community--{init_from}")  # its two names
-             for path in glob.glob(os.path.join(hub, f"models--{repo}", "snapshots", "*",
-                                                "config.json"))]
-    if not found:
-        raise UserError(f"--init_from {init_from}: no local GPT-2 checkpoint (no folder "
-                        f"{init_from}/ with config.json, none in {hub}); nothing is "
-                        f"downloaded: {HOW_TO_GET}")
-    return os.path.dirname(max(found, key=os.path.getmtime))  # the most recent snapshot
+def is_gpt2(path):
+    """A folder with config.json: a GPT-2's, not a run's out_dir (checkpoint.init_from)."""
+    return os.path.isfile(os.path.join(path, "config.json"))
 
 
 def read_config(folder):
@@ -58,10 +37,9 @@ def read_config(folder):
 
 
 def settle_config(cfg):
-    """--init_from a GPT-2: the tokenizer, the block and both networks' sizes are the
-    checkpoint's (Emb_seq is its whole trunk); a flag given another value is an error."""
-    folder = find(cfg.init_from)
-    if folder is None:
+    """The tokenizer and both networks' sizes are the GPT-2's; a flag set otherwise, an error."""
+    folder = cfg.init_from
+    if not is_gpt2(folder):
         return
     sizes = read_config(folder)
     layers, heads, width = sizes["n_layer"], sizes["n_head"], sizes["n_embd"]
@@ -82,28 +60,17 @@ def settle_config(cfg):
                             f"positions of --init_from {cfg.init_from}")
 
 
-def read_weights(folder):
-    """The checkpoint's tensors by name (less a "transformer." prefix) and the file they came
-    from: model.safetensors, or else pytorch_model.bin."""
-    safetensors, pickled = (os.path.join(folder, name)
-                            for name in ("model.safetensors", "pytorch_model.bin"))
-    if os.path.isfile(safetensors):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            if not os.path.isfile(pickled):
-                raise UserError(f"reading {safetensors} needs the safetensors package: pip install "
-                                "safetensors") from None
-        else:
-            return strip(load_file(safetensors)), safetensors
-    if os.path.isfile(pickled):
-        return strip(torch.load(pickled, map_location="cpu", weights_only=True)), pickled
-    raise UserError(f"{folder} has config.json but neither model.safetensors nor "
-                    f"pytorch_model.bin: {HOW_TO_GET}")
-
-
-def strip(weights):
-    return {name.removeprefix("transformer."): w for name, w in weights.items()}
+def read_weights(path):
+    """model.safetensors' tensors by name, less a "transformer." prefix."""
+    if not os.path.isfile(path):
+        raise UserError(f"{os.path.dirname(path)} has config.json but no model.safetensors "
+                        "(README, Starting from GPT-2, says how to get one)")
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UserError(f"reading {path} needs the safetensors package: pip install "
+                        "safetensors") from None
+    return {name.removeprefix("transformer."): w for name, w in load_file(path).items()}
 
 
 @torch.no_grad()
@@ -115,7 +82,8 @@ def load(folder, gen, embedder, tok):
         raise UserError(f"{folder} has a vocabulary of {sizes['vocab_size']:,} tokens, the GPT-2 "
                         f"BPE read here {tok.eod + 1:,}: not the tokenizer it was trained with "
                         "(--gpt2_file)")
-    weights, path = read_weights(folder)
+    path = os.path.join(folder, "model.safetensors")
+    weights = read_weights(path)
     for name, p in gen.transformer.state_dict().items():
         theirs = name.replace("blocks.", "h.")
         w = weights[theirs].float()

@@ -1,8 +1,7 @@
 """
-95% intervals of the retrieval figures over the markers scored (how far a figure could move on
-another draw of markers): recall@k's exact binomial (Clopper-Pearson), MRR's percentile bootstrap,
-and the paired bootstrap of a difference of two orders of the same markers, with a two-sided p.
-The bootstrap's seed is fixed. Under about 30 markers a bootstrap interval is too narrow.
+95% intervals of the retrieval figures over the markers scored: recall@k's exact binomial
+(Clopper-Pearson), MRR's percentile bootstrap, and the paired bootstrap of the difference of two
+orders of the same markers, with a two-sided p. Under about 30 markers a bootstrap is too narrow.
 """
 
 import math

@@ -12,9 +12,9 @@ class KVCache:
         self.k = self.v = self.fresh = None
 
     def extend(self, k, v):
-        """Keep the real ones of the new k and v (B, H, T, D). Returns the keys and values up to
-        the longest row (B, H, S, D) each, and which keys each new token sees: new token i of row
-        b sees keys 0 .. past[b] + i, (B, 1, T, S), or None where nothing is past (causal)."""
+        """Keep the real ones of the new k and v (B, H, T, D). Returns keys and values up to the
+        longest row (B, H, S, D), and the mask (B, 1, T, S): new token i of row b sees keys
+        0 .. past[b] + i (None where nothing is past: causal)."""
         B, H, T, D = k.shape
         if self.k is None:  # zeros: a masked-out slot still gets weight 0, and 0 * NaN is NaN
             self.k = k.new_zeros(B, H, self.block_size, D)

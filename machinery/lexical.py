@@ -1,7 +1,5 @@
-"""
-TF-IDF as datastore.py states it, over a whole corpus: the datastore's unit vectors in a sparse
-table, scored a chunk of queries at a time; the baseline's ranks and the first stage's top K.
-"""
+"""TF-IDF as datastore.py states it, over a whole corpus: the entries' unit vectors in a sparse
+table, scored a chunk of queries at a time; the baseline's ranks and the first stage's top K."""
 
 import math
 import re
@@ -15,8 +13,7 @@ WORD = re.compile(r"\w+")
 
 
 def tfidf_vectors(texts, vocab, idf):
-    """The unit vectors v_d / |v_d| of texts, rows of a sparse (len(texts), len(vocab)) tensor;
-    words outside vocab match nothing and are dropped."""
+    """Unit vectors v_d / |v_d| of texts, sparse (len(texts), len(vocab)); other words dropped."""
     rows, cols, vals = [], [], []
     for row, text in enumerate(texts):
         for w, n in Counter(WORD.findall(text.lower())).items():
@@ -42,8 +39,8 @@ class Lexical:
         self.tolerance = tie_tolerance(len(self.vocab), torch.float64)       # unit rows
 
     def score_chunks(self, queries, chunk=None):
-        """(s, the cosines (c, N) of queries s .. s+c-1 against every entry), `chunk` queries at a
-        time: by default as many as keep a (c, N) table within 16 MB (a novel's: gigabytes)."""
+        """(s, cosines (c, N) of queries s .. s+c-1 against every entry), by default as many
+        queries at a time as keep the table within 16 MB (a novel's whole table: gigabytes)."""
         chunk = chunk or max(1, 2**21 // max(1, self.rows.shape[0]))        # float64: 8 bytes
         for s in range(0, len(queries), chunk):
             q = tfidf_vectors(queries[s:s + chunk], self.vocab, self.idf).to_dense()  # (c, vocab)
@@ -57,8 +54,8 @@ class Lexical:
         return torch.cat(ranks or [torch.zeros(0, dtype=torch.long)])
 
     def top(self, queries, k, chunk=None):
-        """The first stage: each query's k best entries by TF-IDF, scores (Q, k) and ids (Q, k),
-        best first (k at most N); an entry that scores 0 (ties with every other) has id -1."""
+        """The first stage: each query's k best entries, scores and ids (Q, k), best first; id -1
+        where the score is 0 (a tie with every other entry)."""
         k = min(k, self.rows.shape[0])
         scores = torch.zeros(len(queries), k, dtype=torch.float64)                 # (Q, k)
         ids = torch.zeros(len(queries), k, dtype=torch.long)                       # (Q, k)

@@ -1,8 +1,5 @@
-"""
-out_dir/curves.png, redrawn from log.jsonl at every evaluation: the losses; recall@1 and MRR
-against the whole datastore, beside TF-IDF's and chance's; on two-stage runs, the learned score
-re-ranking TF-IDF's top K, beside TF-IDF's own order and its ceiling, recall@K.
-"""
+"""out_dir/curves.png, redrawn from log.jsonl at every evaluation: the losses; recall@1 and MRR
+beside TF-IDF's and chance's; on two-stage runs, re-ranking TF-IDF's top K beside its order."""
 
 import os
 

@@ -1,7 +1,5 @@
-"""
-The cache around data.prepare: the key a prepared corpus is stored under, and what keeps a long
-text's preparation within a small multiple of the text's own memory and time.
-"""
+"""The cache around data.prepare: its key, and what keeps a long text's preparation within a
+small multiple of the text's own memory and time."""
 
 import hashlib
 import os
@@ -14,8 +12,7 @@ CHUNK = 1 << 20           # characters of a long text encoded at a time
 
 
 def cache_key(corpus, tok):
-    """A hash of everything preparation reads: any change to the documents, hard negatives or
-    tokenizer is a new key, never a stale cache."""
+    """A hash of all that preparation reads: other documents, negatives or tokenizer: a new key."""
     h = hashlib.sha256(repr((FORMAT_VERSION, tok.fingerprint, corpus.aligned)).encode())
     for docs in (corpus.train, corpus.val):
         h.update(b"split")
@@ -27,9 +24,8 @@ def cache_key(corpus, tok):
 
 
 def encode_pieces(tok, text, chunk=CHUNK):
-    """tok.encode(text) as numpy arrays, a piece of about `chunk` characters at a time. A piece
-    ends before a space between two non-spaces: no pre-tokenizer match crosses such a cut, so the
-    pieces' tokens are the whole text's."""
+    """tok.encode(text) in pieces of about `chunk` characters, each cut before a space between two
+    non-spaces: no pre-tokenizer match crosses it, so the tokens are the whole text's."""
     start = 0
     while start < len(text):
         end = len(text)
@@ -58,8 +54,8 @@ class TokenFile:
 
 
 def sequence_tokens(texts, tok, dtype):
-    """The tokens of all sequences end to end, and offsets (n + 1,): sequence i is
-    tokens[offsets[i]:offsets[i + 1]]. Encoded 4096 at a time, never one list of every token."""
+    """All sequences' tokens end to end, and offsets (n + 1,): sequence i is
+    tokens[offsets[i]:offsets[i + 1]]. 4096 at a time: never one list of every token."""
     pieces, lengths = [np.zeros(0, dtype=dtype)], np.zeros(len(texts), dtype=np.int64)
     for s in range(0, len(texts), 4096):
         batch = [tok.encode(t) for t in texts[s:s + 4096]]
@@ -69,9 +65,8 @@ def sequence_tokens(texts, tok, dtype):
 
 
 def found_in(needles, haystack):
-    """{t for t in needles if t in haystack}, in 8 passes over haystack rather than one per needle:
-    the text's bytes, read as uint64 at each of 8 offsets, are compared with the needles' first 8
-    bytes, and only where they agree is a whole needle compared."""
+    """{t for t in needles if t in haystack} in 8 passes, not one per needle: the text read as
+    uint64 at 8 offsets against the needles' first 8 bytes; only there is a needle compared."""
     text = haystack.encode()
     found = {t for t in needles if len(t.encode()) < 8 and t in haystack}
     by_prefix = {}                       # first 8 bytes -> {length: {needle's bytes: needle}}
@@ -90,8 +85,7 @@ def found_in(needles, haystack):
 
 
 def publish(tmp, path):
-    """The folder tmp, written whole, becomes path at once: a half-written cache is never found
-    under its key. If another process prepared the same data first, theirs stays."""
+    """tmp, written whole, becomes path at once; if another process was first, theirs stays."""
     try:
         os.replace(tmp, path)
     except OSError:

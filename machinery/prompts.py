@@ -1,6 +1,4 @@
-"""
-sample.py's prompt and display; evaluate.py's questions (and their reworded forms) and answers.
-"""
+"""sample.py's prompt and display; evaluate.py's questions (and reworded forms) and answers."""
 
 import sys
 

@@ -1,7 +1,5 @@
-"""
-How generation searches a run's datastore (--index): exact search over every entry, faiss
-(approximate, an optional install) or two-stage (the learned score re-ranks TF-IDF's top K).
-"""
+"""How generation searches a run's datastore (--index): exactly, with faiss (approximate, an
+optional install), or in two stages (the learned score re-ranks TF-IDF's top K)."""
 
 import math
 
@@ -23,8 +21,8 @@ def load_faiss():
 
 
 class FaissIndex:
-    """Approximate top-k by inner product, for a datastore of millions (IVF-Flat): the keys in
-    sqrt(N) lists by k-means; a query scores exactly the keys of its nprobe nearest lists."""
+    """Approximate top-k by inner product for millions of keys (IVF-Flat): sqrt(N) k-means lists;
+    a query scores the keys of its nprobe nearest lists."""
 
     def __init__(self, embeddings, nprobe=32):
         faiss = load_faiss()
@@ -60,8 +58,8 @@ def use_index(datastore, kind):
 
 
 def use_search(datastore, kind, cfg, data, tok, lexical=None):
-    """Set how generation searches a run's datastore; auto: first_stage on a text corpus (where
-    the learned score alone is far below TF-IDF's), exact on facts. lexical: if already built."""
+    """Set how generation searches; auto: first_stage on text (TF-IDF beats the learned score
+    alone there), exact on facts. lexical: if already built."""
     if kind == "auto":
         kind = "exact" if is_facts(cfg.dataset) else "first_stage"
     if kind == "first_stage":

@@ -26,8 +26,6 @@ GPT2_FILE_ENV = "COSUP_GPT2_FILE"
 
 
 class Tokenizer:
-    """A tiktoken Encoding plus the marker and the end of a document."""
-
     def __init__(self, name, gpt2_file=""):
         if name == "bytes":
             ranks, pattern = {bytes([i]): i for i in range(256)}, r"\S{1,32}|\s{1,32}"

@@ -2,7 +2,6 @@
 random weights, saved as a download leaves it, read by machinery/gpt2.py; cosup's logits are
 the reference's. Needs `transformers` (an optional test dependency, as .ci/run installs it)."""
 import json
-import os
 import sys
 
 import pytest
@@ -22,11 +21,9 @@ transformers = pytest.importorskip("transformers", reason="the reference GPT-2 i
 VOCAB = 260  # write_tiktoken's 256 bytes and 3 merges, then <|endoftext|>: a GPT-2 BPE in small
 
 
-def reference(folder, save):
+def reference(folder):
     """A GPT-2 of 2 layers, width 32 and 64 positions, every weight random (biases and norms
-    too, so that each is seen to be read), saved into folder as model.safetensors, or as
-    pytorch_model.bin with the names of the file on Hugging Face's hub (no "transformer."
-    prefix, no lm_head, the attention masks as buffers)."""
+    too, so that each is seen to be read), saved into folder as model.safetensors."""
     torch.manual_seed(0)
     config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2,
                                      n_head=2)
@@ -34,14 +31,7 @@ def reference(folder, save):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    if save == "safetensors":
-        model.save_pretrained(folder)
-    else:  # the older format, read with torch alone
-        config.save_pretrained(folder)
-        weights = {k.removeprefix("transformer."): v for k, v in model.state_dict().items()
-                   if k != "lm_head.weight"}
-        weights.update({f"h.{i}.attn.bias": torch.ones(1, 1, 64, 64).tril() for i in range(2)})
-        torch.save(weights, os.path.join(folder, "pytorch_model.bin"))
+    model.save_pretrained(folder)
     return model
 
 
@@ -62,11 +52,8 @@ def loaded(folder, bpe, *flags):
     return cfg, tok, gen.eval(), embedder.eval(), base
 
 
-@pytest.mark.parametrize("save", ["safetensors", "bin"])
-def test_gens_logits_are_gpt2s(tmp_path, bpe, save):
-    if save == "safetensors":
-        pytest.importorskip("safetensors")
-    ref = reference(tmp_path / "gpt2", save)
+def test_gens_logits_are_gpt2s(tmp_path, bpe):
+    ref = reference(tmp_path / "gpt2")
     cfg, tok, gen, _, base = loaded(tmp_path / "gpt2", bpe)
     assert (cfg.tokenizer, cfg.gpt2_block, cfg.n_layer, cfg.n_embd, cfg.emb_layer) == (
         "gpt2", True, 2, 32, 2)
@@ -78,12 +65,11 @@ def test_gens_logits_are_gpt2s(tmp_path, bpe, save):
     # the marker's embedding row is new: the mean of GPT-2's rows
     wte = gen.transformer.wte.weight
     assert torch.allclose(wte[tok.marker], wte[:VOCAB].mean(0))
-    assert base["weights"] == ("model.safetensors" if save == "safetensors" else
-                               "pytorch_model.bin") and base["n_layer"] == 2
+    assert base["weights"] == "model.safetensors" and base["n_layer"] == 2
 
 
 def test_emb_seqs_trunk_is_gens_and_reads_causally(tmp_path, bpe):
-    reference(tmp_path / "gpt2", "bin")
+    reference(tmp_path / "gpt2")
     _, _, gen, embedder, _ = loaded(tmp_path / "gpt2", bpe)
     ours, theirs = embedder.transformer.state_dict(), gen.transformer.state_dict()
     for name, p in ours.items():
@@ -102,7 +88,7 @@ def test_emb_seqs_trunk_is_gens_and_reads_causally(tmp_path, bpe):
 
 
 def test_training_sampling_and_provenance_from_a_gpt2(tmp_path, bpe, capsys):
-    reference(tmp_path / "gpt2", "bin")
+    reference(tmp_path / "gpt2")
     out = tmp_path / "run"
     argv = ["--init_from", str(tmp_path / "gpt2"), "--gpt2_file", bpe, "--facts_people", "60",
             "--max_iters", "2", "--eval_interval", "2", "--eval_iters", "1", "--batch_size", "4",
@@ -127,7 +113,7 @@ def test_the_checkpoints_own_vocab_json_is_its_tokenizer(tmp_path, bpe, monkeypa
     """A download's folder holds GPT-2's BPE as vocab.json: --init_from reads it there when no
     --gpt2_file is given."""
     monkeypatch.delenv("COSUP_GPT2_FILE", raising=False)
-    reference(tmp_path / "gpt2", "bin")
+    reference(tmp_path / "gpt2")
     ranks = Tokenizer("gpt2", bpe).enc._mergeable_ranks
     printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
     char = {b: chr(b) for b in printable} | {
@@ -140,16 +126,11 @@ def test_the_checkpoints_own_vocab_json_is_its_tokenizer(tmp_path, bpe, monkeypa
     assert Tokenizer(cfg.tokenizer, cfg.gpt2_file).enc._mergeable_ranks == ranks
 
 
-def test_gpt2_by_name_is_found_in_hugging_faces_cache_only(tmp_path, bpe, monkeypatch):
+def test_a_runs_out_dir_is_not_a_gpt2(tmp_path):
     from machinery import gpt2
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(UserError, match="no local GPT-2 checkpoint .* nothing is downloaded"):
-        gpt2.find("gpt2")
-    snapshot = tmp_path / "hub" / "models--gpt2" / "snapshots" / "0123abc"
-    reference(snapshot, "bin")
-    assert gpt2.find("gpt2") == str(snapshot)
-    assert gpt2.find(str(tmp_path / "elsewhere")) is None  # a run's out_dir: not GPT-2's
+    reference(tmp_path / "gpt2")
+    assert gpt2.is_gpt2(str(tmp_path / "gpt2"))
+    assert not gpt2.is_gpt2(str(tmp_path / "elsewhere"))  # a run's out_dir: not GPT-2's
 
 
 @pytest.mark.parametrize("args, message", [
@@ -159,10 +140,10 @@ def test_gpt2_by_name_is_found_in_hugging_faces_cache_only(tmp_path, bpe, monkey
     (["--init_from", "{d}/gpt2", "--block_size", "128"],
      "--block_size 128 is above the 64 positions of --init_from {d}/gpt2"),
     (["--init_from", "{d}/gpt2", "--n_embd", "64"], "sets --n_embd 32 (its config.json)"),
-    (["--init_from", "{d}/weightless"], "{d}/weightless has config.json but neither"),
+    (["--init_from", "{d}/weightless"], "{d}/weightless has config.json but no model.safetensors"),
     (["--init_from", "{d}/bert"], "are not GPT-2's")])
 def test_a_checkpoint_that_does_not_fit_is_one_line(tmp_path, bpe, args, message):
-    reference(tmp_path / "gpt2", "bin")
+    reference(tmp_path / "gpt2")
     write_tiktoken(tmp_path / "other.tiktoken", merges=(b"th", b"he", b" the", b"an"))
     (tmp_path / "weightless").mkdir()
     (tmp_path / "weightless" / "config.json").write_text(
@@ -179,15 +160,9 @@ def test_a_checkpoint_that_does_not_fit_is_one_line(tmp_path, bpe, args, message
     assert message.replace("{d}", d) in str(e.value) and "\n" not in str(e.value)
 
 
-def test_without_the_safetensors_package_a_bin_is_read_or_one_line_says_what_to_install(
-        tmp_path, bpe, monkeypatch):
+def test_without_the_safetensors_package_one_line_says_what_to_install(tmp_path, monkeypatch):
     from machinery import gpt2
-    pytest.importorskip("safetensors")
-    reference(tmp_path / "gpt2", "safetensors")
+    reference(tmp_path / "gpt2")
     monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # not installed
     with pytest.raises(UserError, match="needs the safetensors package: pip install safetensors"):
-        gpt2.read_weights(str(tmp_path / "gpt2"))
-    ref = reference(tmp_path / "gpt2", "bin")  # beside it, the older format: read instead
-    weights, path = gpt2.read_weights(str(tmp_path / "gpt2"))
-    assert path.endswith("pytorch_model.bin")
-    assert torch.equal(weights["h.1.mlp.c_fc.weight"], ref.transformer.h[1].mlp.c_fc.weight)
+        gpt2.read_weights(str(tmp_path / "gpt2" / "model.safetensors"))

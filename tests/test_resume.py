@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ import torch
 import evaluate as eval_script
 import train
 from machinery.config import Config
-from machinery.checkpoint import CHECKPOINT_KEYS, keep_log_until
+from machinery.checkpoint import CHECKPOINT_KEYS, open_log
 from train import build_models
 from machinery.cli import Interrupted, UserError
 from conftest import TINY
@@ -152,10 +153,11 @@ def _mtime(path):
         return None
 
 
-def test_keep_log_until_drops_later_and_cut_lines(tmp_path):
+def test_resume_keeps_the_log_until_its_iteration_and_drops_cut_lines(tmp_path):
     path = tmp_path / "log.jsonl"
     path.write_text("".join(json.dumps({"iter": i}) + "\n" for i in (0, 2, 4)) + '{"iter": 6, "tr')
-    keep_log_until(str(path), 2)
+    cfg = SimpleNamespace(out_dir=str(tmp_path), overwrite=False, resume=True)
+    open_log(cfg, 2).close()
     assert [json.loads(line)["iter"] for line in open(path)] == [0, 2]
 
 
