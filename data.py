@@ -15,6 +15,7 @@ look-alike people's (machinery/facts.py); on text, TF-IDF's best (use_lexical_ne
 
 import json
 import os
+import sys
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -28,6 +29,8 @@ from machinery.lexical import lexical_index
 from machinery.prepare import (CHUNK, TokenFile, cache_key, encode_pieces, found_in, publish,
                                sequence_tokens)
 from machinery.tokenizer import Tokenizer
+
+LEXICAL_LIMIT = 50_000  # sequences; above, auto takes neighbours: TF-IDF's cost grows as its square
 
 
 class Batch(NamedTuple):
@@ -261,6 +264,10 @@ def load_data(cfg):
             raise UserError(f"{cfg.dataset}: its {name} split has no text; the corpus is too "
                             "small to split into train and val")
     data = Data(prepare(corpus, tok, cfg.cache_dir), cfg.block_size, cfg.transductive)
-    if cfg.negatives == "lexical" or (cfg.negatives == "auto" and not is_facts(cfg.dataset)):
+    lexical = not is_facts(cfg.dataset) and data.n_sequences <= LEXICAL_LIMIT
+    if cfg.negatives == "lexical" or (cfg.negatives == "auto" and lexical):
         data.use_lexical_negatives(tok)
+    elif cfg.negatives == "auto" and not is_facts(cfg.dataset):
+        print(f"note: {data.n_sequences:,} sequences: hard negatives are neighbours "
+              "(--negatives lexical: TF-IDF's, slow at this size)", file=sys.stderr)
     return data, tok

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import write
+import data
 from data import load_data
 from datastore import (Datastore, FirstStage, candidate_ranks, candidate_scores, first_stage,
                        first_stage_metrics, marker_texts, rerank_metrics)
@@ -219,3 +220,21 @@ def test_candidate_scores_gather_at_most_8_mb_at_a_time_and_change_no_score(monk
                         lambda eq, q, e: gathered.append(e.shape) or einsum(eq, q, e))
     assert torch.equal(candidate_scores(queries, embeddings, ids), alone)
     assert len(gathered) > 1 and all(math.prod(s) * 4 <= 2**23 for s in gathered)
+
+
+def test_auto_takes_neighbours_past_the_size_where_tfidf_over_every_marker_is_too_slow(
+        tmp_path, monkeypatch, capsys):
+    """--negatives auto on a text: TF-IDF's negatives up to data.LEXICAL_LIMIT sequences, the
+    corpus's (neighbouring sentences) above it, with a note; --negatives lexical still forces."""
+    text, cache = _text(tmp_path), str(tmp_path / "cache")
+    corpus, _ = load_data(Config(dataset=text, block_size=64, cache_dir=cache, negatives="corpus"))
+    lexical, _ = load_data(Config(dataset=text, block_size=64, cache_dir=cache))
+    assert not np.array_equal(lexical.negatives["train"], corpus.negatives["train"])
+    monkeypatch.setattr(data, "LEXICAL_LIMIT", corpus.n_sequences - 1)
+    auto, _ = load_data(Config(dataset=text, block_size=64, cache_dir=cache))
+    note = f"{corpus.n_sequences:,} sequences: hard negatives are neighbours"
+    assert note in capsys.readouterr().err
+    for split in ("train", "val"):
+        assert np.array_equal(auto.negatives[split], corpus.negatives[split]), split
+    forced, _ = load_data(Config(dataset=text, block_size=64, cache_dir=cache, negatives="lexical"))
+    assert np.array_equal(forced.negatives["train"], lexical.negatives["train"])
