@@ -5,27 +5,34 @@ import torch
 
 class KVCache:
     """One attention layer's keys and values in buffers of block_size tokens, filled in place.
-    Row b holds past[b] tokens; a step brings it fresh[b] more (default T), right-padded to T."""
+    One prompt (generate.py): past is the tokens held, a step adds T. Many prompts at once
+    (batch_generate.py sets past and fresh, (B, 1) each): row b holds past[b] tokens and a step
+    brings it fresh[b] more, right-padded to T."""
 
     def __init__(self, block_size):
-        self.block_size, self.past = block_size, 0  # tokens held per row: (B, 1) after a step
-        self.k = self.v = self.fresh = None
+        self.block_size, self.past, self.fresh = block_size, 0, None
+        self.k = self.v = None
 
     def extend(self, k, v):
-        """Keep the real ones of the new k and v (B, H, T, D). Returns keys and values up to the
-        longest row (B, H, S, D), and the mask (B, 1, T, S): new token i of row b sees keys
-        0 .. past[b] + i (None where nothing is past: causal)."""
+        """Keep the real ones of the new k and v (B, H, T, D). Returns the keys and values up to
+        the longest row (B, H, S, D) each, and which keys each new token sees: new token i of row
+        b sees keys 0 .. past[b] + i, (T, S) or (B, 1, T, S); None where attention's plain rule
+        says it (nothing past: causal; one new token: every key)."""
         B, H, T, D = k.shape
         if self.k is None:  # zeros: a masked-out slot still gets weight 0, and 0 * NaN is NaN
             self.k = k.new_zeros(B, H, self.block_size, D)
             self.v = v.new_zeros(B, H, self.block_size, D)
-        n = self.past + torch.zeros(B, 1, dtype=torch.long, device=k.device)    # (B, 1)
-        fresh = torch.full_like(n, T) if self.fresh is None else self.fresh     # (B, 1)
-        cols = torch.arange(T, device=k.device)
-        rows, i = (cols < fresh).nonzero(as_tuple=True)  # the real new tokens
+        if self.fresh is None:  # one prompt: its new tokens are a slice, no index arithmetic
+            n, self.past = self.past, self.past + T
+            self.k[:, :, n:self.past], self.v[:, :, n:self.past] = k, v
+            rows = torch.arange(T, device=k.device)[:, None]
+            mask = torch.arange(self.past, device=k.device) <= n + rows           # (T, S)
+            return self.k[:, :, :self.past], self.v[:, :, :self.past], mask if n and T > 1 else None
+        n, cols = self.past, torch.arange(T, device=k.device)                     # (B, 1), (T,)
+        rows, i = (cols < self.fresh).nonzero(as_tuple=True)  # the real new tokens
         self.k[rows, :, n[rows, 0] + i] = k[rows, :, i]
         self.v[rows, :, n[rows, 0] + i] = v[rows, :, i]
-        self.past = n + fresh
+        self.past = n + self.fresh
         S = int(self.past.max())
         mask = torch.arange(S, device=k.device) <= (n + cols)[:, None, :, None]  # (B, 1, T, S)
         return self.k[:, :, :S], self.v[:, :, :S], mask if n.any() else None
@@ -33,7 +40,8 @@ class KVCache:
     def take(self, rows):
         """A cache of only the rows (R,) given, in that order (a row given twice is copied)."""
         out = KVCache(self.block_size)
-        out.past, out.k, out.v = self.past[rows], self.k[rows], self.v[rows]
+        out.past, out.fresh = self.past[rows], self.fresh[rows]
+        out.k, out.v = self.k[rows], self.v[rows]
         return out
 
 
