@@ -263,7 +263,8 @@ def tune_table():
             runs = records(f"text_tune/{name}")
             base, _, flags = runs[0]["train_args"].split("--init_from ")[-1].partition(" ")
             flags = " ".join(flags.replace("--eval_interval 300", "").split())  # a finer curve
-            title = f"`{flags}`" if flags else "the text defaults (2,400 steps, L_NSP from step 300)"
+            title = (f"`{flags}`" if flags
+                     else "the text defaults (2,400 steps, L_NSP from step 300)")
             if base != "out_base":
                 title += f", from `{base}`"
             rows.append(((base != "out_base", name),

@@ -35,7 +35,8 @@ def place(tmp_path_factory):
     torch.save({"weights": torch.zeros(3)}, d / "foreign" / "ckpt.pt")
     files = {"empty.txt": b"", "blank.txt": b"  \n\t\n", "latin1.txt": b"Caf\xe9 au lait. " * 99,
              "nul.txt": b"Some text. \x00 More text. " * 99, "nobreak.txt": b"no full stop " * 999,
-             "tiny.txt": b"Hello world.", "short.txt": b"Hello world. " * 30, "notjson.jsonl": b'{"segments": [}\n' * 9,
+             "tiny.txt": b"Hello world.", "short.txt": b"Hello world. " * 30,
+             "notjson.jsonl": b'{"segments": [}\n' * 9,
              "nofields.jsonl": b'{"text": "a document"}\n' * 9, "prompt.txt": b"\xff\xfe",
              # under 8 bytes of training text (one byte of sequence, one of text)
              "two_lines.jsonl": b'{"segments": [{"text": "Q"}, {"sequence": "A b."}]}\n'
@@ -134,7 +135,8 @@ CASES = [
                             ("foreign", "is not a readable checkpoint"))],
     ("eval", ["--out_dir", "{d}/run", "--query_from", "{d}/nothing"], "no checkpoint at"),
     ("sample", ["--out_dir", "{d}/run", "--device", "tpu"], "unknown device 'tpu'"),
-    *[(script, ["--out_dir", "{d}/run", "--index", "hnsw"], "--index must be one of auto, exact, faiss, first_stage")
+    *[(script, ["--out_dir", "{d}/run", "--index", "hnsw"],
+       "--index must be one of auto, exact, faiss, first_stage")
       for script in ("sample", "eval")],
     # prompts
     ("sample", ["--out_dir", "{d}/run", "--prompt", ""], "--prompt is empty"),

@@ -20,7 +20,8 @@ def test_tokenizer_round_trips_any_unicode():
     rng = np.random.default_rng(0)
     # every plane of Unicode, without the surrogates (which UTF-8 cannot encode)
     points = rng.integers(1, 0x10FFFF, 2000)
-    text = "".join(chr(p) for p in points if not 0xD800 <= p <= 0xDFFF) + " 日本語 😀 é\n\t<|ret|>"
+    text = ("".join(chr(p) for p in points if not 0xD800 <= p <= 0xDFFF)
+            + " 日本語 😀 é\n\t<|ret|>")
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     assert tok.marker not in ids and tok.eod not in ids  # a literal "<|ret|>" stays text
@@ -59,7 +60,8 @@ def test_marker_targets_are_the_tokens_that_follow_the_marker(tiny_data):
 
 
 def test_text_file_sequences_are_sentences_and_splits_share_none(tmp_path):
-    text = "\n".join([TEXT] * 3) + " Only val has this one."  # repeated sentences: val must not retrieve what train wrote
+    # repeated sentences: val must not retrieve what train wrote
+    text = "\n".join([TEXT] * 3) + " Only val has this one."
     path = write(str(tmp_path / "t.txt"), text)
     corpus = load_corpus(path, "sentence", val_fraction=0.3)
     data, tok = _prepared(tmp_path, corpus)
@@ -234,7 +236,8 @@ def test_each_marker_gets_as_many_distinct_hard_negatives_as_asked(tmp_path, tin
     if dataset == "facts":
         data, _ = tiny_data
     else:
-        path = write(str(tmp_path / "t.txt"), " ".join(f"Sentence {i} is here." for i in range(400)))
+        text = " ".join(f"Sentence {i} is here." for i in range(400))
+        path = write(str(tmp_path / "t.txt"), text)
         data, _ = _prepared(tmp_path, load_corpus(path, val_fraction=0.2), block_size=64)
     rng = np.random.default_rng(0)
     targets = data.train.marker_target
@@ -248,7 +251,8 @@ def test_each_marker_gets_as_many_distinct_hard_negatives_as_asked(tmp_path, tin
 
 
 def test_an_empty_sequence_is_a_user_error(tmp_path):
-    path = write(str(tmp_path / "e.jsonl"), '{"segments": [{"text": "Q "}, {"sequence": ""}]}\n' * 4)
+    line = '{"segments": [{"text": "Q "}, {"sequence": ""}]}\n'
+    path = write(str(tmp_path / "e.jsonl"), line * 4)
     with pytest.raises(UserError, match="e.jsonl:1: .*empty"):
         load_corpus(path)
 
@@ -294,7 +298,8 @@ def test_preparing_in_small_chunks_writes_the_same_files(tmp_path, split, tokeni
 def test_found_in_is_the_substring_test():
     rng = np.random.default_rng(0)
     haystack = "".join(rng.choice(list("ab é\n"), 3000))
-    needles = {haystack[a:a + n] for a, n in zip(rng.integers(0, 2990, 300), rng.integers(1, 30, 300))}
+    starts, lengths = rng.integers(0, 2990, 300), rng.integers(1, 30, 300)
+    needles = {haystack[a:a + n] for a, n in zip(starts, lengths)}
     needles |= {"".join(rng.choice(list("ab é"), n)) for n in rng.integers(1, 20, 300)}
     assert found_in(needles, haystack) == {t for t in needles if t in haystack}
     # a text shorter than 8 bytes holds no long needle, and short ones are still found

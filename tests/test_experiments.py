@@ -158,7 +158,8 @@ def test_the_confirmatory_test_uses_only_its_seeds_and_states_its_verdict():
 def test_the_tables_show_tf_idf_and_how_flat_each_curve_ended():
     curve = [{"iter": i, "val_ntp": 1.0 - 0.1 * k, "recall@1": v}
              for k, (i, v) in enumerate(((0, 0.0), (400, 0.5), (800, 0.9)))]
-    runs = [record(v, s, **{"recall@1": 0.9, "mrr": 0.95, "lexical_recall@1": 0.4 + 0.1 * (v == "sep"),
+    runs = [record(v, s, **{"recall@1": 0.9, "mrr": 0.95,
+                            "lexical_recall@1": 0.4 + 0.1 * (v == "sep"),
                             "lexical_mrr": 0.6, "reworded_recall@1": 0.3,
                             "reworded_lexical_recall@1": 0.35},
                    **({"curve": curve} if v == "pretrained" else {}))  # sep trains nothing
@@ -394,7 +395,8 @@ def test_band_runs_on_a_text_and_leaves_what_a_text_lacks_blank(tmp_path):
 def test_band_pools_seeds_on_the_same_markers_into_one_paired_interval():
     """The pooled difference averages each marker's 1/rank over the runs before it pairs them
     with TF-IDF's: by hand, runs [1, 1/2, 1/4, 1] and [1/2, 1/2, 1/4, 1] against TF-IDF's
-    [1/2, 1/2, 1/2, 1/2] give (3/4 - 1/2 + 0 - 1/4 + 1/2) / 4 = 1/8. Runs of other markers refuse."""
+    [1/2, 1/2, 1/2, 1/2] give (3/4 - 1/2 + 0 - 1/4 + 1/2) / 4 = 1/8. Runs of other markers
+    refuse."""
     from experiments import band
     tfidf = [0.5, 0.5, 0.5, 0.5]
     runs = [{"eval": {"val": {"reciprocal_ranks": {"reranked": r, "first_stage": tfidf}}}}

@@ -65,7 +65,8 @@ def _grads(lambda_seq, batch):
 
 def test_gradients_reach_embedder_iff_lambda_seq_positive(tiny_data):
     data, _ = tiny_data
-    batch = data.get_batch("train", 4, np.random.default_rng(1), hard_negatives=2, emb_block_size=16)
+    batch = data.get_batch("train", 4, np.random.default_rng(1), hard_negatives=2,
+                           emb_block_size=16)
     assert len(batch.target_row) > 0
     emb_grads, head_grads = _grads(0.5, batch)
     assert all(g is not None and g.abs().sum() > 0 for g in emb_grads + head_grads)
@@ -77,7 +78,8 @@ def test_length_buckets_change_no_embedding_and_no_nsp_loss(tiny_data):
     data, _ = tiny_data
     gen, _ = _models()
     emb = SeqEmbedder(EmbedderConfig(300, 64, 1, 2, 16, 8))  # reads whole facts, uncut
-    batch = data.get_batch("train", 8, np.random.default_rng(0), hard_negatives=2, emb_block_size=64)
+    batch = data.get_batch("train", 8, np.random.default_rng(0), hard_negatives=2,
+                           emb_block_size=64)
     lengths = batch.candidate_mask.sum(1)
     assert len(lengths.unique()) > 3  # rows of many lengths: the buckets cut different widths
     padded = emb(batch.candidates, batch.candidate_mask, buckets=1)     # all at the longest

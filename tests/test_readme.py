@@ -9,7 +9,8 @@ def test_every_readme_block_equals_what_the_records_give():
     want = readme.blocks()
     found = []
     for path in readme.FILES:
-        for name, text in ((m.group(2), m.group(3)) for m in readme.BLOCK.finditer(open(path).read())):
+        blocks = readme.BLOCK.finditer(open(path).read())
+        for name, text in ((m.group(2), m.group(3)) for m in blocks):
             assert text == want[name], f"{path}: block {name} differs from the records: " \
                                        "python -m experiments.readme rewrites it"
             found.append(name)
