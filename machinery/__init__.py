@@ -1,9 +1,9 @@
 """
-What the nine tutorial files lean on, kept out of their way. Three modules import from the nine
-files because they are faster forms of their code: lexical.py (datastore.py's TF-IDF over a whole
-corpus), batch_generate.py (generate.generate, many prompts at once) and buckets.py
-(embedder.embed_tokens over a batch's candidates). datastore_file.py and prompts.py use
-datastore.py's Datastore, embed_all and query_text, as the scripts do.
+What the nine tutorial files lean on, kept out of their way. Four modules import from the nine
+files: lexical.py and batch_generate.py are faster forms of their code (datastore.py's TF-IDF over
+a whole corpus; generate.generate, many prompts at once); datastore_file.py and prompts.py use
+datastore.py's Datastore, embed_all and query_text, as the scripts do. buckets.py, the faster form
+of embedder.embed_tokens over a batch's candidates, is called by embedder.py and imports nothing.
 
     cli.py          flags from a config dataclass; one-line errors; Ctrl-C; glibc's malloc
     config.py       every flag of train.py, sample.py and evaluate.py; checks; device; autocast
