@@ -264,10 +264,10 @@ def load_data(cfg):
             raise UserError(f"{cfg.dataset}: its {name} split has no text; the corpus is too "
                             "small to split into train and val")
     data = Data(prepare(corpus, tok, cfg.cache_dir), cfg.block_size, cfg.transductive)
-    lexical = not is_facts(cfg.dataset) and data.n_sequences <= LEXICAL_LIMIT
-    if cfg.negatives == "lexical" or (cfg.negatives == "auto" and lexical):
-        data.use_lexical_negatives(tok)
-    elif cfg.negatives == "auto" and not is_facts(cfg.dataset):
+    text_auto = cfg.negatives == "auto" and not is_facts(cfg.dataset)  # auto: lexical on text
+    if text_auto and data.n_sequences > LEXICAL_LIMIT:
         print(f"note: {data.n_sequences:,} sequences: hard negatives are neighbours "
               "(--negatives lexical: TF-IDF's, slow at this size)", file=sys.stderr)
+    elif cfg.negatives == "lexical" or text_auto:
+        data.use_lexical_negatives(tok)
     return data, tok
