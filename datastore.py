@@ -146,19 +146,16 @@ def embed_all(embedder, data, batch_size=256, progress=None):
 
 
 class Datastore:
-    """The nonparametric sequence space: every sequence embedded (n, d), and its token ids."""
+    """The nonparametric sequence space: every sequence embedded (n, d), and sequence(i), the
+    token ids of entry i (Data.sequence)."""
 
-    def __init__(self, embeddings, offsets, seq_tokens, fingerprint):
-        self.embeddings, self.offsets, self.seq_tokens = embeddings, offsets, seq_tokens
-        self.fingerprint = fingerprint
+    def __init__(self, embeddings, sequence, fingerprint):
+        self.embeddings, self.sequence, self.fingerprint = embeddings, sequence, fingerprint
         self.index = None   # None: exact search; else faiss (machinery/search.py)
         self.first = None   # None: search every entry; else (Lexical, K, tok): use_first_stage
 
     def __len__(self):
         return len(self.embeddings)
-
-    def sequence(self, i):
-        return self.seq_tokens[self.offsets[i]:self.offsets[i + 1]]
 
     def use_first_stage(self, lexical, k, tok):
         """Two-stage search (rerank) from now on, over lexical's top k; k = 0: off."""

@@ -29,7 +29,7 @@ from machinery.intervals import retrieval_lines
 from machinery.lexical import lexical_index, lexical_metrics
 from machinery.prompts import answer, questions, reworded  # a split's questions, as prompts
 from machinery.search import use_search
-from train import load_run, loss_estimates
+from train import VAL_MARKERS, load_run, loss_estimates
 
 
 def question_retrieval(gen, datastore, qs, tok, device):
@@ -102,10 +102,10 @@ WEIGHTS = (0, 0.05, 0.1, 0.25, 0.5, 1, 2, 4)   # the combined score's w, chosen 
 
 
 def retrieval(gen, datastore, data, tok, lexical, k, device, ctx):
-    """Retrieval of train's first 480 markers and of val's: learned and TF-IDF, and two-stage,
-    the first stage's k re-ranked (reranked_*) and by learned + w TF-IDF (combined_*)."""
+    """Retrieval of train's first 480 markers and val's first VAL_MARKERS: learned and TF-IDF, and
+    two-stage, the first stage's k re-ranked (reranked_*) and by learned + w TF-IDF (combined_*)."""
     out, weight = {}, None
-    for split, limit in (("train", 480), ("val", None)):
+    for split, limit in (("train", 480), ("val", VAL_MARKERS)):
         queries, targets = split_queries(gen, data, split, device, ctx, limit)
         if not len(targets):
             out[split] = {"recall@1": None, "recall@10": None, "mrr": None}

@@ -50,6 +50,7 @@ RECIPE = {"facts": {"max_iters": 1200, "eval_interval": 300, "nsp_lr_scale": 0.3
 # all run long. A few entries keep the shapes that repeat.
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16")
 TRIM_EVERY = 10  # steps between two trims of the heap (a text's candidates vary in shape)
+VAL_MARKERS = 5_000  # val markers scored (the first): TF-IDF's cost grows as markers x datastore
 
 
 def configure(argv=None):
@@ -148,7 +149,7 @@ def evaluate(gen, embedder, data, cfg, device, ctx, baseline, stage):
                                                                   device, ctx, split)
     with ctx:
         embeddings = embed_all(embedder, data)                            # (n_sequences, d)
-    out.update(retrieval_quality(gen, embeddings, data, "val", device, ctx, stage=stage))
+    out.update(retrieval_quality(gen, embeddings, data, "val", device, ctx, VAL_MARKERS, stage))
     # the same for train's first markers: how far the val numbers are from what training fits
     train = retrieval_quality(gen, embeddings, data, "train", device, ctx, limit=500)
     out.update({f"train_{k}": v for k, v in train.items()})
@@ -203,7 +204,9 @@ def main(argv=None):
         print(f"{cfg.dataset}: {len(data.train.ids):,} train / {len(data.val.ids):,} val "
               f"tokens, {len(data.train.marker_pos):,} / {len(data.val.marker_pos):,} markers, "
               f"datastore of {data.n_sequences:,} sequences; device {device}"
-              + (f", {world} processes" if world > 1 else ""))
+              + (f", {world} processes" if world > 1 else "")
+              + (f"; val scored on its first {VAL_MARKERS:,} markers"
+                 if len(data.val.marker_pos) > VAL_MARKERS else ""))
     # the step runs copies (compiled; DDP) that share the parameters saved and evaluated
     step_gen, step_embedder = (torch.compile(gen), torch.compile(embedder)) if cfg.compile else (
         gen, embedder)
@@ -212,8 +215,8 @@ def main(argv=None):
     baseline, stage = {}, None
     if master:  # TF-IDF's numbers and the first stage's candidates: no training, so once
         lexical = lexical_index(data, tok)
-        stage = first_stage(lexical, data, tok, "val", cfg.first_stage)
-        baseline = {**lexical_metrics(data, tok, "val", lexical=lexical),
+        stage = first_stage(lexical, data, tok, "val", cfg.first_stage, VAL_MARKERS)
+        baseline = {**lexical_metrics(data, tok, "val", VAL_MARKERS, lexical),
                     **first_stage_metrics(stage, lexical)}
     malloc_for("training")  # the step's blocks reused from the heap
 

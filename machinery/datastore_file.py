@@ -22,7 +22,7 @@ def fingerprint(embedder, data):
 def build(embedder, data, progress=True):
     """The Datastore of a corpus: every sequence embedded by this Emb_seq (embed_all)."""
     embeddings = embed_all(embedder, data, progress=progress)            # (n_sequences, d)
-    return Datastore(embeddings, data.offsets, data.seq_tokens, fingerprint(embedder, data))
+    return Datastore(embeddings, data.sequence, fingerprint(embedder, data))
 
 
 def load_or_build(path, embedder, data, save=True):
@@ -33,7 +33,7 @@ def load_or_build(path, embedder, data, save=True):
         try:  # the tokens are data's own: the fingerprint says it is this data
             saved = torch.load(path, weights_only=True)
             if saved["fingerprint"] == current:
-                return Datastore(saved["embeddings"], data.offsets, data.seq_tokens, current)
+                return Datastore(saved["embeddings"], data.sequence, current)
         except Exception:  # cut short, or not a datastore: as good as stale
             pass
         print(f"{path} is stale or unreadable (another Emb_seq or other data): not used",

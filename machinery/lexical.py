@@ -1,11 +1,13 @@
-"""TF-IDF as datastore.py states it, over a whole corpus: the entries' unit vectors in a sparse
+"""TF-IDF as datastore.py states it, over a whole corpus: the entries' unit vectors in a CSR
 table, scored a chunk of queries at a time; the baseline's ranks and the first stage's top K."""
 
 import math
 import re
+import warnings
 from collections import Counter
 
 import torch
+from tqdm import tqdm
 
 from datastore import marker_texts, ranks_in, retrieval_metrics, tie_tolerance
 
@@ -35,14 +37,17 @@ class Lexical:
         df = Counter(w for t in texts for w in set(WORD.findall(t.lower())))
         self.vocab = {w: i for i, w in enumerate(df)}
         self.idf = [1 + math.log((1 + len(texts)) / (1 + df[w])) for w in self.vocab]  # idf(w)
-        self.rows = tfidf_vectors(texts, self.vocab, self.idf)               # (N, vocabulary)
+        with warnings.catch_warnings():  # CSR: a faster product than COO's; torch warns it is beta
+            warnings.simplefilter("ignore")
+            self.rows = tfidf_vectors(texts, self.vocab, self.idf).to_sparse_csr()  # (N, vocab)
         self.tolerance = tie_tolerance(len(self.vocab), torch.float64)       # unit rows
 
     def score_chunks(self, queries, chunk=None):
         """(s, cosines (c, N) of queries s .. s+c-1 against every entry), by default as many
         queries at a time as keep the table within 16 MB (a novel's whole table: gigabytes)."""
         chunk = chunk or max(1, 2**21 // max(1, self.rows.shape[0]))        # float64: 8 bytes
-        for s in range(0, len(queries), chunk):
+        slow = len(queries) * self.rows.shape[0] > 5e8  # ten seconds or more on 2 cores
+        for s in tqdm(range(0, len(queries), chunk), "TF-IDF", disable=not slow, leave=False):
             q = tfidf_vectors(queries[s:s + chunk], self.vocab, self.idf).to_dense()  # (c, vocab)
             yield s, torch.sparse.mm(self.rows, q.T).T                              # (c, N)
 

@@ -109,7 +109,7 @@ def test_rerank_searches_the_first_stage_candidates(tiny_data):
     data, tok = tiny_data
     g = torch.Generator().manual_seed(1)
     embeddings = F.normalize(torch.randn(data.n_sequences, 8, generator=g), dim=1)
-    store = Datastore(embeddings, data.offsets, data.seq_tokens, "x")
+    store = Datastore(embeddings, data.sequence, "x")
     lexical = lexical_index(data, tok)
     store.use_first_stage(lexical, 30, tok)
     contexts, _ = data.marker_contexts("val", 20)
@@ -192,7 +192,7 @@ def test_the_first_stage_holds_only_candidates_that_share_a_word():
     learned = candidate_scores(queries, embeddings, ids)                      # (Q, K)
     assert torch.isinf(learned[0, 2:]).all() and torch.isinf(learned[1]).all()
     assert rerank_metrics(learned, stage)["recall@10"] == 0
-    store = Datastore(embeddings, *_packed(texts, tok), "x").use_first_stage(lexical, 4, tok)
+    store = Datastore(embeddings, _packed(texts, tok), "x").use_first_stage(lexical, 4, tok)
     contexts = [np.array(tok.encode(q)) for q in ("red", "nothing")]
     (first, inserted), (none, nothing) = retrieval_step(store, queries, [0, 0], [99, 99],
                                                         contexts, alternatives=3)
@@ -202,9 +202,9 @@ def test_the_first_stage_holds_only_candidates_that_share_a_word():
 
 
 def _packed(texts, tok):
-    """offsets and tokens of texts, as a Datastore holds them."""
-    tokens = [tok.encode(t) for t in texts]
-    return np.cumsum([0] + [len(t) for t in tokens]), np.array(sum(tokens, []))
+    """sequence(i), the token ids of texts[i], as a Datastore reads them."""
+    tokens = [np.array(tok.encode(t)) for t in texts]
+    return tokens.__getitem__
 
 
 def test_candidate_scores_gather_at_most_8_mb_at_a_time_and_change_no_score(monkeypatch):

@@ -26,10 +26,9 @@ def _gen(block_size=32):
 def _store(n=20, seed=0):
     rng = np.random.default_rng(seed)
     seqs = [rng.integers(0, 8, rng.integers(2, 6)) for _ in range(n)]
-    offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])])
     keys = torch.randn(n, 8, generator=torch.Generator().manual_seed(seed))
     keys = torch.nn.functional.normalize(keys, dim=-1)
-    return Datastore(keys, offsets, np.concatenate(seqs), "test")
+    return Datastore(keys, seqs.__getitem__, "test")
 
 
 def test_cached_and_uncached_generation_agree_with_retrievals():

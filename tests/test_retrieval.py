@@ -223,7 +223,7 @@ def test_faiss_index_finds_each_key_as_its_own_best_entry():
     pytest.importorskip("faiss")
     keys = _unit(20_000, 16, 0)                                            # (N, d)
     queries = torch.nn.functional.normalize(keys[:200] + 0.01 * _unit(200, 16, 1), dim=-1)
-    store = use_index(Datastore(keys, None, None, "test"), "faiss")
+    store = use_index(Datastore(keys, None, "test"), "faiss")
     assert store.index.index.nlist == 141 and store.index.index.nprobe == 32  # it is approximate
     scores, ids = store.search(queries, k=1)
     assert torch.equal(ids[:, 0], torch.arange(200))
@@ -233,7 +233,7 @@ def test_faiss_index_finds_each_key_as_its_own_best_entry():
 def test_faiss_index_recall_at_10_on_random_data():
     pytest.importorskip("faiss")
     keys, queries = _unit(20_000, 16, 0), _unit(100, 16, 1)
-    store = Datastore(keys, None, None, "test")
+    store = Datastore(keys, None, "test")
     _, exact = store.search(queries, k=10)
     scores, approx = use_index(store, "faiss").search(queries, k=10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(approx.tolist(), exact.tolist())])
@@ -247,7 +247,7 @@ def test_faiss_index_recall_at_10_on_random_data():
 def test_faiss_missing_is_a_one_line_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now fails
     with pytest.raises(UserError) as e:
-        use_index(Datastore(_unit(50, 8, 0), None, None, "test"), "faiss")
+        use_index(Datastore(_unit(50, 8, 0), None, "test"), "faiss")
     assert str(e.value) == "--index faiss needs faiss: pip install faiss-cpu"
     with pytest.raises(UserError, match="--index must be one of auto, exact, faiss, "
                                         "first_stage, got 'hnsw'"):

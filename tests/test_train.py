@@ -155,3 +155,15 @@ def test_a_run_from_another_runs_weights_draws_batches_of_its_own(run_train, tmp
     drawn.clear()
     run_train(*argv, "--init_from", str(start), name="stage2")
     assert len(drawn) == 3 and not any(torch.equal(a, b) for a in first for b in drawn)
+
+
+def test_val_retrieval_is_scored_on_its_first_val_markers(run_train, monkeypatch, capsys):
+    """Past VAL_MARKERS val markers, every val retrieval figure, TF-IDF's too, is scored on the
+    first VAL_MARKERS alone, and the run says so: each share's interval is that of n = 10."""
+    from machinery.intervals import share_interval
+    monkeypatch.setattr(train, "VAL_MARKERS", 10)
+    _, log = run_train("--max_iters", "0")  # the tiny world's val: 72 markers
+    assert "val scored on its first 10 markers" in capsys.readouterr().out
+    for key in ("recall@10", "lexical_recall@10", "first_stage_recall@K", "reranked_recall@10"):
+        hits = round(log[-1][key] * 10)
+        assert log[-1][key] == hits / 10 and log[-1][f"{key}_ci"] == share_interval(hits, 10)
