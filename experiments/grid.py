@@ -41,8 +41,7 @@ class ExperimentConfig:
     lambdas: str = flag("0.1,0.5", "lambda_seq of the co-supervised runs on facts, 0.5 among them")
     evals: int = flag(4, "evaluations of every run after its first: its learning curve's points")
     questions: int = flag(200, "held-out questions per facts run, asked as trained and reworded")
-    results: str = flag("out_grid", "where runs.jsonl, table.md and the plots go (the committed "
-                                    "records, made by earlier code: experiments/results)")
+    results: str = flag("out_grid", "where runs.jsonl, table.md and the plots go")
     work_dir: str = flag("out_experiments", "where the runs' checkpoints and logs go")
     train_args: str = flag("", "extra train.py flags for every run (e.g. a tiny model, for tests)")
     scratch: bool = flag(False, "also run scratch, co-supervision from random weights (secondary)")
